@@ -1,0 +1,116 @@
+"""The one settings object of a job, and how YAML files and flags fill it.
+
+Every stage takes what it needs from an `EmbedConfig`; nothing reads the environment or global state
+except `resolve_precision` (the documented `RUNNER_DISABLE_FP16` rollback switch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from runner.errors import RunnerError
+
+Precision = Literal["fp16", "bf16", "fp32"]
+LongPolicy = Literal["truncate", "chunk", "skip"]
+Pooling = Literal["mean", "mean_all", "cls"]
+
+PRECISIONS: tuple[str, ...] = ("fp16", "bf16", "fp32")
+LONG_POLICIES: tuple[str, ...] = ("truncate", "chunk", "skip")
+POOLINGS: tuple[str, ...] = ("mean", "mean_all", "cls")
+
+
+@dataclass
+class EmbedConfig:
+    """Everything `runner embed` needs; YAML keys and CLI flags use these names (dashes or underscores)."""
+
+    inputs: list[str] = field(default_factory=list)  # FASTA/Parquet/CSV files, globs or directories
+    model: str = ""  # ESM-2 / DNABERT hub name, a fair-esm .pt file, or a local HF directory
+    out: str = ""  # output directory: embeddings/, rejects.arrow, manifest.json
+    gpus: int | None = None  # embedding actors, one GPU each; None = every GPU Ray sees; 0 = CPU
+    address: str | None = None  # Ray cluster to join; None = RAY_ADDRESS or start a local Ray
+    precision: Precision | None = None  # compute dtype; None = fp16 on GPU, fp32 on CPU
+    token_budget: int | None = None  # tokens per packed batch; None = sized from free GPU memory
+    layer: int = -1  # representation layer; -1 = last (after the final LayerNorm, as fair-esm)
+    pooling: Pooling | None = None  # None = the model's default (ESM-2: mean, DNABERT: mean_all)
+    max_residues: int | None = None  # longest window one forward sees; None = the model's limit
+    long: LongPolicy = "truncate"  # what to do with sequences longer than max_residues
+    chunk_overlap: int = 128  # residues shared by neighbouring windows when long == "chunk"
+    strict: bool = False  # any reject fails the job before GPU work starts
+    id_column: str = "id"  # id column of Parquet/CSV inputs
+    seq_column: str = "sequence"  # sequence column of Parquet/CSV inputs
+    rows_per_part: int = 16384  # rows per Arrow part file; bounds driver memory
+    records_per_block: int = 2048  # records per stream block between CPU stages
+    cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
+    pack_cpus: float = 1.0  # CPUs reserved by each tokenize/pack task
+    progress: bool = True  # print a live progress line on stderr
+
+    def with_overrides(self, overrides: dict[str, Any]) -> EmbedConfig:
+        """A copy with every non-None override applied (flags win over the config file)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        clean = {k.replace("-", "_"): v for k, v in overrides.items() if v is not None}
+        unknown = sorted(set(clean) - known)
+        if unknown:
+            raise RunnerError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return dataclasses.replace(self, **clean)
+
+    def validate(self) -> EmbedConfig:
+        """Check values a user can get wrong; raise one RunnerError naming the fix."""
+        if not self.inputs:
+            raise RunnerError("no input given: pass FASTA/Parquet/CSV files, globs or directories")
+        if not self.model:
+            raise RunnerError("no model given: pass --model esm2_t33_650M_UR50D (or a .pt / HF directory path)")
+        if not self.out:
+            raise RunnerError("no output directory given: pass --out DIR")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise RunnerError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.long not in LONG_POLICIES:
+            raise RunnerError(f"--long must be one of {', '.join(LONG_POLICIES)}, not {self.long!r}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise RunnerError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        if self.gpus is not None and self.gpus < 0:
+            raise RunnerError("--gpus must be 0 (CPU) or more")
+        if self.token_budget is not None and self.token_budget < 8:
+            raise RunnerError("--token-budget must be at least 8 tokens (or 'auto')")
+        if self.max_residues is not None and self.max_residues < 1:
+            raise RunnerError("--max-residues must be at least 1")
+        if self.max_residues is not None and self.long == "chunk" and self.chunk_overlap >= self.max_residues:
+            raise RunnerError("--chunk-overlap must be smaller than --max-residues")
+        if self.chunk_overlap < 0:
+            raise RunnerError("--chunk-overlap must be 0 or more")
+        if self.rows_per_part < 1 or self.records_per_block < 1 or self.cpu_actors < 1:
+            raise RunnerError("rows_per_part, records_per_block and cpu_actors must be at least 1")
+        return self
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Settings from a YAML file, as a dict of EmbedConfig field names."""
+    p = Path(path)
+    if not p.is_file():
+        raise RunnerError(f"config file {p} not found: check the --config path")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "syntax error"
+        raise RunnerError(f"config file {p} is not valid YAML ({first}): fix the file") from None
+    if not isinstance(data, dict):
+        raise RunnerError(f"config file {p} must hold a mapping of setting: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_precision(requested: str | None, on_gpu: bool) -> Precision:
+    """The compute precision: the request, else fp16 on GPU / fp32 on CPU; RUNNER_DISABLE_FP16 forces fp32."""
+    precision = requested or ("fp16" if on_gpu else "fp32")
+    if os.environ.get("RUNNER_DISABLE_FP16", "") not in ("", "0") and precision != "fp32":
+        warnings.warn(
+            f"RUNNER_DISABLE_FP16 is set: computing in fp32 instead of {precision} (slower, reference numerics)",
+            stacklevel=2,
+        )
+        precision = "fp32"
+    return precision  # type: ignore[return-value]

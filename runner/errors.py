@@ -1,0 +1,19 @@
+"""Errors a user can act on. The CLI turns them into one line on stderr and a non-zero exit."""
+
+from __future__ import annotations
+
+
+class RunnerError(Exception):
+    """An expected failure (bad input, missing model, ...). The message says what and how to fix it."""
+
+    exit_code = 1
+
+
+class NonFiniteEmbedding(RunnerError):
+    """A model produced NaN/Inf; the job is aborted and nothing non-finite is written."""
+
+    exit_code = 3
+
+
+class CheckpointError(RunnerError):
+    """A checkpoint is missing, unreadable or does not match the architecture it claims."""

@@ -1,0 +1,74 @@
+"""The one model interface of `runner`: ESM-2 and DNABERT-S each implement it in one file.
+
+A model comes in two halves so that CPU stages never load weights:
+- `SequenceCodec` (picklable, no weights): cleans, checks and tokenizes text; runs in the tokenize/pack stage.
+- `EmbeddingModel` (an nn.Module holding the weights): a packed forward over concatenated sequences.
+The pipeline only ever talks to these two classes; it has no model-specific branches.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the manifest records about a model."""
+
+    name: str  # the name or path the user gave
+    family: str  # "esm2" or "dnabert"
+    checkpoint: str  # resolved local file or directory the weights came from ("" before download)
+    checkpoint_sha256: str  # hash of the weight file(s); "" when not computed
+    embed_dim: int  # width of one embedding
+    num_layers: int  # transformer layers; --layer takes 0..num_layers or -1
+    parameters: int  # number of weights
+
+
+class SequenceCodec(ABC):
+    """Text side of a model: cleaning, alphabet check and tokenization. Cheap to build and to pickle."""
+
+    kind: str  # "protein" or "dna": which normalisation rules apply
+    max_residues: int  # longest residue window the model embeds in one piece
+    special_start: int  # special tokens before the residues of each sequence (BOS / [CLS])
+    special_end: int  # special tokens after them (EOS / [SEP])
+    default_pooling: str  # "mean" (residue tokens), "mean_all" (all tokens) or "cls"
+
+    @abstractmethod
+    def clean(self, raw: str) -> str:
+        """Normalise raw text: whitespace removed, uppercased, model-specific fixes (trailing '*', U->T)."""
+
+    @abstractmethod
+    def invalid_characters(self, seq: str) -> str:
+        """The sorted distinct characters of a cleaned sequence the model cannot embed ('' when none)."""
+
+    @abstractmethod
+    def encode(self, seq: str) -> np.ndarray:
+        """Token ids of a cleaned, valid sequence, special tokens included. int32 [special_start + n + special_end]
+        for per-residue alphabets; BPE codecs return however many tokens the residues make."""
+
+
+class EmbeddingModel(torch.nn.Module, ABC):
+    """Weights plus a packed forward. One instance per actor, moved to its device and dtype once."""
+
+    info: ModelInfo
+    codec: SequenceCodec
+    attention_backend: str  # which kernel the forward uses: "flash_attn", "torch_varlen", "flex", "exact"
+
+    @abstractmethod
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
+        positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
+        cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
+        max_seqlen: int,  # longest sequence in the batch, in tokens
+        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
+    ) -> torch.Tensor:
+        """Hidden states of `layer` for every token: [T, D] in the model's dtype. No padding anywhere."""
+
+    @abstractmethod
+    def select_attention(self, device: torch.device) -> str:
+        """Pick the fastest attention kernel available for this device, store it and return its name."""
