@@ -1,0 +1,214 @@
+"""Finding and reading inputs: FASTA variants, gzip, globs, directories, Parquet, CSV/TSV, bad inputs."""
+
+from __future__ import annotations
+
+import gzip
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from runner import sources
+from runner.errors import RunnerError
+from runner.sources import detect_format, expand_inputs, read_fasta, read_records, sniff_input
+
+DATA = Path(__file__).parent / "data"
+
+
+def _pairs(records):
+    return [(r.id, r.sequence) for r in records]
+
+
+def test_multiline_fasta_with_descriptions_and_blank_lines(tmp_path: Path) -> None:
+    p = tmp_path / "a.fasta"
+    p.write_text("\n\n>seq1 some description\nMKT\nLLV\n\n>seq2\tdesc\nAC\n>seq3\n>seq4 x\nGG\n")
+    recs = list(read_records([p]))
+    assert _pairs(recs) == [("seq1", "MKTLLV"), ("seq2", "AC"), ("seq3", ""), ("seq4", "GG")]
+    assert [r.ordinal for r in recs] == [0, 1, 2, 3]
+    assert all(r.source == str(p) for r in recs)
+
+
+def test_crlf_and_no_final_newline(tmp_path: Path) -> None:
+    p = tmp_path / "crlf.fa"
+    p.write_bytes(b">a desc\r\nMK\r\nTL\r\n\r\n>b\r\nAAA")
+    assert _pairs(read_records([p])) == [("a", "MKTL"), ("b", "AAA")]
+
+
+def test_header_with_gt_inside_and_bom(tmp_path: Path) -> None:
+    p = tmp_path / "bom.fa"
+    p.write_bytes(b"\xef\xbb\xbf>x a>b\nMK>T\n")
+    assert _pairs(read_records([p])) == [("x", "MK>T")]
+
+
+def test_gzip_detected_by_magic_not_extension(tmp_path: Path) -> None:
+    text = b">g1\nACGT\nAC\n>g2\nTT\n"
+    named = tmp_path / "x.fasta.gz"
+    named.write_bytes(gzip.compress(text))
+    hidden = tmp_path / "y.fasta"  # gzip content without the .gz name
+    hidden.write_bytes(gzip.compress(text))
+    plain_gz = tmp_path / "z.fa.gz"  # .gz name, plain content
+    plain_gz.write_bytes(text)
+    for p in (named, hidden, plain_gz):
+        assert _pairs(read_records([p])) == [("g1", "ACGTAC"), ("g2", "TT")]
+
+
+def test_records_spanning_chunk_boundaries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks put record boundaries at every possible place relative to a chunk edge."""
+    recs = [(f"r{i}", "ACDEFGHIK"[: i % 9 + 1] * (i % 4 + 1)) for i in range(40)]
+    body = "".join(f">{rid} d\r\n{seq[:5]}\r\n{seq[5:]}\r\n" for rid, seq in recs)
+    p = tmp_path / "c.fa"
+    p.write_text(body)
+    for chunk in (1, 2, 3, 5, 7, 64):
+        monkeypatch.setattr(sources, "CHUNK_BYTES", chunk)
+        assert _pairs(read_fasta(p)) == recs, chunk
+
+
+def test_test_data_files() -> None:
+    recs = list(read_records(expand_inputs([str(DATA / "*.fasta")])))
+    assert len(recs) == 18
+    assert recs[0].id == "UniRef50_UPI0003108055"
+    assert recs[0].sequence.startswith("MPADAREYLESKHATRRFDRPAEVAGVV")
+    assert [r.ordinal for r in recs] == list(range(18))
+
+
+def test_ordinals_are_global_across_files(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.fa", tmp_path / "b.fa"
+    a.write_text(">a1\nAA\n>a2\nCC\n")
+    b.write_text(">b1\nGG\n")
+    recs = list(read_records([a, b], start_ordinal=10))
+    assert [(r.id, r.ordinal, Path(r.source).name) for r in recs] == [
+        ("a1", 10, "a.fa"),
+        ("a2", 11, "a.fa"),
+        ("b1", 12, "b.fa"),
+    ]
+
+
+def test_expand_globs_directories_and_dedup(tmp_path: Path) -> None:
+    d = tmp_path / "in"
+    (d / "sub").mkdir(parents=True)
+    for name in ("b.fasta", "a.fa.gz", "sub/c.faa", "sub/t.tsv", "x.parquet", "notes.txt", "sub/readme.md"):
+        (d / name).write_bytes(b">x\nA\n")
+    got = expand_inputs([str(d)])
+    assert [p.relative_to(d).as_posix() for p in got] == [
+        "a.fa.gz",
+        "b.fasta",
+        "sub/c.faa",
+        "sub/t.tsv",
+        "x.parquet",
+    ]
+    # repeats (the same file by another spelling too) are read once, in first-seen order
+    again = expand_inputs([str(d / "b.fasta"), str(d / "*.fa*"), str(d / "." / "b.fasta"), str(d)])
+    assert [p.relative_to(d).as_posix() for p in again][:2] == ["b.fasta", "a.fa.gz"]
+    assert len(again) == 5
+    # an explicitly named file is taken whatever its extension
+    assert expand_inputs([str(d / "notes.txt")]) == [d / "notes.txt"]
+
+
+def test_missing_inputs(tmp_path: Path) -> None:
+    with pytest.raises(RunnerError, match=r"input .*nope\.fa not found: check the path"):
+        expand_inputs([str(tmp_path / "nope.fa")])
+    with pytest.raises(RunnerError, match=r"not found: check the path"):
+        expand_inputs([str(tmp_path / "*.fasta")])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hi")
+    with pytest.raises(RunnerError, match="holds no supported file"):
+        expand_inputs([str(tmp_path / "empty")])
+
+
+def test_not_fasta_text_and_binary(tmp_path: Path) -> None:
+    txt = tmp_path / "seqs.txt"
+    txt.write_text("\n\nMKTLLV\n>a\nAA\n")
+    bad_fa = tmp_path / "bad.fasta"
+    bad_fa.write_text("id,sequence\na,MK\n")
+    binary = tmp_path / "blob.fa"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for p in (txt, bad_fa, binary):
+        with pytest.raises(RunnerError, match=r"is not a FASTA file \(first line does not start with '>'\)"):
+            sniff_input(p)
+        with pytest.raises(RunnerError, match="is not a FASTA file"):
+            next(read_records([p]))
+
+
+def test_not_fasta_raised_before_later_files_are_read(tmp_path: Path) -> None:
+    good, bad = tmp_path / "g.fa", tmp_path / "b.fa"
+    good.write_text(">a\nAA\n")
+    bad.write_text("nope\n")
+    it = read_records([good, bad])
+    assert next(it).id == "a"
+    with pytest.raises(RunnerError, match="not a FASTA file"):
+        next(it)
+
+
+def test_empty_fasta_file_has_no_records(tmp_path: Path) -> None:
+    p = tmp_path / "e.fa"
+    p.write_text("\n \n")
+    assert sniff_input(p) == "fasta"
+    assert list(read_records([p])) == []
+
+
+def test_parquet(tmp_path: Path) -> None:
+    p = tmp_path / "t.parquet"
+    table = pa.table({"name": ["p1", "p2", "p3"], "seq": ["MK", None, "AC"], "other": [1, 2, 3]})
+    pq.write_table(table, p, row_group_size=2)
+    assert sniff_input(p, id_column="name", seq_column="seq") == "parquet"
+    recs = list(read_records([p], id_column="name", seq_column="seq"))
+    assert _pairs(recs) == [("p1", "MK"), ("p2", ""), ("p3", "AC")]
+    assert [r.ordinal for r in recs] == [0, 1, 2]
+
+
+def test_parquet_integer_ids(tmp_path: Path) -> None:
+    p = tmp_path / "ints.parquet"
+    pq.write_table(pa.table({"id": [7, 8], "sequence": ["AA", "CC"]}), p)
+    assert _pairs(read_records([p])) == [("7", "AA"), ("8", "CC")]
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_csv_and_tsv(tmp_path: Path, gz: bool) -> None:
+    csv_text = b'id,sequence,x\n001,MKT,1\n"b,2",AC,2\nc,,3\n'
+    tsv_text = b"id\tsequence\n001\tGG\n"
+    c = tmp_path / ("s.csv.gz" if gz else "s.csv")
+    t = tmp_path / ("s.tsv.gz" if gz else "s.tsv")
+    c.write_bytes(gzip.compress(csv_text) if gz else csv_text)
+    t.write_bytes(gzip.compress(tsv_text) if gz else tsv_text)
+    assert detect_format(c) == "csv" and detect_format(t) == "tsv"
+    assert sniff_input(c) == "csv" and sniff_input(t) == "tsv"
+    recs = list(read_records([c, t]))
+    # ids stay text (no 001 -> 1), quoted commas survive, empty sequence stays ''
+    assert _pairs(recs) == [("001", "MKT"), ("b,2", "AC"), ("c", ""), ("001", "GG")]
+    assert [r.ordinal for r in recs] == [0, 1, 2, 3]
+
+
+def test_missing_columns_message(tmp_path: Path) -> None:
+    c = tmp_path / "s.csv"
+    c.write_text("name,seq\na,MK\n")
+    p = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"name": ["a"], "seq": ["MK"]}), p)
+    for path in (c, p):
+        with pytest.raises(RunnerError) as e:
+            sniff_input(path)
+        msg = str(e.value)
+        assert "'id'" in msg and "'sequence'" in msg and "'name', 'seq'" in msg
+        assert "--id-column" in msg and "--seq-column" in msg
+        with pytest.raises(RunnerError, match="--seq-column"):
+            list(read_records([path]))
+    assert _pairs(read_records([c], id_column="name", seq_column="seq")) == [("a", "MK")]
+
+
+def test_corrupt_parquet_and_truncated_gzip(tmp_path: Path) -> None:
+    p = tmp_path / "bad.parquet"
+    p.write_bytes(b"PAR1 not really")
+    with pytest.raises(RunnerError, match="not a readable Parquet file"):
+        sniff_input(p)
+    g = tmp_path / "cut.fa.gz"
+    rng = random.Random(0)
+    body = "".join(rng.choice("ACGT") for _ in range(100_000)).encode()
+    g.write_bytes(gzip.compress(b">a\n" + body)[:2000])
+    with pytest.raises(RunnerError, match="could not be read"):
+        list(read_records([g]))
+
+
+def test_sniff_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RunnerError, match="not found"):
+        sniff_input(tmp_path / "gone.fa")
