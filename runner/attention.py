@@ -1,0 +1,253 @@
+"""Variable-length (packed) self-attention with one API over several kernels.
+
+Sequences arrive concatenated: q, k, v are [T, H, hd] and `cu_seqlens` ([B+1], int32) marks where each
+sequence starts. Every backend computes bidirectional attention restricted to each sequence's own block
+(no padding, no cross-sequence leakage), optionally with an ALiBi bias -slope[h] * |i - j|.
+
+Backends, fastest first:
+- "flash_attn": flash-attn 2's `flash_attn_varlen_func` (CUDA, fp16/bf16; supports ALiBi slopes).
+- "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16; no ALiBi).
+- "flex": `flex_attention` with a document mask and an ALiBi score_mod, compiled once per process (CUDA).
+- "exact": one `scaled_dot_product_attention` call per sequence. Any device, any dtype; the reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("runner")
+
+BACKENDS: tuple[str, ...] = ("flash_attn", "torch_varlen", "flex", "exact")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def alibi_slopes(num_heads: int) -> torch.Tensor:
+    """Standard ALiBi head slopes (Press et al.; MosaicBERT's `_get_alibi_head_slopes`): float32 [H].
+
+    For a power of two n the slopes are the geometric sequence 2^(-8/n), 2^(-16/n), ...; otherwise the
+    slopes of the nearest lower power of two come first, followed by every other slope of the next one.
+    """
+    if num_heads < 1:
+        raise ValueError(f"num_heads must be positive, not {num_heads}")
+
+    def power_of_two_slopes(n: int) -> list[float]:
+        start = 2.0 ** (-(2.0 ** -(math.log2(n) - 3)))  # == 2^(-8/n)
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        slopes = power_of_two_slopes(num_heads)
+    else:
+        closest = 2 ** math.floor(math.log2(num_heads))
+        slopes = power_of_two_slopes(closest)
+        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes, dtype=torch.float32)  # [H]
+
+
+def _flash_attn_importable() -> bool:
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except (ImportError, OSError):  # OSError: a wheel built against another CUDA/torch
+        return False
+    return True
+
+
+def _torch_varlen_importable() -> bool:
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flex_importable() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def available_backends(device: torch.device, alibi: bool, dtype: torch.dtype | None = None) -> list[str]:
+    """Backends usable on `device`, fastest first; "exact" is always last.
+
+    `dtype` (optional) drops the half-precision-only kernels when the model computes in float32.
+    """
+    device = torch.device(device)
+    found: list[str] = []
+    if device.type == "cuda":
+        half_ok = dtype is None or dtype in _HALF_DTYPES
+        if half_ok and _flash_attn_importable():
+            found.append("flash_attn")
+        if half_ok and not alibi and _torch_varlen_importable():
+            found.append("torch_varlen")
+        # flex is only worth it when the fast paths cannot express the bias; without ALiBi in fp32 the
+        # per-sequence SDPA loop is the documented fallback.
+        if alibi and _flex_importable():
+            found.append("flex")
+    found.append("exact")
+    return found
+
+
+def select_backend(device: torch.device, alibi: bool, dtype: torch.dtype | None = None) -> str:
+    """The fastest backend for `device` (see `available_backends`), logged on the "runner" logger."""
+    backend = available_backends(device, alibi, dtype)[0]
+    logger.info(
+        "attention backend %s (device %s, alibi %s%s)",
+        backend,
+        torch.device(device),
+        alibi,
+        f", dtype {dtype}" if dtype is not None else "",
+    )
+    return backend
+
+
+def varlen_attention(
+    q: torch.Tensor,  # [T, H, hd] queries of all sequences, concatenated
+    k: torch.Tensor,  # [T, H, hd]
+    v: torch.Tensor,  # [T, H, hd]
+    cu_seqlens: torch.Tensor,  # int32 [B+1] sequence offsets; cu_seqlens[-1] == T
+    max_seqlen: int,  # longest sequence, in tokens
+    scale: float,  # softmax scale applied to q·k
+    backend: str,  # one of BACKENDS
+    alibi_slopes: torch.Tensor | None = None,  # float32 [H]; bias[h, i, j] = -slope[h] * |i - j|
+) -> torch.Tensor:
+    """Block-diagonal self-attention over packed sequences: [T, H, hd] in q's dtype."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; known: {', '.join(BACKENDS)}")
+    if q.dtype not in _HALF_DTYPES and backend in ("flash_attn", "torch_varlen"):
+        # These kernels only exist for fp16/bf16: an fp32 reference run falls back to the exact path.
+        backend = "exact"
+    if alibi_slopes is not None and backend == "torch_varlen":
+        raise ValueError("the torch_varlen backend cannot apply ALiBi; use flash_attn, flex or exact")
+    if backend == "flash_attn":
+        return _flash_attn(q, k, v, cu_seqlens, max_seqlen, scale, alibi_slopes)
+    if backend == "torch_varlen":
+        return _torch_varlen(q, k, v, cu_seqlens, max_seqlen, scale)
+    if backend == "flex":
+        return _flex(q, k, v, cu_seqlens, scale, alibi_slopes)
+    return _exact(q, k, v, cu_seqlens, scale, alibi_slopes)
+
+
+def _flash_attn(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, H, hd]
+    v: torch.Tensor,  # [T, H, hd]
+    cu_seqlens: torch.Tensor,  # int32 [B+1]
+    max_seqlen: int,
+    scale: float,
+    slopes: torch.Tensor | None,  # [H]
+) -> torch.Tensor:
+    from flash_attn import flash_attn_varlen_func
+
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # [B+1]
+    # flash-attn's non-causal ALiBi is -slope * |i - j| when q and k lengths match, as here.
+    slopes32 = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32)  # [H]
+    return flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu,
+        cu,
+        max_seqlen,
+        max_seqlen,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=False,
+        alibi_slopes=slopes32,
+    )  # [T, H, hd]
+
+
+def _torch_varlen(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, H, hd]
+    v: torch.Tensor,  # [T, H, hd]
+    cu_seqlens: torch.Tensor,  # int32 [B+1]
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    from torch.nn.attention.varlen import varlen_attn
+
+    cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # [B+1]
+    # cu/max passed positionally: their keyword names changed between torch 2.10 and 2.13.
+    return varlen_attn(q, k, v, cu, cu, max_seqlen, max_seqlen, scale=scale)  # [T, H, hd]
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., torch.Tensor]:
+    """flex_attention compiled once per process: uncompiled it materialises the full score matrix."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _flex(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, H, hd]
+    v: torch.Tensor,  # [T, H, hd]
+    cu_seqlens: torch.Tensor,  # int32 [B+1]
+    scale: float,
+    slopes: torch.Tensor | None,  # [H]
+) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    total = q.shape[0]
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=q.device, dtype=torch.long)  # [B]
+    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=q.device), lengths)  # [T]
+
+    def same_document(b, h, q_idx, kv_idx):  # flex traces these with tensor indices
+        return document[q_idx] == document[kv_idx]
+
+    block_mask = create_block_mask(same_document, B=None, H=None, Q_LEN=total, KV_LEN=total, device=q.device)
+    score_mod = None
+    if slopes is not None:
+        slopes_dev = slopes.to(device=q.device, dtype=torch.float32)  # [H]
+
+        def alibi(score, b, h, q_idx, kv_idx):
+            # Within one document the packed distance equals the in-sequence distance.
+            return score - slopes_dev[h] * (q_idx - kv_idx).abs()
+
+        score_mod = alibi
+    out = _compiled_flex()(
+        q.transpose(0, 1).unsqueeze(0),  # [1, H, T, hd]
+        k.transpose(0, 1).unsqueeze(0),  # [1, H, T, hd]
+        v.transpose(0, 1).unsqueeze(0),  # [1, H, T, hd]
+        score_mod=score_mod,
+        block_mask=block_mask,
+        scale=scale,
+    )  # [1, H, T, hd]
+    return out[0].transpose(0, 1)  # [T, H, hd]
+
+
+def _exact(
+    q: torch.Tensor,  # [T, H, hd]
+    k: torch.Tensor,  # [T, H, hd]
+    v: torch.Tensor,  # [T, H, hd]
+    cu_seqlens: torch.Tensor,  # int32 [B+1]
+    scale: float,
+    slopes: torch.Tensor | None,  # [H]
+) -> torch.Tensor:
+    out = torch.empty_like(q)  # [T, H, hd]
+    offsets = cu_seqlens.tolist()
+    slopes_dev = None if slopes is None else slopes.to(device=q.device, dtype=torch.float32)  # [H]
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        if end == start:
+            continue
+        bias = None
+        if slopes_dev is not None:
+            pos = torch.arange(end - start, device=q.device)  # [L]
+            distance = (pos[:, None] - pos[None, :]).abs().to(torch.float32)  # [L, L]
+            bias = (-slopes_dev[:, None, None] * distance).to(q.dtype)  # [H, L, L]
+        out[start:end] = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1),  # [H, L, hd]
+            k[start:end].transpose(0, 1),  # [H, L, hd]
+            v[start:end].transpose(0, 1),  # [H, L, hd]
+            attn_mask=bias,
+            scale=scale,
+        ).transpose(0, 1)  # [L, H, hd]
+    return out

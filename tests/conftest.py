@@ -1,0 +1,66 @@
+"""Shared pytest fixtures. Each block below belongs to one model or stage; add new fixtures in their own block."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+
+
+def load_script(name: str) -> ModuleType:
+    """Import scripts/<name>.py as a module (scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import scripts/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_fasta(path: Path) -> list[tuple[str, str]]:
+    """(id, sequence) pairs of a small FASTA file."""
+    records: list[tuple[str, str]] = []
+    for line in path.read_text().splitlines():
+        if line.startswith(">"):
+            records.append((line[1:].split()[0], ""))
+        elif line.strip() and records:
+            records[-1] = (records[-1][0], records[-1][1] + line.strip())
+    return records
+
+
+@pytest.fixture(scope="session")
+def some_proteins() -> list[tuple[str, str]]:
+    """The 15 real UniRef50 proteins of tests/data/some_proteins.fasta (71-935 residues)."""
+    return read_fasta(DATA / "some_proteins.fasta")
+
+
+# --- ESM-2 -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_esm2_script() -> ModuleType:
+    """scripts/tiny_esm2.py, for tests that build their own variants (make_esm2)."""
+    return load_script("tiny_esm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script: ModuleType) -> Path:
+    """A tiny random ESM-2 checkpoint in fair-esm's format (2 layers, dim 64, 4 heads) with its regression file."""
+    return tiny_esm2_script.make_esm2(tmp_path_factory.mktemp("esm2") / "esm2_tiny.pt")
+
+
+@pytest.fixture(scope="session")
+def overflow_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script: ModuleType) -> Path:
+    """Like tiny_esm2_path, but any sequence containing 'W' embeds to non-finite values in fp32."""
+    return tiny_esm2_script.make_esm2(
+        tmp_path_factory.mktemp("esm2_overflow") / "esm2_overflow.pt", overflow_residue="W"
+    )
+
+
+# --- DNABERT -----------------------------------------------------------------------------------------
+# (fixtures for DNABERT checkpoints go here)
