@@ -50,6 +50,13 @@ class EmbedConfig:
     cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
     pack_cpus: float = 1.0  # CPUs reserved by each tokenize/pack task
     progress: bool = True  # print a live progress line on stderr
+    fp32_layernorm: bool = False  # keep LayerNorm in fp32 inside an fp16/bf16 model (drift fix, some cost)
+    shadow_rate: float = 0.01  # fraction of sequences re-embedded in FP32 by the shadow pool; 0 = off
+    shadow_gpus: float | None = None  # GPU share of each shadow actor; None = 0.25 on GPU runs; 0 = CPU
+    shadow_actors: int | None = None  # shadow actors; None = one per GPU (beside each embedder), 1 on CPU
+    shadow_queue: int = 4  # shadow batches in flight per shadow actor before samples are shed
+    drift_min_cosine: float = 0.99  # a sampled sequence below this cosine vs FP32 is a drift violation
+    on_drift: Literal["warn", "abort"] = "warn"  # what a drift violation does
 
     def with_overrides(self, overrides: dict[str, Any]) -> EmbedConfig:
         """A copy with every non-None override applied (flags win over the config file)."""
@@ -84,6 +91,14 @@ class EmbedConfig:
             raise RunnerError("--chunk-overlap must be smaller than --max-residues")
         if self.chunk_overlap < 0:
             raise RunnerError("--chunk-overlap must be 0 or more")
+        if not 0 <= self.shadow_rate <= 1:
+            raise RunnerError("--shadow-rate must be between 0 and 1 (0 turns the shadow off)")
+        if self.shadow_gpus is not None and not 0 <= self.shadow_gpus < 1:
+            raise RunnerError("--shadow-gpus must be a GPU share in [0, 1), e.g. 0.25 (0 = CPU)")
+        if self.on_drift not in ("warn", "abort"):
+            raise RunnerError(f"--on-drift must be warn or abort, not {self.on_drift!r}")
+        if not -1 <= self.drift_min_cosine <= 1:
+            raise RunnerError("--drift-min-cosine must be a cosine between -1 and 1")
         if self.rows_per_part < 1 or self.records_per_block < 1 or self.cpu_actors < 1:
             raise RunnerError("rows_per_part, records_per_block and cpu_actors must be at least 1")
         return self

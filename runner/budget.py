@@ -1,0 +1,30 @@
+"""Token budget per packed batch, sized from free GPU memory.
+
+Inference keeps one layer's activations alive at a time, so memory per token is a small multiple of
+the hidden width; past ~64k tokens a bigger batch buys no speed (the GPU is already full) but makes
+each retry and each copy larger, hence the cap.
+"""
+
+from __future__ import annotations
+
+CPU_TOKEN_BUDGET = 4096  # CPU actors: small batches keep latency and memory low
+GPU_TOKEN_BUDGET_CAP = 65536  # beyond this throughput is flat on an H200 (see benchmarks/)
+GPU_TOKEN_BUDGET_FLOOR = 4096  # never below: small batches starve the GPU
+ACTIVATION_BYTES_PER_TOKEN_PER_DIM = 48  # x, LN, q/k/v, attn out, 4D MLP hidden (x2 gelu), fp32 pool; 2 B each
+MEMORY_FRACTION = 0.5  # of what is free after the weights: leaves room for the allocator and the shadow
+
+
+def auto_token_budget(free_bytes: int, weight_bytes: int, embed_dim: int) -> int:
+    """Largest budget (multiple of 1024) whose activations fit in half the memory left after the weights."""
+    spare = max(free_bytes - weight_bytes, 0) * MEMORY_FRACTION
+    per_token = ACTIVATION_BYTES_PER_TOKEN_PER_DIM * embed_dim
+    fits = int(spare // per_token) // 1024 * 1024
+    return max(GPU_TOKEN_BUDGET_FLOOR, min(GPU_TOKEN_BUDGET_CAP, fits))
+
+
+def probe_free_gpu_memory() -> int:
+    """Free bytes on the GPU this process sees (run inside a Ray task that holds one GPU)."""
+    import torch
+
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)

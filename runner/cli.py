@@ -1,0 +1,162 @@
+"""The `runner` command line: a thin click layer over `runner.job`.
+
+Expected failures (RunnerError) become one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from runner import __version__
+from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, EmbedConfig, load_config_file
+from runner.errors import RunnerError
+
+
+class TokenBudget(click.ParamType):
+    """`auto` or a positive integer."""
+
+    name = "auto|N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int | str:
+        if isinstance(value, int) or value == "auto":
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is neither 'auto' nor a number of tokens", param, ctx)
+
+
+def model_options(fn: Callable) -> Callable:
+    """Options shared by every command that runs a model."""
+    decorators = [
+        click.option("--model", "-m", help="ESM-2 name (esm2_t33_650M_UR50D), DNABERT hub name, .pt file or HF dir."),
+        click.option("--gpus", type=int, help="GPUs to use, one embedding actor each (default: all; 0 = CPU)."),
+        click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)."),
+        click.option("--precision", type=click.Choice(PRECISIONS), help="Compute dtype (default fp16 on GPU, fp32 on CPU)."),
+        click.option("--token-budget", type=TokenBudget(), help="Tokens per packed batch, or 'auto' (from GPU memory)."),
+        click.option("--layer", type=int, help="Representation layer (default -1: last)."),
+        click.option("--pooling", type=click.Choice(POOLINGS), help="mean (residues), mean_all (all tokens) or cls."),
+        click.option("--max-residues", type=int, help="Longest window embedded at once (default: the model's limit, 1022 for ESM-2)."),
+        click.option("--long", type=click.Choice(LONG_POLICIES), help="Longer sequences: truncate (default), chunk, or skip."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags win."),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+
+def input_options(fn: Callable) -> Callable:
+    """Options about reading inputs."""
+    decorators = [
+        click.option("--id-column", help="Id column of Parquet/CSV inputs (default: id)."),
+        click.option("--seq-column", help="Sequence column of Parquet/CSV inputs (default: sequence)."),
+        click.option("--strict", is_flag=True, default=None, help="Fail before any GPU work if any record would be rejected."),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+
+def shadow_options(fn: Callable) -> Callable:
+    """The FP32 shadow pool and drift policy."""
+    decorators = [
+        click.option("--shadow-rate", type=float, help="Fraction re-embedded in FP32 to measure drift (default 0.01; 0 = off)."),
+        click.option("--shadow-gpus", type=float, help="GPU share of each shadow actor (default 0.25 on GPUs; 0 = CPU)."),
+        click.option("--drift-min-cosine", type=float, help="Per-sequence cosine vs FP32 below which drift is flagged (default 0.99)."),
+        click.option("--on-drift", type=click.Choice(["warn", "abort"]), help="What a drift violation does (default warn)."),
+        click.option("--fp32-layernorm", is_flag=True, default=None, help="Keep LayerNorm in FP32 inside the FP16 model."),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+
+def build_config(config_file: str | None, **flags: Any) -> EmbedConfig:
+    """Defaults, then the config file, then the flags that were given."""
+    config = EmbedConfig()
+    if config_file:
+        config = config.with_overrides(load_config_file(config_file))
+    if flags.get("token_budget") == "auto":
+        flags["token_budget"] = None
+        config.token_budget = None
+    if flags.get("inputs") == ():
+        flags["inputs"] = None
+    elif flags.get("inputs") is not None:
+        flags["inputs"] = list(flags["inputs"])
+    return config.with_overrides(flags)
+
+
+def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures into one-line ClickExceptions with the error's exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RunnerError as e:
+            err = click.ClickException(str(e))
+            err.exit_code = e.exit_code
+            raise err from None
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished parts are kept; manifest.json says interrupted", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="runner")
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Embed protein and DNA sequences with ESM-2 and DNABERT-S on one or many GPUs (Ray).
+
+    \b
+    Example:
+        runner embed proteins/*.fasta --model esm2_t33_650M_UR50D --out emb/ --gpus 8
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("runner").setLevel(min(level, logging.INFO))
+    warnings.simplefilter("default")
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1)
+@click.option("--out", "-o", help="Output directory (embeddings/, rejects.arrow, manifest.json).")
+@model_options
+@input_options
+@click.option("--chunk-overlap", type=int, help="Residues shared by neighbouring windows with --long chunk (default 128).")
+@click.option("--rows-per-part", type=int, help="Rows per Arrow part file (default 16384).")
+@shadow_options
+@click.option("--no-progress", "progress", flag_value=False, default=None, help="No live progress line.")
+@run_command
+def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> None:
+    """Embed every sequence of INPUT... (FASTA, Parquet, CSV; files, globs or directories).
+
+    Writes DIR/embeddings/part-NNNNN.arrow (id, length, truncated, embedding as float32),
+    DIR/rejects.arrow (id, source, reason) and DIR/manifest.json.
+
+    \b
+    Examples:
+        runner embed proteins/*.fasta --model esm2_t33_650M_UR50D --out emb/ --gpus 8
+        runner embed tests/data/some_proteins.fasta --model models/esm2_tiny.pt --out emb/ --gpus 0
+        runner embed reads.parquet --seq-column dna --model zhihan1996/DNABERT-S --out dna/
+    """
+    from runner.job import run_embed
+
+    config = build_config(config_file, inputs=inputs, **flags)
+    report = run_embed(config)
+    click.echo(
+        f"{report.rows_written:,} embeddings, {report.rejects:,} rejects, {report.truncated:,} truncated "
+        f"-> {report.out_dir} ({report.tokens_per_second:,.0f} tok/s, {report.wall_seconds:.1f}s)",
+        err=True,
+    )
+
+
+def main() -> None:
+    cli(prog_name="runner")
+
+
+if __name__ == "__main__":
+    main()

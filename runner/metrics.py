@@ -1,0 +1,115 @@
+"""Ray metrics (`ray.util.metrics`) for the dashboard / Prometheus / Grafana.
+
+Every metric is prefixed `runner_` (Ray exports them as `ray_runner_*`). Actors report what they embed;
+the driver reports rejects, queue depth and the shadow's drift. Outside Ray (unit tests) the recorders
+are inert, so stages stay testable without a cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+
+LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]
+COSINE_BOUNDARIES = [0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 0.9995, 0.9999, 0.99999, 1.0]
+
+
+def _ray_ready() -> bool:
+    try:
+        import ray
+
+        return ray.is_initialized()
+    except ImportError:
+        return False
+
+
+class ActorMetrics:
+    """What one embedding actor reports per batch."""
+
+    def __init__(self, model: str, precision: str, worker: str) -> None:
+        self.enabled = _ray_ready()
+        self.tags = {"model": model, "precision": precision, "worker": worker}
+        self._window: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent batches
+        if not self.enabled:
+            return
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        keys = tuple(self.tags)
+        self.sequences = Counter("runner_sequences", "Windows embedded", tag_keys=keys)
+        self.tokens = Counter("runner_tokens", "Tokens embedded", tag_keys=keys)
+        self.batches = Counter("runner_batches", "Packed batches embedded", tag_keys=keys)
+        self.nonfinite = Counter("runner_nonfinite", "Windows with a NaN/Inf embedding", tag_keys=keys)
+        self.latency = Histogram("runner_batch_latency_seconds", "Time to embed one packed batch",
+                                 boundaries=LATENCY_BOUNDARIES, tag_keys=keys)
+        self.tokens_per_second = Gauge("runner_tokens_per_second", "Recent tokens/s of this actor (GPU)",
+                                       tag_keys=keys)
+        self.packing = Gauge("runner_packing_efficiency", "Real tokens / token budget of recent batches",
+                             tag_keys=keys)
+
+    def batch(self, windows: int, tokens: int, budget: int, seconds: float, nonfinite: int) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        self._window.append((now, tokens))
+        self.sequences.inc(windows, tags=self.tags)
+        self.tokens.inc(tokens, tags=self.tags)
+        self.batches.inc(1, tags=self.tags)
+        if nonfinite:
+            self.nonfinite.inc(nonfinite, tags=self.tags)
+        self.latency.observe(seconds, tags=self.tags)
+        if budget:
+            self.packing.set(tokens / budget, tags=self.tags)
+        span = now - self._window[0][0]
+        if span > 0:
+            self.tokens_per_second.set(sum(t for _, t in list(self._window)[1:]) / span, tags=self.tags)
+
+
+class DriverMetrics:
+    """What the driver reports: rejects, shadow queue, drift."""
+
+    def __init__(self, model: str, precision: str) -> None:
+        self.enabled = _ray_ready()
+        self.tags = {"model": model, "precision": precision}
+        self._recent_cosines: deque[float] = deque(maxlen=1000)
+        if not self.enabled:
+            return
+        from ray.util.metrics import Counter, Gauge, Histogram
+
+        keys = tuple(self.tags)
+        self.rejects = Counter("runner_rejects", "Records rejected", tag_keys=keys)
+        self.queue_depth = Gauge("runner_shadow_queue_depth", "Shadow batches queued or running", tag_keys=keys)
+        self.cosine = Histogram("runner_shadow_cosine", "Cosine of main vs FP32 shadow embedding",
+                                boundaries=COSINE_BOUNDARIES, tag_keys=keys)
+        self.cosine_min = Gauge("runner_shadow_cosine_rolling_min", "Lowest cosine of the last 1000 samples",
+                                tag_keys=keys)
+        self.violations = Counter("runner_drift_violations", "Samples below --drift-min-cosine", tag_keys=keys)
+        self.shed = Counter("runner_shadow_shed", "Samples shed because the shadow fell behind", tag_keys=keys)
+        self.rows = Counter("runner_rows_written", "Embeddings written", tag_keys=keys)
+
+    def rejected(self, count: int) -> None:
+        if self.enabled and count:
+            self.rejects.inc(count, tags=self.tags)
+
+    def written(self, count: int) -> None:
+        if self.enabled and count:
+            self.rows.inc(count, tags=self.tags)
+
+    def shadow_queue(self, depth: int) -> None:
+        if self.enabled:
+            self.queue_depth.set(depth, tags=self.tags)
+
+    def shadow_shed(self, count: int) -> None:
+        if self.enabled:
+            self.shed.inc(count, tags=self.tags)
+
+    def shadow_compared(self, cosines: np.ndarray, violations: int) -> None:
+        self._recent_cosines.extend(float(c) for c in cosines)
+        if not self.enabled:
+            return
+        for c in cosines:
+            self.cosine.observe(float(c), tags=self.tags)
+        self.cosine_min.set(min(self._recent_cosines), tags=self.tags)
+        if violations:
+            self.violations.inc(violations, tags=self.tags)

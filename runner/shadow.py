@@ -1,0 +1,237 @@
+"""The FP32 shadow: a sampled fraction of sequences embedded again in FP32 and compared with the output.
+
+- Sampling is a hash of the id, so the same input gives the same sample on any number of GPUs.
+- The driver hands sampled token ids to a pool of FP32 actors behind a bounded queue; when the queue is
+  full the sample is shed (counted), so the shadow never stalls the main stream.
+- Each comparison (cosine, max |diff|, norm ratio) of the *stored* main vector with the FP32 vector is
+  written to `drift.arrow` and summarised in the manifest; `--on-drift abort` stops the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from runner.batch import PackedBatch
+from runner.errors import RunnerError
+
+log = logging.getLogger("runner")
+
+DRIFT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("length", pa.int32()),
+        ("cosine", pa.float64()),
+        ("max_abs_diff", pa.float64()),
+        ("norm_ratio", pa.float64()),  # |main| / |fp32|
+        ("precision", pa.string()),
+        ("time", pa.timestamp("ms")),
+    ]
+)
+
+
+class DriftViolation(RunnerError):
+    """A sampled sequence drifted below --drift-min-cosine and --on-drift is abort."""
+
+    exit_code = 4
+
+
+def shadow_sample(ids: list[str], rate: float) -> np.ndarray:
+    """Deterministic sample: id i is in when the first 8 bytes of blake2b(id) / 2**64 < rate."""
+    if rate <= 0:
+        return np.zeros(len(ids), dtype=bool)
+    if rate >= 1:
+        return np.ones(len(ids), dtype=bool)
+    threshold = int(rate * 2**64)
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") < threshold for i in ids],
+        dtype=bool,
+    )
+
+
+def compare(main: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-row cosine, max absolute difference and norm ratio of main [N, D] against reference [N, D]."""
+    main64, ref64 = main.astype(np.float64), reference.astype(np.float64)
+    main_norm = np.linalg.norm(main64, axis=1)  # [N]
+    ref_norm = np.linalg.norm(ref64, axis=1)  # [N]
+    cosine = (main64 * ref64).sum(axis=1) / np.maximum(main_norm * ref_norm, 1e-300)  # [N]
+    max_abs = np.abs(main64 - ref64).max(axis=1)  # [N]
+    return cosine, max_abs, main_norm / np.maximum(ref_norm, 1e-300)
+
+
+def pack_for_shadow(token_lists: list[np.ndarray]) -> PackedBatch:
+    """Sampled windows (token ids) as one packed batch for the FP32 actor."""
+    lengths = np.array([len(t) for t in token_lists], dtype=np.int32)
+    cu = np.zeros(len(lengths) + 1, dtype=np.int32)
+    cu[1:] = np.cumsum(lengths)
+    n = len(token_lists)
+    zeros = np.zeros(n, dtype=np.int32)
+    return PackedBatch(
+        tokens=np.concatenate(token_lists).astype(np.int32),
+        positions=np.concatenate([np.arange(length, dtype=np.int32) for length in lengths]),
+        cu_seqlens=cu,
+        ids=[""] * n,
+        ordinals=np.zeros(n, dtype=np.int64),
+        residues=zeros,
+        truncated=np.zeros(n, dtype=bool),
+        chunk_index=zeros,
+        chunk_count=zeros + 1,
+        total_residues=zeros,
+        token_budget=int(cu[-1]),
+    )
+
+
+@dataclass
+class ShadowSettings:
+    """Shadow pool knobs (from EmbedConfig)."""
+
+    rate: float  # fraction of sequences re-embedded in FP32
+    min_cosine: float  # per-sequence threshold
+    on_drift: str  # "warn" | "abort"
+    max_in_flight: int  # shadow batches queued or running before new samples are shed
+    precision: str  # the main path's precision, recorded with each comparison
+
+
+@dataclass
+class _Pending:
+    ids: list[str]
+    lengths: np.ndarray
+    main: np.ndarray  # [N, D] the stored main vectors
+    future: Any
+
+
+@dataclass
+class ShadowMonitor:
+    """Driver side of the shadow: submit samples, collect comparisons, enforce the threshold."""
+
+    settings: ShadowSettings
+    out_dir: Path
+    submit_fn: Any  # callable(PackedBatch) -> future (a Ray ObjectRef, or anything `wait_fn` understands)
+    wait_fn: Any  # callable(list[future], block: bool) -> (done, not_done)
+    get_fn: Any  # callable(future) -> np.ndarray [N, D]
+    metrics: Any = None  # runner.metrics.DriverMetrics or None
+    sampled: int = 0
+    shed: int = 0
+    compared: int = 0
+    violations: int = 0
+    cosines: list[np.ndarray] = field(default_factory=list)
+    worst: list[tuple[float, str]] = field(default_factory=list)  # lowest cosines seen, with ids
+
+    def __post_init__(self) -> None:
+        self._pending: list[_Pending] = []
+        self._tmp = self.out_dir / ".drift.arrow.tmp"
+        self._writer = pa.ipc.new_file(str(self._tmp), DRIFT_SCHEMA)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def offer(self, ids: list[str], lengths: np.ndarray, main: np.ndarray, tokens: list[np.ndarray]) -> bool:
+        """Queue sampled windows for FP32; shed them (return False) when the queue is full."""
+        if not ids:
+            return True
+        self.sampled += len(ids)
+        self.poll()
+        if len(self._pending) >= self.settings.max_in_flight:
+            self.shed += len(ids)
+            if self.metrics:
+                self.metrics.shadow_shed(len(ids))
+            return False
+        future = self.submit_fn(pack_for_shadow(tokens))
+        self._pending.append(_Pending(list(ids), np.asarray(lengths), np.asarray(main, np.float32), future))
+        return True
+
+    def poll(self, block: bool = False) -> None:
+        """Collect finished shadow batches; with block, wait for all of them."""
+        while self._pending:
+            futures = [p.future for p in self._pending]
+            done, _ = self.wait_fn(futures, block)
+            if not done:
+                return
+            done_set = {id(f) for f in done}
+            finished = [p for p in self._pending if id(p.future) in done_set]
+            self._pending = [p for p in self._pending if id(p.future) not in done_set]
+            for p in finished:
+                self._record(p, np.asarray(self.get_fn(p.future), dtype=np.float32))
+            if not block:
+                return
+
+    def close(self) -> None:
+        """Wait for the shadow batches still running, then put drift.arrow in place."""
+        try:
+            self.poll(block=True)
+        finally:
+            self._writer.close()
+            self._tmp.replace(self.out_dir / "drift.arrow")
+
+    def abandon(self) -> None:
+        """Stop without waiting (the job is aborting); comparisons so far stay in drift.arrow."""
+        self._pending = []
+        self._writer.close()
+        self._tmp.replace(self.out_dir / "drift.arrow")
+
+    def _record(self, p: _Pending, reference: np.ndarray) -> None:
+        cosine, max_abs, norm_ratio = compare(p.main, reference)
+        now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms"))
+        n = len(p.ids)
+        self._writer.write_batch(
+            pa.record_batch(
+                [
+                    pa.array(p.ids, pa.string()),
+                    pa.array(p.lengths, pa.int32()),
+                    pa.array(cosine),
+                    pa.array(max_abs),
+                    pa.array(norm_ratio),
+                    pa.array([self.settings.precision] * n, pa.string()),
+                    pa.array([now.value] * n, pa.timestamp("ms")),
+                ],
+                schema=DRIFT_SCHEMA,
+            )
+        )
+        self.compared += n
+        self.cosines.append(cosine)
+        bad = np.flatnonzero(~(cosine >= self.settings.min_cosine))  # NaN cosine counts as a violation
+        self.violations += len(bad)
+        self.worst = sorted(self.worst + [(float(cosine[i]), p.ids[i]) for i in np.argsort(cosine)[:5]])[:5]
+        if self.metrics:
+            self.metrics.shadow_compared(cosine, len(bad))
+        if len(bad):
+            detail = ", ".join(f"{p.ids[i]} (cosine {cosine[i]:.5f})" for i in bad[:10])
+            message = (
+                f"FP32 shadow: {len(bad)} sequence(s) drifted below --drift-min-cosine "
+                f"{self.settings.min_cosine}: {detail}"
+            )
+            if self.settings.on_drift == "abort":
+                raise DriftViolation(
+                    message + f" (precision {self.settings.precision}); rerun with --precision fp32 or "
+                    "--fp32-layernorm, or use --on-drift warn"
+                )
+            log.warning(message)
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest's `shadow` section."""
+        all_cos = np.concatenate(self.cosines) if self.cosines else np.zeros(0)
+        stats: dict[str, Any] = {
+            "rate": self.settings.rate,
+            "min_cosine_threshold": self.settings.min_cosine,
+            "on_drift": self.settings.on_drift,
+            "sampled": self.sampled,
+            "shed": self.shed,
+            "compared": self.compared,
+            "violations": self.violations,
+        }
+        if len(all_cos):
+            stats.update(
+                cosine_min=float(np.nanmin(all_cos)),
+                cosine_mean=float(np.nanmean(all_cos)),
+                cosine_p0_1=float(np.nanpercentile(all_cos, 0.1)),
+                worst=[{"id": i, "cosine": c} for c, i in self.worst],
+            )
+        return stats

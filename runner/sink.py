@@ -1,0 +1,207 @@
+"""Writing results: embedding parts, rejects, and merging the windows of chunked sequences.
+
+Every file is written under a temporary name and renamed when complete, so a reader (or a resumed job)
+never sees a half-written part. Memory is bounded by one part's worth of rows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from runner.batch import Reject
+
+REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+def embedding_schema(embed_dim: int) -> pa.Schema:
+    """The schema of `embeddings/part-NNNNN.arrow`."""
+    return pa.schema(
+        [
+            ("id", pa.string()),
+            ("length", pa.int32()),  # residues embedded (after truncation; all residues when chunked)
+            ("truncated", pa.bool_()),
+            ("embedding", pa.list_(pa.float32(), embed_dim)),  # stored FP32 whatever the compute dtype
+            ("ordinal", pa.int64()),  # position of the record in the input, 0-based
+        ]
+    )
+
+
+@dataclass
+class EmbeddedRows:
+    """Finished sequences ready to write (column arrays of equal length)."""
+
+    ids: list[str]
+    lengths: np.ndarray  # int32 [N]
+    truncated: np.ndarray  # bool [N]
+    vectors: np.ndarray  # float32 [N, D]
+    ordinals: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+class PartWriter:
+    """Appends rows to `embeddings/part-NNNNN.arrow`, starting a new part every `rows_per_part` rows."""
+
+    def __init__(self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0) -> None:
+        self.dir = out_dir / "embeddings"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.schema = embedding_schema(embed_dim)
+        self.embed_dim = embed_dim
+        self.rows_per_part = rows_per_part
+        self.next_part = first_part
+        self.rows_written = 0  # rows in completed (renamed) parts
+        self.parts: list[str] = []  # names of completed parts
+        self._writer: pa.ipc.RecordBatchFileWriter | None = None
+        self._tmp: Path | None = None
+        self._rows_in_open_part = 0
+
+    def write(self, rows: EmbeddedRows) -> None:
+        start = 0
+        while start < len(rows):
+            if self._writer is None:
+                self._open()
+            room = self.rows_per_part - self._rows_in_open_part
+            end = min(len(rows), start + room)
+            self._writer.write_batch(self._record_batch(rows, start, end))  # type: ignore[union-attr]
+            self._rows_in_open_part += end - start
+            start = end
+            if self._rows_in_open_part >= self.rows_per_part:
+                self._close_part()
+
+    def close(self) -> None:
+        """Finish the open part (if it holds any row)."""
+        if self._writer is not None:
+            self._close_part()
+
+    def discard_open_part(self) -> None:
+        """Drop the part being written (used when a job stops hard)."""
+        if self._writer is not None:
+            self._writer.close()
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+            self._writer, self._tmp, self._rows_in_open_part = None, None, 0
+
+    def _open(self) -> None:
+        name = f"part-{self.next_part:05d}.arrow"
+        self._tmp = self.dir / f".{name}.tmp"
+        self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
+        self._rows_in_open_part = 0
+
+    def _close_part(self) -> None:
+        assert self._writer is not None and self._tmp is not None  # internal invariant, not user input
+        self._writer.close()
+        final = self.dir / f"part-{self.next_part:05d}.arrow"
+        _fsync(self._tmp)
+        os.replace(self._tmp, final)
+        self.parts.append(final.name)
+        self.rows_written += self._rows_in_open_part
+        self.next_part += 1
+        self._writer, self._tmp, self._rows_in_open_part = None, None, 0
+
+    def _record_batch(self, rows: EmbeddedRows, start: int, end: int) -> pa.RecordBatch:
+        flat = pa.array(np.ascontiguousarray(rows.vectors[start:end], dtype=np.float32).ravel(), pa.float32())
+        return pa.record_batch(
+            [
+                pa.array(rows.ids[start:end], pa.string()),
+                pa.array(rows.lengths[start:end], pa.int32()),
+                pa.array(rows.truncated[start:end], pa.bool_()),
+                pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
+                pa.array(rows.ordinals[start:end], pa.int64()),
+            ],
+            schema=self.schema,
+        )
+
+
+class RejectWriter:
+    """Streams rejects into `rejects.arrow` (renamed into place on close, even after an abort)."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.final = out_dir / "rejects.arrow"
+        self._tmp = out_dir / ".rejects.arrow.tmp"
+        self._writer = pa.ipc.new_file(str(self._tmp), REJECT_SCHEMA)
+        self.count = 0
+        self.reasons: dict[str, int] = {}  # reject count per reason kind (text before the first ':' / '(')
+
+    def write(self, rejects: list[Reject]) -> None:
+        if not rejects:
+            return
+        self._writer.write_batch(
+            pa.record_batch(
+                [
+                    pa.array([r.id for r in rejects], pa.string()),
+                    pa.array([r.source for r in rejects], pa.string()),
+                    pa.array([r.reason for r in rejects], pa.string()),
+                ],
+                schema=REJECT_SCHEMA,
+            )
+        )
+        self.count += len(rejects)
+        for r in rejects:
+            kind = r.reason.split(":")[0].split("(")[0].strip()
+            self.reasons[kind] = self.reasons.get(kind, 0) + 1
+
+    def close(self) -> None:
+        self._writer.close()
+        _fsync(self._tmp)
+        os.replace(self._tmp, self.final)
+
+
+class ChunkMerger:
+    """Combines the windows of chunked sequences into one residue-weighted mean per sequence.
+
+    Windows of one sequence may come back from different actors in any order; only sequences with
+    windows still missing are held, so memory is bounded by the long sequences in flight.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, _PartialSequence] = {}  # by input ordinal
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def add(
+        self, sequence_id: str, ordinal: int, window_index: int, window_count: int, residues: int, total: int,
+        vector: np.ndarray,
+    ) -> np.ndarray | None:
+        """Add one window; return the merged vector once every window of the sequence has arrived."""
+        part = self._pending.get(ordinal)
+        if part is None:
+            part = self._pending[ordinal] = _PartialSequence(sequence_id, window_count, total, vector.shape[0])
+        if window_index in part.seen:
+            return None  # a retried batch delivered this window twice: keep the first
+        part.seen.add(window_index)
+        part.weighted_sum += vector.astype(np.float64) * residues
+        part.weight += residues
+        if len(part.seen) < part.window_count:
+            return None
+        del self._pending[ordinal]
+        return (part.weighted_sum / max(part.weight, 1)).astype(np.float32)
+
+
+@dataclass
+class _PartialSequence:
+    id: str
+    window_count: int
+    total_residues: int
+    dim: int
+
+    def __post_init__(self) -> None:
+        self.seen: set[int] = set()
+        self.weighted_sum = np.zeros(self.dim, dtype=np.float64)
+        self.weight = 0
+
+
+def _fsync(path: Path) -> None:
+    """Flush a finished file to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,158 @@
+"""The Ray Data stream: read -> clean/tokenize/pack (CPU tasks) -> embed (one actor per GPU).
+
+Reading is one sequential read task, so ids get their input position and the first of two equal ids
+is the one kept, whatever the number of GPUs. Cleaning, tokenizing and packing run as parallel CPU
+tasks on blocks of records; each packed batch travels as one Arrow row of list columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from runner.batch import InputRecord
+from runner.models.base import SequenceCodec
+from runner.packing import pack_block
+from runner.prepare import DuplicateFilter, Preparer
+from runner.sources import read_records
+
+RECORD_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("sequence", pa.string()),
+        ("source", pa.string()),
+        ("ordinal", pa.int64()),
+        ("duplicate", pa.string()),  # reject reason when an earlier record has the same id, else null
+    ]
+)
+
+
+@dataclass(frozen=True)
+class ReadSettings:
+    """What the read task needs."""
+
+    paths: tuple[str, ...]  # expanded input files, in order
+    id_column: str  # id column of tables
+    seq_column: str  # sequence column of tables
+    records_per_block: int  # rows per block handed to the pack stage
+
+
+def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
+    """Records of every input, in order, as Arrow blocks; later copies of an id carry a duplicate reason."""
+    dedup = DuplicateFilter()
+    pending: list[InputRecord] = []
+    records = read_records([Path(p) for p in settings.paths], settings.id_column, settings.seq_column)
+    for record in records:
+        pending.append(record)
+        if len(pending) >= settings.records_per_block:
+            yield _record_block(pending, dedup)
+            pending = []
+    if pending:
+        yield _record_block(pending, dedup)
+
+
+def _record_block(records: list[InputRecord], dedup: DuplicateFilter) -> pa.Table:
+    # Empty ids are left out of the duplicate check: the preparer rejects them as "missing id".
+    named = [r for r in records if r.id]
+    reasons = iter(dedup.check([r.id for r in named], [r.source for r in named]))
+    duplicate = [next(reasons) if r.id else None for r in records]
+    return pa.table(
+        {
+            "id": [r.id for r in records],
+            "sequence": [r.sequence for r in records],
+            "source": [r.source for r in records],
+            "ordinal": pa.array([r.ordinal for r in records], pa.int64()),
+            "duplicate": pa.array(duplicate, pa.string()),
+        },
+        schema=RECORD_SCHEMA,
+    )
+
+
+@dataclass(frozen=True)
+class PackSettings:
+    """What the tokenize/pack tasks need."""
+
+    codec: SequenceCodec  # the model's text side (no weights)
+    max_residues: int | None  # window length; None = the codec's limit
+    long: str  # "truncate" | "chunk" | "skip"
+    chunk_overlap: int  # residues shared by neighbouring windows
+    token_budget: int  # tokens per packed batch
+
+
+def pack_records(block: pa.Table, settings: PackSettings) -> pa.Table:
+    """One block of records -> packed-batch rows, plus the block's rejects and record count on the last row."""
+    preparer = Preparer(settings.codec, settings.max_residues, settings.long, settings.chunk_overlap)
+    windows = []
+    reject_ids: list[str] = []
+    reject_sources: list[str] = []
+    reject_reasons: list[str] = []
+    reject_ordinals: list[int] = []
+    cols = block.to_pydict()
+    for rid, seq, source, ordinal, dup in zip(
+        cols["id"], cols["sequence"], cols["source"], cols["ordinal"], cols["duplicate"], strict=True
+    ):
+        if dup:
+            outcome, reason = None, dup
+        else:
+            outcome = preparer.prepare(InputRecord(rid, seq, source, ordinal))
+            reason = outcome.reason if not isinstance(outcome, list) else ""
+        if isinstance(outcome, list):
+            windows.extend(outcome)
+        else:
+            reject_ids.append(rid)
+            reject_sources.append(source)
+            reject_reasons.append(reason)
+            reject_ordinals.append(ordinal)
+    rows = [b.to_row() | _NO_REJECTS for b in pack_block(windows, settings.token_budget)]
+    rows.append(
+        _EMPTY_BATCH
+        | {
+            "reject_ids": reject_ids,
+            "reject_sources": reject_sources,
+            "reject_reasons": reject_reasons,
+            "reject_ordinals": reject_ordinals,
+            "records_in": block.num_rows,
+        }
+    )
+    return pa.Table.from_pylist(rows, schema=PACKED_SCHEMA)
+
+
+# One packed batch per row. The last row of each block carries no windows, only the block's rejects
+# and how many records the block held, so the driver can check rows + rejects == records read.
+PACKED_SCHEMA = pa.schema(
+    [
+        ("tokens", pa.list_(pa.int32())),
+        ("positions", pa.list_(pa.int32())),
+        ("cu_seqlens", pa.list_(pa.int32())),
+        ("ids", pa.list_(pa.string())),
+        ("ordinals", pa.list_(pa.int64())),
+        ("residues", pa.list_(pa.int32())),
+        ("truncated", pa.list_(pa.bool_())),
+        ("chunk_index", pa.list_(pa.int32())),
+        ("chunk_count", pa.list_(pa.int32())),
+        ("total_residues", pa.list_(pa.int32())),
+        ("token_budget", pa.int64()),
+        ("reject_ids", pa.list_(pa.string())),
+        ("reject_sources", pa.list_(pa.string())),
+        ("reject_reasons", pa.list_(pa.string())),
+        ("reject_ordinals", pa.list_(pa.int64())),
+        ("records_in", pa.int64()),
+    ]
+)
+_NO_REJECTS = {"reject_ids": [], "reject_sources": [], "reject_reasons": [], "reject_ordinals": [], "records_in": 0}
+_EMPTY_BATCH = {
+    "tokens": [],
+    "positions": [],
+    "cu_seqlens": [0],
+    "ids": [],
+    "ordinals": [],
+    "residues": [],
+    "truncated": [],
+    "chunk_index": [],
+    "chunk_count": [],
+    "total_residues": [],
+    "token_budget": 0,
+}

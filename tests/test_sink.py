@@ -1,0 +1,71 @@
+"""Part writing, rejects and chunk merging (no Ray)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from runner.batch import Reject
+from runner.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
+
+
+def rows(n: int, dim: int, start: int = 0) -> EmbeddedRows:
+    rng = np.random.default_rng(start)
+    return EmbeddedRows(
+        ids=[f"s{i}" for i in range(start, start + n)],
+        lengths=np.arange(start, start + n, dtype=np.int32),
+        truncated=np.zeros(n, dtype=bool),
+        vectors=rng.standard_normal((n, dim)).astype(np.float32),
+        ordinals=np.arange(start, start + n, dtype=np.int64),
+    )
+
+
+def test_parts_roll_over_and_keep_every_row(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path, embed_dim=4, rows_per_part=5)
+    a, b = rows(7, 4), rows(6, 4, start=7)
+    writer.write(a)
+    assert writer.parts == ["part-00000.arrow"]  # the first 5 rows closed a part
+    assert len(list((tmp_path / "embeddings").glob(".part-*.tmp"))) == 1  # the open part is hidden
+    writer.write(b)
+    writer.close()
+    assert writer.parts == ["part-00000.arrow", "part-00001.arrow", "part-00002.arrow"]
+    assert writer.rows_written == 13
+    tables = [pa.ipc.open_file(tmp_path / "embeddings" / p).read_all() for p in writer.parts]
+    assert [t.num_rows for t in tables] == [5, 5, 3]
+    table = pa.concat_tables(tables)
+    assert table.column("id").to_pylist() == a.ids + b.ids
+    got = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, 4)
+    np.testing.assert_array_equal(got, np.concatenate([a.vectors, b.vectors]))
+    assert not list((tmp_path / "embeddings").glob(".*"))
+
+
+def test_discard_open_part_leaves_only_complete_parts(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path, embed_dim=3, rows_per_part=4)
+    writer.write(rows(6, 3))
+    writer.discard_open_part()
+    assert sorted(p.name for p in (tmp_path / "embeddings").iterdir()) == ["part-00000.arrow"]
+
+
+def test_rejects_file(tmp_path: Path) -> None:
+    writer = RejectWriter(tmp_path)
+    writer.write([Reject("a", "x.fa", "empty sequence"), Reject("b", "x.fa", "invalid characters for protein: J")])
+    writer.close()
+    table = pa.ipc.open_file(tmp_path / "rejects.arrow").read_all()
+    assert table.column_names == ["id", "source", "reason"]
+    assert table.column("id").to_pylist() == ["a", "b"]
+    assert writer.reasons == {"empty sequence": 1, "invalid characters for protein": 1}
+
+
+def test_chunk_merger_weights_by_residues_in_any_order() -> None:
+    merger = ChunkMerger()
+    v = [np.array([1.0, 0.0]), np.array([0.0, 1.0]), np.array([1.0, 1.0])]
+    residues = [10, 30, 20]
+    assert merger.add("p", 7, 2, 3, residues[2], 50, v[2]) is None
+    assert merger.add("p", 7, 0, 3, residues[0], 50, v[0]) is None
+    assert merger.add("p", 7, 0, 3, residues[0], 50, v[0]) is None  # a retried window counts once
+    merged = merger.add("p", 7, 1, 3, residues[1], 50, v[1])
+    expected = sum(r * x for r, x in zip(residues, v, strict=True)) / sum(residues)
+    np.testing.assert_allclose(merged, expected, rtol=1e-6)
+    assert merger.pending == 0
