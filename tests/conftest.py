@@ -63,4 +63,11 @@ def overflow_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_scrip
 
 
 # --- DNABERT -----------------------------------------------------------------------------------------
-# (fixtures for DNABERT checkpoints go here)
+
+
+@pytest.fixture(scope="session")
+def tiny_dnabert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DNABERT-S checkpoint in the released HF layout (config, safetensors, BPE tokenizer)."""
+    return load_script("tiny_dnabert").make_dnabert(
+        tmp_path_factory.mktemp("dnabert") / "dnabert_tiny", layout="dnabert-s"
+    )
