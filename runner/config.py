@@ -116,7 +116,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         raise RunnerError(f"config file {p} is not valid YAML ({first}): fix the file") from None
     if not isinstance(data, dict):
         raise RunnerError(f"config file {p} must hold a mapping of setting: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
+    settings = {str(k).replace("-", "_"): v for k, v in data.items()}
+    if settings.get("token_budget") == "auto":
+        settings["token_budget"] = None  # the default: sized from GPU memory
+    return settings
 
 
 def resolve_precision(requested: str | None, on_gpu: bool) -> Precision:

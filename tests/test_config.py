@@ -1,0 +1,62 @@
+"""Settings: YAML files, flags winning over them, and validation messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from runner.cli import build_config
+from runner.config import EmbedConfig, load_config_file, resolve_precision
+from runner.errors import RunnerError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_shipped_configs_load_and_validate(name: str) -> None:
+    config = EmbedConfig(inputs=["x.fa"], out="o").with_overrides(load_config_file(CONFIGS / name))
+    assert config.validate().model
+
+
+def test_flags_win_over_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: m.pt\nlayer: 3\ntoken-budget: 2048\nshadow_rate: 0.5\n")
+    config = build_config(str(path), inputs=("a.fa",), out="o", layer=5, token_budget="auto", model=None)
+    assert (config.model, config.layer, config.token_budget, config.shadow_rate) == ("m.pt", 5, None, 0.5)
+    assert config.inputs == ["a.fa"]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("layer: [1, 2\n", "not valid YAML"), ("- a\n- b\n", "mapping"), ("modle: x\n", "unknown setting(s) modle")],
+)
+def test_bad_config_files(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(RunnerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EmbedConfig().with_overrides(load_config_file(path))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"precision": "fp8"}, "--precision"),
+        ({"long": "wrap"}, "--long"),
+        ({"shadow_rate": 1.5}, "--shadow-rate"),
+        ({"gpus": -1}, "--gpus"),
+        ({"token_budget": 4}, "--token-budget"),
+        ({"on_drift": "panic"}, "--on-drift"),
+    ],
+)
+def test_validation_names_the_flag(overrides: dict, message: str) -> None:
+    with pytest.raises(RunnerError, match=message):
+        EmbedConfig(inputs=["a"], model="m", out="o", **overrides).validate()
+
+
+def test_disable_fp16_rollback_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert resolve_precision(None, on_gpu=True) == "fp16"
+    assert resolve_precision(None, on_gpu=False) == "fp32"
+    monkeypatch.setenv("RUNNER_DISABLE_FP16", "1")
+    with pytest.warns(UserWarning, match="RUNNER_DISABLE_FP16"):
+        assert resolve_precision("bf16", on_gpu=True) == "fp32"
