@@ -5,11 +5,13 @@ Expected failures (RunnerError) become one line on stderr and a non-zero exit, n
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -33,10 +35,15 @@ class TokenBudget(click.ParamType):
             self.fail(f"{value!r} is neither 'auto' nor a number of tokens", param, ctx)
 
 
-def model_options(fn: Callable) -> Callable:
-    """Options shared by every command that runs a model."""
+def model_options(fn: Callable | None = None, *, multiple_models: bool = False) -> Callable:
+    """Options shared by every command that runs a model (`multiple_models`: --model may repeat)."""
+    if fn is None:
+        return functools.partial(model_options, multiple_models=multiple_models)
+    model_help = "ESM-2 name (esm2_t33_650M_UR50D), DNABERT hub name, .pt file or HF dir."
+    if multiple_models:
+        model_help += " Repeat to embed with several models (one DIR/<model>/ each)."
     decorators = [
-        click.option("--model", "-m", help="ESM-2 name (esm2_t33_650M_UR50D), DNABERT hub name, .pt file or HF dir."),
+        click.option("--model", "-m", multiple=multiple_models, help=model_help),
         click.option("--gpus", type=int, help="GPUs to use, one embedding actor each (default: all; 0 = CPU)."),
         click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Compute dtype (default fp16 on GPU, fp32 on CPU)."),
@@ -124,7 +131,7 @@ def cli(verbose: int) -> None:
 @cli.command()
 @click.argument("inputs", nargs=-1)
 @click.option("--out", "-o", help="Output directory (embeddings/, rejects.arrow, manifest.json).")
-@model_options
+@model_options(multiple_models=True)
 @input_options
 @click.option("--chunk-overlap", type=int, help="Residues shared by neighbouring windows with --long chunk (default 128).")
 @click.option("--rows-per-part", type=int, help="Rows per Arrow part file (default 16384).")
@@ -145,13 +152,28 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
     """
     from runner.job import run_embed
 
-    config = build_config(config_file, inputs=inputs, **flags)
-    report = run_embed(config)
-    click.echo(
-        f"{report.rows_written:,} embeddings, {report.rejects:,} rejects, {report.truncated:,} truncated "
-        f"-> {report.out_dir} ({report.tokens_per_second:,.0f} tok/s, {report.wall_seconds:.1f}s)",
-        err=True,
-    )
+    models = flags.pop("model") or ()
+    config = build_config(config_file, inputs=inputs, model=models[0] if len(models) == 1 else None, **flags)
+    jobs = [config]
+    if len(models) > 1:
+        if not config.out:
+            raise RunnerError("no output directory given: pass --out DIR")
+        # One output folder per model; the input is read once per model (reading is cheap next to the GPUs).
+        jobs = [dataclasses.replace(config, model=m, out=str(Path(config.out) / model_folder(m))) for m in models]
+    for job in jobs:
+        report = run_embed(job)
+        click.echo(
+            f"{report.rows_written:,} embeddings, {report.rejects:,} rejects, {report.truncated:,} truncated "
+            f"-> {report.out_dir} ({report.tokens_per_second:,.0f} tok/s, {report.wall_seconds:.1f}s)",
+            err=True,
+        )
+
+
+def model_folder(model: str) -> str:
+    """Output sub-folder of one model in a multi-model job: its file/dir stem or hub name, made path-safe."""
+    path = Path(model)
+    name = path.stem if path.suffix == ".pt" else path.name if path.exists() else model
+    return name.replace("/", "_").replace(":", "_") or "model"
 
 
 def main() -> None:

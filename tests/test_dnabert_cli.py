@@ -85,3 +85,30 @@ def test_dnabert_embed_end_to_end(tmp_path: Path, tiny_dnabert_dir: Path) -> Non
         ref = pool_packed(hidden, cu, "mean_all", 1, 1)[0].numpy()
         cos = float(got[sid] @ ref / (np.linalg.norm(got[sid]) * np.linalg.norm(ref)))
         assert cos >= 0.9999, (sid, cos)
+
+
+def test_two_models_one_job(tmp_path: Path, tiny_dnabert_dir: Path, tiny_esm2_path: Path) -> None:
+    """`--model` repeated: one folder per model over the same input (here DNA that is also valid protein text)."""
+    fasta = tmp_path / "reads.fa"
+    fasta.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(random_dna(12, seed=2))))
+    out = tmp_path / "both"
+    result = CliRunner().invoke(
+        cli,
+        [
+            "embed",
+            str(fasta),
+            "--model",
+            str(tiny_dnabert_dir),
+            "--model",
+            str(tiny_esm2_path),
+            "--out",
+            str(out),
+            "--gpus",
+            "0",
+        ],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 0, result.output
+    for folder, family in (("dnabert_tiny", "dnabert"), ("esm2_tiny", "esm2")):
+        manifest = json.loads((out / folder / "manifest.json").read_text())
+        assert manifest["model"]["family"] == family and manifest["counts"]["rows"] == 12
