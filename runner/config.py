@@ -48,7 +48,7 @@ class EmbedConfig:
     rows_per_part: int = 16384  # rows per Arrow part file; bounds driver memory
     records_per_block: int = 2048  # records per stream block between CPU stages
     cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
-    pack_cpus: float = 1.0  # CPUs reserved by each tokenize/pack task
+    pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
     progress: bool = True  # print a live progress line on stderr
     fp32_layernorm: bool = False  # keep LayerNorm in fp32 inside an fp16/bf16 model (drift fix, some cost)
     shadow_rate: float = 0.01  # fraction of sequences re-embedded in FP32 by the shadow pool; 0 = off
@@ -57,6 +57,7 @@ class EmbedConfig:
     shadow_queue: int = 4  # shadow batches in flight per shadow actor before samples are shed
     drift_min_cosine: float = 0.99  # a sampled sequence below this cosine vs FP32 is a drift violation
     on_drift: Literal["warn", "abort"] = "warn"  # what a drift violation does
+    overwrite: bool = False  # clear --out's previous outputs instead of resuming them
 
     def with_overrides(self, overrides: dict[str, Any]) -> EmbedConfig:
         """A copy with every non-None override applied (flags win over the config file)."""

@@ -1,8 +1,13 @@
-"""`manifest.json`: what was run, on what, with which result. Rewritten atomically at start and end."""
+"""`manifest.json`: what was run, on what, with which result. Rewritten atomically at start and end.
+
+It also holds the job's *fingerprint* (inputs, model, output-changing settings): a rerun into the same
+`--out` resumes only when its fingerprint is equal (see `runner.resume`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -17,6 +22,48 @@ from runner.models.base import ModelInfo
 
 if TYPE_CHECKING:
     from runner.job import JobReport
+
+
+# Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB: unchanged by a copy or
+# `touch` (which mtimes would not survive), while appending, truncating or rewriting either end is caught.
+# 64 KiB rather than 1 MiB keeps the cost low for inputs of many small shards (reading 2 MiB of each of
+# 100k 1-MiB shards would read the whole input at every start). A same-size edit in the middle is not seen.
+FINGERPRINT_EDGE_BYTES = 64 << 10
+
+
+def input_fingerprint(path: Path) -> dict[str, Any]:
+    """{path, size, edges_sha256} of one input file."""
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        digest.update(fh.read(FINGERPRINT_EDGE_BYTES))
+        if size > FINGERPRINT_EDGE_BYTES:
+            fh.seek(max(FINGERPRINT_EDGE_BYTES, size - FINGERPRINT_EDGE_BYTES))
+            digest.update(fh.read(FINGERPRINT_EDGE_BYTES))
+    return {"path": str(path.resolve()), "size": size, "edges_sha256": digest.hexdigest()}
+
+
+def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, precision: str, pooling: str,
+                    max_residues: int) -> dict[str, Any]:
+    """What decides the output rows: the inputs (in order: ordinals depend on it), the model and every
+    setting that changes an embedding or which records are embedded. Throughput knobs are left out."""
+    return {
+        "inputs": [input_fingerprint(p) for p in paths],
+        # The weights' hash when known (so `models/x.pt` and `/abs/models/x.pt` match), else the name.
+        "model": {"family": info.family, "checkpoint_sha256": info.checkpoint_sha256}
+        if info.checkpoint_sha256 else {"family": info.family, "name": info.name},
+        "settings": {
+            "layer": config.layer if config.layer >= 0 else info.num_layers,
+            "pooling": pooling,
+            "precision": precision,
+            "fp32_layernorm": config.fp32_layernorm,
+            "max_residues": max_residues,
+            "long": config.long,
+            "chunk_overlap": config.chunk_overlap,
+            "id_column": config.id_column,
+            "seq_column": config.seq_column,
+        },
+    }
 
 
 def package_versions() -> dict[str, str | None]:
@@ -34,7 +81,7 @@ class Manifest:
     """Collects a job's description; `write(report)` dumps it with the report's counts."""
 
     def __init__(self, out_dir: Path, config: EmbedConfig, info: ModelInfo, precision: str, pooling: str,
-                 token_budget: int, inputs: list[str]) -> None:
+                 token_budget: int, inputs: list[str], fingerprint: dict[str, Any] | None = None) -> None:
         self.path = out_dir / "manifest.json"
         self.config = config
         self.info = info
@@ -42,6 +89,8 @@ class Manifest:
         self.pooling = pooling
         self.token_budget = token_budget
         self.inputs = inputs
+        self.fingerprint = fingerprint
+        self.resume: dict[str, Any] = {}  # the `resume` section (runs, resumed rows, redone parts)
         self.dashboard_url: str | None = None
         self.reject_reasons: dict[str, int] = {}
         self.extra: dict[str, Any] = {}  # sections added by other features (e.g. "shadow")
@@ -77,22 +126,35 @@ class Manifest:
                 "truncated": report.truncated,
                 "chunked": report.chunked,
                 "reject_reasons": self.reject_reasons,
+                "resumed_rows": report.resumed_rows,
+                "failed_records": report.failed_records,
+                "oom_splits": report.oom_splits,
+                "actor_restarts": report.actor_restarts,
+                "duplicates_dropped": report.duplicates_dropped,
             },
             "throughput": {
                 "tokens": report.tokens,
                 "batches": report.batches,
                 "tokens_per_second": round(report.tokens_per_second, 1),
+                "steady_tokens_per_second": round(report.steady_tokens_per_second, 1),
+                "first_output_seconds": report.first_output_seconds,
                 "packing_efficiency": round(report.packing_efficiency, 4),
                 "wall_seconds": round(report.wall_seconds, 3),
                 "windows_per_worker": report.workers,
             },
             "parts": report.parts,
+            "fingerprint": self.fingerprint,
+            "resume": self.resume,
             "versions": package_versions(),
             "dashboard_url": self.dashboard_url,
             **self.extra,
         }
 
     def write(self, report: JobReport) -> None:
+        """Write atomically (temp file, fsync, rename): a crash leaves the old or the new manifest, whole."""
         tmp = self.path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(self.as_dict(report), indent=2, default=str) + "\n")
+        with open(tmp, "w") as fh:
+            fh.write(json.dumps(self.as_dict(report), indent=2, default=str) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, self.path)

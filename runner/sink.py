@@ -1,11 +1,13 @@
 """Writing results: embedding parts, rejects, and merging the windows of chunked sequences.
 
-Every file is written under a temporary name and renamed when complete, so a reader (or a resumed job)
-never sees a half-written part. Memory is bounded by one part's worth of rows.
+Every file is written under a temporary name, fsynced and renamed when complete, so a reader (or a
+resumed job) never sees a half-written part. Memory is bounded by one part's worth of rows. A failed
+write (disk full, --out gone read-only) deletes the temporary file and raises `OutputWriteError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +16,21 @@ import numpy as np
 import pyarrow as pa
 
 from runner.batch import Reject
+from runner.errors import RunnerError
 
 REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+
+
+class OutputWriteError(RunnerError):
+    """Writing an output file failed (disk full, permissions); complete parts stay, the job can resume."""
+
+
+def _write_error(path: Path, e: OSError) -> OutputWriteError:
+    reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+    return OutputWriteError(
+        f"cannot write {path} ({reason}): free disk space or make --out writable, then rerun the same command "
+        "to resume (finished parts are kept)"
+    )
 
 
 def embedding_schema(embed_dim: int) -> pa.Schema:
@@ -50,7 +65,10 @@ class PartWriter:
 
     def __init__(self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0) -> None:
         self.dir = out_dir / "embeddings"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise _write_error(self.dir, e) from None
         self.schema = embedding_schema(embed_dim)
         self.embed_dim = embed_dim
         self.rows_per_part = rows_per_part
@@ -62,30 +80,43 @@ class PartWriter:
         self._rows_in_open_part = 0
 
     def write(self, rows: EmbeddedRows) -> None:
-        start = 0
-        while start < len(rows):
-            if self._writer is None:
-                self._open()
-            room = self.rows_per_part - self._rows_in_open_part
-            end = min(len(rows), start + room)
-            self._writer.write_batch(self._record_batch(rows, start, end))  # type: ignore[union-attr]
-            self._rows_in_open_part += end - start
-            start = end
-            if self._rows_in_open_part >= self.rows_per_part:
-                self._close_part()
+        """Append rows; raise OutputWriteError (the open part deleted) when the disk refuses them."""
+        try:
+            start = 0
+            while start < len(rows):
+                if self._writer is None:
+                    self._open()
+                room = self.rows_per_part - self._rows_in_open_part
+                end = min(len(rows), start + room)
+                self._writer.write_batch(self._record_batch(rows, start, end))  # type: ignore[union-attr]
+                self._rows_in_open_part += end - start
+                start = end
+                if self._rows_in_open_part >= self.rows_per_part:
+                    self._close_part()
+        except OSError as e:
+            failed = self._tmp or self.dir
+            self.discard_open_part()
+            raise _write_error(failed, e) from None
 
     def close(self) -> None:
         """Finish the open part (if it holds any row)."""
         if self._writer is not None:
-            self._close_part()
+            try:
+                self._close_part()
+            except OSError as e:
+                failed = self._tmp or self.dir
+                self.discard_open_part()
+                raise _write_error(failed, e) from None
 
     def discard_open_part(self) -> None:
-        """Drop the part being written (used when a job stops hard)."""
+        """Drop the part being written (a hard stop, or a failed write): only complete parts stay visible."""
         if self._writer is not None:
-            self._writer.close()
-            if self._tmp is not None:
+            with contextlib.suppress(OSError):  # the file is being deleted anyway; the disk may be what failed
+                self._writer.close()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):  # e.g. --out went read-only: the next (resumed) run deletes it
                 self._tmp.unlink(missing_ok=True)
-            self._writer, self._tmp, self._rows_in_open_part = None, None, 0
+        self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
     def _open(self) -> None:
         name = f"part-{self.next_part:05d}.arrow"
@@ -124,32 +155,47 @@ class RejectWriter:
     def __init__(self, out_dir: Path) -> None:
         self.final = out_dir / "rejects.arrow"
         self._tmp = out_dir / ".rejects.arrow.tmp"
-        self._writer = pa.ipc.new_file(str(self._tmp), REJECT_SCHEMA)
+        try:
+            self._writer: pa.ipc.RecordBatchFileWriter | None = pa.ipc.new_file(str(self._tmp), REJECT_SCHEMA)
+        except OSError as e:
+            raise _write_error(self._tmp, e) from None
         self.count = 0
         self.reasons: dict[str, int] = {}  # reject count per reason kind (text before the first ':' / '(')
 
     def write(self, rejects: list[Reject]) -> None:
-        if not rejects:
+        if not rejects or self._writer is None:
             return
-        self._writer.write_batch(
-            pa.record_batch(
-                [
-                    pa.array([r.id for r in rejects], pa.string()),
-                    pa.array([r.source for r in rejects], pa.string()),
-                    pa.array([r.reason for r in rejects], pa.string()),
-                ],
-                schema=REJECT_SCHEMA,
+        try:
+            self._writer.write_batch(
+                pa.record_batch(
+                    [
+                        pa.array([r.id for r in rejects], pa.string()),
+                        pa.array([r.source for r in rejects], pa.string()),
+                        pa.array([r.reason for r in rejects], pa.string()),
+                    ],
+                    schema=REJECT_SCHEMA,
+                )
             )
-        )
+        except OSError as e:
+            self._writer = None
+            raise _write_error(self._tmp, e) from None
         self.count += len(rejects)
         for r in rejects:
             kind = r.reason.split(":")[0].split("(")[0].strip()
             self.reasons[kind] = self.reasons.get(kind, 0) + 1
 
     def close(self) -> None:
-        self._writer.close()
-        _fsync(self._tmp)
-        os.replace(self._tmp, self.final)
+        """Put rejects.arrow in place (rejects are recomputed by every run, so each run rewrites it whole)."""
+        if self._writer is None:
+            return
+        try:
+            self._writer.close()
+            _fsync(self._tmp)
+            os.replace(self._tmp, self.final)
+        except OSError as e:
+            raise _write_error(self.final, e) from None
+        finally:
+            self._writer = None
 
 
 class ChunkMerger:
@@ -161,16 +207,27 @@ class ChunkMerger:
 
     def __init__(self) -> None:
         self._pending: dict[int, _PartialSequence] = {}  # by input ordinal
+        self._failed: set[int] = set()  # ordinals with a window that failed: the sequence is a reject
 
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def fail(self, ordinal: int) -> bool:
+        """A window of this sequence could not be embedded: drop it; True only the first time (one reject)."""
+        self._pending.pop(ordinal, None)
+        if ordinal in self._failed:
+            return False
+        self._failed.add(ordinal)
+        return True
 
     def add(
         self, sequence_id: str, ordinal: int, window_index: int, window_count: int, residues: int, total: int,
         vector: np.ndarray,
     ) -> np.ndarray | None:
         """Add one window; return the merged vector once every window of the sequence has arrived."""
+        if ordinal in self._failed:
+            return None  # another window of this sequence failed: it is a reject, not a row
         part = self._pending.get(ordinal)
         if part is None:
             part = self._pending[ordinal] = _PartialSequence(sequence_id, window_count, total, vector.shape[0])

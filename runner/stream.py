@@ -3,14 +3,19 @@
 Reading is one sequential read task, so ids get their input position and the first of two equal ids
 is the one kept, whatever the number of GPUs. Cleaning, tokenizing and packing run as parallel CPU
 tasks on blocks of records; each packed batch travels as one Arrow row of list columns.
+
+On resume the read task gets a bitmap of the ordinals already written: those records still go through
+the duplicate check (so "first seen" stays the same) and are still counted, but travel on as empty
+`done` rows that the pack tasks skip.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 
 from runner.batch import InputRecord
@@ -26,8 +31,12 @@ RECORD_SCHEMA = pa.schema(
         ("source", pa.string()),
         ("ordinal", pa.int64()),
         ("duplicate", pa.string()),  # reject reason when an earlier record has the same id, else null
+        ("done", pa.bool_()),  # already written by an earlier run (resume): counted, not embedded
     ]
 )
+# A block of mostly finished records (resume) may hold this many times records_per_block rows: they are
+# empty, and fewer, larger blocks keep the per-task overhead of skipping millions of records low.
+DONE_ROWS_FACTOR = 16
 
 
 @dataclass(frozen=True)
@@ -38,34 +47,56 @@ class ReadSettings:
     id_column: str  # id column of tables
     seq_column: str  # sequence column of tables
     records_per_block: int  # rows per block handed to the pack stage
+    # Packed bitmap (np.packbits order) of ordinals written by earlier runs; empty on a fresh run.
+    done_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
+
+
+def is_done(done_bits: np.ndarray, ordinals: np.ndarray) -> np.ndarray:
+    """bool [N]: which ordinals are set in a packed bitmap (ordinals past its end are not)."""
+    o = np.asarray(ordinals, dtype=np.int64)
+    out = np.zeros(len(o), dtype=bool)
+    inside = (o >= 0) & (o < len(done_bits) * 8)
+    if inside.any():
+        oi = o[inside]
+        out[inside] = ((done_bits[oi >> 3] >> (7 - (oi & 7)).astype(np.uint8)) & 1) == 1
+    return out
 
 
 def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
     """Records of every input, in order, as Arrow blocks; later copies of an id carry a duplicate reason."""
     dedup = DuplicateFilter()
     pending: list[InputRecord] = []
+    to_embed = 0  # records of `pending` not done yet
+    max_rows = settings.records_per_block * DONE_ROWS_FACTOR
+    resuming = len(settings.done_bits) > 0
     records = read_records([Path(p) for p in settings.paths], settings.id_column, settings.seq_column)
     for record in records:
         pending.append(record)
-        if len(pending) >= settings.records_per_block:
-            yield _record_block(pending, dedup)
-            pending = []
+        to_embed += 1
+        if resuming and len(pending) % 256 == 0:  # vectorised bitmap look-ups, not one per record
+            to_embed -= int(is_done(settings.done_bits, np.array([r.ordinal for r in pending[-256:]])).sum())
+        if to_embed >= settings.records_per_block or len(pending) >= max_rows:
+            yield _record_block(pending, dedup, settings.done_bits)
+            pending, to_embed = [], 0
     if pending:
-        yield _record_block(pending, dedup)
+        yield _record_block(pending, dedup, settings.done_bits)
 
 
-def _record_block(records: list[InputRecord], dedup: DuplicateFilter) -> pa.Table:
+def _record_block(records: list[InputRecord], dedup: DuplicateFilter, done_bits: np.ndarray) -> pa.Table:
     # Empty ids are left out of the duplicate check: the preparer rejects them as "missing id".
     named = [r for r in records if r.id]
     reasons = iter(dedup.check([r.id for r in named], [r.source for r in named]))
     duplicate = [next(reasons) if r.id else None for r in records]
+    done = is_done(done_bits, np.array([r.ordinal for r in records], dtype=np.int64))
+    # Done records travel without their text: they are only counted downstream.
     return pa.table(
         {
-            "id": [r.id for r in records],
-            "sequence": [r.sequence for r in records],
-            "source": [r.source for r in records],
+            "id": [None if d else r.id for r, d in zip(records, done, strict=True)],
+            "sequence": [None if d else r.sequence for r, d in zip(records, done, strict=True)],
+            "source": [None if d else r.source for r, d in zip(records, done, strict=True)],
             "ordinal": pa.array([r.ordinal for r in records], pa.int64()),
-            "duplicate": pa.array(duplicate, pa.string()),
+            "duplicate": pa.array([None if d else x for x, d in zip(duplicate, done, strict=True)], pa.string()),
+            "done": pa.array(done, pa.bool_()),
         },
         schema=RECORD_SCHEMA,
     )
@@ -91,9 +122,13 @@ def pack_records(block: pa.Table, settings: PackSettings) -> pa.Table:
     reject_reasons: list[str] = []
     reject_ordinals: list[int] = []
     cols = block.to_pydict()
-    for rid, seq, source, ordinal, dup in zip(
-        cols["id"], cols["sequence"], cols["source"], cols["ordinal"], cols["duplicate"], strict=True
+    source_of: dict[int, str] = {}
+    for rid, seq, source, ordinal, dup, done in zip(
+        cols["id"], cols["sequence"], cols["source"], cols["ordinal"], cols["duplicate"], cols["done"], strict=True
     ):
+        if done:
+            continue  # written by an earlier run; counted in records_in below
+        source_of[ordinal] = source
         if dup:
             outcome, reason = None, dup
         else:
@@ -106,7 +141,9 @@ def pack_records(block: pa.Table, settings: PackSettings) -> pa.Table:
             reject_sources.append(source)
             reject_reasons.append(reason)
             reject_ordinals.append(ordinal)
-    rows = [b.to_row() | _NO_REJECTS for b in pack_block(windows, settings.token_budget)]
+    # Each batch carries its windows' input files, so a window that fails to embed is a reject with a source.
+    rows = [b.to_row() | _NO_REJECTS | {"sources": [source_of[int(o)] for o in b.ordinals]}
+            for b in pack_block(windows, settings.token_budget)]
     rows.append(
         _EMPTY_BATCH
         | {
@@ -140,6 +177,7 @@ PACKED_SCHEMA = pa.schema(
         ("reject_reasons", pa.list_(pa.string())),
         ("reject_ordinals", pa.list_(pa.int64())),
         ("records_in", pa.int64()),
+        ("sources", pa.list_(pa.string())),  # input file of each window
     ]
 )
 _NO_REJECTS = {"reject_ids": [], "reject_sources": [], "reject_reasons": [], "reject_ordinals": [], "records_in": 0}
@@ -155,4 +193,5 @@ _EMPTY_BATCH = {
     "chunk_count": [],
     "total_residues": [],
     "token_budget": 0,
+    "sources": [],
 }
