@@ -1,8 +1,17 @@
 """Ray metrics (`ray.util.metrics`) for the dashboard / Prometheus / Grafana.
 
-Every metric is prefixed `runner_` (Ray exports them as `ray_runner_*`). Actors report what they embed;
-the driver reports rejects, queue depth and the shadow's drift. Outside Ray (unit tests) the recorders
-are inert, so stages stay testable without a cluster.
+Every metric is prefixed `runner_`; Ray's Prometheus endpoint (each node's metrics export port) serves
+them as `ray_runner_*`, counters with a `_total` suffix and histograms as `_bucket`/`_count`/`_sum`
+(e.g. `ray_runner_tokens_total`, `ray_runner_batch_latency_seconds_bucket`). configs/grafana-runner.json
+charts them. Actors report what they embed; the driver reports rejects, rows written, the shadow queue
+and drift. Outside Ray (unit tests) the recorders are inert, so stages stay testable without a cluster.
+
+How values reach Prometheus (checked on Ray 2.60): each process exports every `metrics_report_interval_ms`
+(default 10 s) and once more when it exits cleanly, so an actor's last batches and a driver's last
+comparisons are not lost when the job ends. A counter appears only after its first increment (Ray rejects
+inc(0)), so use `or vector(0)` in queries. Ray keeps a gauge for two export intervals after its process
+stops reporting. A histogram's `_sum` is rebuilt by Ray from bucket midpoints, so it is approximate: use
+the buckets (quantiles) and the rolling-min gauge for cosines, not `_sum / _count`.
 """
 
 from __future__ import annotations

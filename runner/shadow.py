@@ -62,6 +62,8 @@ def compare(main: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.nda
     main_norm = np.linalg.norm(main64, axis=1)  # [N]
     ref_norm = np.linalg.norm(ref64, axis=1)  # [N]
     cosine = (main64 * ref64).sum(axis=1) / np.maximum(main_norm * ref_norm, 1e-300)  # [N]
+    # Rounding can put identical vectors a hair above 1; a cosine outside [-1, 1] would only confuse.
+    cosine = np.clip(cosine, -1.0, 1.0)  # NaN stays NaN (and so counts as a violation)
     max_abs = np.abs(main64 - ref64).max(axis=1)  # [N]
     return cosine, max_abs, main_norm / np.maximum(ref_norm, 1e-300)
 
@@ -128,9 +130,11 @@ class ShadowMonitor:
         self._pending: list[_Pending] = []
         self._tmp = self.out_dir / ".drift.arrow.tmp"
         self._writer = pa.ipc.new_file(str(self._tmp), DRIFT_SCHEMA)
+        self._closed = False
 
     @property
     def queue_depth(self) -> int:
+        """Shadow batches queued or running."""
         return len(self._pending)
 
     def offer(self, ids: list[str], lengths: np.ndarray, main: np.ndarray, tokens: list[np.ndarray]) -> bool:
@@ -158,8 +162,17 @@ class ShadowMonitor:
             done_set = {id(f) for f in done}
             finished = [p for p in self._pending if id(p.future) in done_set]
             self._pending = [p for p in self._pending if id(p.future) not in done_set]
-            for p in finished:
-                self._record(p, np.asarray(self.get_fn(p.future), dtype=np.float32))
+            # Record every finished batch before enforcing the threshold, so that an abort still leaves
+            # all comparisons that were made in drift.arrow and the summary.
+            messages = [self._record(p, np.asarray(self.get_fn(p.future), dtype=np.float32)) for p in finished]
+            messages = [m for m in messages if m]
+            if messages and self.settings.on_drift == "abort":
+                raise DriftViolation(
+                    "; ".join(messages[:3]) + f" (precision {self.settings.precision}); rerun with --precision fp32 "
+                    "or --fp32-layernorm, or use --on-drift warn"
+                )
+            for message in messages:
+                log.warning(message)
             if not block:
                 return
 
@@ -168,16 +181,27 @@ class ShadowMonitor:
         try:
             self.poll(block=True)
         finally:
-            self._writer.close()
-            self._tmp.replace(self.out_dir / "drift.arrow")
+            self._finish()
 
     def abandon(self) -> None:
-        """Stop without waiting (the job is aborting); comparisons so far stay in drift.arrow."""
+        """Stop without waiting (the job is aborting); comparisons so far stay in drift.arrow.
+
+        Safe to call after `close` (even one that raised DriftViolation): it then does nothing.
+        """
         self._pending = []
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._writer.close()
         self._tmp.replace(self.out_dir / "drift.arrow")
+        if self.metrics:
+            self.metrics.shadow_queue(len(self._pending))  # else the gauge keeps its last busy value
 
-    def _record(self, p: _Pending, reference: np.ndarray) -> None:
+    def _record(self, p: _Pending, reference: np.ndarray) -> str | None:
+        """Write one finished batch's comparisons; return a violation message (None when all pass)."""
         cosine, max_abs, norm_ratio = compare(p.main, reference)
         now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms"))
         n = len(p.ids)
@@ -202,18 +226,14 @@ class ShadowMonitor:
         self.worst = sorted(self.worst + [(float(cosine[i]), p.ids[i]) for i in np.argsort(cosine)[:5]])[:5]
         if self.metrics:
             self.metrics.shadow_compared(cosine, len(bad))
-        if len(bad):
-            detail = ", ".join(f"{p.ids[i]} (cosine {cosine[i]:.5f})" for i in bad[:10])
-            message = (
-                f"FP32 shadow: {len(bad)} sequence(s) drifted below --drift-min-cosine "
-                f"{self.settings.min_cosine}: {detail}"
-            )
-            if self.settings.on_drift == "abort":
-                raise DriftViolation(
-                    message + f" (precision {self.settings.precision}); rerun with --precision fp32 or "
-                    "--fp32-layernorm, or use --on-drift warn"
-                )
-            log.warning(message)
+        if not len(bad):
+            return None
+        detail = ", ".join(f"{p.ids[i]} (cosine {cosine[i]:.7f})" for i in bad[:10])
+        more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+        return (
+            f"FP32 shadow: {len(bad)} sequence(s) drifted below --drift-min-cosine {self.settings.min_cosine}: "
+            f"{detail}{more}"
+        )
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `shadow` section."""

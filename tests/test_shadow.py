@@ -1,0 +1,389 @@
+"""The FP32 shadow pool, drift.arrow, the manifest's shadow section and the Ray metrics, on CPU.
+
+On CPU the low precision is bf16 (`--precision bf16`): it drifts from FP32 for real (cosine ~0.99999 on
+the tiny model), which is what the shadow measures. One local Ray serves the module, with a known
+metrics export port so the test can scrape what Ray exports to Prometheus.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from runner.cli import cli
+from runner.shadow import DRIFT_SCHEMA, DriftViolation, ShadowMonitor, ShadowSettings, compare, shadow_sample
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data"
+# bf16 on the tiny model stays above 0.9999 but never reaches this: every sample is a violation.
+STRICT = "0.9999999"
+# Every metric runner defines, as Ray's Prometheus endpoint names it (counters get _total, histograms
+# _bucket/_count/_sum); configs/grafana-runner.json may only query these.
+EXPORTED = {
+    "ray_runner_sequences_total", "ray_runner_tokens_total", "ray_runner_batches_total", "ray_runner_nonfinite_total",
+    "ray_runner_tokens_per_second", "ray_runner_packing_efficiency", "ray_runner_rejects_total",
+    "ray_runner_shadow_queue_depth", "ray_runner_shadow_cosine_rolling_min", "ray_runner_drift_violations_total",
+    "ray_runner_shadow_shed_total", "ray_runner_rows_written_total",
+    *(f"ray_runner_{h}_{s}" for h in ("batch_latency_seconds", "shadow_cosine") for s in ("bucket", "count", "sum")),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def metrics_port() -> int:
+    """One local Ray for the module, exporting metrics every second on a known port."""
+    import ray
+
+    port = free_port()
+    ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20,
+             _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
+    yield port
+    ray.shutdown()
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def read_parts(out: Path) -> pa.Table:
+    return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*.arrow")))
+
+
+def by_id(table: pa.Table) -> dict[str, np.ndarray]:
+    dim = table.schema.field("embedding").type.list_size
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    return dict(zip(table.column("id").to_pylist(), vectors, strict=True))
+
+
+def read_drift(out: Path) -> pa.Table:
+    table = pa.ipc.open_file(out / "drift.arrow").read_all()
+    assert table.schema == DRIFT_SCHEMA
+    return table
+
+
+def fair_esm_fp32(checkpoint: Path, seqs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """Mean-pooled last layer from fair-esm's own padded FP32 forward: independent of runner's packed path."""
+    import esm
+
+    from runner.models.esm2 import load_esm2
+
+    model = load_esm2(str(checkpoint)).esm.eval().float()
+    _, _, tokens = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()(seqs)
+    with torch.inference_mode():
+        rep = model(tokens, repr_layers=[model.num_layers])["representations"][model.num_layers]
+    return {sid: rep[i, 1 : len(s) + 1].double().mean(0).numpy() for i, (sid, s) in enumerate(seqs)}
+
+
+@pytest.fixture(scope="module")
+def no_shed_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deep shadow queue, so nothing is shed and every sampled id is compared (deterministic outputs)."""
+    path = tmp_path_factory.mktemp("cfg") / "shadow.yaml"
+    path.write_text("shadow_queue: 64\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def warn_run(metrics_port: int, tiny_esm2_path: Path, no_shed_config: Path,
+             tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bf16, every sequence shadowed, a threshold nothing meets, --on-drift warn, plus one bad record."""
+    base = tmp_path_factory.mktemp("warn")
+    fasta = base / "in.fasta"
+    fasta.write_text((DATA / "some_proteins.fasta").read_text() + ">broken\nMKT123\n")
+    out = base / "out"
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0",
+                          "--precision", "bf16", "--shadow-rate", "1", "--drift-min-cosine", STRICT,
+                          "--on-drift", "warn", "--config", str(no_shed_config), "--no-progress")
+    assert code == 0, output
+    return out
+
+
+def test_bf16_drift_is_real_and_matches_an_independent_fp32(warn_run: Path, tiny_esm2_path: Path,
+                                                            some_proteins: list[tuple[str, str]]) -> None:
+    drift = read_drift(warn_run).to_pydict()
+    stored = by_id(read_parts(warn_run))
+    assert sorted(drift["id"]) == sorted(stored) == sorted(sid for sid, _ in some_proteins)
+    reference = fair_esm_fp32(tiny_esm2_path, some_proteins)
+    ids = drift["id"]
+    main = np.stack([stored[i] for i in ids])  # the float32 vectors in the parts
+    ref = np.stack([reference[i] for i in ids])
+    cosine, max_abs, norm_ratio = compare(main, ref)
+    np.testing.assert_allclose(drift["cosine"], cosine, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(drift["max_abs_diff"], max_abs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(drift["norm_ratio"], norm_ratio, rtol=0, atol=1e-5)
+    # Recomputed by hand too, in float64: the recorded cosine is the true one, not a bf16 artefact.
+    for k, sid in enumerate(ids):
+        a, b = stored[sid].astype(np.float64), reference[sid]
+        assert drift["cosine"][k] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), abs=1e-6)
+    # bf16 really drifts: below 1, far above noise, but still a good embedding.
+    cos = np.array(drift["cosine"])
+    assert (cos < 1 - 1e-6).all() and (cos > 0.999).all(), cos
+    assert (np.array(drift["max_abs_diff"]) > 1e-4).all()
+    assert (np.abs(np.array(drift["norm_ratio"]) - 1) > 1e-7).all()
+    lengths = dict(some_proteins)
+    assert [lengths[i].__len__() for i in ids] == drift["length"]
+    assert set(drift["precision"]) == {"bf16"}
+    assert all(t is not None for t in drift["time"])
+
+
+def test_warn_mode_completes_and_counts_violations(warn_run: Path) -> None:
+    manifest = json.loads((warn_run / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["counts"]["rows"] == 15 and manifest["counts"]["rejects"] == 1
+    shadow = manifest["shadow"]
+    assert shadow["violations"] == shadow["compared"] == 15
+    assert shadow["on_drift"] == "warn" and shadow["min_cosine_threshold"] == float(STRICT)
+
+
+def test_manifest_shadow_section_matches_drift_arrow(warn_run: Path) -> None:
+    shadow = json.loads((warn_run / "manifest.json").read_text())["shadow"]
+    cos = np.array(read_drift(warn_run).column("cosine").to_pylist())
+    assert shadow["rate"] == 1.0
+    assert shadow["sampled"] == 15 and shadow["shed"] == 0 and shadow["compared"] == len(cos) == 15
+    assert shadow["cosine_min"] == pytest.approx(cos.min(), abs=1e-12)
+    assert shadow["cosine_mean"] == pytest.approx(cos.mean(), abs=1e-12)
+    assert shadow["cosine_p0_1"] == pytest.approx(np.percentile(cos, 0.1), abs=1e-12)
+    assert shadow["violations"] == int((cos < float(STRICT)).sum())
+    assert [w["cosine"] for w in shadow["worst"]] == pytest.approx(sorted(cos)[:5], abs=1e-12)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Sum of each ray_runner_* series over its labels, from Ray's Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values: dict[str, float] = {}
+    for name, labels, value in re.findall(r"^(ray_runner_\w+)\{(.*)\} (\S+)$", text, re.M):
+        key = name + ('{le="1.0"}' if 'le="1.0"' in labels else "")
+        values[key] = values.get(key, 0.0) + float(value)
+    return values
+
+
+def test_metrics_reach_prometheus(warn_run: Path, metrics_port: int) -> None:
+    manifest = json.loads((warn_run / "manifest.json").read_text())
+    wanted = {"ray_runner_tokens_total", "ray_runner_shadow_cosine_count", "ray_runner_rows_written_total",
+              "ray_runner_drift_violations_total", "ray_runner_rejects_total"}
+    deadline = time.monotonic() + 30  # the driver exports every second; actors flush when they exit
+    values: dict[str, float] = {}
+    while time.monotonic() < deadline:
+        try:
+            values = scrape(metrics_port)
+        except (urllib.error.URLError, ConnectionError):
+            values = {}
+        if wanted <= set(values) and values["ray_runner_shadow_cosine_count"] >= 15:
+            break
+        time.sleep(1)
+    names = {k.split("{")[0] for k in values}
+    assert wanted <= names, sorted(names)
+    assert names <= EXPORTED, names - EXPORTED
+    assert values["ray_runner_tokens_total"] == manifest["throughput"]["tokens"]
+    assert values["ray_runner_batches_total"] == manifest["throughput"]["batches"]
+    assert values["ray_runner_batch_latency_seconds_count"] == manifest["throughput"]["batches"]
+    assert values["ray_runner_sequences_total"] == values["ray_runner_rows_written_total"] == 15
+    assert values["ray_runner_rejects_total"] == 1
+    assert values["ray_runner_shadow_cosine_count"] == 15
+    assert values["ray_runner_drift_violations_total"] == 15
+    # bf16 cosines are above 0.9999 and at most 1: all in the top buckets, none past 1.
+    assert values['ray_runner_shadow_cosine_bucket{le="1.0"}'] == 15
+    assert values["ray_runner_shadow_cosine_rolling_min"] == pytest.approx(manifest["shadow"]["cosine_min"])
+    assert values["ray_runner_tokens_per_second"] > 0
+    assert 0 < values["ray_runner_packing_efficiency"] <= 1
+
+
+def test_grafana_dashboard_queries_exported_names() -> None:
+    dashboard = json.loads((REPO / "configs" / "grafana-runner.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    used = {m for e in exprs for m in re.findall(r"ray_runner_\w+", e)}
+    assert used <= EXPORTED, used - EXPORTED
+    # Every metric runner defines has a panel (histograms through their buckets).
+    assert {n for n in EXPORTED if not n.endswith(("_count", "_sum"))} <= used
+    assert all(p["datasource"]["type"] == "prometheus" for p in dashboard["panels"] if p["type"] != "row")
+
+
+def test_abort_on_drift_exits_4_and_keeps_valid_parts(metrics_port: int, tiny_esm2_path: Path,
+                                                      no_shed_config: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_esm2_path), "--out",
+                          str(out), "--gpus", "0", "--precision", "bf16", "--shadow-rate", "1",
+                          "--drift-min-cosine", STRICT, "--on-drift", "abort", "--rows-per-part", "4",
+                          "--config", str(no_shed_config), "--no-progress")
+    assert code == 4, output
+    assert "Traceback" not in output
+    error = [line for line in output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1 and "drifted below --drift-min-cosine" in error[0] and "bf16" in error[0]
+    named = re.findall(r"(UniRef50_\w+) \(cosine (0\.\d+)\)", error[0])
+    assert named and all(float(c) < float(STRICT) for _, c in named)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "aborted"
+    assert manifest["shadow"]["violations"] >= 1
+    drift = read_drift(out).to_pydict()
+    recorded = dict(zip(drift["id"], drift["cosine"], strict=True))
+    for sid, cos in named:  # the ids in the message are in drift.arrow with the cosine shown
+        assert recorded[sid] == pytest.approx(float(cos), abs=1e-7)
+    parts = sorted((out / "embeddings").glob("part-*.arrow"))
+    assert [p.name for p in parts] == manifest["parts"]  # what the manifest lists is exactly what is there
+    for part in parts:  # complete, readable parts only
+        table = pa.ipc.open_file(part).read_all()
+        assert table.num_rows > 0 and np.isfinite(np.stack(list(by_id(table).values()))).all()
+    assert not list((out / "embeddings").glob(".*tmp"))
+
+
+def test_sampling_is_deterministic_across_runs_and_batching(metrics_port: int, tiny_esm2_path: Path,
+                                                            no_shed_config: Path, tmp_path: Path,
+                                                            some_proteins: list[tuple[str, str]]) -> None:
+    expected = {sid for (sid, _), keep in zip(some_proteins, shadow_sample([s for s, _ in some_proteins], 0.5),
+                                                strict=True) if keep}
+    assert 0 < len(expected) < len(some_proteins)
+    selected = []
+    for budget in ("4096", "1024"):  # different packing, the same sample
+        out = tmp_path / budget
+        code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_esm2_path), "--out",
+                              str(out), "--gpus", "0", "--shadow-rate", "0.5", "--token-budget", budget,
+                              "--config", str(no_shed_config), "--no-progress")
+        assert code == 0, output
+        shadow = json.loads((out / "manifest.json").read_text())["shadow"]
+        assert shadow["shed"] == 0 and shadow["sampled"] == shadow["compared"] == len(expected)
+        # fp32 main vs fp32 shadow: the same numbers up to packing (cosine 1 to ~1e-6).
+        assert shadow["cosine_min"] > 1 - 1e-5
+        selected.append(set(read_drift(out).column("id").to_pylist()))
+    assert selected[0] == selected[1] == expected
+
+
+def test_shadow_sample_is_a_pure_function_of_the_id() -> None:
+    ids = [f"seq{i}" for i in range(20000)]
+    chosen = {i for i, keep in zip(ids, shadow_sample(ids, 0.1), strict=True) if keep}
+    shuffled = ids[:]
+    random.Random(1).shuffle(shuffled)
+    again: set[str] = set()
+    start = 0
+    while start < len(shuffled):  # random batch sizes, random order
+        end = start + random.Random(start).randint(1, 500)
+        batch = shuffled[start:end]
+        again |= {i for i, keep in zip(batch, shadow_sample(batch, 0.1), strict=True) if keep}
+        start = end
+    assert again == chosen
+    assert abs(len(chosen) / len(ids) - 0.1) < 0.01  # binomial sd ~0.002
+    assert not shadow_sample(ids[:100], 0).any() and shadow_sample(ids[:100], 1).all()
+    # Nested: a higher rate keeps every id a lower rate keeps.
+    assert chosen <= {i for i, keep in zip(ids, shadow_sample(ids, 0.2), strict=True) if keep}
+
+
+class FakeFuture:
+    """A shadow batch 'running' until released."""
+
+    def __init__(self, reference: np.ndarray) -> None:
+        self.reference = reference
+        self.done = False
+
+
+class FakeMetrics:
+    def __init__(self) -> None:
+        self.shed: list[int] = []
+        self.compared: list[tuple[int, int]] = []
+        self.depth: list[int] = []
+
+    def shadow_shed(self, count: int) -> None:
+        self.shed.append(count)
+
+    def shadow_compared(self, cosines: np.ndarray, violations: int) -> None:
+        self.compared.append((len(cosines), violations))
+
+    def shadow_queue(self, depth: int) -> None:
+        self.depth.append(depth)
+
+
+def make_monitor(tmp_path: Path, max_in_flight: int, on_drift: str = "warn", min_cosine: float = 0.5):
+    futures: list[FakeFuture] = []
+    metrics = FakeMetrics()
+
+    def submit(packed):
+        # The reference is the main vector rotated a little: a known cosine per row.
+        future = FakeFuture(reference=None)
+        futures.append(future)
+        return future
+
+    def wait(pending, block):
+        if block:
+            for f in pending:
+                f.done = True
+        done = [f for f in pending if f.done]
+        return done, [f for f in pending if not f.done]
+
+    monitor = ShadowMonitor(ShadowSettings(0.5, min_cosine, on_drift, max_in_flight, "fp16"), tmp_path,
+                            submit_fn=submit, wait_fn=wait, get_fn=lambda f: f.reference, metrics=metrics)
+    return monitor, futures, metrics
+
+
+def offer_batch(monitor: ShadowMonitor, futures: list[FakeFuture], names: list[str], reference: np.ndarray,
+                main: np.ndarray) -> bool:
+    accepted = monitor.offer(names, np.full(len(names), 3), main, [np.array([0, 5, 6, 7, 2], np.int32)] * len(names))
+    if accepted:
+        futures[-1].reference = reference
+    return accepted
+
+
+def test_full_queue_sheds_without_blocking(tmp_path: Path) -> None:
+    monitor, futures, metrics = make_monitor(tmp_path, max_in_flight=2)
+    main = np.array([[1.0, 0.0], [0.0, 2.0]], np.float32)
+    reference = np.array([[1.0, 1.0], [0.0, 1.0]], np.float32)  # cosines 1/sqrt(2) and 1
+    started = time.perf_counter()
+    accepted = [offer_batch(monitor, futures, [f"b{k}a", f"b{k}b"], reference, main) for k in range(5)]
+    assert time.perf_counter() - started < 0.5  # the 'slow' shadow never holds offer() up
+    assert accepted == [True, True, False, False, False]
+    assert monitor.queue_depth == 2 and monitor.shed == 6 and monitor.sampled == 10
+    assert metrics.shed == [2, 2, 2]
+    futures[0].done = True  # one shadow batch finishes: room again
+    assert offer_batch(monitor, futures, ["c1", "c2"], reference, main)
+    assert monitor.compared == 2 and monitor.queue_depth == 2
+    monitor.close()  # waits for the rest
+    assert monitor.queue_depth == 0 and metrics.depth[-1] == 0
+    drift = read_drift(tmp_path).to_pydict()
+    assert sorted(drift["id"]) == ["b0a", "b0b", "b1a", "b1b", "c1", "c2"]
+    assert drift["cosine"] == pytest.approx([2**-0.5, 1.0] * 3)
+    assert drift["norm_ratio"] == pytest.approx([2**-0.5, 2.0] * 3)
+    assert drift["max_abs_diff"] == pytest.approx([1.0, 1.0] * 3)
+    summary = monitor.summary()
+    assert summary["sampled"] == 12 and summary["shed"] == 6 and summary["compared"] == 6
+    assert summary["violations"] == 0 and summary["cosine_min"] == pytest.approx(2**-0.5)
+    monitor.abandon()  # after close: a no-op, drift.arrow stays
+    assert read_drift(tmp_path).num_rows == 6
+
+
+def test_abort_records_every_finished_batch_then_raises(tmp_path: Path) -> None:
+    monitor, futures, _ = make_monitor(tmp_path, max_in_flight=4, on_drift="abort", min_cosine=0.9)
+    main = np.array([[1.0, 0.0]], np.float32)
+    offer_batch(monitor, futures, ["good"], main.copy(), main)
+    offer_batch(monitor, futures, ["bad"], np.array([[0.0, 1.0]], np.float32), main)  # cosine 0
+    for f in futures:
+        f.done = True
+    with pytest.raises(DriftViolation) as raised:
+        monitor.poll()
+    assert raised.value.exit_code == 4
+    assert "bad (cosine 0.0000000)" in str(raised.value) and "good" not in str(raised.value)
+    assert monitor.compared == 2 and monitor.violations == 1
+    monitor.abandon()
+    assert sorted(read_drift(tmp_path).column("id").to_pylist()) == ["bad", "good"]
+
+
+def test_compare_clips_rounding_above_one() -> None:
+    v = np.random.default_rng(0).normal(size=(50, 33)).astype(np.float32)
+    cosine, max_abs, ratio = compare(v, v)
+    assert (cosine <= 1).all() and cosine == pytest.approx(1.0)
+    assert (max_abs == 0).all() and ratio == pytest.approx(1.0)
+    nan_cos, _, _ = compare(np.full((1, 3), np.nan, np.float32), np.ones((1, 3), np.float32))
+    assert np.isnan(nan_cos).all()  # NaN is kept (a violation), not clipped into range
