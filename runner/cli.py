@@ -137,6 +137,7 @@ def cli(verbose: int) -> None:
 @click.option("--rows-per-part", type=int, help="Rows per Arrow part file (default 16384).")
 @shadow_options
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No live progress line.")
+@click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
 @run_command
 def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> None:
     """Embed every sequence of INPUT... (FASTA, Parquet, CSV; files, globs or directories).
@@ -174,6 +175,47 @@ def model_folder(model: str) -> str:
     path = Path(model)
     name = path.stem if path.suffix == ".pt" else path.name if path.exists() else model
     return name.replace("/", "_").replace(":", "_") or "model"
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "-m", required=True, help="ESM-2 name, DNABERT hub name, .pt file or HF dir (as for embed).")
+@click.option("--sample", type=int, default=1000, show_default=True, help="Sequences compared (reservoir sample).")
+@click.option("--precision", type=click.Choice(["fp16", "bf16"]), help="Precision checked against fp32 (default fp16 on GPU, bf16 on CPU).")
+@click.option("--fp32-layernorm", is_flag=True, help="Also run it with LayerNorm in fp32: does that recover it, at what cost?")
+@click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), help="JSON report (default validate-<precision>.json).")
+@click.option("--min-cosine", type=float, default=0.99, show_default=True, help="A cosine vs fp32 below this fails (exit 4).")
+@click.option("--gpus", type=int, help="0 = CPU, 1 = one GPU (default 1 when CUDA is available).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed.")
+@click.option("--id-column", default="id", help="Id column of Parquet/CSV inputs.")
+@click.option("--seq-column", default="sequence", help="Sequence column of Parquet/CSV inputs.")
+@click.option("--layer", type=int, default=-1, help="Representation layer (default -1: last).")
+@click.option("--pooling", type=click.Choice(POOLINGS), help="mean, mean_all or cls (default: the model's).")
+@click.option("--max-residues", type=int, help="Longer sequences are truncated to this (default: the model's limit).")
+@click.option("--token-budget", type=int, help="Tokens per packed batch (default 4096 on CPU, from free memory on GPU).")
+@run_command
+def validate(inputs: tuple[str, ...], out_file: str | None, **flags: Any) -> None:
+    """Check a low precision against FP32 on a length-stratified sample of INPUT... before a big run.
+
+    Prints per length tercile (short/medium/long) the min/mean/max cosine, mean |diff|, relative std and
+    L2-norm differences and the ids below --min-cosine, and writes the same as JSON. Exits 4 when a
+    sampled sequence is below --min-cosine (with --fp32-layernorm: when the fp32-LayerNorm variant is).
+
+    \b
+    Examples:
+        runner validate proteins/*.fasta --model esm2_t33_650M_UR50D --precision fp16 --fp32-layernorm
+        runner validate tests/data/some_proteins.fasta --model models/esm2_tiny.pt --gpus 0 --sample 50
+    """
+    from runner.validate import ValidateSettings, failure, format_table, run_validate, write_report
+
+    settings = ValidateSettings(inputs=list(inputs), **flags)
+    report = run_validate(settings)
+    path = Path(out_file or f"validate-{report['precision']}.json")
+    write_report(report, path)
+    click.echo(format_table(report))
+    click.echo(f"report: {path}", err=True)
+    if not report["passed"]:
+        raise failure(report, path)
 
 
 def main() -> None:

@@ -3,6 +3,15 @@
 Ray Data builds one instance per actor (`__init__` loads the model once); `__call__` takes an Arrow table
 of packed-batch rows (see `runner.stream`) and returns an Arrow table with one row per window. It runs
 just as well without Ray, which is how the tests drive it.
+
+Failures inside a forward are handled here, per batch:
+- CUDA out of memory: the batch is split in halves and retried, and the actor's token cap is lowered to
+  half the batch that failed, so later batches are sub-batched from the start (counted: `oom_splits`).
+- Any other error: the batch is bisected until the failing window is alone; that window's sequence
+  becomes a reject "embedding failed: <Type>: <message>" and the rest is embedded. If every window of a
+  multi-window batch fails on its own, the model or device is broken, not the data: the error is raised.
+- A CUDA error that leaves the device unusable ends the process, so that Ray restarts the actor with a
+  fresh CUDA context and retries its batches (`max_restarts` / `max_task_retries` on the actor pool).
 """
 
 from __future__ import annotations
@@ -11,7 +20,8 @@ import logging
 import os
 import socket
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +50,26 @@ class StageSettings:
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     shadow_rate: float = 0.0  # fraction of ids whose tokens are returned for the FP32 shadow
+    # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
+    test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
+    test_oom_above_tokens: int = 0  # a forward of more tokens raises torch.cuda.OutOfMemoryError (0 = off)
+    test_crash_after_batches: int = 0  # the first actor to claim test_crash_marker os._exit()s after N batches
+    test_crash_marker: str = ""  # file created (O_EXCL) by the crashing actor, so only one actor crashes once
+    test_batch_delay: float = 0.0  # seconds slept per packed batch (to make runs slow enough to interrupt)
+
+    def without_test_hooks(self) -> StageSettings:
+        """The same settings with every fault injection off (for the shadow actors)."""
+        return replace(self, test_fail_ids=(), test_oom_above_tokens=0, test_crash_after_batches=0,
+                       test_crash_marker="", test_batch_delay=0.0)
+
+
+# Errors a forward may raise that are worth isolating to one window: torch reports almost everything
+# (shape/kernel/CUDA errors, OOM) as RuntimeError; bad token ids give IndexError, bad values ValueError.
+FORWARD_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, IndexError, ArithmeticError)
+
+
+class EmbedStageBroken(RuntimeError):
+    """Every window of a batch failed on its own: the model or device is broken, not a record."""
 
 
 def output_schema(embed_dim: int) -> pa.Schema:
@@ -63,6 +93,8 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("batch_tokens", pa.int64()),  # tokens of the packed batch (set on its first window)
             ("batch_budget", pa.int64()),  # token budget of that batch (set on its first window)
             ("shadow_tokens", pa.list_(pa.int32())),  # token ids of windows sampled for the shadow, else null
+            ("oom_splits", pa.int64()),  # OOM splits since the actor's last output (on the first row)
+            ("actor_restarts", pa.int64()),  # 1 on the first output of an actor Ray restarted
         ]
     )
 
@@ -89,6 +121,13 @@ class EmbedStage:
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self.worker = f"{socket.gethostname()}:{'cuda' + gpu if settings.device != 'cpu' else 'cpu'}:{os.getpid()}"
         self.metrics = ActorMetrics(settings.model, settings.precision, self.worker)
+        self.max_tokens = 0  # tokens per forward after an OOM (0 = no cap): this actor's lowered budget
+        self.oom_splits = 0  # total OOM splits of this actor
+        self._unreported_ooms = 0  # OOM splits not yet reported to the driver
+        self._unreported_restart = int(_was_restarted())
+        self._batches = 0
+        if self._unreported_restart:
+            log.warning("embed actor %s: restarted by Ray; its unfinished batches are retried", self.worker)
         log.info(
             "embed actor %s: %s on %s in %s, attention %s (loaded in %.1fs)",
             self.worker,
@@ -100,8 +139,16 @@ class EmbedStage:
         )
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        pieces = [self._embed_row(row) for row in table.to_pylist()]
-        return pa.concat_tables(pieces) if pieces else self.schema.empty_table()
+        pieces = [self._embed_row(row) for row in _rows(table)]
+        out = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
+        if out.num_rows and (self._unreported_ooms or self._unreported_restart):
+            # Counters ride on the first row: the driver sums the columns, so each event counts once.
+            for name, value in (("oom_splits", self._unreported_ooms), ("actor_restarts", self._unreported_restart)):
+                column = np.zeros(out.num_rows, dtype=np.int64)
+                column[0] = value
+                out = out.set_column(out.schema.get_field_index(name), name, pa.array(column))
+            self._unreported_ooms = self._unreported_restart = 0
+        return out
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -120,23 +167,141 @@ class EmbedStage:
         both = torch.cat([pooled, finite[:, None].to(pooled.dtype)], dim=1).cpu().numpy()  # [B, D+1]
         return both[:, :-1], both[:, -1].astype(bool)
 
+    def embed_guarded(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+        """Like `embed`, but surviving OOM (split, lower the cap) and failing windows (bisect, isolate).
+
+        Returns vectors [B, D], finite [B] and, per window, None or the reason it could not be embedded.
+        """
+        n = len(batch.ids)
+        vectors = np.zeros((n, self.embed_dim), dtype=np.float32)
+        finite = np.ones(n, dtype=bool)
+        errors: list[str | None] = [None] * n
+        for start, end in self._sub_batches(batch):
+            self._embed_range(batch, start, end, vectors, finite, errors)
+        failed = sum(e is not None for e in errors)
+        if n > 1 and failed == n and not all(e.startswith("embedding failed: OutOfMemoryError") for e in errors if e):
+            raise EmbedStageBroken(
+                f"every one of the {n} windows of a batch failed on its own ({errors[0]}): the model or device "
+                "is broken, not the input"
+            )
+        return vectors, finite, errors
+
+    def _sub_batches(self, batch: PackedBatch) -> list[tuple[int, int]]:
+        """Window ranges of at most `max_tokens` tokens each (the whole batch while there is no cap)."""
+        n = len(batch.ids)
+        if not self.max_tokens or batch.num_tokens <= self.max_tokens:
+            return [(0, n)]
+        ranges, start = [], 0
+        cu = batch.cu_seqlens
+        for end in range(1, n + 1):
+            if end == n or cu[end + 1] - cu[start] > self.max_tokens:
+                ranges.append((start, end))
+                start = end
+        return ranges
+
+    def _embed_range(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
+                     errors: list[str | None]) -> None:
+        """Embed windows [start, end) into the output arrays, splitting on failure (depth <= log2 B)."""
+        sub = batch if (start, end) == (0, len(batch.ids)) else select_windows(batch, start, end)
+        try:
+            v, f = self._forward(sub)
+        except torch.cuda.OutOfMemoryError as e:
+            _release_cuda_cache()
+            if end - start == 1:
+                errors[start] = failure_reason(e)
+                log.warning("embed actor %s: %s alone does not fit in memory: rejected", self.worker, batch.ids[start])
+                return
+            self.oom_splits += 1
+            self._unreported_ooms += 1
+            cap = max(1, sub.num_tokens // 2)
+            self.max_tokens = min(self.max_tokens, cap) if self.max_tokens else cap
+            log.warning("embed actor %s: out of memory on %d tokens: splitting; at most %d tokens per forward "
+                        "from now on", self.worker, sub.num_tokens, self.max_tokens)
+            self._split(batch, start, end, vectors, finite, errors)
+            return
+        except FORWARD_ERRORS as e:
+            if not self._device_usable():
+                log.error("embed actor %s: %s left the GPU unusable: exiting so Ray restarts this actor and "
+                          "retries its batches", self.worker, failure_reason(e))
+                os._exit(70)  # only a new process gets a fresh CUDA context
+            if end - start == 1:
+                errors[start] = failure_reason(e)
+                log.warning("embed actor %s: %s: %s", self.worker, batch.ids[start], errors[start])
+                return
+            self._split(batch, start, end, vectors, finite, errors)
+            return
+        vectors[start:end], finite[start:end] = v, f
+
+    def _split(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
+               errors: list[str | None]) -> None:
+        mid = (start + end) // 2
+        self._embed_range(batch, start, mid, vectors, finite, errors)
+        self._embed_range(batch, mid, end, vectors, finite, errors)
+
+    def _forward(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """`embed`, behind the test-only fault injection of the settings."""
+        s = self.settings
+        if s.test_oom_above_tokens and batch.num_tokens > s.test_oom_above_tokens:
+            raise torch.cuda.OutOfMemoryError(
+                f"test hook: {batch.num_tokens} tokens > RUNNER_TEST_OOM_ABOVE_TOKENS={s.test_oom_above_tokens}"
+            )
+        if s.test_fail_ids:
+            bad = sorted(set(batch.ids) & set(s.test_fail_ids))
+            if bad:
+                raise RuntimeError(f"test hook: injected failure for {', '.join(bad)}")
+        return self.embed(batch)
+
+    def _device_usable(self) -> bool:
+        """After an error: can this device still run a kernel? (A device-side assert poisons the context.)"""
+        if self.device.type != "cuda":
+            return True
+        try:
+            torch.cuda.synchronize(self.device)
+            return int(torch.ones(1, device=self.device).sum().item()) == 1
+        except RuntimeError:
+            return False
+
+    def _maybe_crash(self) -> None:
+        """Test-only: the first actor to create the marker file dies after N batches, like a killed process."""
+        s = self.settings
+        if not s.test_crash_after_batches or self._batches < s.test_crash_after_batches or not s.test_crash_marker:
+            return
+        try:
+            fd = os.open(s.test_crash_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        log.warning("embed actor %s: test hook RUNNER_TEST_CRASH_AFTER_BATCHES: exiting now", self.worker)
+        os._exit(1)
+
     def _embed_row(self, row: dict) -> pa.Table:
         records_in = int(row.get("records_in") or 0)
         if not row["ids"]:
             return self._rejects_table(row, records_in)
         batch = PackedBatch.from_row(row)
+        self._batches += 1
+        self._maybe_crash()
+        if self.settings.test_batch_delay:
+            time.sleep(self.settings.test_batch_delay)
         started = time.perf_counter()
-        vectors, finite = self.embed(batch)
+        vectors, finite, errors = self.embed_guarded(batch)
         n = len(batch.ids)
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
                            int((~finite).sum()))
         shadow_tokens: list[np.ndarray | None] = [None] * n
         if self.settings.shadow_rate > 0:
             # Chunked windows are not sampled: their stored vector is a merge of several windows.
-            sampled = shadow_sample(batch.ids, self.settings.shadow_rate) & (batch.chunk_count <= 1)
+            ok = np.array([e is None for e in errors], dtype=bool)
+            sampled = shadow_sample(batch.ids, self.settings.shadow_rate) & (batch.chunk_count <= 1) & ok
             for i in np.flatnonzero(sampled):
                 shadow_tokens[i] = batch.tokens[batch.cu_seqlens[i] : batch.cu_seqlens[i + 1]]
         vectors = np.where(finite[:, None], vectors, np.float32(0))  # never ship NaN/Inf onwards
+        # A window that could not be embedded leaves as a reject row (its sequence is rejected whole).
+        sources = list(row.get("sources") or [""] * n)
+        reasons = pa.array(errors, pa.string())
+        failed_sources = pa.array([src if e is not None else None for src, e in zip(sources, errors, strict=True)],
+                                  pa.string())
         batch_tokens = np.zeros(n, dtype=np.int64)
         batch_budget = np.zeros(n, dtype=np.int64)
         batch_tokens[0], batch_budget[0] = batch.num_tokens, batch.token_budget
@@ -152,14 +317,16 @@ class EmbedStage:
                 "total_residues": pa.array(batch.total_residues, pa.int32()),
                 "embedding": pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
                 "finite": pa.array(finite, pa.bool_()),
-                "reject_reason": pa.nulls(n, pa.string()),
-                "source": pa.nulls(n, pa.string()),
+                "reject_reason": reasons,
+                "source": failed_sources,
                 "worker": pa.array([self.worker] * n, pa.string()),
                 "attention": pa.array([self.backend] * n, pa.string()),
                 "records_in": pa.array(np.zeros(n, dtype=np.int64)),
                 "batch_tokens": pa.array(batch_tokens),
                 "batch_budget": pa.array(batch_budget),
                 "shadow_tokens": pa.array(shadow_tokens, pa.list_(pa.int32())),
+                "oom_splits": pa.array(np.zeros(n, dtype=np.int64)),
+                "actor_restarts": pa.array(np.zeros(n, dtype=np.int64)),
             },
             schema=self.schema,
         )
@@ -190,14 +357,85 @@ class EmbedStage:
                 "batch_tokens": pa.array([0] * n, pa.int64()),
                 "batch_budget": pa.array([0] * n, pa.int64()),
                 "shadow_tokens": pa.nulls(n, pa.list_(pa.int32())),
+                "oom_splits": pa.array([0] * n, pa.int64()),
+                "actor_restarts": pa.array([0] * n, pa.int64()),
             },
             schema=self.schema,
         )
 
 
+def select_windows(batch: PackedBatch, start: int, end: int) -> PackedBatch:
+    """Windows [start, end) of a packed batch as a packed batch of their own."""
+    cu = batch.cu_seqlens
+    lo, hi = int(cu[start]), int(cu[end])
+    return PackedBatch(
+        tokens=batch.tokens[lo:hi],
+        positions=batch.positions[lo:hi],
+        cu_seqlens=(cu[start : end + 1] - lo).astype(np.int32),
+        ids=batch.ids[start:end],
+        ordinals=batch.ordinals[start:end],
+        residues=batch.residues[start:end],
+        truncated=batch.truncated[start:end],
+        chunk_index=batch.chunk_index[start:end],
+        chunk_count=batch.chunk_count[start:end],
+        total_residues=batch.total_residues[start:end],
+        token_budget=batch.token_budget,
+        extra={k: v[start:end] for k, v in batch.extra.items()},
+    )
+
+
+def failure_reason(error: BaseException) -> str:
+    """The reject reason of a window that could not be embedded: one line, bounded length."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else "no message"
+    return f"embedding failed: {type(error).__name__}: {message[:300]}"
+
+
+def _release_cuda_cache() -> None:
+    """Give cached blocks back after an OOM, so the halves start from a clean allocator."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _was_restarted() -> bool:
+    """Whether this process is a Ray actor that Ray restarted after its previous process died."""
+    try:
+        import ray
+    except ImportError:
+        return False
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    if context.get_actor_id() is None:
+        return False
+    with warnings.catch_warnings():  # Ray marks the property's internals deprecated; the answer is what we need
+        warnings.simplefilter("ignore")
+        return bool(context.was_current_actor_reconstructed)
+
+
+# Per-token and per-window columns of a packed batch, handed to PackedBatch.from_row as numpy arrays.
+_NUMPY_COLUMNS = frozenset(
+    ["tokens", "positions", "cu_seqlens", "ordinals", "residues", "truncated", "chunk_index", "chunk_count",
+     "total_residues"]
+)
+
+
+def _rows(table: pa.Table) -> list[dict]:
+    """Rows of a packed-batch table, numeric list columns as numpy views (to_pylist boxes every token)."""
+    columns: dict[str, list] = {}
+    for name in table.column_names:
+        column = table.column(name).combine_chunks()
+        if name in _NUMPY_COLUMNS:
+            offsets = column.offsets.to_numpy()  # [rows + 1], absolute positions in the child values
+            values = column.values.to_numpy(zero_copy_only=False)
+            columns[name] = [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+        else:
+            columns[name] = column.to_pylist()
+    return [{name: values[i] for name, values in columns.items()} for i in range(table.num_rows)]
+
+
 def _to_device(array: np.ndarray, dtype: torch.dtype, device: torch.device, pin: bool) -> torch.Tensor:
     """Host array to device; pinned and non-blocking on CUDA so the copy overlaps queued kernels."""
-    t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+    t = torch.from_numpy(np.array(array, dtype=np.int64 if dtype == torch.int64 else np.int32)).to(dtype)
     if pin:
         return t.pin_memory().to(device, non_blocking=True)
     return t

@@ -114,6 +114,7 @@ def test_embed_end_to_end_matches_fair_esm(tmp_path: Path, tiny_esm2_path: Path)
         assert manifest["versions"][name]
     assert manifest["throughput"]["tokens"] == sum(len(s) + 2 for _, s in expected)
     assert 0 < manifest["throughput"]["packing_efficiency"] <= 1
+    assert 0 < manifest["throughput"]["first_output_seconds"] < manifest["throughput"]["wall_seconds"]
 
 
 def test_rejects_and_accounting(tmp_path: Path, tiny_esm2_path: Path) -> None:
