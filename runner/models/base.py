@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from runner.errors import RunnerError
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -68,6 +70,17 @@ class EmbeddingModel(torch.nn.Module, ABC):
         layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
     ) -> torch.Tensor:
         """Hidden states of `layer` for every token: [T, D] in the model's dtype. No padding anywhere."""
+
+    num_layers: int  # transformer layers
+
+    def resolve_layer(self, layer: int) -> int:
+        """`layer` as 0..num_layers (-1 -> num_layers); RunnerError naming the valid range otherwise."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer <= self.num_layers:
+            raise RunnerError(
+                f"--layer {layer} is out of range for {self.info.name or self.info.family}: use 0 (embeddings) "
+                f"to {self.num_layers}, or -1 for the last layer"
+            )
+        return self.num_layers if layer == -1 else layer
 
     @abstractmethod
     def select_attention(self, device: torch.device) -> str:

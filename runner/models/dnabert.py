@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.errors import CheckpointError, RunnerError
+from runner.errors import CheckpointError
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 
 DNABERT_MODELS: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
@@ -309,15 +309,6 @@ class DnabertEmbedder(EmbeddingModel):
         for m in self.modules():
             if isinstance(m, _LayerNorm):
                 m.fp32 = bool(on)
-
-    def resolve_layer(self, layer: int) -> int:
-        """`layer` as 0..num_layers (-1 -> num_layers); RunnerError when out of range."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer <= self.num_layers:
-            raise RunnerError(
-                f"--layer {layer} is out of range for {self.info.name or 'this DNABERT model'}: use 0 "
-                f"(embeddings) to {self.num_layers}, or -1 for the last layer"
-            )
-        return self.num_layers if layer == -1 else layer
 
     def select_attention(self, device: torch.device) -> str:
         """The fastest ALiBi-capable varlen kernel on `device` ("flash_attn", "flex" or "exact")."""

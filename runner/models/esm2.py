@@ -129,15 +129,6 @@ class ESM2Embedder(EmbeddingModel):
         self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype)
         return self.attention_backend
 
-    def resolve_layer(self, layer: int) -> int:
-        """`layer` as 0..num_layers (-1 -> num_layers); RunnerError when out of range."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer <= self.num_layers:
-            raise RunnerError(
-                f"--layer {layer} is out of range for {self.info.name}: use 0 (embeddings) to "
-                f"{self.num_layers}, or -1 for the last layer"
-            )
-        return self.num_layers if layer == -1 else layer
-
     def _layer_norm(self, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
         """`norm(x)`, in float32 when `fp32_layernorm` is set (the variance of fp16 activations can overflow)."""
         if not self.fp32_layernorm or x.dtype == torch.float32:
