@@ -21,7 +21,7 @@ from runner.config import EmbedConfig
 from runner.models.base import ModelInfo
 
 if TYPE_CHECKING:
-    from runner.job import JobReport
+    from runner.report import JobReport
 
 
 # Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB: unchanged by a copy or

@@ -28,8 +28,8 @@ from click.testing import CliRunner
 from runner.cli import cli
 from runner.embed_stage import EmbedStage, StageSettings
 from runner.errors import RunnerError
-from runner.job import JobInterrupted, StopSignals, _StopNow
 from runner.resume import OrdinalSet, scan_parts
+from runner.signals import JobInterrupted, StopSignals, _StopNow
 from runner.sink import EmbeddedRows, OutputWriteError, PartWriter
 from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
 

@@ -1,0 +1,215 @@
+"""Ray: joining or starting a cluster, sizing the job to it, and placing the stream's stages and the shadow actors."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, probe_free_gpu_memory
+from runner.config import EmbedConfig
+from runner.embed_stage import EmbedStage, StageSettings
+from runner.errors import RunnerError
+from runner.metrics import DriverMetrics
+from runner.models.base import ModelInfo, SequenceCodec
+from runner.shadow import ShadowMonitor, ShadowSettings
+from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+
+log = logging.getLogger("runner")
+
+
+ACTOR_TASK_RETRIES = 3  # retries of one batch whose actor died (each on a restarted/other actor)
+
+
+READ_CPUS = 0.25  # CPU reserved by the single read task
+
+
+def _spread() -> dict:
+    return {"scheduling_strategy": "SPREAD"}
+
+
+def connect_ray(address: str | None):
+    """Join `address` / RAY_ADDRESS when given, else start a local Ray (or reuse this process's)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context() and _existing_context()
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        return ray.init(
+            address=target, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False
+        )
+    except ConnectionError as e:
+        raise RunnerError(
+            f"cannot reach the Ray cluster at {target} ({e}): check --address / RAY_ADDRESS"
+        ) from None
+
+
+def _existing_context():
+    """Context-like object for a Ray that this process started earlier (tests, notebooks)."""
+    import ray
+
+    class _Ctx:
+        dashboard_url = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else None
+
+    return _Ctx()
+
+
+def resolve_gpus(requested: int | None, ray) -> int:
+    """The embedding actor count on GPUs: the request, checked against the cluster, or all of them."""
+    available = int(ray.cluster_resources().get("GPU", 0))
+    if requested is None:
+        return available
+    if requested > available:
+        raise RunnerError(
+            f"asked for {requested} GPU(s) but the Ray cluster has {available}: "
+            f"pass --gpus {available} or fewer (--gpus 0 runs on CPU)"
+        )
+    return requested
+
+
+def pick_token_budget(on_gpu: bool, info: ModelInfo, ray) -> int:
+    """CPU: a small fixed budget. GPU: sized from the free memory of one GPU, probed by a Ray task."""
+    if not on_gpu:
+        return CPU_TOKEN_BUDGET
+    free = ray.get(ray.remote(num_gpus=1)(probe_free_gpu_memory).remote())
+    return auto_token_budget(free, weight_bytes=info.parameters * 2, embed_dim=info.embed_dim)
+
+
+def build_dataset(
+    ray,
+    paths: list[Path],
+    codec: SequenceCodec,
+    config: EmbedConfig,
+    budget: int,
+    stage: StageSettings,
+    gpus: int,
+    shadow_share: float,
+    done_bits: np.ndarray | None = None,
+):
+    """The Ray Data stream; nothing runs until the driver iterates it.
+
+    `done_bits` (packed bitmap of ordinals already written, on resume) travels with the read task,
+    which skips those records.
+    """
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockMetadata
+
+    read_settings = ReadSettings(
+        tuple(str(p) for p in paths),
+        config.id_column,
+        config.seq_column,
+        config.records_per_block,
+        done_bits if done_bits is not None else np.zeros(0, dtype=np.uint8),
+    )
+
+    class InputRecords(Datasource):
+        """All inputs read by one task, in order (dedup and ordinals need one reader)."""
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return sum(os.path.getsize(p) for p in read_settings.paths)
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            meta = BlockMetadata(
+                num_rows=None, size_bytes=None, exec_stats=None, input_files=read_settings.paths
+            )
+            return [ReadTask(lambda: read_blocks(read_settings), meta)]
+
+    pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
+    # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine
+    # (with a whole CPU each, read + actor took both cores and the pack tasks never ran).
+    ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, num_cpus=READ_CPUS)
+    # Ray Data coalesces what a read task yields into blocks of up to target_max_block_size (128 MiB):
+    # cut them back to records_per_block records, so that each embedding task (and so each delivery to
+    # the driver, each retry after an actor death and each stop on Ctrl-C) covers one such block.
+    ds = ds.repartition(target_num_rows_per_block=config.records_per_block)
+    # Ray 2.60 has no named parameter for the two remote-args settings below (the replacements arrive
+    # with the removal in 2.64), so its deprecation notices are silenced here rather than shown to users.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        # A ray_remote_args_fn keeps Ray Data from fusing packing into the single read task or into the
+        # embedding actors: packing must run as its own parallel tasks, spread over the cluster's CPUs.
+        ds = ds.map_batches(
+            pack_records,
+            fn_kwargs={"settings": pack_settings},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=config.pack_cpus,
+            ray_remote_args_fn=_spread,
+        )
+        actors = gpus if gpus > 0 else config.cpu_actors
+        ds = ds.map_batches(
+            EmbedStage,
+            fn_constructor_kwargs={"settings": stage},
+            batch_size=1,
+            batch_format="pyarrow",
+            # With a shadow beside each embedder, the embedder leaves that share of its GPU free.
+            num_gpus=(1 - shadow_share) if gpus > 0 else 0,
+            num_cpus=1,
+            # Two calls in flight per GPU actor: one batch's host work (Arrow in/out, copies) overlaps the
+            # other's kernels, so the GPU does not idle between batches.
+            compute=ray.data.ActorPoolStrategy(
+                size=actors, max_concurrent_calls_per_actor=2 if gpus > 0 else 1
+            ),
+            # An actor that dies (killed process, lost node, unusable GPU) is restarted by Ray without limit,
+            # and the batches it held are retried on a live actor up to ACTOR_TASK_RETRIES times: a batch
+            # that kills its actor every time ends the job instead of looping forever.
+            max_restarts=-1,
+            max_task_retries=ACTOR_TASK_RETRIES,
+        )
+    return ds
+
+
+def resolve_shadow_share(requested: float | None, on_gpu: bool, rate: float) -> float:
+    """GPU share of each shadow actor: 0 (CPU) when off or on CPU runs, else the request or 0.25."""
+    if rate <= 0 or not on_gpu:
+        return 0.0
+    return 0.25 if requested is None else requested
+
+
+def start_shadow(
+    ray,
+    config: EmbedConfig,
+    stage: StageSettings,
+    gpus: int,
+    share: float,
+    out_dir: Path,
+    precision: str,
+    metrics: DriverMetrics,
+) -> ShadowMonitor | None:
+    """FP32 shadow actors (the same EmbedStage, in fp32) and the driver-side monitor feeding them."""
+    if config.shadow_rate <= 0:
+        return None
+    count = config.shadow_actors or (gpus if share > 0 else 1)
+    fp32 = dataclasses.replace(
+        stage.without_test_hooks(),
+        precision="fp32",
+        shadow_rate=0.0,
+        fp32_layernorm=False,
+        device="cuda" if share > 0 else "cpu",
+    )
+    actor_class = ray.remote(EmbedStage)
+    # No CPU reservation: the shadow sees only the sampled fraction, and reserving a core for it on a
+    # small machine would starve the reader and packers of the main stream (a hang on 2 cores).
+    actors = [actor_class.options(num_gpus=share, num_cpus=0).remote(fp32) for _ in range(count)]
+    turn = itertools.cycle(actors)
+
+    def wait(futures, block):
+        return ray.wait(futures, num_returns=len(futures), timeout=None if block else 0)
+
+    settings = ShadowSettings(
+        config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision
+    )
+    return ShadowMonitor(
+        settings,
+        out_dir,
+        submit_fn=lambda packed: next(turn).embed.remote(packed),
+        wait_fn=wait,
+        get_fn=lambda future: ray.get(future)[0],
+        metrics=metrics,
+    )

@@ -1,0 +1,270 @@
+"""The driver's side of the stream: route each table of stage output to parts, rejects, chunk merging and the shadow."""
+
+from __future__ import annotations
+
+import logging
+import pydoc
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from runner.batch import Reject
+from runner.config import EmbedConfig
+from runner.errors import NonFiniteEmbedding, RunnerError
+from runner.metrics import DriverMetrics
+from runner.progress import Progress
+from runner.report import JobReport
+from runner.resume import OrdinalSet
+from runner.shadow import ShadowMonitor
+from runner.signals import StopSignals
+from runner.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
+
+log = logging.getLogger("runner")
+
+
+def drain(
+    dataset,
+    writer: PartWriter,
+    rejects: RejectWriter,
+    report: JobReport,
+    progress: Progress,
+    config: EmbedConfig,
+    precision: str,
+    shadow: ShadowMonitor | None,
+    metrics: DriverMetrics,
+    written: OrdinalSet | None = None,
+    signals: StopSignals | None = None,
+) -> None:
+    """Pull embedded rows from the stream and write them; abort at the first non-finite embedding.
+
+    Returns early, with every table received written, once `signals` holds a stop request.
+    """
+    from ray.exceptions import RayError
+
+    merger = ChunkMerger()
+    written = written if written is not None else OrdinalSet()
+    signals = signals if signals is not None else StopSignals()
+    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
+    stop_stream = getattr(batches, "close", None)  # ends Ray Data's executor when we stop early
+    try:
+        while True:
+            signals.waiting = True
+            try:
+                if signals.signum is not None:
+                    return  # stop taking new work; what arrived is written
+                table = next(batches, None)
+            finally:
+                signals.waiting = False
+            if table is None:
+                break
+            handle_table(table, writer, rejects, report, merger, config, precision, metrics, written)
+            if report.first_output_seconds is None and report.tokens:
+                report.first_output_seconds = time.monotonic() - progress.start
+                report.tokens_at_first_output = report.tokens
+            if shadow is not None:
+                offer_to_shadow(table, shadow)
+                metrics.shadow_queue(shadow.queue_depth)
+                report.shadow = shadow.summary()
+            progress.update(report.records_done, report.tokens)
+    except RunnerError:
+        raise  # raised here on the driver (NaN/Inf, disk full, drift): already one clear line
+    except RayError as e:
+        if signals.signum is not None:
+            # A terminal's Ctrl-C reaches Ray's own processes too (same process group): the stream
+            # failing after a stop request is part of stopping, not a job failure.
+            log.info("the stream ended after the stop request: %s", type(e).__name__)
+            return
+        raise stream_failure(e) from None
+    finally:
+        if stop_stream is not None:
+            stop_stream()
+    if merger.pending:
+        raise RunnerError(f"internal error: {merger.pending} chunked sequence(s) never completed")
+    progress.update(report.records_done, report.tokens, force=True)
+
+
+def stream_failure(error: BaseException) -> RunnerError:
+    """One line for a failure inside the Ray stream (an actor out of retries, a broken model or device).
+
+    Ray wraps a remote exception in layers (RayTaskError, UserCodeException); the innermost one says what
+    actually went wrong. Our own RunnerErrors raised remotely keep their message and exit code.
+    """
+    cause = error
+    seen: set[int] = set()
+    while id(cause) not in seen:
+        seen.add(id(cause))
+        inner = getattr(cause, "cause", None) or cause.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        cause = inner
+    text = str(cause).strip().splitlines()
+    first = text[0] if text else "no message"
+    if isinstance(cause, RunnerError):
+        wrapped = RunnerError(first)
+        wrapped.exit_code = cause.exit_code
+        return wrapped
+    detail = f"{type(cause).__name__}: {first}"
+    # The exception objects do not carry the remote chain, but the text does: the first "pkg.Type: message"
+    # line that is not Ray's own is the exception the remote code raised.
+    remote = next((m for m in map(_EXCEPTION_LINE.match, str(error).splitlines()) if m), None)
+    if remote is not None:
+        # Only our own module names are looked up (importing names from error text could run anything).
+        remote_type = pydoc.locate(remote.group(1)) if remote.group(1).startswith("runner.") else None
+        if isinstance(remote_type, type) and issubclass(remote_type, RunnerError):  # e.g. a bad input record
+            wrapped = RunnerError(remote.group(2))
+            wrapped.exit_code = remote_type.exit_code
+            return wrapped
+        detail = f"{remote.group(1).rsplit('.', 1)[-1]}: {remote.group(2)}"
+    return RunnerError(
+        f"the embedding stream failed ({detail[:400]}): finished parts are kept; fix the cause and rerun the same "
+        "command to resume"
+    )
+
+
+_EXCEPTION_LINE = re.compile(r"^(?!ray\.)((?:[A-Za-z_]\w*\.)*[A-Z]\w*): (.+)$")
+
+
+def offer_to_shadow(table: pa.Table, shadow: ShadowMonitor) -> None:
+    """Hand the windows the actors sampled (token ids returned) to the shadow, with their stored vectors."""
+    sampled = table.column("shadow_tokens").is_valid().to_numpy(zero_copy_only=False)
+    if not sampled.any():
+        return
+    sub = table.filter(pa.array(sampled))
+    dim = sub.schema.field("embedding").type.list_size
+    main = sub.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
+    tokens = [np.asarray(t, dtype=np.int32) for t in sub.column("shadow_tokens").to_pylist()]
+    shadow.offer(sub.column("id").to_pylist(), sub.column("residues").to_numpy(), main, tokens)
+
+
+def handle_table(
+    table: pa.Table,
+    writer: PartWriter,
+    rejects: RejectWriter,
+    report: JobReport,
+    merger: ChunkMerger,
+    config: EmbedConfig,
+    precision: str,
+    metrics: DriverMetrics,
+    written: OrdinalSet | None = None,
+) -> None:
+    """Route one table of stage output: rejects, block record counts, embeddings (merged if chunked).
+
+    `written` holds the ordinals already in parts: a row delivered twice (a retried batch) is dropped, so
+    no id is ever written twice.
+    """
+    reason = table.column("reject_reason")
+    is_reject = reason.is_valid().to_numpy(zero_copy_only=False)
+    ids_valid = table.column("id").is_valid().to_numpy(zero_copy_only=False)
+    is_window = ids_valid & ~is_reject
+    report.records_read += int(pa.compute.sum(table.column("records_in")).as_py() or 0)
+    report.tokens += int(pa.compute.sum(table.column("batch_tokens")).as_py() or 0)
+    budgets = table.column("batch_budget").to_numpy()
+    report.budget_tokens += int(budgets.sum())
+    report.batches += int((budgets > 0).sum())
+    report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
+    report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
+
+    if is_reject.any():
+        sub = table.filter(pa.array(is_reject)).to_pydict()
+        found = []
+        for i, src, r, o, count in zip(
+            sub["id"], sub["source"], sub["reject_reason"], sub["ordinal"], sub["chunk_count"], strict=True
+        ):
+            # A failed window of a chunked sequence rejects the whole sequence, once.
+            if count > 1 and not merger.fail(o):
+                continue
+            found.append(Reject(i, src or "", r, o))
+        report.failed_records += sum(r.reason.startswith("embedding failed") for r in found)
+        rejects.write(found)
+        report.records_done += len(found)
+        metrics.rejected(len(found))
+    if not is_window.any():
+        return
+    win = table.filter(pa.array(is_window))
+    finite = win.column("finite").to_numpy(zero_copy_only=False)
+    if not finite.all():
+        bad = [win.column("id")[i].as_py() for i in np.flatnonzero(~finite)]
+        raise NonFiniteEmbedding(
+            f"non-finite (NaN/Inf) embedding for {len(bad)} sequence(s): {', '.join(bad[:10])}"
+            f"{' ...' if len(bad) > 10 else ''} (model {config.model}, precision {precision}); nothing "
+            f"non-finite was written. Rerun with --precision fp32, or exclude these sequences"
+        )
+    for worker in win.column("worker").to_pylist():
+        report.workers[worker] = report.workers.get(worker, 0) + 1
+    report.attention.update(win.column("attention").unique().to_pylist())
+    dim = win.schema.field("embedding").type.list_size
+    vectors = win.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
+    chunk_count = win.column("chunk_count").to_numpy()
+    whole = chunk_count <= 1
+    ids = win.column("id").to_pylist()
+    residues = win.column("residues").to_numpy()
+    truncated = win.column("truncated").to_numpy(zero_copy_only=False)
+    ordinals = win.column("ordinal").to_numpy()
+    keep = np.flatnonzero(whole)
+    out_ids = [ids[i] for i in keep]
+    out_len, out_trunc, out_vec, out_ord = (
+        [residues[keep]],
+        [truncated[keep]],
+        [vectors[keep]],
+        [ordinals[keep]],
+    )
+    if not whole.all():
+        chunk_index = win.column("chunk_index").to_numpy()
+        total = win.column("total_residues").to_numpy()
+        for i in np.flatnonzero(~whole):
+            merged = merger.add(
+                ids[i],
+                int(ordinals[i]),
+                int(chunk_index[i]),
+                int(chunk_count[i]),
+                int(residues[i]),
+                int(total[i]),
+                vectors[i],
+            )
+            if merged is not None:
+                out_ids.append(ids[i])
+                out_len.append(np.array([total[i]], np.int32))
+                out_trunc.append(np.array([False]))
+                out_vec.append(merged[None, :])
+                out_ord.append(np.array([ordinals[i]], np.int64))
+                report.chunked += 1
+    rows = EmbeddedRows(
+        ids=out_ids,
+        lengths=np.concatenate(out_len).astype(np.int32),
+        truncated=np.concatenate(out_trunc).astype(bool),
+        vectors=np.concatenate(out_vec).astype(np.float32),
+        ordinals=np.concatenate(out_ord).astype(np.int64),
+    )
+    if written is not None:
+        rows = drop_written(rows, written, report)
+        if not len(rows):
+            return
+    report.truncated += int(rows.truncated.sum())
+    report.records_done += len(rows)
+    writer.write(rows)
+    metrics.written(len(rows))
+
+
+def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> EmbeddedRows:
+    """Rows whose ordinal is not written yet (each kept once), and mark them written."""
+    fresh = ~written.contains(rows.ordinals)
+    _, first = np.unique(rows.ordinals, return_index=True)
+    once = np.zeros(len(rows), dtype=bool)
+    once[first] = True
+    keep = fresh & once
+    written.add(rows.ordinals[keep])
+    if keep.all():
+        return rows
+    dropped = int((~keep).sum())
+    report.duplicates_dropped += dropped
+    log.warning("dropped %d row(s) delivered twice (a retried batch): each sequence is written once", dropped)
+    idx = np.flatnonzero(keep)
+    return EmbeddedRows(
+        [rows.ids[i] for i in idx],
+        rows.lengths[idx],
+        rows.truncated[idx],
+        rows.vectors[idx],
+        rows.ordinals[idx],
+    )
