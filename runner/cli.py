@@ -74,6 +74,8 @@ def shadow_options(fn: Callable) -> Callable:
         click.option("--shadow-gpus", type=float, help="GPU share of each shadow actor (default 0.25 on GPUs; 0 = CPU)."),
         click.option("--drift-min-cosine", type=float, help="Per-sequence cosine vs FP32 below which drift is flagged (default 0.99)."),
         click.option("--on-drift", type=click.Choice(["warn", "abort"]), help="What a drift violation does (default warn)."),
+        click.option("--shadow-math", type=click.Choice(["tf32x3", "ieee"]),
+                     help="FP32 matmuls of a GPU shadow: tf32x3 (FP32-accurate, ~2.5x faster; default) or ieee."),
         click.option("--fp32-layernorm", is_flag=True, default=None, help="Keep LayerNorm in FP32 inside the FP16 model."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
@@ -136,6 +138,8 @@ def cli(verbose: int) -> None:
 @click.option("--chunk-overlap", type=int, help="Residues shared by neighbouring windows with --long chunk (default 128).")
 @click.option("--rows-per-part", type=int, help="Rows per Arrow part file (default 16384).")
 @shadow_options
+@click.option("--compile/--no-compile", "compile_layers", default=None,
+              help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No live progress line.")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
 @run_command

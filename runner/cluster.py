@@ -191,6 +191,8 @@ def start_shadow(
         precision="fp32",
         shadow_rate=0.0,
         fp32_layernorm=False,
+        compile_layers=False,  # small batches, and TF32 is switched per product (see runner.models.tf32x3)
+        fp32_math=config.shadow_math,
         device="cuda" if share > 0 else "cpu",
     )
     actor_class = ray.remote(EmbedStage)
@@ -203,7 +205,9 @@ def start_shadow(
         return ray.wait(futures, num_returns=len(futures), timeout=None if block else 0)
 
     settings = ShadowSettings(
-        config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision
+        config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision,
+        batch_tokens=config.shadow_batch_tokens,
+        fp32_math=config.shadow_math if share > 0 else "ieee",
     )
     return ShadowMonitor(
         settings,

@@ -51,10 +51,13 @@ class EmbedConfig:
     pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
     progress: bool = True  # print a live progress line on stderr
     fp32_layernorm: bool = False  # keep LayerNorm in fp32 inside an fp16/bf16 model (drift fix, some cost)
+    compile_layers: bool | None = None  # torch.compile the layers (fused LayerNorm/rotary/GELU); None = GPUs only
     shadow_rate: float = 0.01  # fraction of sequences re-embedded in FP32 by the shadow pool; 0 = off
     shadow_gpus: float | None = None  # GPU share of each shadow actor; None = 0.25 on GPU runs; 0 = CPU
     shadow_actors: int | None = None  # shadow actors; None = one per GPU (beside each embedder), 1 on CPU
     shadow_queue: int = 4  # shadow batches in flight per shadow actor before samples are shed
+    shadow_batch_tokens: int = 16384  # sampled tokens gathered into one shadow batch (bigger = cheaper FP32)
+    shadow_math: Literal["tf32x3", "ieee"] = "tf32x3"  # GPU shadow matmuls: FP32-accurate 3xTF32, or IEEE FP32
     drift_min_cosine: float = 0.99  # a sampled sequence below this cosine vs FP32 is a drift violation
     on_drift: Literal["warn", "abort"] = "warn"  # what a drift violation does
     overwrite: bool = False  # clear --out's previous outputs instead of resuming them
@@ -96,6 +99,10 @@ class EmbedConfig:
             raise RunnerError("--shadow-rate must be between 0 and 1 (0 turns the shadow off)")
         if self.shadow_gpus is not None and not 0 <= self.shadow_gpus < 1:
             raise RunnerError("--shadow-gpus must be a GPU share in [0, 1), e.g. 0.25 (0 = CPU)")
+        if self.shadow_math not in ("tf32x3", "ieee"):
+            raise RunnerError(f"--shadow-math must be tf32x3 or ieee, not {self.shadow_math!r}")
+        if self.shadow_batch_tokens < 1:
+            raise RunnerError("--shadow-batch-tokens must be at least 1")
         if self.on_drift not in ("warn", "abort"):
             raise RunnerError(f"--on-drift must be warn or abort, not {self.on_drift!r}")
         if not -1 <= self.drift_min_cosine <= 1:

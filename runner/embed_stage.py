@@ -49,6 +49,8 @@ class StageSettings:
     device: str  # "cuda" or "cpu"
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
+    compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
+    fp32_math: str = "ieee"  # fp32 projections on CUDA: "ieee" or "tf32x3" (FP32-accurate, for the shadow)
     shadow_rate: float = 0.0  # fraction of ids whose tokens are returned for the FP32 shadow
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
     test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
@@ -115,6 +117,9 @@ class EmbedStage:
         model.fp32_layernorm = settings.fp32_layernorm
         self.model = model.to(self.device, DTYPES[settings.precision]).eval()
         self.backend = self.model.select_attention(self.device)
+        on_cuda = self.device.type == "cuda"
+        if on_cuda and settings.precision == "fp32" and settings.fp32_math == "tf32x3":
+            self.model.emulate_fp32()
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
         self.schema = output_schema(self.embed_dim)
@@ -126,17 +131,36 @@ class EmbedStage:
         self._unreported_ooms = 0  # OOM splits not yet reported to the driver
         self._unreported_restart = int(_was_restarted())
         self._batches = 0
+        if self.model.use_compile(settings.compile_layers):
+            self._warm_up()
         if self._unreported_restart:
             log.warning("embed actor %s: restarted by Ray; its unfinished batches are retried", self.worker)
         log.info(
-            "embed actor %s: %s on %s in %s, attention %s (loaded in %.1fs)",
+            "embed actor %s: %s on %s in %s, attention %s%s (loaded in %.1fs)",
             self.worker,
             settings.model,
             self.device,
             settings.precision,
             self.backend,
+            ", layers compiled" if self.model.compiling else "",
             time.perf_counter() - started,
         )
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile on a tiny batch now: before the first real batch, and before two calls can race to it."""
+        started = time.perf_counter()
+        tokens = torch.zeros(24, dtype=torch.int64, device=self.device)  # [T]: id 0 exists in every vocabulary
+        positions = torch.arange(12, device=self.device).repeat(2)  # [T]
+        cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=self.device)  # [B+1]
+        self.model.forward_packed(tokens, positions, cu_seqlens, 12, self.settings.layer)
+        log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, time.perf_counter() - started,
+                 "" if self.model.compiling else " (failed: eager)")
+
+    @property
+    def kernels(self) -> str:
+        """What the forward runs, for the manifest: the attention backend, "+compile" while compiled."""
+        return self.backend + ("+compile" if self.model.compiling else "")
 
     def __call__(self, table: pa.Table) -> pa.Table:
         pieces = [self._embed_row(row) for row in _rows(table)]
@@ -320,7 +344,7 @@ class EmbedStage:
                 "reject_reason": reasons,
                 "source": failed_sources,
                 "worker": pa.array([self.worker] * n, pa.string()),
-                "attention": pa.array([self.backend] * n, pa.string()),
+                "attention": pa.array([self.kernels] * n, pa.string()),
                 "records_in": pa.array(np.zeros(n, dtype=np.int64)),
                 "batch_tokens": pa.array(batch_tokens),
                 "batch_budget": pa.array(batch_budget),
@@ -352,7 +376,7 @@ class EmbedStage:
                 "reject_reason": pa.array([*(row.get("reject_reasons") or []), None], pa.string()),
                 "source": pa.array([*(row.get("reject_sources") or []), None], pa.string()),
                 "worker": pa.array([self.worker] * n, pa.string()),
-                "attention": pa.array([self.backend] * n, pa.string()),
+                "attention": pa.array([self.kernels] * n, pa.string()),
                 "records_in": pa.array([0] * (n - 1) + [records_in], pa.int64()),
                 "batch_tokens": pa.array([0] * n, pa.int64()),
                 "batch_budget": pa.array([0] * n, pa.int64()),

@@ -99,6 +99,8 @@ class ShadowSettings:
     on_drift: str  # "warn" | "abort"
     max_in_flight: int  # shadow batches queued or running before new samples are shed
     precision: str  # the main path's precision, recorded with each comparison
+    batch_tokens: int = 1  # gather sampled windows until this many tokens, then submit them as one batch
+    fp32_math: str = "ieee"  # how the shadow's FP32 matmuls run: "ieee", or "tf32x3" (GPU, FP32-accurate)
 
 
 @dataclass
@@ -128,6 +130,10 @@ class ShadowMonitor:
 
     def __post_init__(self) -> None:
         self._pending: list[_Pending] = []
+        # Sampled windows gathered for the next shadow batch: a 1% sample of one main batch is a few
+        # sequences, and FP32 matmuls over a few hundred tokens leave the GPU mostly idle.
+        self._gathered: list[tuple[list[str], np.ndarray, np.ndarray, list[np.ndarray]]] = []
+        self._gathered_tokens = 0
         self._tmp = self.out_dir / ".drift.arrow.tmp"
         self._writer = pa.ipc.new_file(str(self._tmp), DRIFT_SCHEMA)
         self._closed = False
@@ -138,19 +144,36 @@ class ShadowMonitor:
         return len(self._pending)
 
     def offer(self, ids: list[str], lengths: np.ndarray, main: np.ndarray, tokens: list[np.ndarray]) -> bool:
-        """Queue sampled windows for FP32; shed them (return False) when the queue is full."""
+        """Gather sampled windows for FP32; once `batch_tokens` are gathered submit them as one batch, or
+        shed them (return False) when the queue is full."""
         if not ids:
             return True
         self.sampled += len(ids)
+        self._gathered.append((list(ids), np.asarray(lengths), np.asarray(main, np.float32), list(tokens)))
+        self._gathered_tokens += sum(len(t) for t in tokens)
         self.poll()
+        if self._gathered_tokens < self.settings.batch_tokens:
+            return True
         if len(self._pending) >= self.settings.max_in_flight:
-            self.shed += len(ids)
+            shed = sum(len(g[0]) for g in self._gathered)
+            self._gathered, self._gathered_tokens = [], 0
+            self.shed += shed
             if self.metrics:
-                self.metrics.shadow_shed(len(ids))
+                self.metrics.shadow_shed(shed)
             return False
-        future = self.submit_fn(pack_for_shadow(tokens))
-        self._pending.append(_Pending(list(ids), np.asarray(lengths), np.asarray(main, np.float32), future))
+        self._submit_gathered()
         return True
+
+    def _submit_gathered(self) -> None:
+        if not self._gathered:
+            return
+        ids = [i for g in self._gathered for i in g[0]]
+        lengths = np.concatenate([g[1] for g in self._gathered])
+        main = np.concatenate([g[2] for g in self._gathered])
+        tokens = [t for g in self._gathered for t in g[3]]
+        self._gathered, self._gathered_tokens = [], 0
+        future = self.submit_fn(pack_for_shadow(tokens))
+        self._pending.append(_Pending(ids, lengths, main, future))
 
     def poll(self, block: bool = False) -> None:
         """Collect finished shadow batches; with block, wait for all of them."""
@@ -177,8 +200,9 @@ class ShadowMonitor:
                 return
 
     def close(self) -> None:
-        """Wait for the shadow batches still running, then put drift.arrow in place."""
+        """Submit what is gathered, wait for the shadow batches still running, then put drift.arrow in place."""
         try:
+            self._submit_gathered()
             self.poll(block=True)
         finally:
             self._finish()
@@ -189,6 +213,7 @@ class ShadowMonitor:
         Safe to call after `close` (even one that raised DriftViolation): it then does nothing.
         """
         self._pending = []
+        self._gathered, self._gathered_tokens = [], 0
         self._finish()
 
     def _finish(self) -> None:
@@ -242,6 +267,8 @@ class ShadowMonitor:
             "rate": self.settings.rate,
             "min_cosine_threshold": self.settings.min_cosine,
             "on_drift": self.settings.on_drift,
+            "fp32_math": self.settings.fp32_math,
+            "batch_tokens": self.settings.batch_tokens,
             "sampled": self.sampled,
             "shed": self.shed,
             "compared": self.compared,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -115,6 +116,24 @@ def test_embed_end_to_end_matches_fair_esm(tmp_path: Path, tiny_esm2_path: Path)
     assert manifest["throughput"]["tokens"] == sum(len(s) + 2 for _, s in expected)
     assert 0 < manifest["throughput"]["packing_efficiency"] <= 1
     assert 0 < manifest["throughput"]["first_output_seconds"] < manifest["throughput"]["wall_seconds"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_embed_with_compiled_layers(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """--compile (the GPU default) through the whole job: the actor compiles in its constructor and the
+    embeddings still match fair-esm; the manifest says the layers ran compiled."""
+    out = tmp_path / "emb"
+    code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_esm2_path),
+                          "--out", str(out), "--gpus", "0", "--compile", "--shadow-rate", "0")
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["attention_backend"] == ["exact+compile"]
+    assert manifest["settings"]["compile_layers"] is True
+    expected = read_fasta(DATA / "some_proteins.fasta")
+    ref = fair_esm_reference(tiny_esm2_path, expected)
+    table = read_parts(out)
+    got = dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
+    assert min(cosine(got[sid], ref[sid]) for sid, _ in expected) >= 0.9999
 
 
 def test_rejects_and_accounting(tmp_path: Path, tiny_esm2_path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import copy
 import fractions
 import hashlib
+import shutil
 import urllib.error
 from pathlib import Path
 from types import ModuleType
@@ -151,6 +152,42 @@ def test_fp32_layernorm_option(embedder: ESM2Embedder, proteins: list[str]) -> N
         fp32.forward_packed(tokens, positions, cu, max_len, -1),
         embedder.forward_packed(tokens, positions, cu, max_len, -1),
     )
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
+def test_compiled_layers_match_eager(embedder: ESM2Embedder, proteins: list[str]) -> None:
+    """The torch.compile path (fused kernels on GPUs; inductor's C++ on CPU) computes the same layers,
+    for two batch shapes without a recompile per shape."""
+    compiled = copy.deepcopy(embedder)
+    assert compiled.use_compile(True) and compiled.compiling
+    for batch in (proteins[:5], proteins[5:8]):
+        tokens, positions, cu, max_len = pack(embedder.codec, batch)
+        eager = embedder.forward_packed(tokens, positions, cu, max_len, -1)
+        fused = compiled.forward_packed(tokens, positions, cu, max_len, -1)
+        assert fused.shape == eager.shape
+        assert (fused - eager).abs().max().item() < 1e-4
+    assert compiled.compiling  # no fallback happened
+
+
+def test_compile_failure_falls_back_to_eager(
+    embedder: ESM2Embedder, proteins: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    model = copy.deepcopy(embedder)
+
+    def broken_compile(*args: object) -> torch.Tensor:
+        raise RuntimeError("inductor: no kernel for you")
+
+    model.compiled = (broken_compile, broken_compile)
+    tokens, positions, cu, max_len = pack(model.codec, proteins[:3])
+    with caplog.at_level("WARNING", logger="runner"):
+        out = model.forward_packed(tokens, positions, cu, max_len, -1)
+    assert torch.equal(out, embedder.forward_packed(tokens, positions, cu, max_len, -1))
+    assert not model.compiling
+    assert "torch.compile failed" in caplog.text and "no kernel for you" in caplog.text
+    # an error of the inputs is not blamed on compile: it propagates from the eager rerun
+    model.compiled = (broken_compile, broken_compile)
+    with pytest.raises(IndexError):
+        model.forward_packed(tokens.clamp(max=10_000) + 10_000, positions, cu, max_len, -1)
 
 
 def test_overflow_checkpoint_is_non_finite_only_for_its_residue(overflow_esm2_path: Path) -> None:
@@ -386,12 +423,14 @@ def test_codec_pickles() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_gpu_fp16_packed_vs_fp32_padded(
-    embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, proteins: list[str]
+    embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, proteins: list[str], compiled: bool
 ) -> None:
     device = torch.device("cuda")
     half = copy.deepcopy(embedder).to(device=device, dtype=torch.float16)
     backend = half.select_attention(device)
+    half.use_compile(compiled)
     tokens, positions, cu, max_len = pack(half.codec, proteins)
     hidden = half.forward_packed(tokens.to(device), positions.to(device), cu.to(device), max_len, -1)
     pooled = pool_packed(hidden, cu.to(device), "mean", 1, 1).cpu()
@@ -404,5 +443,24 @@ def test_gpu_fp16_packed_vs_fp32_padded(
         f"max abs diff {(pooled - pooled_ref).abs().max().item():.3e}"
     )
     assert backend in ("flash_attn", "torch_varlen")
+    assert half.compiling == compiled  # no silent fallback to eager
     assert cosine.mean().item() >= 0.999
     assert cosine.min().item() >= 0.99
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tf32x3_shadow_matches_ieee_fp32(embedder: ESM2Embedder, proteins: list[str]) -> None:
+    """The shadow's 3xTF32 projections give IEEE-FP32 embeddings; plain TF32 would not."""
+    device = torch.device("cuda")
+    ieee = copy.deepcopy(embedder).to(device)
+    ieee.select_attention(device)
+    emulated = copy.deepcopy(embedder).to(device)
+    emulated.select_attention(device)
+    emulated.emulate_fp32()
+    tokens, positions, cu, max_len = (t.to(device) if torch.is_tensor(t) else t for t in pack(embedder.codec, proteins))
+    a = pool_packed(ieee.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+    b = pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+    rel = ((a - b).abs().max() / a.abs().max()).item()
+    cosine = F.cosine_similarity(a.double(), b.double(), dim=-1)
+    print(f"\n3xTF32 vs IEEE FP32: max rel diff {rel:.2e}, 1 - cosine max {(1 - cosine).max().item():.2e}")
+    assert rel < 1e-5 and (1 - cosine).max().item() < 1e-9

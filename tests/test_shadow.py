@@ -150,6 +150,10 @@ def test_warn_mode_completes_and_counts_violations(warn_run: Path) -> None:
     shadow = manifest["shadow"]
     assert shadow["violations"] == shadow["compared"] == 15
     assert shadow["on_drift"] == "warn" and shadow["min_cosine_threshold"] == float(STRICT)
+    assert shadow["fp32_math"] == "ieee"  # a CPU shadow: 3xTF32 only exists on GPUs
+    assert shadow["batch_tokens"] == manifest["settings"]["shadow_batch_tokens"] == 16384
+    assert manifest["settings"]["compile_layers"] is None  # the default: compile on GPUs only
+    assert manifest["attention_backend"] == ["exact"]  # CPU: eager, so no "+compile"
 
 
 def test_manifest_shadow_section_matches_drift_arrow(warn_run: Path) -> None:
@@ -362,6 +366,42 @@ def test_full_queue_sheds_without_blocking(tmp_path: Path) -> None:
     assert summary["violations"] == 0 and summary["cosine_min"] == pytest.approx(2**-0.5)
     monitor.abandon()  # after close: a no-op, drift.arrow stays
     assert read_drift(tmp_path).num_rows == 6
+
+
+def test_samples_are_gathered_into_batches_of_batch_tokens(tmp_path: Path) -> None:
+    """A 1% sample of one main batch is a few windows: they are gathered until batch_tokens, so the FP32
+    shadow runs few large batches; close() submits the rest."""
+    packed_batches = []
+    futures: list[FakeFuture] = []
+
+    def submit(packed):  # the FP32 'result' equals the main vector [1, 0] of every window
+        packed_batches.append(packed)
+        futures.append(FakeFuture(reference=np.tile([[1.0, 0.0]], (len(packed.cu_seqlens) - 1, 1))))
+        return futures[-1]
+
+    def wait(pending, block):
+        done = list(pending) if block else []
+        return done, [f for f in pending if f not in done]
+
+    settings = ShadowSettings(0.5, 0.5, "warn", 1, "fp16", batch_tokens=12)
+    monitor = ShadowMonitor(settings, tmp_path, submit_fn=submit, wait_fn=wait,
+                            get_fn=lambda f: f.reference)
+    window = np.array([0, 5, 6, 7, 2], np.int32)  # 5 tokens
+    main = np.array([[1.0, 0.0]], np.float32)
+    assert monitor.offer(["a"], np.array([3]), main, [window])
+    assert monitor.offer(["b"], np.array([3]), main, [window])
+    assert packed_batches == []  # 10 tokens gathered, fewer than 12
+    assert monitor.offer(["c"], np.array([3]), main, [window])
+    assert len(packed_batches) == 1 and packed_batches[0].cu_seqlens.tolist() == [0, 5, 10, 15]
+    # the queue (1 batch) is full: the next full gathering is shed whole
+    assert monitor.offer(["d", "e", "f"], np.array([3, 3, 3]), np.repeat(main, 3, axis=0), [window] * 3) is False
+    assert monitor.shed == 3 and len(packed_batches) == 1
+    assert monitor.offer(["g"], np.array([3]), main, [window])  # gathered, below batch_tokens
+    futures_before = len(futures)
+    monitor.close()  # waits for the running batch, then flushes "g" as a batch of its own
+    assert len(futures) == futures_before + 1 and packed_batches[-1].cu_seqlens.tolist() == [0, 5]
+    assert monitor.compared == 4 and monitor.sampled == 7 and monitor.violations == 0
+    assert sorted(read_drift(tmp_path).column("id").to_pylist()) == ["a", "b", "c", "g"]
 
 
 def test_abort_records_every_finished_batch_then_raises(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ The pipeline only ever talks to these two classes; it has no model-specific bran
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,3 +86,23 @@ class EmbeddingModel(torch.nn.Module, ABC):
     @abstractmethod
     def select_attention(self, device: torch.device) -> str:
         """Pick the fastest attention kernel available for this device, store it and return its name."""
+
+    # Every projection (nn.Linear weight) of a model's forward goes through `self.linear(x, weight, bias)`:
+    # F.linear, or for the FP32 shadow on a GPU the FP32-accurate 3xTF32 product (runner.models.tf32x3).
+    linear: Callable[..., torch.Tensor]
+
+    def emulate_fp32(self) -> None:
+        """FP32-accurate projections from TF32 tensor cores (3 products per matmul) in an fp32 CUDA model."""
+        from runner.models.tf32x3 import Tf32x3Linear
+
+        self.linear = Tf32x3Linear()
+
+    @property
+    def compiling(self) -> bool:
+        """Whether the forward currently runs compiled layers (False after an eager fallback)."""
+        return False
+
+    def use_compile(self, on: bool) -> bool:
+        """Compile the forward's layers with torch.compile when `on`; returns whether compiling is in use.
+        Models that do not support it run eager and return False."""
+        return False

@@ -286,6 +286,7 @@ class DnabertEmbedder(EmbeddingModel):
         self.encoder = _Encoder(self.num_layers, self.dim, self.inner, eps)
         self.codec = codec  # type: ignore[assignment]  # None only for benchmarks without a tokenizer
         self.attention_backend = "exact"
+        self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
         self._slopes: dict[torch.device, torch.Tensor] = {}  # float32 ALiBi slopes per device
         self._fp32_ln = False
         self.info = ModelInfo(
@@ -350,16 +351,18 @@ class DnabertEmbedder(EmbeddingModel):
         plan = plan_attention(cu_seqlens, n_tok, self.attention_backend, x.device)  # once for all layers
         for blk in self.encoder.layer[:stop]:
             att = blk.attention
-            qkv = att.self.Wqkv(x).view(n_tok, 3, self.num_heads, self.head_dim)  # [T, 3, H, hd]
+            wqkv = att.self.Wqkv
+            qkv = self.linear(x, wqkv.weight, wqkv.bias).view(n_tok, 3, self.num_heads, self.head_dim)  # [T, 3, H, hd]
             q, k, v = qkv.unbind(1)  # 3 x [T, H, hd]
             ctx = varlen_attention(
                 q, k, v, cu_seqlens, max_seqlen, scale, self.attention_backend, alibi_slopes=slopes, plan=plan
             )  # [T, H, hd]
-            x = att.output.LayerNorm(att.output.dense(ctx.reshape(n_tok, self.dim)) + x)  # [T, D]
+            dense = att.output.dense
+            x = att.output.LayerNorm(self.linear(ctx.reshape(n_tok, self.dim), dense.weight, dense.bias) + x)  # [T, D]
             mlp = blk.mlp
-            h = mlp.gated_layers(x)  # [T, 2I]
+            h = self.linear(x, mlp.gated_layers.weight, None)  # [T, 2I]
             gate, value = h[:, : mlp.inner], h[:, mlp.inner :]  # [T, I] each
-            x = mlp.layernorm(mlp.wo(F.gelu(gate) * value) + x)  # [T, D]
+            x = mlp.layernorm(self.linear(F.gelu(gate) * value, mlp.wo.weight, mlp.wo.bias) + x)  # [T, D]
         return x
 
 

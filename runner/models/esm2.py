@@ -11,8 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -119,6 +120,8 @@ class ESM2Embedder(EmbeddingModel):
         self.info = info
         self.codec = Esm2Codec()
         self.attention_backend = "exact"
+        self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
+        self.compiled: LayerParts | None = None  # torch.compile'd halves of esm2_layer, or None (eager)
         self.num_layers = int(esm_model.num_layers)
         self.num_heads = int(esm_model.attention_heads)
         self.head_dim = int(esm_model.embed_dim) // self.num_heads
@@ -129,34 +132,19 @@ class ESM2Embedder(EmbeddingModel):
         self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype)
         return self.attention_backend
 
-    def _layer_norm(self, norm: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-        """`norm(x)`, in float32 when `fp32_layernorm` is set (the variance of fp16 activations can overflow)."""
-        if not self.fp32_layernorm or x.dtype == torch.float32:
-            return norm(x)
-        weight = None if norm.weight is None else norm.weight.float()
-        bias = None if norm.bias is None else norm.bias.float()
-        return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).to(x.dtype)
+    @property
+    def compiling(self) -> bool:
+        return self.compiled is not None
 
-    def _rotary_tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of fair-esm's rotary embedding at each token's own position: float32 [T, 1, hd]."""
-        inv_freq = 1.0 / (
-            10000
-            ** (
-                torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float32)
-                / self.head_dim
-            )
-        )  # [hd/2]
-        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-        angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: fair-esm duplicates, not interleaves
-        return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
-
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotary embedding (rotate-half convention) computed in float32, returned in x's dtype."""
-        xf = x.float()  # [T, H, hd]
-        x1, x2 = xf.chunk(2, dim=-1)  # [T, H, hd/2] each
-        rotated = torch.cat((-x2, x1), dim=-1)  # [T, H, hd]
-        return (xf * cos + rotated * sin).to(x.dtype)  # [T, H, hd]
+    def use_compile(self, on: bool) -> bool:
+        """Run each layer's two halves (around attention) through `torch.compile(dynamic=True)`: LayerNorm,
+        rotary, GELU and the residual adds become fused kernels around the matmuls (one compile for all
+        layers and all batch shapes). Falls back to eager, with a warning, if compiling fails."""
+        if on:
+            self.compiled = tuple(torch.compile(part, dynamic=True) for part in EAGER_PARTS)  # type: ignore[assignment]
+        else:
+            self.compiled = None
+        return on
 
     @torch.no_grad()
     def forward_packed(
@@ -171,7 +159,6 @@ class ESM2Embedder(EmbeddingModel):
         target = self.resolve_layer(layer)
         esm_model = self.esm
         tokens = tokens.long()
-        total = tokens.shape[0]
 
         x = esm_model.embed_scale * esm_model.embed_tokens(tokens)  # [T, D]
         if esm_model.token_dropout:
@@ -190,29 +177,161 @@ class ESM2Embedder(EmbeddingModel):
         if target == 0:
             return x
 
-        cos, sin = self._rotary_tables(positions.to(tokens.device))  # [T, 1, hd] each
+        cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim)  # [T, 1, hd] each
         cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
         for layer_module in esm_model.layers[:target]:
-            attn = layer_module.self_attn
-            residual = x  # [T, D]
-            h = self._layer_norm(layer_module.self_attn_layer_norm, x)  # [T, D]
-            q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)  # [T, H, hd]
-            k = attn.k_proj(h).view(total, self.num_heads, self.head_dim)  # [T, H, hd]
-            v = attn.v_proj(h).view(total, self.num_heads, self.head_dim)  # [T, H, hd]
-            q = self._rotate(q, cos, sin)  # [T, H, hd]
-            k = self._rotate(k, cos, sin)  # [T, H, hd]
-            # fair-esm multiplies q by `scaling` before the rotation; rotation is linear, so scaling inside
-            # the kernel (in fp32) is the same computation with one rounding fewer.
-            o = varlen_attention(q, k, v, cu, max_seqlen, attn.scaling, self.attention_backend)  # [T, H, hd]
-            x = residual + attn.out_proj(o.reshape(total, -1))  # [T, D]
-            residual = x
-            h = self._layer_norm(layer_module.final_layer_norm, x)  # [T, D]
-            h = layer_module.fc2(F.gelu(layer_module.fc1(h)))  # [T, D]; erf GELU, as fair-esm's gelu
-            x = residual + h  # [T, D]
+            x = self._run_layer(layer_module, x, cos, sin, cu, max_seqlen)  # [T, D]
         if target == self.num_layers:
             # fair-esm reports the last layer after the final LayerNorm.
-            x = self._layer_norm(esm_model.emb_layer_norm_after, x)  # [T, D]
+            norm = esm_model.emb_layer_norm_after
+            x = layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
         return x
+
+    def _run_layer(
+        self,
+        layer_module: torch.nn.Module,  # one fair-esm TransformerLayer
+        x: torch.Tensor,  # [T, D]
+        cos: torch.Tensor,  # float32 [T, 1, hd]
+        sin: torch.Tensor,  # float32 [T, 1, hd]
+        cu: torch.Tensor,  # int32 [B+1]
+        max_seqlen: int,
+    ) -> torch.Tensor:
+        """One transformer layer, through the compiled parts when `compile` is on (eager otherwise)."""
+        args = (x, LayerWeights.of(layer_module), cos, sin, cu, max_seqlen, self.num_heads,
+                self.attention_backend, self.fp32_layernorm, self.linear)
+        if self.compiled is None:
+            return esm2_layer(*args)
+        try:
+            return esm2_layer(*args, parts=self.compiled)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
+            out = esm2_layer(*args)  # a real error of the inputs raises here too, and propagates
+            logger.warning("torch.compile failed for the ESM-2 layer (%s: %s): running eager from now on",
+                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.compiled = None
+            return out
+
+
+class LayerWeights(NamedTuple):
+    """The tensors of one fair-esm TransformerLayer, so the layer math is a plain function of tensors."""
+
+    attn_norm_weight: torch.Tensor  # [D]
+    attn_norm_bias: torch.Tensor  # [D]
+    attn_norm_eps: float
+    q_weight: torch.Tensor  # [D, D]
+    q_bias: torch.Tensor  # [D]
+    k_weight: torch.Tensor  # [D, D]
+    k_bias: torch.Tensor  # [D]
+    v_weight: torch.Tensor  # [D, D]
+    v_bias: torch.Tensor  # [D]
+    out_weight: torch.Tensor  # [D, D]
+    out_bias: torch.Tensor  # [D]
+    scaling: float  # head_dim ** -0.5, fair-esm's query scaling
+    mlp_norm_weight: torch.Tensor  # [D]
+    mlp_norm_bias: torch.Tensor  # [D]
+    mlp_norm_eps: float
+    fc1_weight: torch.Tensor  # [4D, D]
+    fc1_bias: torch.Tensor  # [4D]
+    fc2_weight: torch.Tensor  # [D, 4D]
+    fc2_bias: torch.Tensor  # [D]
+
+    @classmethod
+    def of(cls, layer: Any) -> LayerWeights:
+        attn, ln1, ln2 = layer.self_attn, layer.self_attn_layer_norm, layer.final_layer_norm
+        return cls(
+            ln1.weight, ln1.bias, float(ln1.eps),
+            attn.q_proj.weight, attn.q_proj.bias, attn.k_proj.weight, attn.k_proj.bias,
+            attn.v_proj.weight, attn.v_proj.bias, attn.out_proj.weight, attn.out_proj.bias, float(attn.scaling),
+            ln2.weight, ln2.bias, float(ln2.eps),
+            layer.fc1.weight, layer.fc1.bias, layer.fc2.weight, layer.fc2.bias,
+        )
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, fp32: bool) -> torch.Tensor:
+    """LayerNorm over the last dim; in float32 when `fp32` (the variance of fp16 activations can overflow)."""
+    if not fp32 or x.dtype == torch.float32:
+        return F.layer_norm(x, weight.shape, weight, bias, eps)
+    return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of fair-esm's rotary embedding at each token's own position: float32 [T, 1, hd]."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim  # [hd/2]
+    inv_freq = 1.0 / (10000**exponents)  # [hd/2]
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: fair-esm duplicates, not interleaves
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) computed in float32, returned in x's dtype.
+
+    Eager this is several passes over [T, H, hd] in float32; compiled it is one fused kernel.
+    """
+    xf = x.float()  # [T, H, hd]
+    x1, x2 = xf.chunk(2, dim=-1)  # [T, H, hd/2] each
+    rotated = torch.cat((-x2, x1), dim=-1)  # [T, H, hd]
+    return (xf * cos + rotated * sin).to(x.dtype)  # [T, H, hd]
+
+
+def attention_inputs(
+    x: torch.Tensor,  # [T, D] residual stream
+    w: LayerWeights,
+    cos: torch.Tensor,  # float32 [T, 1, hd]
+    sin: torch.Tensor,  # float32 [T, 1, hd]
+    heads: int,
+    fp32_layernorm: bool,
+    linear: Callable[..., torch.Tensor],  # F.linear, or FP32-accurate emulation for the shadow
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-LN, q/k/v projections and rotary positions of one layer: q, k, v [T, H, hd]."""
+    h = layer_norm(x, w.attn_norm_weight, w.attn_norm_bias, w.attn_norm_eps, fp32_layernorm)  # [T, D]
+    q = linear(h, w.q_weight, w.q_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+    k = linear(h, w.k_weight, w.k_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+    v = linear(h, w.v_weight, w.v_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+    return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+
+def attention_output_and_mlp(
+    x: torch.Tensor,  # [T, D] residual stream
+    o: torch.Tensor,  # [T, H, hd] attention output
+    w: LayerWeights,
+    fp32_layernorm: bool,
+    linear: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """Output projection and residual, then the pre-LN GELU MLP and residual: the next x [T, D]."""
+    x = x + linear(o.flatten(1), w.out_weight, w.out_bias)  # [T, D]
+    h = layer_norm(x, w.mlp_norm_weight, w.mlp_norm_bias, w.mlp_norm_eps, fp32_layernorm)  # [T, D]
+    h = linear(F.gelu(linear(h, w.fc1_weight, w.fc1_bias)), w.fc2_weight, w.fc2_bias)  # [T, D]; erf GELU
+    return x + h  # [T, D]
+
+
+# The two halves of a layer around its attention kernel, as plain functions (torch.compile'd on GPUs).
+# The attention call stays outside: its int max_seqlen would otherwise specialise the graph per batch.
+LayerParts = tuple[Callable[..., Any], Callable[..., Any]]
+EAGER_PARTS: LayerParts = (attention_inputs, attention_output_and_mlp)
+
+
+def esm2_layer(
+    x: torch.Tensor,  # [T, D] residual stream
+    w: LayerWeights,
+    cos: torch.Tensor,  # float32 [T, 1, hd]
+    sin: torch.Tensor,  # float32 [T, 1, hd]
+    cu: torch.Tensor,  # int32 [B+1]
+    max_seqlen: int,
+    heads: int,
+    backend: str,  # attention kernel (runner.attention.BACKENDS)
+    fp32_layernorm: bool,
+    linear: Callable[..., torch.Tensor],  # F.linear, or FP32-accurate emulation for the shadow
+    parts: LayerParts = EAGER_PARTS,
+) -> torch.Tensor:
+    """One fair-esm TransformerLayer (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens."""
+    first, rest = parts
+    q, k, v = first(x, w, cos, sin, heads, fp32_layernorm, linear)  # [T, H, hd] each
+    # fair-esm multiplies q by `scaling` before the rotation; rotation is linear, so scaling inside the
+    # kernel (in fp32) is the same computation with one rounding fewer.
+    o = varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend)  # [T, H, hd]
+    return rest(x, o, w, fp32_layernorm, linear)  # [T, D]
 
 
 # ---------------------------------------------------------------------------------------------------
