@@ -448,6 +448,7 @@ def test_gpu_fp16_packed_vs_fp32_padded(
     assert cosine.min().item() >= 0.99
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_tf32x3_shadow_matches_ieee_fp32(embedder: ESM2Embedder, proteins: list[str]) -> None:
     """The shadow's 3xTF32 projections give IEEE-FP32 embeddings; plain TF32 would not."""
