@@ -7,7 +7,9 @@ import itertools
 import logging
 import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -196,10 +198,20 @@ def start_shadow(
         device="cuda" if share > 0 else "cpu",
     )
     actor_class = ray.remote(EmbedStage)
-    # No CPU reservation: the shadow sees only the sampled fraction, and reserving a core for it on a
-    # small machine would starve the reader and packers of the main stream (a hang on 2 cores).
-    actors = [actor_class.options(num_gpus=share, num_cpus=0).remote(fp32) for _ in range(count)]
-    turn = itertools.cycle(actors)
+    actors: list[Any] = []
+    turn: Iterator[Any] = iter(())
+
+    def submit(packed: Any) -> Any:
+        nonlocal turn
+        if not actors:
+            # Created at the first submission, once the embedding actors hold their (1 - share) of each
+            # GPU: Ray packs fractional GPUs, so shadows created first would share one GPU and leave no
+            # GPU with room for the second embedder (seen on 2 H200s: one embedder did all the work).
+            # No CPU reservation: the shadow sees only the sampled fraction, and reserving a core for it
+            # on a small machine would starve the reader and packers of the main stream (a hang on 2 cores).
+            actors.extend(actor_class.options(num_gpus=share, num_cpus=0).remote(fp32) for _ in range(count))
+            turn = itertools.cycle(actors)
+        return next(turn).embed.remote(packed)
 
     def wait(futures, block):
         return ray.wait(futures, num_returns=len(futures), timeout=None if block else 0)
@@ -212,7 +224,7 @@ def start_shadow(
     return ShadowMonitor(
         settings,
         out_dir,
-        submit_fn=lambda packed: next(turn).embed.remote(packed),
+        submit_fn=submit,
         wait_fn=wait,
         get_fn=lambda future: ray.get(future)[0],
         metrics=metrics,

@@ -527,9 +527,11 @@ def compute_ratios(model: dict) -> dict:
         if with_shadow and get(base_g, 0, key):
             out[f"shadow_cost_0.01{suffix}"] = round(1 - with_shadow / get(base_g, 0, key), 4)
             out[f"vs_reference_packed_fp16_shadow_0.01{suffix}"] = _div(with_shadow / max(base_g, 1), ref_packed)
-        with_shadow_01 = get(base_g, 0.1, key)
-        if with_shadow_01 and get(base_g, 0, key):
-            out[f"shadow_cost_0.1{suffix}"] = round(1 - with_shadow_01 / get(base_g, 0, key), 4)
+        for run in ok.values():  # every other shadow rate measured (0.1, 0.005, ...)
+            rate = run.get("shadow_rate") or 0
+            shadowed = get(base_g, rate, key)
+            if rate not in (0, 0.01) and run["gpus"] == base_g and shadowed and get(base_g, 0, key):
+                out[f"shadow_cost_{rate:g}{suffix}"] = round(1 - shadowed / get(base_g, 0, key), 4)
         eager = ok.get(f"g{base_g}_s0_eager", {}).get(key)
         if eager and get(base_g, 0, key):
             out[f"compile_speedup{suffix}"] = _div(get(base_g, 0, key), eager)

@@ -427,3 +427,48 @@ def test_compare_clips_rounding_above_one() -> None:
     assert (max_abs == 0).all() and ratio == pytest.approx(1.0)
     nan_cos, _, _ = compare(np.full((1, 3), np.nan, np.float32), np.ones((1, 3), np.float32))
     assert np.isnan(nan_cos).all()  # NaN is kept (a violation), not clipped into range
+
+
+class FakeRay:
+    """Records actor creations and calls of `start_shadow`'s Ray usage, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def wait(self, futures, num_returns, timeout):  # nothing finishes: the monitor keeps them pending
+        return [], list(futures)
+
+    def remote(self, cls):
+        ray = self
+
+        class Options:
+            def __init__(self, **options) -> None:
+                self.options_ = options
+
+            def remote(self, settings):
+                ray.events.append(f"create num_gpus={self.options_['num_gpus']} precision={settings.precision}")
+                handle = type("Handle", (), {})()
+                handle.embed = type("Method", (), {"remote": lambda _, packed: ray.events.append("embed") or "ref"})()
+                return handle
+
+        return type("ActorClass", (), {"options": lambda _, **o: Options(**o)})()
+
+
+def test_gpu_shadow_actors_are_created_only_at_the_first_submission(tmp_path: Path) -> None:
+    """Ray packs fractional GPUs: shadow actors created before the embedders share one GPU and leave no
+    GPU with room for a second (1 - share) embedder. They must come after the embedders are placed."""
+    from runner.cluster import start_shadow
+    from runner.config import EmbedConfig
+    from runner.embed_stage import StageSettings
+
+    ray = FakeRay()
+    config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=1)
+    stage = StageSettings(model="m", precision="fp16", layer=-1, pooling="mean", device="cuda")
+    monitor = start_shadow(ray, config, stage, 2, 0.25, tmp_path, "fp16", metrics=None)
+    assert ray.events == []  # nothing placed while the embedding actors are still being scheduled
+    main = np.array([[1.0, 0.0]], np.float32)
+    monitor.offer(["a"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
+    assert ray.events == ["create num_gpus=0.25 precision=fp32"] * 2 + ["embed"]
+    monitor.offer(["b"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
+    assert ray.events[-1] == "embed" and ray.events.count("create num_gpus=0.25 precision=fp32") == 2
+    monitor.abandon()
