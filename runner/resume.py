@@ -35,6 +35,17 @@ TMP_PART_NAME = re.compile(r"^\.part-(\d+)\.arrow\.tmp$")
 LOCK_NAME = ".runner.lock"
 
 
+def bitmap_contains(bits: np.ndarray, ordinals: np.ndarray) -> np.ndarray:
+    """bool [N]: which ordinals are set in a packed bitmap (np.packbits order; ordinals past its end are not)."""
+    o = np.asarray(ordinals, dtype=np.int64)
+    out = np.zeros(len(o), dtype=bool)
+    inside = (o >= 0) & (o < len(bits) * 8)
+    if inside.any():
+        oi = o[inside]
+        out[inside] = ((bits[oi >> 3] >> (7 - (oi & 7)).astype(np.uint8)) & 1) == 1
+    return out
+
+
 class OrdinalSet:
     """A growable bitmap of non-negative input ordinals (1 bit each, big-endian within a byte, as np.packbits)."""
 
@@ -53,13 +64,7 @@ class OrdinalSet:
 
     def contains(self, ordinals: np.ndarray) -> np.ndarray:
         """bool [N]: which of `ordinals` are in the set."""
-        o = np.asarray(ordinals, dtype=np.int64)
-        out = np.zeros(len(o), dtype=bool)
-        inside = (o >= 0) & (o < len(self._bits) * 8)
-        if inside.any():
-            oi = o[inside]
-            out[inside] = ((self._bits[oi >> 3] >> (7 - (oi & 7)).astype(np.uint8)) & 1) == 1
-        return out
+        return bitmap_contains(self._bits, ordinals)
 
     def add(self, ordinals: np.ndarray) -> None:
         """Add ordinals (>= 0); adding one twice is harmless."""

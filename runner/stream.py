@@ -22,6 +22,7 @@ from runner.batch import InputRecord
 from runner.models.base import SequenceCodec
 from runner.packing import pack_block
 from runner.prepare import DuplicateFilter, Preparer
+from runner.resume import bitmap_contains
 from runner.sources import read_records
 
 RECORD_SCHEMA = pa.schema(
@@ -51,17 +52,6 @@ class ReadSettings:
     done_bits: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
 
 
-def is_done(done_bits: np.ndarray, ordinals: np.ndarray) -> np.ndarray:
-    """bool [N]: which ordinals are set in a packed bitmap (ordinals past its end are not)."""
-    o = np.asarray(ordinals, dtype=np.int64)
-    out = np.zeros(len(o), dtype=bool)
-    inside = (o >= 0) & (o < len(done_bits) * 8)
-    if inside.any():
-        oi = o[inside]
-        out[inside] = ((done_bits[oi >> 3] >> (7 - (oi & 7)).astype(np.uint8)) & 1) == 1
-    return out
-
-
 def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
     """Records of every input, in order, as Arrow blocks; later copies of an id carry a duplicate reason."""
     dedup = DuplicateFilter()
@@ -74,7 +64,7 @@ def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
         pending.append(record)
         to_embed += 1
         if resuming and len(pending) % 256 == 0:  # vectorised bitmap look-ups, not one per record
-            to_embed -= int(is_done(settings.done_bits, np.array([r.ordinal for r in pending[-256:]])).sum())
+            to_embed -= int(bitmap_contains(settings.done_bits, np.array([r.ordinal for r in pending[-256:]])).sum())
         if to_embed >= settings.records_per_block or len(pending) >= max_rows:
             yield _record_block(pending, dedup, settings.done_bits)
             pending, to_embed = [], 0
@@ -87,7 +77,7 @@ def _record_block(records: list[InputRecord], dedup: DuplicateFilter, done_bits:
     named = [r for r in records if r.id]
     reasons = iter(dedup.check([r.id for r in named], [r.source for r in named]))
     duplicate = [next(reasons) if r.id else None for r in records]
-    done = is_done(done_bits, np.array([r.ordinal for r in records], dtype=np.int64))
+    done = bitmap_contains(done_bits, np.array([r.ordinal for r in records], dtype=np.int64))
     # Done records travel without their text: they are only counted downstream.
     return pa.table(
         {
