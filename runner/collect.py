@@ -66,7 +66,6 @@ def drain(
             if shadow is not None:
                 offer_to_shadow(table, shadow)
                 metrics.shadow_queue(shadow.queue_depth)
-                report.shadow = shadow.summary()
             progress.update(report.records_done, report.tokens)
     except RunnerError:
         raise  # raised here on the driver (NaN/Inf, disk full, drift): already one clear line
@@ -126,14 +125,19 @@ def stream_failure(error: BaseException) -> RunnerError:
 _EXCEPTION_LINE = re.compile(r"^(?!ray\.)((?:[A-Za-z_]\w*\.)*[A-Z]\w*): (.+)$")
 
 
+def embedding_matrix(table: pa.Table) -> np.ndarray:
+    """The fixed-size-list `embedding` column as a float32 [N, D] array (no per-row Python objects)."""
+    dim = table.schema.field("embedding").type.list_size
+    return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
+
+
 def offer_to_shadow(table: pa.Table, shadow: ShadowMonitor) -> None:
     """Hand the windows the actors sampled (token ids returned) to the shadow, with their stored vectors."""
     sampled = table.column("shadow_tokens").is_valid().to_numpy(zero_copy_only=False)
     if not sampled.any():
         return
     sub = table.filter(pa.array(sampled))
-    dim = sub.schema.field("embedding").type.list_size
-    main = sub.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
+    main = embedding_matrix(sub)  # [N, D]
     tokens = [np.asarray(t, dtype=np.int32) for t in sub.column("shadow_tokens").to_pylist()]
     shadow.offer(sub.column("id").to_pylist(), sub.column("residues").to_numpy(), main, tokens)
 
@@ -194,8 +198,7 @@ def handle_table(
     for worker in win.column("worker").to_pylist():
         report.workers[worker] = report.workers.get(worker, 0) + 1
     report.attention.update(win.column("attention").unique().to_pylist())
-    dim = win.schema.field("embedding").type.list_size
-    vectors = win.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
+    vectors = embedding_matrix(win)  # [N, D]
     chunk_count = win.column("chunk_count").to_numpy()
     whole = chunk_count <= 1
     ids = win.column("id").to_pylist()

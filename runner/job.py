@@ -37,7 +37,7 @@ from runner.report import JobReport
 from runner.resume import OutLock, prepare_resume
 from runner.shadow import ShadowMonitor
 from runner.signals import JobInterrupted, StopSignals, _StopNow
-from runner.sink import OutputWriteError, PartWriter, RejectWriter
+from runner.sink import OutputWriteError, PartWriter, RejectWriter, write_error
 from runner.sources import expand_inputs, read_records, sniff_input
 
 log = logging.getLogger("runner")
@@ -240,10 +240,7 @@ def finish_outputs(
         manifest.write(report)
     except OSError as e:
         log.error("could not write %s (%s)", manifest.path, e.strerror or e)
-        error = error or OutputWriteError(
-            f"cannot write {manifest.path} ({e.strerror or e}): free disk space or make --out writable, then "
-            "rerun the same command to resume (finished parts are kept)"
-        )
+        error = error or write_error(manifest.path, e)
     if error is not None:
         raise error
 

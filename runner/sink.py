@@ -25,7 +25,8 @@ class OutputWriteError(RunnerError):
     """Writing an output file failed (disk full, permissions); complete parts stay, the job can resume."""
 
 
-def _write_error(path: Path, e: OSError) -> OutputWriteError:
+def write_error(path: Path, e: OSError) -> OutputWriteError:
+    """The one-line error for an output that could not be written (the same advice for every file)."""
     reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
     return OutputWriteError(
         f"cannot write {path} ({reason}): free disk space or make --out writable, then rerun the same command "
@@ -68,7 +69,7 @@ class PartWriter:
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise _write_error(self.dir, e) from None
+            raise write_error(self.dir, e) from None
         self.schema = embedding_schema(embed_dim)
         self.embed_dim = embed_dim
         self.rows_per_part = rows_per_part
@@ -96,7 +97,7 @@ class PartWriter:
         except OSError as e:
             failed = self._tmp or self.dir
             self.discard_open_part()
-            raise _write_error(failed, e) from None
+            raise write_error(failed, e) from None
 
     def close(self) -> None:
         """Finish the open part (if it holds any row)."""
@@ -106,7 +107,7 @@ class PartWriter:
             except OSError as e:
                 failed = self._tmp or self.dir
                 self.discard_open_part()
-                raise _write_error(failed, e) from None
+                raise write_error(failed, e) from None
 
     def discard_open_part(self) -> None:
         """Drop the part being written (a hard stop, or a failed write): only complete parts stay visible."""
@@ -158,7 +159,7 @@ class RejectWriter:
         try:
             self._writer: pa.ipc.RecordBatchFileWriter | None = pa.ipc.new_file(str(self._tmp), REJECT_SCHEMA)
         except OSError as e:
-            raise _write_error(self._tmp, e) from None
+            raise write_error(self._tmp, e) from None
         self.count = 0
         self.reasons: dict[str, int] = {}  # reject count per reason kind (text before the first ':' / '(')
 
@@ -178,7 +179,7 @@ class RejectWriter:
             )
         except OSError as e:
             self._writer = None
-            raise _write_error(self._tmp, e) from None
+            raise write_error(self._tmp, e) from None
         self.count += len(rejects)
         for r in rejects:
             kind = r.reason.split(":")[0].split("(")[0].strip()
@@ -193,7 +194,7 @@ class RejectWriter:
             _fsync(self._tmp)
             os.replace(self._tmp, self.final)
         except OSError as e:
-            raise _write_error(self.final, e) from None
+            raise write_error(self.final, e) from None
         finally:
             self._writer = None
 
