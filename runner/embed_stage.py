@@ -29,6 +29,7 @@ import torch
 
 from runner.batch import PackedBatch
 from runner.metrics import ActorMetrics
+from runner.models.base import EmbeddingModel
 from runner.models.registry import load_model
 from runner.pooling import pool_packed
 from runner.shadow import shadow_sample
@@ -177,15 +178,7 @@ class EmbedStage:
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
         """Pooled float32 embeddings [B, D] and a finite flag per window, with one device sync."""
-        dev = self.device
-        pin = dev.type == "cuda"
-        tokens = _to_device(batch.tokens, torch.int64, dev, pin)  # [T]
-        positions = _to_device(batch.positions, torch.int64, dev, pin)  # [T]
-        cu_seqlens = _to_device(batch.cu_seqlens, torch.int32, dev, pin)  # [B+1]
-        hidden = self.model.forward_packed(tokens, positions, cu_seqlens, batch.max_seqlen, self.settings.layer)
-        pooled = pool_packed(
-            hidden, cu_seqlens, self.settings.pooling, self.codec.special_start, self.codec.special_end
-        )  # [B, D] float32
+        pooled = pooled_forward(self.model, batch, self.device, self.settings.layer, self.settings.pooling)  # [B, D]
         finite = torch.isfinite(pooled).all(dim=1)  # [B]
         # One transfer back (and so one sync) for the embeddings and their finite flags together.
         both = torch.cat([pooled, finite[:, None].to(pooled.dtype)], dim=1).cpu().numpy()  # [B, D+1]
@@ -386,6 +379,22 @@ class EmbedStage:
             },
             schema=self.schema,
         )
+
+
+def pooled_forward(
+    model: EmbeddingModel, batch: PackedBatch, device: torch.device, layer: int, pooling: str
+) -> torch.Tensor:
+    """One packed batch through the model and pooled, left on the device: float32 [B, D], no sync.
+
+    The one forward path of `runner embed` (EmbedStage) and `runner validate`.
+    """
+    pin = device.type == "cuda"
+    tokens = _to_device(batch.tokens, torch.int64, device, pin)  # [T]
+    positions = _to_device(batch.positions, torch.int64, device, pin)  # [T]
+    cu_seqlens = _to_device(batch.cu_seqlens, torch.int32, device, pin)  # [B+1]
+    hidden = model.forward_packed(tokens, positions, cu_seqlens, batch.max_seqlen, layer)  # [T, D]
+    codec = model.codec
+    return pool_packed(hidden, cu_seqlens, pooling, codec.special_start, codec.special_end)  # [B, D] float32
 
 
 def select_windows(batch: PackedBatch, start: int, end: int) -> PackedBatch:

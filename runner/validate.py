@@ -30,11 +30,11 @@ import torch
 
 from runner.batch import TokenizedRecord
 from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget
+from runner.embed_stage import DTYPES, pooled_forward
 from runner.errors import RunnerError
 from runner.models.base import EmbeddingModel, SequenceCodec
 from runner.models.registry import load_codec, load_model, model_info
 from runner.packing import pack_block
-from runner.pooling import pool_packed
 from runner.prepare import Preparer
 from runner.shadow import compare
 from runner.sources import expand_inputs, read_records, sniff_input
@@ -42,7 +42,6 @@ from runner.sources import expand_inputs, read_records, sniff_input
 log = logging.getLogger("runner")
 
 LOW_PRECISIONS: tuple[str, ...] = ("fp16", "bf16")
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STRATA: tuple[str, ...] = ("short", "medium", "long")
 MAX_OUTLIERS_LISTED = 20  # per stratum; the count is always complete
 
@@ -170,21 +169,13 @@ def _sync(device: torch.device) -> None:
 def embed_sample(model: EmbeddingModel, windows: list[TokenizedRecord], budget: int, layer: int, pooling: str,
                  device: torch.device) -> Embedded:
     """Pooled float32 embeddings of every window, packed like `runner embed` packs them."""
-    codec = model.codec
     batches = pack_block(windows, budget)
     out = np.zeros((len(windows), model.info.embed_dim), dtype=np.float32)
 
-    def forward(batch) -> torch.Tensor:
-        tokens = torch.from_numpy(batch.tokens).to(device, torch.int64)  # [T]
-        positions = torch.from_numpy(batch.positions).to(device, torch.int64)  # [T]
-        cu = torch.from_numpy(batch.cu_seqlens).to(device, torch.int32)  # [B+1]
-        hidden = model.forward_packed(tokens, positions, cu, batch.max_seqlen, layer)  # [T, D]
-        return pool_packed(hidden, cu, pooling, codec.special_start, codec.special_end)  # [B, D] float32
-
-    forward(batches[0])  # warm-up: first-call costs (kernel selection, allocator) would skew the timing
+    pooled_forward(model, batches[0], device, layer, pooling)  # warm-up: first-call costs (kernel selection, allocator) would skew the timing
     _sync(device)
     started = time.perf_counter()
-    pooled = [forward(b) for b in batches]
+    pooled = [pooled_forward(model, b, device, layer, pooling) for b in batches]  # [B, D] float32 each
     _sync(device)
     seconds = time.perf_counter() - started
     for batch, vectors in zip(batches, pooled, strict=True):
