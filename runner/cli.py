@@ -75,7 +75,7 @@ def shadow_options(fn: Callable) -> Callable:
         click.option("--drift-min-cosine", type=float, help="Per-sequence cosine vs FP32 below which drift is flagged (default 0.99)."),
         click.option("--on-drift", type=click.Choice(["warn", "abort"]), help="What a drift violation does (default warn)."),
         click.option("--shadow-math", type=click.Choice(["tf32x3", "ieee"]),
-                     help="FP32 matmuls of a GPU shadow: tf32x3 (FP32-accurate, ~2.5x faster; default) or ieee."),
+                     help="FP32 matmuls of a GPU shadow: tf32x3 (FP32-accurate, faster; default) or ieee (plain FP32)."),
         click.option("--fp32-layernorm", is_flag=True, default=None, help="Keep LayerNorm in FP32 inside the FP16 model."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)

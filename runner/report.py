@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-
-log = logging.getLogger("runner")
 
 
 @dataclass
@@ -31,19 +28,19 @@ class JobReport:
     first_output_seconds: float | None = None  # job start -> first embeddings back (Ray start, model load)
     tokens_at_first_output: int = 0  # tokens of that first output (excluded from the steady rate)
 
-    @property
-    def steady_tokens_per_second(self) -> float:
-        """Tokens/s from the first embeddings back to the end: the rate once actors are loaded."""
-        if self.first_output_seconds is None or self.wall_seconds <= self.first_output_seconds:
-            return 0.0
-        return (self.tokens - self.tokens_at_first_output) / (self.wall_seconds - self.first_output_seconds)
-
     parts: list[str] = field(default_factory=list)
     resumed_rows: int = 0  # rows found in complete parts of earlier runs (included in rows_written)
     failed_records: int = 0  # sequences rejected because their window raised inside the model
     oom_splits: int = 0  # batches split after CUDA out-of-memory
     actor_restarts: int = 0  # embedding actors Ray restarted after their process died
     duplicates_dropped: int = 0  # rows delivered twice by a retried batch and not written again
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Tokens/s from the first embeddings back to the end: the rate once actors are loaded."""
+        if self.first_output_seconds is None or self.wall_seconds <= self.first_output_seconds:
+            return 0.0
+        return (self.tokens - self.tokens_at_first_output) / (self.wall_seconds - self.first_output_seconds)
 
     @property
     def tokens_per_second(self) -> float:
