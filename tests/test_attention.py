@@ -80,6 +80,27 @@ def test_no_cross_sequence_leakage(alibi: bool) -> None:
     assert torch.equal(out[e:], base[e:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_nested_matches_dense_block_diagonal_and_keeps_sequences_apart(dtype: torch.dtype) -> None:
+    q, k, v, cu = _packed_qkv(LENGTHS, dtype=dtype)
+    out = varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "nested")
+    assert out.shape == q.shape and out.dtype == dtype
+    torch.testing.assert_close(out.double(), _dense_reference(q, k, v, cu, 0.25, None), atol=1e-5, rtol=1e-5)
+    q2 = q.clone()
+    q2[int(cu[2]) : int(cu[3])] += 10  # only sequence 2's queries change
+    changed = (varlen_attention(q2, k, v, cu, max(LENGTHS), 0.25, "nested") != out).any(dim=(1, 2))  # [T]
+    assert changed.nonzero().flatten().tolist() == list(range(int(cu[2]), int(cu[3])))
+
+
+def test_nested_hands_alibi_to_the_exact_path() -> None:
+    q, k, v, cu = _packed_qkv(LENGTHS)
+    slopes = alibi_slopes(q.shape[1])
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "nested", alibi_slopes=slopes),
+        varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "exact", alibi_slopes=slopes),
+    )
+
+
 def test_alibi_slopes_power_of_two_and_not() -> None:
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     # 12 heads: the 8-head slopes, then every other one of the 16-head slopes (2^-0.5, 2^-1.5, ...).
@@ -141,3 +162,12 @@ def test_gpu_backends_match_reference(alibi: bool) -> None:
         err = (out.double().cpu() - ref).abs().max().item()
         print(f"{backend}: max abs err vs fp64 dense = {err:.2e}")
         assert err < 2e-2, backend
+    # FP32 (the shadow): the nested kernel must be FP32-accurate, like the per-sequence reference loop.
+    fp32_backends = available_backends(device, alibi=alibi, dtype=torch.float32)
+    assert ("nested" in fp32_backends) == (not alibi)
+    for backend in ("exact",) if alibi else ("nested", "exact"):
+        out = varlen_attention(q.to(device), k.to(device), v.to(device), cu.to(device), max(lengths), scale,
+                               backend, alibi_slopes=slopes)
+        err = (out.double().cpu() - ref).abs().max().item()
+        print(f"{backend} fp32: max abs err vs fp64 dense = {err:.2e}")
+        assert err < 1e-5, backend
