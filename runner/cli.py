@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from runner import __version__
-from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, EmbedConfig, load_config_file
+from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, SHADOW_MATHS, EmbedConfig, load_config_file
 from runner.errors import RunnerError
 
 
@@ -74,8 +74,9 @@ def shadow_options(fn: Callable) -> Callable:
         click.option("--shadow-gpus", type=float, help="GPU share of each shadow actor (default 0.25 on GPUs; 0 = CPU)."),
         click.option("--drift-min-cosine", type=float, help="Per-sequence cosine vs FP32 below which drift is flagged (default 0.99)."),
         click.option("--on-drift", type=click.Choice(["warn", "abort"]), help="What a drift violation does (default warn)."),
-        click.option("--shadow-math", type=click.Choice(["tf32x3", "ieee"]),
-                     help="FP32 matmuls of a GPU shadow: tf32x3 (FP32-accurate, faster; default) or ieee (plain FP32)."),
+        click.option("--shadow-math", type=click.Choice(SHADOW_MATHS),
+                     help="FP32 matmuls of a GPU shadow: fp16x3 or tf32x3 (FP32-accurate from tensor cores), "
+                     "bf16x3 (coarser, ~2^-16) or ieee (plain FP32). Default fp16x3."),
         click.option("--fp32-layernorm", is_flag=True, default=None, help="Keep LayerNorm in FP32 inside the FP16 model."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)

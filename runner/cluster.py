@@ -193,7 +193,11 @@ def start_shadow(
         precision="fp32",
         shadow_rate=0.0,
         fp32_layernorm=False,
-        compile_layers=False,  # small batches, and TF32 is switched per product (see runner.models.tf32x3)
+        # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
+        # matmul setting around each product, which a compiled graph would not see.
+        compile_layers=stage.compile_layers and config.shadow_math in ("fp16x3", "bf16x3"),
+        # The shadow compiles mid-job: with a worker per core it would starve the running stream's CPU stages.
+        compile_threads=1,
         fp32_math=config.shadow_math,
         device="cuda" if share > 0 else "cpu",
     )
@@ -201,16 +205,19 @@ def start_shadow(
     actors: list[Any] = []
     turn: Iterator[Any] = iter(())
 
-    def submit(packed: Any) -> Any:
+    def start() -> None:
         nonlocal turn
         if not actors:
-            # Created at the first submission, once the embedding actors hold their (1 - share) of each
-            # GPU: Ray packs fractional GPUs, so shadows created first would share one GPU and leave no
-            # GPU with room for the second embedder (seen on 2 H200s: one embedder did all the work).
+            # Created at the first sample, once the embedding actors hold their (1 - share) of each GPU:
+            # Ray packs fractional GPUs, so shadows created first would share one GPU and leave no GPU
+            # with room for the second embedder (seen on 2 H200s: one embedder did all the work).
             # No CPU reservation: the shadow sees only the sampled fraction, and reserving a core for it
             # on a small machine would starve the reader and packers of the main stream (a hang on 2 cores).
             actors.extend(actor_class.options(num_gpus=share, num_cpus=0).remote(fp32) for _ in range(count))
             turn = itertools.cycle(actors)
+
+    def submit(packed: Any) -> Any:
+        start()
         return next(turn).embed.remote(packed)
 
     def wait(futures, block):
@@ -228,4 +235,5 @@ def start_shadow(
         wait_fn=wait,
         get_fn=lambda future: ray.get(future)[0],
         metrics=metrics,
+        start_fn=start,
     )

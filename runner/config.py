@@ -20,6 +20,10 @@ from runner.errors import RunnerError
 Precision = Literal["fp16", "bf16", "fp32"]
 LongPolicy = Literal["truncate", "chunk", "skip"]
 Pooling = Literal["mean", "mean_all", "cls"]
+# How the FP32 shadow's matmuls run on a GPU (runner.models.base.fp32_linear). fp16x3 and tf32x3 are
+# FP32-accurate (~2^-22) from tensor cores; bf16x3 is coarser (~2^-16); ieee is plain FP32 on CUDA cores.
+ShadowMath = Literal["fp16x3", "bf16x3", "tf32x3", "ieee"]
+SHADOW_MATHS: tuple[str, ...] = ("fp16x3", "bf16x3", "tf32x3", "ieee")
 
 PRECISIONS: tuple[str, ...] = ("fp16", "bf16", "fp32")
 LONG_POLICIES: tuple[str, ...] = ("truncate", "chunk", "skip")
@@ -56,8 +60,8 @@ class EmbedConfig:
     shadow_gpus: float | None = None  # GPU share of each shadow actor; None = 0.25 on GPU runs; 0 = CPU
     shadow_actors: int | None = None  # shadow actors; None = one per GPU (beside each embedder), 1 on CPU
     shadow_queue: int = 4  # shadow batches in flight per shadow actor before samples are shed
-    shadow_batch_tokens: int = 16384  # sampled tokens gathered into one shadow batch (bigger = cheaper FP32)
-    shadow_math: Literal["tf32x3", "ieee"] = "tf32x3"  # GPU shadow matmuls: FP32-accurate 3xTF32, or IEEE FP32
+    shadow_batch_tokens: int = 32768  # sampled tokens gathered into one shadow batch (bigger = cheaper FP32)
+    shadow_math: ShadowMath = "fp16x3"  # how a GPU shadow's FP32 matmuls run (SHADOW_MATHS)
     drift_min_cosine: float = 0.99  # a sampled sequence below this cosine vs FP32 is a drift violation
     on_drift: Literal["warn", "abort"] = "warn"  # what a drift violation does
     overwrite: bool = False  # clear --out's previous outputs instead of resuming them
@@ -99,8 +103,8 @@ class EmbedConfig:
             raise RunnerError("--shadow-rate must be between 0 and 1 (0 turns the shadow off)")
         if self.shadow_gpus is not None and not 0 <= self.shadow_gpus < 1:
             raise RunnerError("--shadow-gpus must be a GPU share in [0, 1), e.g. 0.25 (0 = CPU)")
-        if self.shadow_math not in ("tf32x3", "ieee"):
-            raise RunnerError(f"--shadow-math must be tf32x3 or ieee, not {self.shadow_math!r}")
+        if self.shadow_math not in SHADOW_MATHS:
+            raise RunnerError(f"--shadow-math must be one of {', '.join(SHADOW_MATHS)}, not {self.shadow_math!r}")
         if self.shadow_batch_tokens < 1:
             raise RunnerError("--shadow-batch-tokens must be at least 1")
         if self.on_drift not in ("warn", "abort"):

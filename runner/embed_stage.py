@@ -51,7 +51,8 @@ class StageSettings:
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
-    fp32_math: str = "ieee"  # fp32 projections on CUDA: "ieee" or "tf32x3" (FP32-accurate, for the shadow)
+    compile_threads: int = 0  # inductor compile workers; 0 = torch's default (about one per core)
+    fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
     shadow_rate: float = 0.0  # fraction of ids whose tokens are returned for the FP32 shadow
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
     test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
@@ -119,8 +120,8 @@ class EmbedStage:
         self.model = model.to(self.device, DTYPES[settings.precision]).eval()
         self.backend = self.model.select_attention(self.device)
         on_cuda = self.device.type == "cuda"
-        if on_cuda and settings.precision == "fp32" and settings.fp32_math == "tf32x3":
-            self.model.emulate_fp32()
+        if on_cuda and settings.precision == "fp32" and settings.fp32_math != "ieee":
+            self.model.emulate_fp32(settings.fp32_math)
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
         self.schema = output_schema(self.embed_dim)
@@ -132,6 +133,10 @@ class EmbedStage:
         self._unreported_ooms = 0  # OOM splits not yet reported to the driver
         self._unreported_restart = int(_was_restarted())
         self._batches = 0
+        if settings.compile_layers and settings.compile_threads:
+            import torch._inductor.config as inductor_config  # this actor's process only
+
+            inductor_config.compile_threads = settings.compile_threads
         if self.model.use_compile(settings.compile_layers):
             self._warm_up()
         if self._unreported_restart:

@@ -100,7 +100,7 @@ class ShadowSettings:
     max_in_flight: int  # shadow batches queued or running before new samples are shed
     precision: str  # the main path's precision, recorded with each comparison
     batch_tokens: int = 1  # gather sampled windows until this many tokens, then submit them as one batch
-    fp32_math: str = "ieee"  # how the shadow's FP32 matmuls run: "ieee", or "tf32x3" (GPU, FP32-accurate)
+    fp32_math: str = "ieee"  # how the shadow's FP32 matmuls run on a GPU (runner.config.SHADOW_MATHS)
 
 
 @dataclass
@@ -121,6 +121,9 @@ class ShadowMonitor:
     wait_fn: Any  # callable(list[future], block: bool) -> (done, not_done)
     get_fn: Any  # callable(future) -> np.ndarray [N, D]
     metrics: Any = None  # runner.metrics.DriverMetrics or None
+    # callable() that starts the FP32 actors, called at the first offer (once the main stream runs), so that
+    # they load and compile while the first shadow batch gathers; None when submit_fn starts them itself.
+    start_fn: Any = None
     sampled: int = 0
     shed: int = 0
     compared: int = 0
@@ -148,6 +151,9 @@ class ShadowMonitor:
         shed them (return False) when the queue is full."""
         if not ids:
             return True
+        if self.start_fn is not None:
+            self.start_fn()
+            self.start_fn = None
         self.sampled += len(ids)
         self._gathered.append((list(ids), np.asarray(lengths), np.asarray(main, np.float32), list(tokens)))
         self._gathered_tokens += sum(len(t) for t in tokens)

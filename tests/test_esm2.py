@@ -154,6 +154,43 @@ def test_fp32_layernorm_option(embedder: ESM2Embedder, proteins: list[str]) -> N
     )
 
 
+@pytest.mark.parametrize(
+    ("math", "compiled", "max_one_minus_cos"), [("fp16x3", False, 1e-10), ("bf16x3", False, 1e-7), ("fp16x3", True, 1e-10)]
+)
+def test_split_math_forward_matches_fp32(
+    embedder: ESM2Embedder, proteins: list[str], math: str, compiled: bool, max_one_minus_cos: float
+) -> None:
+    """The shadow's split projections (pre-split weights per layer) through the whole ESM-2 forward:
+    FP32-class for fp16x3 (on CPU the half GEMM's arithmetic runs in float32, see tests/test_fp16x3.py),
+    compiled too (inductor once optimised the hi/lo split away inside its fused kernels)."""
+    if compiled and shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler")
+    emulated = copy.deepcopy(embedder)
+    emulated.emulate_fp32(math)
+    assert emulated.use_compile(compiled) == compiled
+    assert emulated.split_weights is not None and len(emulated.split_weights) == emulated.num_layers
+    assert emulated.split_weights[0].qkv_weight is not None  # q, k, v as one product
+    tokens, positions, cu, max_len = pack(embedder.codec, proteins[:6])
+    reference = pool_packed(embedder.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+    split = pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+    one_fp16 = copy.deepcopy(embedder).half().float()  # weights rounded to fp16 once: FP16-class error
+    rounded = pool_packed(one_fp16.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+
+    def one_minus_cos(a: torch.Tensor) -> float:
+        return (1 - F.cosine_similarity(a.double(), reference.double(), dim=-1)).max().item()
+
+    assert not torch.equal(split, reference)  # the split path really ran
+    assert emulated.compiling == compiled
+    assert one_minus_cos(split) < max_one_minus_cos
+    assert one_minus_cos(split) < one_minus_cos(rounded) / 100
+    emulated.emulate_fp32("ieee")
+    emulated.use_compile(False)
+    assert emulated.split_weights is None
+    assert torch.equal(
+        pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1), reference
+    )
+
+
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
 def test_compiled_layers_match_eager(embedder: ESM2Embedder, proteins: list[str]) -> None:
     """The torch.compile path (fused kernels on GPUs; inductor's C++ on CPU) computes the same layers,
@@ -450,18 +487,34 @@ def test_gpu_fp16_packed_vs_fp32_padded(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_tf32x3_shadow_matches_ieee_fp32(embedder: ESM2Embedder, proteins: list[str]) -> None:
-    """The shadow's 3xTF32 projections give IEEE-FP32 embeddings; plain TF32 would not."""
+@pytest.mark.parametrize(
+    ("math", "compiled", "max_rel", "max_one_minus_cos"),
+    [("tf32x3", False, 1e-5, 1e-9), ("fp16x3", False, 1e-5, 1e-9), ("fp16x3", True, 1e-5, 1e-9),
+     ("bf16x3", True, 1e-3, 1e-7)],
+)
+def test_gpu_shadow_math_matches_ieee_fp32(
+    embedder: ESM2Embedder, proteins: list[str], math: str, compiled: bool, max_rel: float, max_one_minus_cos: float
+) -> None:
+    """The shadow's tensor-core FP32 emulations give IEEE-FP32 embeddings (bf16x3: nearly), far closer to
+    IEEE than the FP16 path they check."""
     device = torch.device("cuda")
     ieee = copy.deepcopy(embedder).to(device)
     ieee.select_attention(device)
     emulated = copy.deepcopy(embedder).to(device)
     emulated.select_attention(device)
-    emulated.emulate_fp32()
+    emulated.emulate_fp32(math)
+    assert emulated.use_compile(compiled) == compiled
+    half = copy.deepcopy(embedder).to(device, torch.float16)
+    half.select_attention(device)
     tokens, positions, cu, max_len = (t.to(device) if torch.is_tensor(t) else t for t in pack(embedder.codec, proteins))
     a = pool_packed(ieee.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
     b = pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
+    c = pool_packed(half.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
     rel = ((a - b).abs().max() / a.abs().max()).item()
     cosine = F.cosine_similarity(a.double(), b.double(), dim=-1)
-    print(f"\n3xTF32 vs IEEE FP32: max rel diff {rel:.2e}, 1 - cosine max {(1 - cosine).max().item():.2e}")
-    assert rel < 1e-5 and (1 - cosine).max().item() < 1e-9
+    fp16_gap = (1 - F.cosine_similarity(a.double(), c.double(), dim=-1)).max().item()
+    print(f"\n{math}{' compiled' if compiled else ''} vs IEEE FP32: max rel diff {rel:.2e}, 1 - cosine max "
+          f"{(1 - cosine).max().item():.2e} (FP16 path: {fp16_gap:.2e})")
+    assert emulated.compiling == compiled  # no silent fallback to eager
+    assert rel < max_rel and (1 - cosine).max().item() < max_one_minus_cos
+    assert (1 - cosine).max().item() < fp16_gap / 100

@@ -79,7 +79,7 @@ def test_fp16_pipeline_matches_fair_esm_fp32(tmp_path: Path, esm2_150m: Path, so
     assert manifest["precision"] == "fp16"
     kernel, _, compiled = manifest["attention_backend"][0].partition("+")
     assert kernel in ("flash_attn", "torch_varlen") and compiled == "compile"  # GPUs compile by default
-    assert manifest["shadow"]["fp32_math"] == "tf32x3"
+    assert manifest["shadow"]["fp32_math"] == "fp16x3"
     table = read_parts(out)
     got = dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
 

@@ -150,8 +150,8 @@ def test_warn_mode_completes_and_counts_violations(warn_run: Path) -> None:
     shadow = manifest["shadow"]
     assert shadow["violations"] == shadow["compared"] == 15
     assert shadow["on_drift"] == "warn" and shadow["min_cosine_threshold"] == float(STRICT)
-    assert shadow["fp32_math"] == "ieee"  # a CPU shadow: 3xTF32 only exists on GPUs
-    assert shadow["batch_tokens"] == manifest["settings"]["shadow_batch_tokens"] == 16384
+    assert shadow["fp32_math"] == "ieee"  # a CPU shadow: the tensor-core emulations only exist on GPUs
+    assert shadow["batch_tokens"] == manifest["settings"]["shadow_batch_tokens"] == 32768
     assert manifest["settings"]["compile_layers"] is None  # the default: compile on GPUs only
     assert manifest["attention_backend"] == ["exact"]  # CPU: eager, so no "+compile"
 
@@ -454,21 +454,23 @@ class FakeRay:
         return type("ActorClass", (), {"options": lambda _, **o: Options(**o)})()
 
 
-def test_gpu_shadow_actors_are_created_only_at_the_first_submission(tmp_path: Path) -> None:
+def test_gpu_shadow_actors_are_created_only_at_the_first_sample(tmp_path: Path) -> None:
     """Ray packs fractional GPUs: shadow actors created before the embedders share one GPU and leave no
-    GPU with room for a second (1 - share) embedder. They must come after the embedders are placed."""
+    GPU with room for a second (1 - share) embedder. They must come after the embedders are placed (the
+    first sample is an output of the main stream), and before the first shadow batch is full, so that
+    they load and compile while it gathers."""
     from runner.cluster import start_shadow
     from runner.config import EmbedConfig
     from runner.embed_stage import StageSettings
 
     ray = FakeRay()
-    config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=1)
+    config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=8)
     stage = StageSettings(model="m", precision="fp16", layer=-1, pooling="mean", device="cuda")
     monitor = start_shadow(ray, config, stage, 2, 0.25, tmp_path, "fp16", metrics=None)
     assert ray.events == []  # nothing placed while the embedding actors are still being scheduled
     main = np.array([[1.0, 0.0]], np.float32)
     monitor.offer(["a"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
-    assert ray.events == ["create num_gpus=0.25 precision=fp32"] * 2 + ["embed"]
+    assert ray.events == ["create num_gpus=0.25 precision=fp32"] * 2  # 5 of 8 tokens gathered: no batch yet
     monitor.offer(["b"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
     assert ray.events[-1] == "embed" and ray.events.count("create num_gpus=0.25 precision=fp32") == 2
     monitor.abandon()

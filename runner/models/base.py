@@ -54,6 +54,23 @@ class SequenceCodec(ABC):
         for per-residue alphabets; BPE codecs return however many tokens the residues make."""
 
 
+def fp32_linear(math: str) -> Callable[..., torch.Tensor]:
+    """The `linear` of an fp32 model: "fp16x3" (one FP16 tensor-core GEMM over hi/lo pairs, ~2^-22 relative,
+    runner.models.fp16x3), "bf16x3" (the same from BF16, ~2^-16), "tf32x3" (three TF32 products, ~2^-22,
+    runner.models.tf32x3) or "ieee" (F.linear: IEEE FP32 on CUDA cores). ValueError for anything else."""
+    if math == "ieee":
+        return torch.nn.functional.linear
+    if math in ("fp16x3", "bf16x3"):
+        from runner.models.fp16x3 import SplitLinear
+
+        return SplitLinear(torch.float16 if math == "fp16x3" else torch.bfloat16)
+    if math == "tf32x3":
+        from runner.models.tf32x3 import Tf32x3Linear
+
+        return Tf32x3Linear()
+    raise ValueError(f"unknown FP32 math {math!r}; known: fp16x3, bf16x3, tf32x3, ieee")
+
+
 class EmbeddingModel(torch.nn.Module, ABC):
     """Weights plus a packed forward. One instance per actor, moved to its device and dtype once."""
 
@@ -88,14 +105,13 @@ class EmbeddingModel(torch.nn.Module, ABC):
         """Pick the fastest attention kernel available for this device, store it and return its name."""
 
     # Every projection (nn.Linear weight) of a model's forward goes through `self.linear(x, weight, bias)`:
-    # F.linear, or for the FP32 shadow on a GPU the FP32-accurate 3xTF32 product (runner.models.tf32x3).
+    # F.linear, or for the FP32 shadow on a GPU an FP32-accurate product from tensor cores (fp32_linear).
     linear: Callable[..., torch.Tensor]
 
-    def emulate_fp32(self) -> None:
-        """FP32-accurate projections from TF32 tensor cores (3 products per matmul) in an fp32 CUDA model."""
-        from runner.models.tf32x3 import Tf32x3Linear
-
-        self.linear = Tf32x3Linear()
+    def emulate_fp32(self, math: str) -> None:
+        """FP32-accurate projections from tensor cores in an fp32 CUDA model: "fp16x3", "bf16x3" or "tf32x3"
+        (see fp32_linear); "ieee" keeps plain FP32 matmuls."""
+        self.linear = fp32_linear(math)
 
     @property
     def compiling(self) -> bool:

@@ -29,6 +29,7 @@ from runner.models.checkpoints import (
     regression_path,
     sha256_file,
 )
+from runner.models.fp16x3 import SplitLinear, SplitWeight, prepare_weight
 
 logger = logging.getLogger("runner")
 
@@ -122,6 +123,8 @@ class ESM2Embedder(EmbeddingModel):
         self.attention_backend = "exact"
         self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
         self.compiled: LayerParts | None = None  # torch.compile'd halves of esm2_layer, or None (eager)
+        # Per layer, its weights with the projections pre-split for FP16x3/BF16x3 (see emulate_fp32), or None.
+        self.split_weights: list[LayerWeights] | None = None
         self.num_layers = int(esm_model.num_layers)
         self.num_heads = int(esm_model.attention_heads)
         self.head_dim = int(esm_model.embed_dim) // self.num_heads
@@ -135,6 +138,26 @@ class ESM2Embedder(EmbeddingModel):
     @property
     def compiling(self) -> bool:
         return self.compiled is not None
+
+    def emulate_fp32(self, math: str) -> None:
+        """As EmbeddingModel.emulate_fp32; for the split maths the projection weights are split once here,
+        so the (compiled) layers receive plain tensors instead of looking splits up per call."""
+        super().emulate_fp32(math)
+        if not isinstance(self.linear, SplitLinear):
+            self.split_weights = None
+            return
+
+        def prepare(weight: torch.Tensor) -> SplitWeight:
+            return prepare_weight(weight, self.linear.dtype)  # not the linear's cache: q/k/v are a temporary
+
+        self.split_weights = []
+        for layer_module in self.esm.layers:
+            w = LayerWeights.of(layer_module)
+            self.split_weights.append(w._replace(
+                out_weight=prepare(w.out_weight), fc1_weight=prepare(w.fc1_weight), fc2_weight=prepare(w.fc2_weight),
+                qkv_weight=prepare(torch.cat((w.q_weight, w.k_weight, w.v_weight))),  # [3D, D]
+                qkv_bias=torch.cat((w.q_bias, w.k_bias, w.v_bias)),  # [3D]
+            ))
 
     def use_compile(self, on: bool) -> bool:
         """Run each layer's two halves (around attention) through `torch.compile(dynamic=True)`: LayerNorm,
@@ -179,8 +202,9 @@ class ESM2Embedder(EmbeddingModel):
 
         cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim)  # [T, 1, hd] each
         cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
-        for layer_module in esm_model.layers[:target]:
-            x = self._run_layer(layer_module, x, cos, sin, cu, max_seqlen)  # [T, D]
+        for index, layer_module in enumerate(esm_model.layers[:target]):
+            weights = self.split_weights[index] if self.split_weights else LayerWeights.of(layer_module)
+            x = self._run_layer(weights, x, cos, sin, cu, max_seqlen)  # [T, D]
         if target == self.num_layers:
             # fair-esm reports the last layer after the final LayerNorm.
             norm = esm_model.emb_layer_norm_after
@@ -189,7 +213,7 @@ class ESM2Embedder(EmbeddingModel):
 
     def _run_layer(
         self,
-        layer_module: torch.nn.Module,  # one fair-esm TransformerLayer
+        weights: LayerWeights,  # of one fair-esm TransformerLayer
         x: torch.Tensor,  # [T, D]
         cos: torch.Tensor,  # float32 [T, 1, hd]
         sin: torch.Tensor,  # float32 [T, 1, hd]
@@ -197,7 +221,7 @@ class ESM2Embedder(EmbeddingModel):
         max_seqlen: int,
     ) -> torch.Tensor:
         """One transformer layer, through the compiled parts when `compile` is on (eager otherwise)."""
-        args = (x, LayerWeights.of(layer_module), cos, sin, cu, max_seqlen, self.num_heads,
+        args = (x, weights, cos, sin, cu, max_seqlen, self.num_heads,
                 self.attention_backend, self.fp32_layernorm, self.linear)
         if self.compiled is None:
             return esm2_layer(*args)
@@ -214,7 +238,11 @@ class ESM2Embedder(EmbeddingModel):
 
 
 class LayerWeights(NamedTuple):
-    """The tensors of one fair-esm TransformerLayer, so the layer math is a plain function of tensors."""
+    """The tensors of one fair-esm TransformerLayer, so the layer math is a plain function of tensors.
+
+    Under FP16x3/BF16x3 (the shadow) the out/fc1/fc2 weights are `runner.models.fp16x3.SplitWeight`s and
+    q/k/v come fused as one `qkv_weight`.
+    """
 
     attn_norm_weight: torch.Tensor  # [D]
     attn_norm_bias: torch.Tensor  # [D]
@@ -235,6 +263,10 @@ class LayerWeights(NamedTuple):
     fc1_bias: torch.Tensor  # [4D]
     fc2_weight: torch.Tensor  # [D, 4D]
     fc2_bias: torch.Tensor  # [D]
+    # q, k and v projections as one [3D, D] product (the shadow's split weights): one split of the input
+    # and one GEMM instead of three. None: the three projections above.
+    qkv_weight: SplitWeight | None = None  # of [3D, D]
+    qkv_bias: torch.Tensor | None = None  # [3D]
 
     @classmethod
     def of(cls, layer: Any) -> LayerWeights:
@@ -286,9 +318,13 @@ def attention_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pre-LN, q/k/v projections and rotary positions of one layer: q, k, v [T, H, hd]."""
     h = layer_norm(x, w.attn_norm_weight, w.attn_norm_bias, w.attn_norm_eps, fp32_layernorm)  # [T, D]
-    q = linear(h, w.q_weight, w.q_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
-    k = linear(h, w.k_weight, w.k_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
-    v = linear(h, w.v_weight, w.v_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+    if w.qkv_weight is not None:
+        qkv = linear(h, w.qkv_weight, w.qkv_bias).unflatten(-1, (3, heads, -1))  # [T, 3, H, hd]
+        q, k, v = qkv.unbind(1)  # [T, H, hd] each
+    else:
+        q = linear(h, w.q_weight, w.q_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+        k = linear(h, w.k_weight, w.k_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
+        v = linear(h, w.v_weight, w.v_bias).unflatten(-1, (heads, -1))  # [T, H, hd]
     return rotate(q, cos, sin), rotate(k, cos, sin), v
 
 
