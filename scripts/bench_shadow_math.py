@@ -1,23 +1,31 @@
-"""How the FP32 shadow's matmuls should run on a GPU: IEEE FP32, plain TF32, or 3xTF32 (runner's default).
+"""How the FP32 shadow's matmuls should run on a GPU: IEEE FP32, TF32, 3xTF32, BF16x3 or FP16x3.
 
 One CUDA GPU, plain torch + fair-esm (no Ray). A random ESM-2 of the real 650M (or 3B) shape is built in
 fair-esm's format, saved, and loaded through runner's own loader; synthetic proteins (the reference
 script's generator: lognormal lengths, median 300) are packed into one shadow-sized batch. Each mode runs
-runner's packed FP32 forward (`ESM2Embedder.forward_packed`, the shadow actor's code):
+runner's packed forward (`ESM2Embedder.forward_packed`, the actors' code):
 
-- "ieee": IEEE FP32 matmuls on CUDA cores (torch's default);
+- "fp16": the main path (FP16 weights, varlen attention, compiled layers): the speed the shadow is paid in,
+  and the drift the shadow exists to measure;
+- "ieee+exact": IEEE FP32 matmuls on CUDA cores (torch's default), attention one SDPA per sequence: the
+  reference; the other FP32 modes use the shadow's attention ("nested": one varlen kernel per layer)
+  unless "+exact" is added;
 - "tf32": plain TF32 tensor cores for every FP32 matmul (10-bit mantissa: not an FP32 reference);
-- "tf32x3": `runner.models.tf32x3`, three TF32 products per projection (FP32-accurate).
+- "tf32x3": `runner.models.tf32x3`, three TF32 products per projection (FP32-accurate; eager only);
+- "bf16x3", "fp16x3": `runner.models.fp16x3`, one half GEMM over hi/lo pairs, eager and "+compile".
 
-Prints one JSON line per mode: tok_per_s, and max relative difference / 1 - cosine of the mean-pooled
-embeddings against "ieee".
+Prints one JSON line per mode: tok_per_s, cost_per_token_vs_fp16 (the shadow's price per sampled token in
+main-path tokens: rate x this bounds the shadow's share of a GPU), and max relative difference / 1 - cosine
+of the mean-pooled embeddings against "ieee". `--profile MODE` adds the top CUDA kernels of that mode.
 
-    python3 scripts/bench_shadow_math.py [--arch 650M] [--tokens 16384] [--reps 5]
+    python3 scripts/bench_shadow_math.py [--arch 650M] [--tokens 16384] [--reps 5] [--profile fp16x3+compile]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import math
 import sys
@@ -29,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = {"150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
+ARCH = {"8M": (6, 320, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
 
 
 def synth_lengths(total_tokens: int, seed: int = 0) -> list[int]:
@@ -50,17 +58,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="650M", choices=sorted(ARCH))
     ap.add_argument("--tokens", type=int, default=16384, help="tokens in the packed batch (runner's shadow_batch_tokens)")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (use --arch 8M)")
+    ap.add_argument("--modes", default="ieee,tf32,tf32x3,fp16x3,bf16x3+compile,fp16x3+compile,fp16x3+compile+exact",
+                    help="comma list: MATH[+compile][+exact], MATH one of ieee tf32 tf32x3 bf16x3 fp16x3")
+    ap.add_argument("--profile", action="append", default=[], help="mode to profile (repeatable)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     sys.path.insert(0, str(REPO / "scripts"))
     from bench import cmd_make_ckpt  # the benchmark's own random fair-esm checkpoint writer
 
     from runner.models.esm2 import load_esm2
-    from runner.models.tf32x3 import Tf32x3Linear, tf32_matmuls
+    from runner.models.tf32x3 import tf32_matmuls
     from runner.pooling import pool_packed
 
     layers, dim, heads = ARCH[args.arch]
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / f"esm2-{args.arch}.pt"
         cmd_make_ckpt(argparse.Namespace(path=str(ckpt), layers=layers, dim=dim, heads=heads, seed=0, dtype="fp32"))
@@ -80,29 +97,71 @@ def main(argv: list[str] | None = None) -> int:
     cu = cu.to(device)
     max_len = max(lengths) + 2
 
-    def run(mode: str) -> tuple[torch.Tensor, float]:
-        model.linear = Tf32x3Linear() if mode == "tf32x3" else F.linear
-        ctx = tf32_matmuls() if mode == "tf32" else torch.inference_mode()
+    modes = ["fp16", *[m for m in args.modes.split(",") if m != "fp16"]]  # fp16 first: the cost unit
+    fp32_attention = model.attention_backend  # what the shadow's fp32 model selects: "nested" on CUDA
+    half = copy.deepcopy(model).to(torch.float16)
+    half.select_attention(device)
+    half.use_compile(True)
+
+    def prepare(mode: str) -> torch.nn.Module:
+        if mode == "fp16":
+            return half
+        math, *options = mode.split("+")
+        torch._dynamo.reset()  # a fresh compile per mode: dynamo's recompile limit would silently run eager
+        model.emulate_fp32(math if math in ("tf32x3", "bf16x3", "fp16x3") else "ieee")
+        model.use_compile("compile" in options)
+        model.attention_backend = "exact" if "exact" in options else fp32_attention
+        return model
+
+    def forward(net: torch.nn.Module) -> torch.Tensor:
+        return pool_packed(net.forward_packed(tokens, pos, cu, max_len, -1), cu, "mean", 1, 1)  # [B, D] float32
+
+    def run(mode: str) -> tuple[torch.Tensor, float, torch.nn.Module]:
+        net = prepare(mode)
+        ctx = tf32_matmuls() if mode == "tf32" else contextlib.nullcontext()
         with torch.inference_mode(), ctx:
-            out = pool_packed(model.forward_packed(tokens, pos, cu, max_len, -1), cu, "mean", 1, 1)  # warm-up
-            torch.cuda.synchronize()
+            out = forward(net)  # warm-up (and compile)
+            sync()
             started = time.perf_counter()
             for _ in range(args.reps):
-                out = pool_packed(model.forward_packed(tokens, pos, cu, max_len, -1), cu, "mean", 1, 1)
-            torch.cuda.synchronize()
-        return out.double(), (time.perf_counter() - started) / args.reps
+                out = forward(net)
+            sync()
+        return out.double(), (time.perf_counter() - started) / args.reps, net
 
-    reference, _ = run("ieee")
-    for mode in ("ieee", "tf32", "tf32x3"):
-        pooled, seconds = run(mode)
+    reference, _, _ = run("ieee+exact")  # IEEE FP32 projections, one SDPA (IEEE math) per sequence
+    fp16_seconds = None
+    for mode in modes:
+        try:
+            pooled, seconds, net = run(mode)
+        except Exception as exc:  # one mode failing (a missing kernel) must not lose the others' figures
+            print(json.dumps({"arch": args.arch, "mode": mode, "error": f"{type(exc).__name__}: {exc}"[:500]}), flush=True)
+            continue
+        fp16_seconds = fp16_seconds or seconds  # "fp16" runs first
         cosine = F.cosine_similarity(pooled, reference, dim=-1)
         print(json.dumps({
             "arch": args.arch, "mode": mode, "tokens": int(cu[-1]), "sequences": len(lengths),
             "tok_per_s": round(int(cu[-1]) / seconds),
+            "cost_per_token_vs_fp16": round(seconds / fp16_seconds, 2),
+            "compiled": net.compiling,
+            "attention": net.attention_backend,
             "max_rel_diff_vs_ieee": float((pooled - reference).abs().max() / reference.abs().max()),
             "one_minus_cos_max_vs_ieee": float((1 - cosine).max()),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
         }), flush=True)
+    for mode in args.profile:
+        net = prepare(mode)
+        with torch.inference_mode():
+            forward(net)  # compile outside the profile
+            sync()
+        with torch.inference_mode(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA if device.type == "cuda" else torch.profiler.ProfilerActivity.CPU]) as prof:
+            forward(net)
+            sync()
+        events = sorted(prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        total = sum(e.self_device_time_total for e in events) or 1
+        print(json.dumps({"profile": mode, "cuda_ms": round(total / 1000, 1), "top": [
+            {"name": e.key[:90], "ms": round(e.self_device_time_total / 1000, 2), "calls": e.count}
+            for e in sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+        ]}), flush=True)
     return 0
 
 
