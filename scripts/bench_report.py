@@ -1,0 +1,109 @@
+"""Figures of a result document: per-model ratios against the reference and between runs, the worst model
+per target at the top level, the markdown table, and the merge of two documents (later runs win)."""
+
+from __future__ import annotations
+
+TARGETS = {  # name -> (target, "min" = at least, "max" = at most)
+    "vs_reference_packed_fp16": (1.0, "min"),
+    "vs_fair_esm_fp32": (10.0, "min"),
+    "scaling_efficiency_4gpu": (0.9, "min"),
+    "shadow_cost_0.01": (0.03, "max"),
+}
+
+
+def _div(a, b):
+    return round(a / b, 4) if a and b else None
+
+
+def compute_ratios(model: dict) -> dict:
+    """Ratios of one model from its runs and reference figures (steady tok/s; `_wall` variants too)."""
+    runs = model.get("runs", {})
+    ref = model.get("reference", {}).get("modes", {})
+    ref_packed = ref.get("packed16", {}).get("tok_per_s")
+    ref_fp32 = ref.get("extract32", {}).get("tok_per_s")
+    ref_fp16 = ref.get("extract16", {}).get("tok_per_s")
+    ok = {k: r for k, r in runs.items() if r.get("exit_code") == 0 and r.get("tokens")}
+    out: dict = {"reference_tok_per_s": {"extract32": ref_fp32, "extract16": ref_fp16, "packed16": ref_packed}}
+    if not ok:
+        return out
+    base_g = min(r["gpus"] for r in ok.values())
+
+    def get(g, s, key="tokens_per_second_steady"):
+        r = ok.get(f"g{g}_s{s:g}")
+        return r.get(key) if r else None
+
+    for suffix, key in (("", "tokens_per_second_steady"), ("_wall", "tokens_per_second_wall")):
+        per_gpu = (get(base_g, 0, key) or 0) / max(base_g, 1) or None
+        out[f"runner_tok_per_s_per_gpu{suffix}"] = round(per_gpu, 1) if per_gpu else None
+        out[f"vs_reference_packed_fp16{suffix}"] = _div(per_gpu, ref_packed)
+        out[f"vs_fair_esm_fp32{suffix}"] = _div(per_gpu, ref_fp32)
+        out[f"vs_fair_esm_fp16{suffix}"] = _div(per_gpu, ref_fp16)
+        with_shadow = get(base_g, 0.01, key)
+        if with_shadow and get(base_g, 0, key):
+            out[f"shadow_cost_0.01{suffix}"] = round(1 - with_shadow / get(base_g, 0, key), 4)
+            out[f"vs_reference_packed_fp16_shadow_0.01{suffix}"] = _div(with_shadow / max(base_g, 1), ref_packed)
+        for run in ok.values():  # every other shadow rate measured (0.1, 0.005, ...)
+            rate = run.get("shadow_rate") or 0
+            shadowed = get(base_g, rate, key)
+            if rate not in (0, 0.01) and run["gpus"] == base_g and shadowed and get(base_g, 0, key):
+                out[f"shadow_cost_{rate:g}{suffix}"] = round(1 - shadowed / get(base_g, 0, key), 4)
+        eager = ok.get(f"g{base_g}_s0_eager", {}).get(key)
+        if eager and get(base_g, 0, key):
+            out[f"compile_speedup{suffix}"] = _div(get(base_g, 0, key), eager)
+        one, four = get(1, 0, key), get(4, 0, key)
+        if one and four:
+            out[f"scaling_efficiency_4gpu{suffix}"] = round(four / (4 * one), 4)
+    return out
+
+
+def summarize(doc: dict) -> None:
+    """Top-level ratios: the worst model for each target (min of at-least ratios, max of costs)."""
+    for name, (target, kind) in TARGETS.items():
+        values = {m: d.get(name) for m, d in doc["models"].items() if d.get(name) is not None}
+        if not values:
+            continue
+        worst = min(values.values()) if kind == "min" else max(values.values())
+        doc[name] = worst
+        doc.setdefault("targets", {})[name] = {
+            "target": f">= {target}" if kind == "min" else f"<= {target}",
+            "worst": worst, "per_model": values,
+            "pass": worst >= target if kind == "min" else worst <= target,
+        }
+
+
+def markdown_table(doc: dict) -> str:
+    lines = ["| model | fair-esm FP32 | fair-esm FP16 | packed FP16 (ref) | runner / GPU steady (wall) | "
+             "vs packed16 | vs FP32 | shadow 0.01 cost | 4-GPU scaling | actor GPU peak MiB | driver RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, spec=",.0f"):
+        return "—" if v is None else format(v, spec)
+
+    for m, d in doc["models"].items():
+        ref = d.get("reference_tok_per_s", {})
+        runs = [r for r in d.get("runs", {}).values() if r.get("exit_code") == 0]
+        gpu_peak = max((r.get("gpu_actor_peak_mib_max") or 0 for r in runs), default=0) or None
+        rss = max((r.get("driver_rss_peak_mib") or 0 for r in runs), default=0) or None
+        lines.append(
+            f"| {m} | {f(ref.get('extract32'))} | {f(ref.get('extract16'))} | {f(ref.get('packed16'))} | "
+            f"{f(d.get('runner_tok_per_s_per_gpu'))} ({f(d.get('runner_tok_per_s_per_gpu_wall'))}) | "
+            f"{f(d.get('vs_reference_packed_fp16'), '.2f')}x | {f(d.get('vs_fair_esm_fp32'), '.1f')}x | "
+            f"{f(d.get('shadow_cost_0.01'), '.1%')} | {f(d.get('scaling_efficiency_4gpu'), '.2f')} | "
+            f"{f(gpu_peak)} | {f(rss)} |"
+        )
+    return "\n".join(lines)
+
+
+def merge_docs(base: dict, new: dict) -> dict:
+    """`new` into `base`: per model, its runs and reference replace those of the same name; ratios recomputed."""
+    for key, value in new.items():
+        if key != "models" and key not in TARGETS and key != "targets":
+            base.setdefault(key, value)
+    for m, entry in new.get("models", {}).items():
+        into = base.setdefault("models", {}).setdefault(m, {})
+        runs = {**into.get("runs", {}), **entry.get("runs", {})}
+        into.update({k: v for k, v in entry.items() if k != "runs"})
+        into["runs"] = runs
+        into.update(compute_ratios(into))
+    summarize(base)
+    return base
