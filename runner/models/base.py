@@ -110,7 +110,8 @@ class EmbeddingModel(torch.nn.Module, ABC):
 
     def emulate_fp32(self, math: str) -> None:
         """FP32-accurate projections from tensor cores in an fp32 CUDA model: "fp16x3", "bf16x3" or "tf32x3"
-        (see fp32_linear); "ieee" keeps plain FP32 matmuls."""
+        (see fp32_linear); "ieee" keeps plain FP32 matmuls. Call it after moving the model to its device:
+        models may prepare split copies of their weights here."""
         self.linear = fp32_linear(math)
 
     @property
