@@ -203,6 +203,11 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
 
 
 
+def run_name(gpus: int, rate: float, repeat: int = 1, sep: str = "_") -> str:
+    """The key of a run in the result file, g<G>_s<R>[_r<k>] (k from 2); with sep="-", its output folder's."""
+    return sep.join([f"g{gpus}", f"s{rate:g}"] + ([f"r{repeat}"] if repeat > 1 else []))
+
+
 def cmd_gpu(args) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in ARCH]
@@ -219,6 +224,10 @@ def cmd_gpu(args) -> int:
     out_file = out_dir / f"{date}-{slug(name)}.json"
     # runs: every (gpus, shadow) pair at the smallest GPU count, shadow 0 only at the others
     plan = [(g, r) for g in gpus for r in rates if g == gpus[0] or r == 0]
+    # --repeats N runs the whole plan N times, interleaved (s0, s0.01, s0, s0.01, ...): a shadow cost of a
+    # few percent is below the run-to-run noise of one pair (~5 % on an H200), so it is read from medians
+    # and from back-to-back pairs. Repeat k >= 2 is named g<G>_s<R>_r<k>.
+    runs_planned = [(g, r, k) for k in range(1, args.repeats + 1) for g, r in plan]
 
     work_ctx = (contextlib.nullcontext(args.workdir) if args.workdir
                 else tempfile.TemporaryDirectory(prefix="runner-bench-"))
@@ -234,10 +243,10 @@ def cmd_gpu(args) -> int:
             for m in models:
                 if ref:
                     print(f"  {sys.executable} {ref} {m} {ref_seqs[m]} {args.ref_modes}")
-                for g, r in plan:
+                for g, r, k in runs_planned:
                     print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
-                          f"{work}/esm2-{m}.pt --out {work}/out-{m}-g{g}-s{r:g} --gpus {g} --shadow-rate {r:g} "
-                          f"--no-progress --rows-per-part {args.rows_per_part}")
+                          f"{work}/esm2-{m}.pt --out {work}/out-{m}-{run_name(g, r, k, '-')} --gpus {g} "
+                          f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part}")
             if not ref:
                 print("  (no --reference: reference figures skipped)")
             if name == "cpu":
@@ -283,15 +292,15 @@ def cmd_gpu(args) -> int:
             if ref:
                 entry["reference"] = run_reference(ref, m, ref_seqs[m], args.ref_modes, work, args.timeout)
             runs = entry.setdefault("runs", {})
-            for g, r in plan:
+            for g, r, k in runs_planned:
                 n = seqs[m] * max(g, 1)
                 fasta = work / f"{m}-{n}.fasta"
                 if not fasta.is_file():
                     info = write_synth_fasta(fasta, n)
                     log(f"{m}: FASTA {fasta.name}: {info['records']} records, {info['tokens']:,} tokens")
-                out = work / f"out-{m}-g{g}-s{r:g}"
+                out = work / f"out-{m}-{run_name(g, r, k, '-')}"
                 shutil.rmtree(out, ignore_errors=True)
-                runs[f"g{g}_s{r:g}"] = run_runner(fasta, ckpt, out, g, r, args, work)
+                runs[run_name(g, r, k)] = run_runner(fasta, ckpt, out, g, r, args, work)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
             if args.eager_baseline:  # what torch.compile buys: the same run with eager layers
@@ -365,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run shadow 0 with --no-compile at the smallest GPU count (gives compile_speedup)")
     g.add_argument("--rows-per-part", type=int, default=2048, help="small parts give the steady-state clock")
     g.add_argument("--runner-arg", action="append", help="extra argument for runner embed (repeatable)")
+    g.add_argument("--repeats", type=int, default=1,
+                   help="run the plan N times, interleaved; ratios use medians, shadow costs also per repeat")
     g.add_argument("--out", default=str(RESULTS))
     g.add_argument("--workdir", help="keep FASTA/checkpoints/logs here (default: a temporary directory)")
     g.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")

@@ -3,6 +3,12 @@ per target at the top level, the markdown table, and the merge of two documents 
 
 from __future__ import annotations
 
+import re
+import statistics
+
+# Run names: g<GPUs>_s<rate>, with _r<k> for the k-th repeat (k >= 2) and _eager for the eager baseline.
+_RUN_NAME = re.compile(r"^g(?P<gpus>\d+)_s(?P<rate>[0-9.e-]+)(?:_r(?P<repeat>\d+))?$")
+
 TARGETS = {  # name -> (target, "min" = at least, "max" = at most)
     "vs_reference_packed_fp16": (1.0, "min"),
     "vs_fair_esm_fp32": (10.0, "min"),
@@ -16,7 +22,8 @@ def _div(a, b):
 
 
 def compute_ratios(model: dict) -> dict:
-    """Ratios of one model from its runs and reference figures (steady tok/s; `_wall` variants too)."""
+    """Ratios of one model from its runs and reference figures (steady tok/s; `_wall` variants too).
+    A pair run several times (`_r2`, `_r3`, ...) counts with its median; shadow costs also per repeat."""
     runs = model.get("runs", {})
     ref = model.get("reference", {}).get("modes", {})
     ref_packed = ref.get("packed16", {}).get("tok_per_s")
@@ -27,10 +34,27 @@ def compute_ratios(model: dict) -> dict:
     if not ok:
         return out
     base_g = min(r["gpus"] for r in ok.values())
+    # Repeats of one (GPUs, rate) pair, in run order: 1, 2, ... (`bench.py gpu --repeats N` interleaves them).
+    repeats: dict[tuple[int, str], dict[int, dict]] = {}
+    for name, r in ok.items():
+        match = _RUN_NAME.match(name)
+        if match:
+            pair = (int(match["gpus"]), f"{float(match['rate']):g}")
+            repeats.setdefault(pair, {})[int(match["repeat"] or 1)] = r
+
+    def values(g, s, key):
+        runs_of = repeats.get((g, f"{s:g}"), {})
+        return {k: r[key] for k, r in sorted(runs_of.items()) if r.get(key)}
 
     def get(g, s, key="tokens_per_second_steady"):
-        r = ok.get(f"g{g}_s{s:g}")
-        return r.get(key) if r else None
+        """The run's figure; the median over repeats when the pair was run more than once."""
+        found = list(values(g, s, key).values())
+        return statistics.median(found) if found else None
+
+    def paired_costs(rate, key):
+        """1 - shadowed / unshadowed per repeat: each pair ran back to back, so slow drift cancels."""
+        base, shadowed = values(base_g, 0, key), values(base_g, rate, key)
+        return [round(1 - shadowed[k] / base[k], 4) for k in sorted(set(base) & set(shadowed))]
 
     for suffix, key in (("", "tokens_per_second_steady"), ("_wall", "tokens_per_second_wall")):
         per_gpu = (get(base_g, 0, key) or 0) / max(base_g, 1) or None
@@ -41,12 +65,16 @@ def compute_ratios(model: dict) -> dict:
         with_shadow = get(base_g, 0.01, key)
         if with_shadow and get(base_g, 0, key):
             out[f"shadow_cost_0.01{suffix}"] = round(1 - with_shadow / get(base_g, 0, key), 4)
+            if len(paired_costs(0.01, key)) > 1:
+                out[f"shadow_cost_0.01_per_repeat{suffix}"] = paired_costs(0.01, key)
             out[f"vs_reference_packed_fp16_shadow_0.01{suffix}"] = _div(with_shadow / max(base_g, 1), ref_packed)
         for run in ok.values():  # every other shadow rate measured (0.1, 0.005, ...)
             rate = run.get("shadow_rate") or 0
             shadowed = get(base_g, rate, key)
             if rate not in (0, 0.01) and run["gpus"] == base_g and shadowed and get(base_g, 0, key):
                 out[f"shadow_cost_{rate:g}{suffix}"] = round(1 - shadowed / get(base_g, 0, key), 4)
+                if len(paired_costs(rate, key)) > 1:
+                    out[f"shadow_cost_{rate:g}_per_repeat{suffix}"] = paired_costs(rate, key)
         eager = ok.get(f"g{base_g}_s0_eager", {}).get(key)
         if eager and get(base_g, 0, key):
             out[f"compile_speedup{suffix}"] = _div(get(base_g, 0, key), eager)

@@ -183,6 +183,33 @@ def test_compute_ratios_from_runs_and_reference() -> None:
     assert got["scaling_efficiency_4gpu_wall"] == pytest.approx(w4 / (4 * w0), abs=1e-4)
 
 
+def test_compute_ratios_takes_medians_of_repeats_and_pairs_their_shadow_costs() -> None:
+    base = [250_000.0, 262_000.0, 256_000.0]  # three repeats of the shadow-0 run, back to back with ...
+    shadowed = [243_000.0, 249_000.0, 250_000.0]  # ... the three shadow-0.01 runs
+    runs = {}
+    for k, (b, s) in enumerate(zip(base, shadowed, strict=True), start=1):
+        suffix = f"_r{k}" if k > 1 else ""
+        runs[f"g1_s0{suffix}"] = run(1, 0.0, b, b / 2)
+        runs[f"g1_s0.01{suffix}"] = run(1, 0.01, s, s / 2)
+    runs["g1_s0_eager"] = run(1, 0.0, 1.0, 1.0)  # not a repeat of g1_s0
+    got = compute_ratios({"reference": REF, "runs": runs})
+    assert got["runner_tok_per_s_per_gpu"] == sorted(base)[1]  # the median
+    assert got["shadow_cost_0.01"] == pytest.approx(1 - sorted(shadowed)[1] / sorted(base)[1], abs=1e-4)
+    assert got["shadow_cost_0.01_per_repeat"] == [round(1 - s / b, 4) for b, s in zip(base, shadowed, strict=True)]
+    assert got["compile_speedup"] == pytest.approx(sorted(base)[1] / 1.0, abs=1e-4)
+    one = compute_ratios({"reference": REF, "runs": {k: v for k, v in runs.items() if "_r" not in k}})
+    assert "shadow_cost_0.01_per_repeat" not in one  # a single pair has no spread to show
+
+
+def test_gpu_dry_run_interleaves_repeats(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    res = run_bench("gpu", "--models", "650M", "--gpus", "1", "--shadow-rates", "0,0.01", "--seqs", "650M=64",
+                    "--repeats", "2", "--cpu-check", "0", "--dry-run", "--workdir", str(work))
+    assert res.returncode == 0, res.stderr
+    outs = [option(c, "--out") for c in runner_commands(res.stdout)]
+    assert outs == [str(work / f"out-650M-{name}") for name in ("g1-s0", "g1-s0.01", "g1-s0-r2", "g1-s0.01-r2")]
+
+
 def test_compute_ratios_per_gpu_at_the_smallest_count() -> None:
     got = compute_ratios({"reference": REF, "runs": {"g4_s0": run(4, 0.0, 720_000.0, 400_000.0),
                                                      "g4_s0.01": run(4, 0.01, 684_000.0, 380_000.0)}})
