@@ -77,7 +77,13 @@ def _flex_importable() -> bool:
 
 
 def _nested_sdpa_usable() -> bool:
-    return hasattr(torch.nested, "nested_tensor_from_jagged")
+    """Jagged nested tensors that take a known max_seqlen (no device sync per layer to find it)."""
+    make = getattr(torch.nested, "nested_tensor_from_jagged", None)
+    if make is None:
+        return False
+    import inspect
+
+    return "max_seqlen" in inspect.signature(make).parameters
 
 
 FLEX_MIN_HEAD_DIM = 16  # flex_attention's kernels need head_dim >= 16 (tiny test models fall back)

@@ -101,6 +101,19 @@ def test_nested_hands_alibi_to_the_exact_path() -> None:
     )
 
 
+def test_fp32_on_cuda_selects_nested_only_where_it_can_skip_the_length_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")  # selection only: no CUDA needed to ask
+    assert available_backends(cuda, alibi=False, dtype=torch.float32) == ["nested", "exact"]
+    assert "nested" not in available_backends(cuda, alibi=True, dtype=torch.float32)
+    assert "nested" not in available_backends(cuda, alibi=False, dtype=torch.float16)
+
+    def old_signature(values, offsets):  # a torch whose jagged tensors cannot be told their max length
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged", old_signature)
+    assert available_backends(cuda, alibi=False, dtype=torch.float32) == ["exact"]
+
+
 def test_alibi_slopes_power_of_two_and_not() -> None:
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
     # 12 heads: the 8-head slopes, then every other one of the 16-head slopes (2^-0.5, 2^-1.5, ...).
