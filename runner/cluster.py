@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, probe_free_gpu_memory
 from runner.config import EmbedConfig
@@ -19,6 +20,7 @@ from runner.embed_stage import EmbedStage, StageSettings
 from runner.errors import RunnerError
 from runner.metrics import DriverMetrics
 from runner.models.base import ModelInfo, SequenceCodec
+from runner.models.fp16x3 import half_gemm_available
 from runner.shadow import ShadowMonitor, ShadowSettings
 from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
 
@@ -188,6 +190,11 @@ def start_shadow(
     if config.shadow_rate <= 0:
         return None
     count = config.shadow_actors or (gpus if share > 0 else 1)
+    math = config.shadow_math
+    if share > 0 and math in ("fp16x3", "bf16x3") and not half_gemm_available():
+        log.warning("--shadow-math %s needs torch.mm(..., out_dtype) (PyTorch 2.8 and later); this torch is %s: the shadow "
+                    "uses tf32x3 instead (as accurate, slower)", math, torch.__version__)
+        math = "tf32x3"
     fp32 = dataclasses.replace(
         stage.without_test_hooks(),
         precision="fp32",
@@ -195,10 +202,10 @@ def start_shadow(
         fp32_layernorm=False,
         # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
         # matmul setting around each product, which a compiled graph would not see.
-        compile_layers=stage.compile_layers and config.shadow_math in ("fp16x3", "bf16x3"),
+        compile_layers=stage.compile_layers and math in ("fp16x3", "bf16x3"),
         # The shadow compiles mid-job: with a worker per core it would starve the running stream's CPU stages.
         compile_threads=1,
-        fp32_math=config.shadow_math,
+        fp32_math=math,
         device="cuda" if share > 0 else "cpu",
     )
     actor_class = ray.remote(EmbedStage)
@@ -226,7 +233,7 @@ def start_shadow(
     settings = ShadowSettings(
         config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision,
         batch_tokens=config.shadow_batch_tokens,
-        fp32_math=config.shadow_math if share > 0 else "ieee",
+        fp32_math=math if share > 0 else "ieee",
     )
     return ShadowMonitor(
         settings,

@@ -11,7 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from runner.models.base import fp32_linear
-from runner.models.fp16x3 import SplitLinear, SplitWeight, prepare_weight, row_scale, split_half, split_linear
+from runner.models.fp16x3 import (
+    SplitLinear,
+    SplitWeight,
+    half_gemm_available,
+    prepare_weight,
+    row_scale,
+    split_half,
+    split_linear,
+)
 
 
 def test_row_scale_is_a_power_of_two_putting_each_row_max_in_range() -> None:
@@ -90,3 +98,13 @@ def test_fp32_linear_names_each_math_and_rejects_others() -> None:
     assert type(fp32_linear("tf32x3")).__name__ == "Tf32x3Linear"
     with pytest.raises(ValueError, match="fp16x3, bf16x3, tf32x3, ieee"):
         fp32_linear("fp8")
+
+
+def test_half_gemm_probe_answers_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert half_gemm_available()  # the torch CI installs (2.13) has it
+
+    def old_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # no out_dtype, as before torch 2.8
+        return a @ b
+
+    monkeypatch.setattr(torch, "mm", old_mm)
+    assert not half_gemm_available()

@@ -434,6 +434,7 @@ class FakeRay:
 
     def __init__(self) -> None:
         self.events: list[str] = []
+        self.settings: list = []  # the StageSettings each actor was created with
 
     def wait(self, futures, num_returns, timeout):  # nothing finishes: the monitor keeps them pending
         return [], list(futures)
@@ -446,6 +447,7 @@ class FakeRay:
                 self.options_ = options
 
             def remote(self, settings):
+                ray.settings.append(settings)
                 ray.events.append(f"create num_gpus={self.options_['num_gpus']} precision={settings.precision}")
                 handle = type("Handle", (), {})()
                 handle.embed = type("Method", (), {"remote": lambda _, packed: ray.events.append("embed") or "ref"})()
@@ -473,4 +475,29 @@ def test_gpu_shadow_actors_are_created_only_at_the_first_sample(tmp_path: Path) 
     assert ray.events == ["create num_gpus=0.25 precision=fp32"] * 2  # 5 of 8 tokens gathered: no batch yet
     monitor.offer(["b"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
     assert ray.events[-1] == "embed" and ray.events.count("create num_gpus=0.25 precision=fp32") == 2
+    monitor.abandon()
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_gpu_shadow_math_falls_back_to_tf32x3_without_the_half_gemm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, available: bool
+) -> None:
+    """FP16x3 needs torch.mm's out_dtype (torch >= 2.8): on an older torch the shadow runs 3xTF32, says
+    so, and the manifest records what ran; compiled layers only for the split maths."""
+    import runner.cluster
+    from runner.cluster import start_shadow
+    from runner.config import EmbedConfig
+    from runner.embed_stage import StageSettings
+
+    monkeypatch.setattr(runner.cluster, "half_gemm_available", lambda: available)
+    ray = FakeRay()
+    config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=1)
+    stage = StageSettings(model="m", precision="fp16", layer=-1, pooling="mean", device="cuda", compile_layers=True)
+    with caplog.at_level("WARNING", logger="runner"):
+        monitor = start_shadow(ray, config, stage, 1, 0.25, tmp_path, "fp16", metrics=None)
+    monitor.offer(["a"], np.array([3]), np.array([[1.0, 0.0]], np.float32), [np.array([0, 5, 6, 7, 2], np.int32)])
+    math = "fp16x3" if available else "tf32x3"
+    assert monitor.settings.fp32_math == math == ray.settings[0].fp32_math
+    assert ray.settings[0].compile_layers is available and ray.settings[0].compile_threads == 1
+    assert ("uses tf32x3 instead" in caplog.text) is not available
     monitor.abandon()

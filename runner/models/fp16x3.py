@@ -70,6 +70,17 @@ def prepare_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float16) -> 
     return SplitWeight(torch.cat((hi, lo, hi), dim=1).contiguous(), None if scale is None else (1.0 / scale).squeeze(1))
 
 
+def half_gemm_available() -> bool:
+    """Whether this torch has the half GEMM with an FP32 output that FP16x3 needs (`torch.mm`'s out_dtype,
+    added in torch 2.8); asked on the meta device, so no GPU is needed to answer."""
+    probe = torch.empty(2, 2, dtype=torch.float16, device="meta")
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
 def _half_gemm_fp32_out(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     """a [M, K] @ b_t.T, fp16/bf16 operands, FP32 accumulation and output (one cuBLAS call on CUDA)."""
     if a.is_cuda:
