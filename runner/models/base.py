@@ -11,6 +11,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,6 +53,37 @@ class SequenceCodec(ABC):
     def encode(self, seq: str) -> np.ndarray:
         """Token ids of a cleaned, valid sequence, special tokens included. int32 [special_start + n + special_end]
         for per-residue alphabets; BPE codecs return however many tokens the residues make."""
+
+
+class EmulatedLinear(ABC):
+    """Drop-in for F.linear(x, weight, bias) that runs float32 CUDA products through an FP32 emulation on
+    tensor cores (`product`) and anything else through F.linear. Each weight is split for the emulation
+    once (`split`) and cached by identity: the splits are extra copies in the actor's GPU memory."""
+
+    def __init__(self) -> None:
+        self._splits: dict[tuple[int, int, int], Any] = {}
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cuda:
+            return torch.nn.functional.linear(x, weight, bias)
+        return self.product(x, self.prepare(weight), bias)  # [..., out]
+
+    def prepare(self, weight: torch.Tensor) -> Any:
+        """The split of a float32 weight, computed once per weight tensor."""
+        key = (weight.data_ptr(), weight._version, weight.numel())
+        split = self._splits.get(key)
+        if split is None:
+            split = self.split(weight)
+            self._splits[key] = split
+        return split
+
+    @abstractmethod
+    def split(self, weight: torch.Tensor) -> Any:
+        """A float32 weight [out, in] in the form `product` takes."""
+
+    @abstractmethod
+    def product(self, x: torch.Tensor, split: Any, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., in] @ weight.T + bias from the weight's split: float32 [..., out]."""
 
 
 def fp32_linear(math: str) -> Callable[..., torch.Tensor]:

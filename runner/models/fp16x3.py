@@ -24,7 +24,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
+
+from runner.models.base import EmulatedLinear
 
 # Row maxima are scaled into [2^14, 2^15): products of two stay below 2^30, sums of 2^13 of them far
 # below FP32's range, and the largest FP16 value (65504) is never reached.
@@ -106,7 +107,7 @@ def split_linear(
     return out if bias is None else out + bias
 
 
-class SplitLinear:
+class SplitLinear(EmulatedLinear):
     """Drop-in for F.linear(x, weight, bias): FP16x3 (or BF16x3) for float32 CUDA tensors, F.linear otherwise.
 
     `weight` may be a `SplitWeight` made by `prepare_weight` (what compiled layers are given), or a float32
@@ -114,23 +115,18 @@ class SplitLinear:
     """
 
     def __init__(self, dtype: torch.dtype = torch.float16) -> None:
+        super().__init__()
         self.dtype = dtype
-        self._splits: dict[tuple[int, int, int], SplitWeight] = {}
 
     def __call__(
         self, x: torch.Tensor, weight: torch.Tensor | SplitWeight, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if isinstance(weight, SplitWeight):
             return split_linear(x, weight, bias)
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cuda:
-            return F.linear(x, weight, bias)
-        return split_linear(x, self.prepare(weight), bias)
+        return super().__call__(x, weight, bias)
 
-    def prepare(self, weight: torch.Tensor) -> SplitWeight:
-        """The split of a float32 weight, computed once per weight tensor."""
-        key = (weight.data_ptr(), weight._version, weight.numel())
-        split = self._splits.get(key)
-        if split is None:
-            split = prepare_weight(weight, self.dtype)
-            self._splits[key] = split
-        return split
+    def split(self, weight: torch.Tensor) -> SplitWeight:
+        return prepare_weight(weight, self.dtype)
+
+    def product(self, x: torch.Tensor, split: SplitWeight, bias: torch.Tensor | None) -> torch.Tensor:
+        return split_linear(x, split, bias)  # [..., out]

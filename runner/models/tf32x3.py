@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from runner.models.base import EmulatedLinear
+
 # 0xFFFFE000 as an int32: sign, exponent and the top 10 mantissa bits, which is all TF32 keeps.
 _TF32_MASK = -8192
 
@@ -65,27 +67,15 @@ def tf32x3_linear(
     return small + product(x_hi, w_hi, bias)  # [..., out]
 
 
-class Tf32x3Linear:
-    """Drop-in for F.linear(x, weight, bias): 3xTF32 for float32 CUDA tensors, F.linear otherwise.
+class Tf32x3Linear(EmulatedLinear):
+    """Drop-in for F.linear(x, weight, bias): 3xTF32 for float32 CUDA tensors, F.linear otherwise (two extra
+    float32 copies of each projection weight, the hi and lo parts)."""
 
-    Weight splits are computed once per weight tensor and cached (two extra copies of each projection
-    weight in the shadow actor's GPU memory).
-    """
+    def split(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_tf32(weight.contiguous())  # [out, in] each
 
-    def __init__(self) -> None:
-        self._splits: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cuda:
-            return F.linear(x, weight, bias)
-        w_hi, w_lo = self._weight_split(weight)  # [out, in] each
+    def product(
+        self, x: torch.Tensor, split: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None
+    ) -> torch.Tensor:
         with tf32_matmuls():
-            return tf32x3_linear(x, w_hi, w_lo, bias)  # [..., out]
-
-    def _weight_split(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (weight.data_ptr(), weight._version, weight.numel())
-        split = self._splits.get(key)
-        if split is None:
-            split = split_tf32(weight.contiguous())
-            self._splits[key] = split
-        return split
+            return tf32x3_linear(x, *split, bias)  # [..., out]
