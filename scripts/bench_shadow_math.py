@@ -35,9 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench import ARCH, cmd_make_ckpt  # the benchmark's architectures and random fair-esm checkpoint writer
 
 REPO = Path(__file__).resolve().parents[1]
-ARCH = {"8M": (6, 320, 20), "150M": (30, 640, 20), "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
 
 
 def synth_lengths(total_tokens: int, seed: int = 0) -> list[int]:
@@ -64,9 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="append", default=[], help="mode to profile (repeatable)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench import cmd_make_ckpt  # the benchmark's own random fair-esm checkpoint writer
-
     from runner.models.esm2 import load_esm2
     from runner.models.tf32x3 import tf32_matmuls
     from runner.pooling import pool_packed
