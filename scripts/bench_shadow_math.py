@@ -1,8 +1,9 @@
 """How the FP32 shadow's matmuls should run on a GPU: IEEE FP32, TF32, 3xTF32, BF16x3 or FP16x3.
 
 One CUDA GPU, plain torch + fair-esm (no Ray). A random ESM-2 of the real 650M (or 3B) shape is built in
-fair-esm's format, saved, and loaded through runner's own loader; synthetic proteins (the reference
-script's generator: lognormal lengths, median 300) are packed into one shadow-sized batch. Each mode runs
+fair-esm's format, saved, and loaded through runner's own loader; synthetic proteins (lengths drawn like
+the reference script's, lognormal, median 300, 30..1022, but by this script's own `synth_lengths`, which
+the recorded results used) are packed into one shadow-sized batch. Each mode runs
 runner's packed forward (`ESM2Embedder.forward_packed`, the actors' code):
 
 - "fp16": the main path (FP16 weights, varlen attention, compiled layers): the speed the shadow is paid in,
