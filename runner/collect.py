@@ -169,6 +169,7 @@ def handle_table(
     report.batches += int((budgets > 0).sum())
     report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
     report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
+    clock_batches(table, report)
 
     if is_reject.any():
         sub = table.filter(pa.array(is_reject)).to_pydict()
@@ -248,6 +249,20 @@ def handle_table(
     report.records_done += len(rows)
     writer.write(rows)
     metrics.written(len(rows))
+
+
+def clock_batches(table: pa.Table, report: JobReport) -> None:
+    """Add each batch of the table to its actor's clock (a batch's figures ride on its first window)."""
+    done = table.column("batch_done").to_numpy()
+    first = np.flatnonzero(done > 0)  # time.time() is never 0: a set batch_done marks a batch's first window
+    if not len(first):
+        return
+    indices = pa.array(first)
+    workers = table.column("worker").take(indices).to_pylist()
+    tokens = table.column("batch_tokens").take(indices).to_numpy()
+    seconds = table.column("batch_seconds").take(indices).to_numpy()
+    for worker, batch_tokens, batch_seconds, batch_done in zip(workers, tokens, seconds, done[first], strict=True):
+        report.clock_batch(worker, int(batch_tokens), float(batch_seconds), float(batch_done))
 
 
 def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> EmbeddedRows:

@@ -19,8 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -99,8 +101,42 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("shadow_tokens", pa.list_(pa.int32())),  # token ids of windows sampled for the shadow, else null
             ("oom_splits", pa.int64()),  # OOM splits since the actor's last output (on the first row)
             ("actor_restarts", pa.int64()),  # 1 on the first output of an actor Ray restarted
+            # Seconds in embed_guarded (overlap with a concurrent call counted once: BusyClock), first window.
+            ("batch_seconds", pa.float64()),
+            ("batch_done", pa.float64()),  # time.time() when the batch's results were on the host (first window)
         ]
     )
+
+
+class BusyClock:
+    """Busy seconds of one actor, whose calls may overlap (two in flight per GPU actor), credited per batch.
+
+    Each finished batch is credited with the time since the previous credit, or since it started when no other
+    batch was in flight. The credits then sum to the time at least one batch was in the forward (the union
+    of the batches' intervals): the sum of two overlapping batches' own durations would count the shared GPU
+    time twice. With one call at a time a batch's credit is exactly its own duration.
+    """
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self._now = now  # a monotonic clock in seconds (a fake one in tests)
+        self._lock = threading.Lock()  # Ray runs the concurrent calls of one actor in threads
+        self._in_flight = 0
+        self._credited_until = 0.0  # time up to which busy time is already credited
+
+    def start(self) -> None:
+        with self._lock:
+            if self._in_flight == 0:
+                self._credited_until = self._now()  # the actor was idle: a new busy stretch begins
+            self._in_flight += 1
+
+    def finish(self) -> float:
+        """The seconds credited to the batch that just finished."""
+        with self._lock:
+            now = self._now()
+            credit = now - self._credited_until
+            self._credited_until = now
+            self._in_flight -= 1
+            return credit
 
 
 class EmbedStage:
@@ -133,6 +169,7 @@ class EmbedStage:
         self._unreported_ooms = 0  # OOM splits not yet reported to the driver
         self._unreported_restart = int(_was_restarted())
         self._batches = 0
+        self.busy = BusyClock()
         if settings.compile_layers and settings.compile_threads:
             import torch._inductor.config as inductor_config  # this actor's process only
 
@@ -307,7 +344,12 @@ class EmbedStage:
         if self.settings.test_batch_delay:
             time.sleep(self.settings.test_batch_delay)
         started = time.perf_counter()
-        vectors, finite, errors = self.embed_guarded(batch)
+        self.busy.start()
+        try:
+            vectors, finite, errors = self.embed_guarded(batch)
+        finally:
+            busy_seconds = self.busy.finish()
+        done = time.time()  # wall clock, not perf_counter: the driver compares it across an actor's batches
         n = len(batch.ids)
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
                            int((~finite).sum()))
@@ -326,7 +368,10 @@ class EmbedStage:
                                   pa.string())
         batch_tokens = np.zeros(n, dtype=np.int64)
         batch_budget = np.zeros(n, dtype=np.int64)
+        batch_seconds = np.zeros(n, dtype=np.float64)
+        batch_done = np.zeros(n, dtype=np.float64)
         batch_tokens[0], batch_budget[0] = batch.num_tokens, batch.token_budget
+        batch_seconds[0], batch_done[0] = busy_seconds, done
         flat = pa.array(vectors.astype(np.float32).ravel(), type=pa.float32())
         table = pa.table(
             {
@@ -349,6 +394,8 @@ class EmbedStage:
                 "shadow_tokens": pa.array(shadow_tokens, pa.list_(pa.int32())),
                 "oom_splits": pa.array(np.zeros(n, dtype=np.int64)),
                 "actor_restarts": pa.array(np.zeros(n, dtype=np.int64)),
+                "batch_seconds": pa.array(batch_seconds),
+                "batch_done": pa.array(batch_done),
             },
             schema=self.schema,
         )
@@ -381,6 +428,8 @@ class EmbedStage:
                 "shadow_tokens": pa.nulls(n, pa.list_(pa.int32())),
                 "oom_splits": pa.array([0] * n, pa.int64()),
                 "actor_restarts": pa.array([0] * n, pa.int64()),
+                "batch_seconds": pa.array([0.0] * n, pa.float64()),
+                "batch_done": pa.array([0.0] * n, pa.float64()),
             },
             schema=self.schema,
         )

@@ -21,7 +21,7 @@ from runner.config import EmbedConfig
 from runner.models.base import ModelInfo
 
 if TYPE_CHECKING:
-    from runner.report import JobReport
+    from runner.report import ActorClock, JobReport
 
 
 # Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB: unchanged by a copy or
@@ -75,6 +75,19 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             versions[dist] = None
     return versions
+
+
+def actor_section(clock: ActorClock) -> dict[str, Any]:
+    """One actor's clock in `throughput.actors`."""
+    return {
+        "batches": clock.batches,
+        "tokens": clock.tokens,
+        "busy_seconds": round(clock.busy_seconds, 3),
+        "span_seconds": round(clock.span_seconds, 3),
+        "steady_tokens_per_second": round(clock.steady_tokens_per_second, 1),
+        "forward_tokens_per_second": round(clock.forward_tokens_per_second, 1),
+        "busy_fraction": round(clock.busy_fraction, 4),
+    }
 
 
 class Manifest:
@@ -141,6 +154,11 @@ class Manifest:
                 "packing_efficiency": round(report.packing_efficiency, 4),
                 "wall_seconds": round(report.wall_seconds, 3),
                 "windows_per_worker": report.workers,
+                # The actors' own clocks (see runner.report.ActorClock): independent of Ray's delivery bursts.
+                "actor_steady_tokens_per_second": round(report.actor_steady_tokens_per_second, 1),
+                "forward_tokens_per_second": round(report.forward_tokens_per_second, 1),
+                "actor_busy_fraction": round(report.actor_busy_fraction, 4),
+                "actors": {worker: actor_section(clock) for worker, clock in sorted(report.actors.items())},
             },
             "parts": report.parts,
             "fingerprint": self.fingerprint,

@@ -2,8 +2,60 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+
+@dataclass
+class ActorClock:
+    """One embedding actor's own clock: what it reported about its batches (`batch_seconds`, `batch_done`).
+
+    Ray delivers outputs in bursts and in any order, so the driver's arrival times say little about how fast
+    an actor works; the actor's own timestamps do. Everything here is order-free (sums, min, max).
+    """
+
+    batches: int = 0
+    tokens: int = 0
+    busy_seconds: float = 0.0  # sum of batch_seconds: time the actor spent in forwards
+    first_start: float = math.inf  # time.time() the earliest batch began (its batch_done - batch_seconds)
+    first_done: float = math.inf  # earliest batch_done
+    first_tokens: int = 0  # tokens of the batch done first (excluded from the steady rate: it may hold warm-up)
+    last_done: float = 0.0  # latest batch_done
+
+    def add(self, tokens: int, seconds: float, done: float) -> None:
+        """One batch of this actor, whatever its arrival order."""
+        self.batches += 1
+        self.tokens += tokens
+        self.busy_seconds += seconds
+        self.first_start = min(self.first_start, done - seconds)
+        if done < self.first_done:
+            self.first_done, self.first_tokens = done, tokens
+        self.last_done = max(self.last_done, done)
+
+    @property
+    def span_seconds(self) -> float:
+        """From the start of the actor's first batch to the end of its last: its active span."""
+        return self.last_done - self.first_start if self.batches else 0.0
+
+    @property
+    def steady_tokens_per_second(self) -> float:
+        """Tokens after the first batch / time from the first batch done to the last: the actor's steady rate."""
+        span = self.last_done - self.first_done
+        if self.batches < 2 or span <= 0:
+            return 0.0
+        return (self.tokens - self.first_tokens) / span
+
+    @property
+    def forward_tokens_per_second(self) -> float:
+        """Tokens / busy seconds: what the model does while it works, ignoring any wait for input."""
+        return self.tokens / self.busy_seconds if self.busy_seconds > 0 else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        """Share of the active span spent in forwards; the rest waited for input, Ray hand-off or host work."""
+        span = self.span_seconds
+        return self.busy_seconds / span if span > 0 else 0.0
 
 
 @dataclass
@@ -23,6 +75,7 @@ class JobReport:
     wall_seconds: float = 0.0
     records_done: int = 0  # records finished (written or rejected) so far, for progress
     workers: dict[str, int] = field(default_factory=dict)  # windows embedded per actor
+    actors: dict[str, ActorClock] = field(default_factory=dict)  # each actor's own clock, by worker
     attention: set[str] = field(default_factory=set)  # attention kernels the actors used
     shadow: dict | None = None  # the shadow's summary (manifest "shadow" section)
     first_output_seconds: float | None = None  # job start -> first embeddings back (Ray start, model load)
@@ -41,6 +94,26 @@ class JobReport:
         if self.first_output_seconds is None or self.wall_seconds <= self.first_output_seconds:
             return 0.0
         return (self.tokens - self.tokens_at_first_output) / (self.wall_seconds - self.first_output_seconds)
+
+    def clock_batch(self, worker: str, tokens: int, seconds: float, done: float) -> None:
+        """Add one batch to its actor's clock."""
+        self.actors.setdefault(worker, ActorClock()).add(tokens, seconds, done)
+
+    @property
+    def actor_steady_tokens_per_second(self) -> float:
+        """The actors' steady rates summed: they run concurrently. Unlike `steady_tokens_per_second`, this does
+        not depend on when the driver receives the outputs."""
+        return sum(clock.steady_tokens_per_second for clock in self.actors.values())
+
+    @property
+    def forward_tokens_per_second(self) -> float:
+        """The actors' forward rates summed: the job's rate if no actor ever waited for input."""
+        return sum(clock.forward_tokens_per_second for clock in self.actors.values())
+
+    @property
+    def actor_busy_fraction(self) -> float:
+        """The lowest actor's busy fraction (0 before any batch)."""
+        return min((clock.busy_fraction for clock in self.actors.values()), default=0.0)
 
     @property
     def tokens_per_second(self) -> float:

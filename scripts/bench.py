@@ -10,6 +10,7 @@ of the real architecture (fp16 weights), runs the reference script (fair-esm FP3
 packed varlen FP16) and `python -m runner embed` (a subprocess: this process never imports Ray) once per GPU
 count and shadow rate, samples driver RSS (/proc) and GPU memory per process (nvidia-smi) meanwhile, and
 writes `<out>/<YYYY-MM-DD>-<gpu>.json` (merged into an existing file of the same name) plus a markdown table.
+Steady tok/s comes from the actors' own clock in the manifest (`steady_candidates` lists the fallbacks).
 
 `cpu-stages`: CPU only, no Ray, no weights: writes an N-record FASTA and runs the real read
 (parse + duplicate filter), tokenize/pack (`runner.stream.pack_records`, ESM-2 codec) and write
@@ -138,6 +139,36 @@ def steady_from_parts(out_dir: Path) -> dict:
             "steady_tokens_per_second": round(sum(tokens[1:]) / span, 1)}
 
 
+def steady_candidates(thr: dict, mem: dict, parts: dict) -> dict[str, float | None]:
+    """Every steady tok/s clock of a run, best first; None where a clock is missing or not sane.
+
+    `thr`: the manifest's `throughput` section; `mem`: the monitor's figures; `parts`: `steady_from_parts`.
+    """
+    wall = thr.get("wall_seconds") or 0
+    tokens = thr.get("tokens") or 0
+    first = thr.get("first_output_seconds")
+    actors = thr.get("actor_steady_tokens_per_second")
+    return {
+        # The actors' own clocks first: each times its batches, so neither nvidia-smi's 0.5 s sampling nor
+        # the driver receiving outputs in bursts (seen: a driver "steady" of 500k tok/s for a 223k tok/s
+        # GPU) moves it. Manifests from before it have no such field.
+        "actor clock": actors if actors and actors > 0 else None,
+        # Then the GPU's busy window (nvidia-smi), the driver's first-output clock and the part files' mtimes.
+        "gpu busy window": round(tokens / mem["gpu_busy_seconds"], 1) if mem.get("gpu_busy_seconds") else None,
+        "manifest": thr.get("steady_tokens_per_second")
+        if first is not None and wall and first < 0.8 * wall else None,
+        "part mtimes": parts.get("steady_tokens_per_second")
+        if parts.get("steady_seconds", 0) >= 0.3 * wall else None,
+        "wall": thr.get("tokens_per_second"),
+    }
+
+
+def pick_steady(candidates: dict[str, float | None]) -> tuple[float | None, str]:
+    """The first clock with a value, and its name ("wall" when none has one)."""
+    source = next((name for name, value in candidates.items() if value), "wall")
+    return candidates.get(source), source
+
+
 def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float, args, work: Path,
                extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "runner", "embed", str(fasta), "--model", str(ckpt), "--out", str(out_dir),
@@ -170,6 +201,10 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
         "attention_backend": manifest.get("attention_backend"),
         "windows_per_worker": thr.get("windows_per_worker"),
         "shadow": manifest.get("shadow"),
+        # The actors' own figures (None for manifests from before them): the forward rate and whether
+        # the GPU (busy fraction near 1) or the pipeline feeding it (well below 1) set the pace.
+        "forward_tokens_per_second": thr.get("forward_tokens_per_second"),
+        "actor_busy_fraction": thr.get("actor_busy_fraction"),
     })
     # Whatever steady-state / memory figures the manifest offers (added by other work), verbatim.
     extra = find_keys(manifest, re.compile(r"steady|peak|memory|rss", re.I))
@@ -178,26 +213,14 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
         result["manifest_extra"] = extra
     parts = steady_from_parts(out_dir)
     result["from_parts"] = parts
-    wall = thr.get("wall_seconds") or 0
-    tokens = thr.get("tokens") or 0
-    first = thr.get("first_output_seconds")
-    candidates = {  # every clock we have; the first sane one is used
-        # The GPU's own busy window first: the driver can receive outputs in bursts (seen: a manifest
-        # "steady" of 500k tok/s for a 223k tok/s GPU), which skews any clock started at the first output.
-        "gpu busy window": round(tokens / mem["gpu_busy_seconds"], 1) if mem.get("gpu_busy_seconds") else None,
-        "manifest": thr.get("steady_tokens_per_second")
-        if first is not None and wall and first < 0.8 * wall else None,
-        "part mtimes": parts.get("steady_tokens_per_second")
-        if parts.get("steady_seconds", 0) >= 0.3 * wall else None,
-        "wall": thr.get("tokens_per_second"),
-    }
+    candidates = steady_candidates(thr, mem, parts)
     result["steady_candidates"] = candidates
-    source = next((k for k, v in candidates.items() if v), "wall")
-    result["tokens_per_second_steady"], result["steady_source"] = candidates[source], source
+    result["tokens_per_second_steady"], result["steady_source"] = pick_steady(candidates)
     if manifest.get("shadow"):
         result["shadow"] = manifest["shadow"]
     log(f"runner done in {secs:.0f}s: {result['tokens']} tokens, wall {result['tokens_per_second_wall']} tok/s, "
         f"steady {result['tokens_per_second_steady']} tok/s ({result['steady_source']}), "
+        f"forward {result['forward_tokens_per_second']} tok/s, busy {result['actor_busy_fraction']}, "
         f"driver RSS {mem.get('driver_rss_peak_mib')} MiB, GPU/process {mem.get('gpu_process_peak_mib')} MiB")
     return result
 
@@ -267,8 +290,13 @@ def cmd_gpu(args) -> int:
                     "python": platform.python_version(), "cpu_count": os.cpu_count(), "host": platform.node()})
         doc.setdefault("notes", {}).update({
             "tokens": "residues + 2 (BOS/EOS) per sequence, as the reference script counts",
-            "steady": "runner tok/s between the first and last Arrow part written (or the manifest's own "
-                      "steady figure): excludes Ray start-up and model loading; *_wall ratios include them",
+            "steady": "runner tok/s on the actors' own clock (manifest throughput.actor_steady_tokens_per_second: "
+                      "tokens after each actor's first batch / its first to last batch done, summed over actors); "
+                      "else the GPU busy window (nvidia-smi), the driver's first output to end, the part mtimes "
+                      "(runs.*.steady_source says which): excludes Ray start-up and model loading; *_wall ratios "
+                      "include them",
+            "forward": "runs.*.forward_tokens_per_second: tokens / seconds the actors spent in forwards (summed "
+                       "over actors); actor_busy_fraction: the lowest actor's share of its span spent in forwards",
             "ratios": "per GPU at the smallest GPU count, shadow rate 0 unless named; top-level = worst model",
             "reference": "reference script run with its own (smaller) sequence count, same generator; "
                          "it reports tok/s after model load and a 64-sequence warm-up",

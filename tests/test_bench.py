@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -136,6 +137,54 @@ def test_find_keys_flattens_matching_manifest_entries() -> None:
     got = bench.find_keys(manifest, re.compile(r"steady|peak|memory", re.I))
     assert got == {"throughput.steady_tokens_per_second": 5.0, "workers.gpu0.peak_memory_mib": 100,
                    "memory": {"rss": 1}}
+
+
+# A manifest's throughput section with every clock sane: 60 s wall, first output at 10 s.
+THROUGHPUT = {"tokens": 6_000_000, "wall_seconds": 60.0, "first_output_seconds": 10.0,
+              "tokens_per_second": 100_000.0, "steady_tokens_per_second": 150_000.0,
+              "actor_steady_tokens_per_second": 123_456.7, "forward_tokens_per_second": 130_000.0,
+              "actor_busy_fraction": 0.95}
+PARTS = {"parts": 5, "steady_seconds": 40.0, "steady_tokens_per_second": 140_000.0}
+
+
+def test_steady_candidates_put_the_actor_clock_first() -> None:
+    mem = {"gpu_busy_seconds": 48.0}
+    candidates = bench.steady_candidates(THROUGHPUT, mem, PARTS)
+    assert candidates == {"actor clock": 123_456.7, "gpu busy window": round(6_000_000 / 48.0, 1),
+                          "manifest": 150_000.0, "part mtimes": 140_000.0, "wall": 100_000.0}
+    assert bench.pick_steady(candidates) == (123_456.7, "actor clock")
+
+
+@pytest.mark.parametrize("actors", [None, 0.0])  # a manifest from before the actor clock, or an actor with 1 batch
+def test_steady_candidates_fall_back_to_the_gpu_busy_window(actors: float | None) -> None:
+    thr = {k: v for k, v in THROUGHPUT.items() if k != "actor_steady_tokens_per_second"}
+    if actors is not None:
+        thr["actor_steady_tokens_per_second"] = actors
+    candidates = bench.steady_candidates(thr, {"gpu_busy_seconds": 48.0}, PARTS)
+    assert list(candidates)[0] == "actor clock" and candidates["actor clock"] is None
+    assert bench.pick_steady(candidates) == (round(6_000_000 / 48.0, 1), "gpu busy window")
+    # Without the busy window either: the driver's clock, then the part mtimes, then wall.
+    assert bench.pick_steady(bench.steady_candidates(thr, {}, PARTS)) == (150_000.0, "manifest")
+    late = dict(thr, first_output_seconds=55.0)  # first output after 80 % of the wall time: not sane
+    assert bench.pick_steady(bench.steady_candidates(late, {}, PARTS)) == (140_000.0, "part mtimes")
+    assert bench.pick_steady(bench.steady_candidates(late, {}, {"parts": 2})) == (100_000.0, "wall")
+
+
+def test_run_runner_keeps_the_actor_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run's result takes its steady rate from the actor clock and keeps the forward rate and busy fraction."""
+    out = tmp_path / "out"
+
+    def fake_run_logged(cmd, log_path, timeout, env=None, monitor=False):  # runner "ran" and wrote its manifest
+        out.mkdir()
+        (out / "manifest.json").write_text(json.dumps({"status": "complete", "throughput": THROUGHPUT}))
+        return 0, 70.0, {"gpu_busy_seconds": 48.0}
+
+    monkeypatch.setattr(bench, "run_logged", fake_run_logged)
+    args = SimpleNamespace(rows_per_part=2048, token_budget=None, runner_arg=None, timeout=60)
+    result = bench.run_runner(tmp_path / "in.fasta", tmp_path / "m.pt", out, 1, 0.0, args, tmp_path)
+    assert (result["tokens_per_second_steady"], result["steady_source"]) == (123_456.7, "actor clock")
+    assert result["forward_tokens_per_second"] == 130_000.0 and result["actor_busy_fraction"] == 0.95
+    assert result["steady_candidates"]["gpu busy window"] == round(6_000_000 / 48.0, 1)
 
 
 # --- ratios, targets, merge ----------------------------------------------------------------------------

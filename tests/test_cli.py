@@ -116,6 +116,16 @@ def test_embed_end_to_end_matches_fair_esm(tmp_path: Path, tiny_esm2_path: Path)
     assert manifest["throughput"]["tokens"] == sum(len(s) + 2 for _, s in expected)
     assert 0 < manifest["throughput"]["packing_efficiency"] <= 1
     assert 0 < manifest["throughput"]["first_output_seconds"] < manifest["throughput"]["wall_seconds"]
+    # The one CPU actor's own clock accounts for every batch and token of the job.
+    thr = manifest["throughput"]
+    assert list(thr["actors"]) == list(thr["windows_per_worker"])  # one actor, the one that embedded the windows
+    (actor,) = thr["actors"].values()
+    assert thr["batches"] >= 2 and (actor["batches"], actor["tokens"]) == (thr["batches"], thr["tokens"])
+    assert 0 < actor["busy_seconds"] <= actor["span_seconds"] <= thr["wall_seconds"]
+    assert 0 < actor["busy_fraction"] <= 1
+    assert 0 < actor["steady_tokens_per_second"] == thr["actor_steady_tokens_per_second"]
+    assert 0 < actor["forward_tokens_per_second"] == thr["forward_tokens_per_second"]
+    assert actor["busy_fraction"] == thr["actor_busy_fraction"]
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")

@@ -1,0 +1,146 @@
+"""Per-actor clocks: the stage times its own batches (`batch_seconds`, `batch_done`), the driver adds them up per
+actor (`ActorClock`) and the manifest reports them. CPU only, no Ray (the end-to-end check is in test_cli)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from runner.collect import clock_batches
+from runner.embed_stage import BusyClock, EmbedStage, StageSettings
+from runner.manifest import actor_section
+from runner.models.registry import load_codec
+from runner.report import ActorClock, JobReport
+from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+
+DATA = Path(__file__).parent / "data"
+
+
+# --- the stage ------------------------------------------------------------------------------------------
+
+
+def test_stage_times_each_batch_on_its_first_window(tiny_esm2_path: Path) -> None:
+    records = next(read_blocks(ReadSettings((str(DATA / "some_proteins.fasta"),), "id", "sequence", 50)))
+    # A small budget: several packed batches, most of them with more than one window.
+    packed = pack_records(records, PackSettings(load_codec(str(tiny_esm2_path)), None, "truncate", 128, 2048))
+    batch_ids = [ids for ids in packed.column("ids").to_pylist() if ids]
+    assert len(batch_ids) >= 3 and any(len(ids) > 1 for ids in batch_ids)
+    stage = EmbedStage(StageSettings(str(tiny_esm2_path), "fp32", -1, "mean", "cpu"))
+    wall_before, perf_before = time.time(), time.perf_counter()
+    out = stage(packed)
+    wall_after, perf_after = time.time(), time.perf_counter()
+
+    seconds = out.column("batch_seconds").to_numpy()
+    done = out.column("batch_done").to_numpy()
+    first_window = out.column("batch_budget").to_numpy() > 0  # batch_tokens/batch_budget mark a batch's first row
+    assert first_window.sum() == len(batch_ids)
+    assert ((seconds > 0) == first_window).all() and ((done > 0) == first_window).all()
+    assert out.column("id").filter(pa.array(first_window)).to_pylist() == [ids[0] for ids in batch_ids]
+    assert (done[first_window] >= wall_before).all() and (done[first_window] <= wall_after).all()
+    assert (np.diff(done[first_window]) > 0).all()  # one call at a time here: batches finish in order
+    assert seconds.sum() <= perf_after - perf_before  # busy time within the call, never counted twice
+
+
+def test_busy_clock_counts_overlapping_batches_once() -> None:
+    """Two calls in flight (a GPU actor): the credits sum to the time at least one batch was running."""
+    now = [0.0]
+    clock = BusyClock(now=lambda: now[0])
+
+    def at(t: float) -> float:
+        now[0] = t
+        return t
+
+    at(0.0)
+    clock.start()  # batch A starts, the actor was idle
+    at(2.0)
+    clock.start()  # batch B starts while A runs
+    at(10.0)
+    credit_a = clock.finish()
+    at(15.0)
+    credit_b = clock.finish()
+    at(20.0)
+    clock.start()  # batch C after an idle gap
+    at(23.0)
+    credit_c = clock.finish()
+    assert (credit_a, credit_b, credit_c) == (10.0 - 0.0, 15.0 - 10.0, 23.0 - 20.0)
+    assert credit_a + credit_b + credit_c == (15.0 - 0.0) + (23.0 - 20.0)  # union, not 10 + 13 + 3
+
+
+# --- the driver's ActorClock ------------------------------------------------------------------------------
+
+
+class Batch(NamedTuple):
+    worker: str
+    tokens: int
+    seconds: float
+    done: float
+
+
+A1, A2, A3 = Batch("h:cpu:1", 100, 2.0, 1000.0), Batch("h:cpu:1", 300, 1.0, 1003.0), Batch("h:cpu:1", 200, 1.5, 1005.0)
+B1, B2 = Batch("h:cpu:2", 50, 4.0, 1001.0), Batch("h:cpu:2", 400, 2.0, 1004.0)
+
+
+def stage_table(batches: list[Batch]) -> pa.Table:
+    """Stage output as the driver sees it: each batch's figures on its first window, a second window with zeros,
+    and a block's record-count row (no id) at the end."""
+    rows = []
+    for b in batches:
+        rows.append({"worker": b.worker, "batch_tokens": b.tokens, "batch_seconds": b.seconds, "batch_done": b.done})
+        rows.append({"worker": b.worker, "batch_tokens": 0, "batch_seconds": 0.0, "batch_done": 0.0})
+    rows.append({"worker": A1.worker, "batch_tokens": 0, "batch_seconds": 0.0, "batch_done": 0.0})
+    schema = pa.schema([("worker", pa.string()), ("batch_tokens", pa.int64()), ("batch_seconds", pa.float64()),
+                        ("batch_done", pa.float64())])
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def test_actor_clocks_of_two_workers_in_any_arrival_order(tmp_path: Path) -> None:
+    tables = [stage_table([A3, B2]), stage_table([A2, B1]), stage_table([A1])]  # the latest batches arrive first
+    reports = []
+    for order in itertools.permutations(tables):
+        report = JobReport(tmp_path)
+        for table in order:
+            clock_batches(table, report)
+        reports.append(report)
+    assert all(r.actors == reports[0].actors for r in reports)  # arrival order changes nothing
+
+    report = reports[0]
+    a, b = report.actors[A1.worker], report.actors[B1.worker]
+    assert (a.batches, a.tokens, b.batches, b.tokens) == (3, A1.tokens + A2.tokens + A3.tokens, 2, B1.tokens + B2.tokens)
+    a_busy, b_busy = A1.seconds + A2.seconds + A3.seconds, B1.seconds + B2.seconds
+    assert a.busy_seconds == pytest.approx(a_busy) and b.busy_seconds == pytest.approx(b_busy)
+    a_span, b_span = A3.done - (A1.done - A1.seconds), B2.done - (B1.done - B1.seconds)
+    assert a.span_seconds == pytest.approx(a_span) and b.span_seconds == pytest.approx(b_span)
+    # Steady: the first batch (possibly warm-up) excluded, from its end to the last batch's end.
+    a_steady = (A2.tokens + A3.tokens) / (A3.done - A1.done)
+    b_steady = B2.tokens / (B2.done - B1.done)
+    assert a.steady_tokens_per_second == pytest.approx(a_steady)
+    assert b.steady_tokens_per_second == pytest.approx(b_steady)
+    a_forward, b_forward = a.tokens / a_busy, b.tokens / b_busy
+    assert a.forward_tokens_per_second == pytest.approx(a_forward)
+    assert b.forward_tokens_per_second == pytest.approx(b_forward)
+    assert a.busy_fraction == pytest.approx(a_busy / a_span) and b.busy_fraction == pytest.approx(b_busy / b_span)
+    # The job: concurrent actors' rates add up; the busy fraction is the least busy actor's.
+    assert report.actor_steady_tokens_per_second == pytest.approx(a_steady + b_steady)
+    assert report.forward_tokens_per_second == pytest.approx(a_forward + b_forward)
+    assert report.actor_busy_fraction == pytest.approx(min(a_busy / a_span, b_busy / b_span))
+    assert actor_section(a) == {
+        "batches": 3, "tokens": a.tokens, "busy_seconds": round(a_busy, 3), "span_seconds": round(a_span, 3),
+        "steady_tokens_per_second": round(a_steady, 1), "forward_tokens_per_second": round(a_forward, 1),
+        "busy_fraction": round(a_busy / a_span, 4),
+    }
+
+
+def test_actor_clock_with_one_batch_has_no_steady_rate(tmp_path: Path) -> None:
+    clock = ActorClock()
+    clock.add(A1.tokens, A1.seconds, A1.done)
+    assert clock.steady_tokens_per_second == 0.0  # only the (excluded) first batch
+    assert clock.forward_tokens_per_second == pytest.approx(A1.tokens / A1.seconds)
+    assert clock.busy_fraction == pytest.approx(1.0)
+    empty = JobReport(tmp_path)
+    assert (empty.actor_steady_tokens_per_second, empty.forward_tokens_per_second, empty.actor_busy_fraction) == (0, 0, 0)
