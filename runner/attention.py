@@ -8,8 +8,10 @@ Backends, fastest first:
 - "flash_attn": flash-attn 2's `flash_attn_varlen_func` (CUDA, fp16/bf16; supports ALiBi slopes).
 - "torch_varlen": `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA, fp16/bf16; no ALiBi).
 - "flex": `flex_attention` with a document mask and an ALiBi score_mod, compiled once per process (CUDA).
+  In float32 its two matmuls run as 3xTF32 on tensor cores (Triton's "tf32x3": ~2^-21 relative, like the
+  shadow's FP16x3 projections) instead of IEEE FP32 on CUDA cores.
 - "nested": one `scaled_dot_product_attention` call over a jagged nested tensor (CUDA, any dtype, no ALiBi):
-  the FP32 path (the shadow), where PyTorch runs its memory-efficient varlen kernel.
+  PyTorch's memory-efficient varlen kernel, IEEE FP32 on CUDA cores in float32.
 - "exact": one `scaled_dot_product_attention` call per sequence. Any device, any dtype; the reference.
 """
 
@@ -87,6 +89,10 @@ def _nested_sdpa_usable() -> bool:
 
 
 FLEX_MIN_HEAD_DIM = 16  # flex_attention's kernels need head_dim >= 16 (tiny test models fall back)
+# FP32 varlen kernels on CUDA, in order of preference. Measured in the 650M shadow on an H200 (32k tokens,
+# 33 layers): nested 99 ms of GPU time, flex (3xTF32) 118 ms; flex's batch finished sooner on its own (no
+# per-layer nested-tensor set-up on the host), but beside the main path only the shadow's GPU time costs.
+FP32_PREFERENCE: tuple[str, ...] = ("nested", "flex")
 
 
 def available_backends(
@@ -105,15 +111,17 @@ def available_backends(
             found.append("flash_attn")
         if half_ok and not alibi and _torch_varlen_importable():
             found.append("torch_varlen")
-        # flex is only worth it when the fast paths cannot express the bias; without ALiBi in fp32 the
-        # per-sequence SDPA loop is the documented fallback.
-        flex_ok = head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM
-        if alibi and flex_ok and _flex_importable():
-            found.append("flex")
-        if not alibi and not half_ok and _nested_sdpa_usable():
-            # FP32 has no varlen flash kernel; the per-sequence loop launches ~5 kernels per sequence and
-            # layer and ran the 650M FP32 shadow on an H200 at half the speed of its projections.
-            found.append("nested")
+        flex_ok = (head_dim is None or head_dim >= FLEX_MIN_HEAD_DIM) and _flex_importable()
+        if half_ok:
+            # flex is only worth it in half precision when the flash kernels cannot express the bias.
+            if alibi and flex_ok:
+                found.append("flex")
+        else:
+            # FP32 (the shadow) has no flash kernel; the per-sequence loop launches ~5 kernels per sequence
+            # and layer and ran the 650M FP32 shadow on an H200 at half the speed of its projections.
+            # With ALiBi (DNABERT) only flex applies.
+            fp32_kernels = {"flex": flex_ok, "nested": not alibi and _nested_sdpa_usable()}
+            found += [name for name in FP32_PREFERENCE if fp32_kernels[name]]
     found.append("exact")
     return found
 
@@ -159,7 +167,7 @@ def varlen_attention(
     if backend == "flex":
         return _flex(q, k, v, cu_seqlens, scale, alibi_slopes, plan)
     if backend == "nested" and alibi_slopes is None:
-        return _nested(q, k, v, cu_seqlens, max_seqlen, scale)
+        return _nested(q, k, v, cu_seqlens, max_seqlen, scale, plan)
     return _exact(q, k, v, cu_seqlens, scale, alibi_slopes)
 
 
@@ -211,11 +219,14 @@ def plan_attention(cu_seqlens: torch.Tensor, total_tokens: int, backend: str, de
     """Per-batch attention state to build once and pass to every layer's `varlen_attention`.
 
     For flex this is the document block mask: built per layer it costs more than the attention itself
-    (measured on an H200 at 65k tokens: 42 ms and 40 GiB uncompiled vs a 1.5 ms kernel). Others need none.
+    (measured on an H200 at 65k tokens: 42 ms and 40 GiB uncompiled vs a 1.5 ms kernel). For nested, the
+    int64 offsets of the jagged tensors. Others need none.
     """
-    if backend != "flex":
-        return None
-    return _flex_block_mask(cu_seqlens, total_tokens, torch.device(device))
+    if backend == "flex":
+        return _flex_block_mask(cu_seqlens, total_tokens, torch.device(device))
+    if backend == "nested":
+        return _nested_offsets(cu_seqlens, torch.device(device))
+    return None
 
 
 @functools.cache
@@ -236,6 +247,11 @@ def _flex_block_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device)
     return _compiled_create_block_mask()(same_document, None, None, total, total, device=device)
 
 
+# Triton's `input_precision` for flex's float32 matmuls (a code literal in inductor's template): three TF32
+# products per dot, big*big + big*small + small*big, ~2^-21 relative.
+FLEX_FP32_PRECISION = "'tf32x3'"
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., torch.Tensor]:
     """flex_attention compiled once per process: uncompiled it materialises the full score matrix."""
@@ -254,6 +270,9 @@ def _flex(
     plan: Any = None,  # the block mask from plan_attention
 ) -> torch.Tensor:
     block_mask = plan if plan is not None else _flex_block_mask(cu_seqlens, q.shape[0], q.device)
+    # FP32 on CUDA: 3xTF32 tensor-core products (set explicitly: inductor's default follows the global
+    # TF32 switch, which would silently make the shadow's attention a 10-bit-mantissa one).
+    kernel_options = {"FLOAT32_PRECISION": FLEX_FP32_PRECISION} if q.is_cuda and q.dtype == torch.float32 else None
     score_mod = None
     if slopes is not None:
         slopes_dev = slopes.to(device=q.device, dtype=torch.float32)  # [H]
@@ -270,6 +289,7 @@ def _flex(
         score_mod=score_mod,
         block_mask=block_mask,
         scale=scale,
+        kernel_options=kernel_options,
     )  # [1, H, T, hd]
     return out[0].transpose(0, 1)  # [T, H, hd]
 
@@ -281,8 +301,9 @@ def _nested(
     cu_seqlens: torch.Tensor,  # int32 [B+1]
     max_seqlen: int,
     scale: float,
+    plan: torch.Tensor | None = None,  # the offsets from plan_attention
 ) -> torch.Tensor:
-    offsets = cu_seqlens.to(device=q.device, dtype=torch.int64)  # [B+1]
+    offsets = plan if plan is not None else _nested_offsets(cu_seqlens, q.device)  # int64 [B+1]
 
     def jagged(x: torch.Tensor) -> torch.Tensor:  # [T, H, hd] -> [B, H, j, hd], a view of the same memory
         nested = torch.nested.nested_tensor_from_jagged(x, offsets=offsets, max_seqlen=max_seqlen)  # [B, j, H, hd]
@@ -290,6 +311,11 @@ def _nested(
 
     out = F.scaled_dot_product_attention(jagged(q), jagged(k), jagged(v), scale=scale)  # [B, H, j, hd]
     return out.transpose(1, 2).values()  # [T, H, hd]
+
+
+def _nested_offsets(cu_seqlens: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Jagged tensors' offsets: cu_seqlens as int64 [B+1] on `device`."""
+    return cu_seqlens.to(device=device, dtype=torch.int64)
 
 
 def _exact(

@@ -8,7 +8,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.attention import alibi_slopes, available_backends, select_backend, varlen_attention
+from runner.attention import (
+    alibi_slopes,
+    available_backends,
+    plan_attention,
+    select_backend,
+    varlen_attention,
+)
 
 LENGTHS = [5, 1, 17, 9, 32]
 
@@ -101,17 +107,43 @@ def test_nested_hands_alibi_to_the_exact_path() -> None:
     )
 
 
-def test_fp32_on_cuda_selects_nested_only_where_it_can_skip_the_length_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp32_on_cuda_prefers_nested_then_flex(monkeypatch: pytest.MonkeyPatch) -> None:
     cuda = torch.device("cuda")  # selection only: no CUDA needed to ask
-    assert available_backends(cuda, alibi=False, dtype=torch.float32) == ["nested", "exact"]
-    assert "nested" not in available_backends(cuda, alibi=True, dtype=torch.float32)
+    assert available_backends(cuda, alibi=False, dtype=torch.float32, head_dim=64) == ["nested", "flex", "exact"]
+    assert available_backends(cuda, alibi=True, dtype=torch.float32, head_dim=64) == ["flex", "exact"]
+    # Heads narrower than flex's kernels support (tiny models) keep the nested kernel.
+    assert available_backends(cuda, alibi=False, dtype=torch.float32, head_dim=8) == ["nested", "exact"]
     assert "nested" not in available_backends(cuda, alibi=False, dtype=torch.float16)
+    assert "flex" not in available_backends(cuda, alibi=False, dtype=torch.float16)
 
     def old_signature(values, offsets):  # a torch whose jagged tensors cannot be told their max length
         raise AssertionError("not called")
 
     monkeypatch.setattr(torch.nested, "nested_tensor_from_jagged", old_signature)
-    assert available_backends(cuda, alibi=False, dtype=torch.float32) == ["exact"]
+    assert available_backends(cuda, alibi=False, dtype=torch.float32, head_dim=8) == ["exact"]
+    assert available_backends(cuda, alibi=False, dtype=torch.float32, head_dim=64) == ["flex", "exact"]
+
+
+def test_flex_with_a_planned_block_mask_matches_dense_block_diagonal() -> None:
+    """flex on CPU (inductor's C++ kernel), with and without ALiBi, through the once-per-batch plan that
+    the models build; the CUDA run (3xTF32 in float32) is test_gpu_backends_match_reference."""
+    q, k, v, cu = _packed_qkv(LENGTHS)
+    plan = plan_attention(cu, q.shape[0], "flex", torch.device("cpu"))
+    for slopes in (None, alibi_slopes(q.shape[1])):
+        out = varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "flex", alibi_slopes=slopes, plan=plan)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        torch.testing.assert_close(out.double(), _dense_reference(q, k, v, cu, 0.25, slopes), atol=1e-5, rtol=1e-5)
+
+
+def test_nested_plan_is_the_int64_offsets() -> None:
+    q, k, v, cu = _packed_qkv(LENGTHS)
+    plan = plan_attention(cu, q.shape[0], "nested", torch.device("cpu"))
+    assert plan.dtype == torch.int64 and plan.tolist() == cu.tolist()
+    torch.testing.assert_close(
+        varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "nested", plan=plan),
+        varlen_attention(q, k, v, cu, max(LENGTHS), 0.25, "exact"),
+    )
+    assert plan_attention(cu, q.shape[0], "exact", torch.device("cpu")) is None
 
 
 def test_alibi_slopes_power_of_two_and_not() -> None:
@@ -175,12 +207,14 @@ def test_gpu_backends_match_reference(alibi: bool) -> None:
         err = (out.double().cpu() - ref).abs().max().item()
         print(f"{backend}: max abs err vs fp64 dense = {err:.2e}")
         assert err < 2e-2, backend
-    # FP32 (the shadow): the nested kernel must be FP32-accurate, like the per-sequence reference loop.
-    fp32_backends = available_backends(device, alibi=alibi, dtype=torch.float32)
-    assert ("nested" in fp32_backends) == (not alibi)
-    for backend in ("exact",) if alibi else ("nested", "exact"):
+    # FP32 (the shadow): every FP32 kernel must be FP32-accurate, like the per-sequence reference loop;
+    # flex runs 3xTF32 here, the others IEEE FP32.
+    fp32_backends = available_backends(device, alibi=alibi, dtype=torch.float32, head_dim=64)
+    assert ("nested" in fp32_backends) == (not alibi) and "flex" in fp32_backends
+    plans = {"flex": plan_attention(cu.to(device), q.shape[0], "flex", device)}
+    for backend in fp32_backends:
         out = varlen_attention(q.to(device), k.to(device), v.to(device), cu.to(device), max(lengths), scale,
-                               backend, alibi_slopes=slopes)
+                               backend, alibi_slopes=slopes, plan=plans.get(backend))
         err = (out.double().cpu() - ref).abs().max().item()
         print(f"{backend} fp32: max abs err vs fp64 dense = {err:.2e}")
         assert err < 1e-5, backend

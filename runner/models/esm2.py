@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runner.attention import select_backend, varlen_attention
+from runner.attention import plan_attention, select_backend, varlen_attention
 from runner.errors import CheckpointError, RunnerError
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 from runner.models.checkpoints import (
@@ -132,7 +132,7 @@ class ESM2Embedder(EmbeddingModel):
     def select_attention(self, device: torch.device) -> str:
         """Fastest non-ALiBi kernel for `device` and the current weight dtype (call after moving the model)."""
         dtype = self.esm.embed_tokens.weight.dtype
-        self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype)
+        self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype, head_dim=self.head_dim)
         return self.attention_backend
 
     @property
@@ -202,9 +202,10 @@ class ESM2Embedder(EmbeddingModel):
 
         cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim)  # [T, 1, hd] each
         cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
+        plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
         for index, layer_module in enumerate(esm_model.layers[:target]):
             weights = self.split_weights[index] if self.split_weights else LayerWeights.of(layer_module)
-            x = self._run_layer(weights, x, cos, sin, cu, max_seqlen)  # [T, D]
+            x = self._run_layer(weights, x, cos, sin, cu, max_seqlen, plan)  # [T, D]
         if target == self.num_layers:
             # fair-esm reports the last layer after the final LayerNorm.
             norm = esm_model.emb_layer_norm_after
@@ -219,10 +220,11 @@ class ESM2Embedder(EmbeddingModel):
         sin: torch.Tensor,  # float32 [T, 1, hd]
         cu: torch.Tensor,  # int32 [B+1]
         max_seqlen: int,
+        plan: Any,  # runner.attention.plan_attention's per-batch state
     ) -> torch.Tensor:
         """One transformer layer, through the compiled parts when `compile` is on (eager otherwise)."""
         args = (x, weights, cos, sin, cu, max_seqlen, self.num_heads,
-                self.attention_backend, self.fp32_layernorm, self.linear)
+                self.attention_backend, self.fp32_layernorm, self.linear, plan)
         if self.compiled is None:
             return esm2_layer(*args)
         try:
@@ -359,6 +361,7 @@ def esm2_layer(
     backend: str,  # attention kernel (runner.attention.BACKENDS)
     fp32_layernorm: bool,
     linear: Callable[..., torch.Tensor],  # F.linear, or FP32-accurate emulation for the shadow
+    plan: Any = None,  # runner.attention.plan_attention's per-batch state (None: built by the kernel)
     parts: LayerParts = EAGER_PARTS,
 ) -> torch.Tensor:
     """One fair-esm TransformerLayer (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens."""
@@ -366,7 +369,7 @@ def esm2_layer(
     q, k, v = first(x, w, cos, sin, heads, fp32_layernorm, linear)  # [T, H, hd] each
     # fair-esm multiplies q by `scaling` before the rotation; rotation is linear, so scaling inside the
     # kernel (in fp32) is the same computation with one rounding fewer.
-    o = varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend)  # [T, H, hd]
+    o = varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend, plan=plan)  # [T, H, hd]
     return rest(x, o, w, fp32_layernorm, linear)  # [T, D]
 
 
