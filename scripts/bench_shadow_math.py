@@ -1,16 +1,15 @@
 """How the FP32 shadow's matmuls should run on a GPU: IEEE FP32, TF32, 3xTF32, BF16x3 or FP16x3.
 
 One CUDA GPU, plain torch + fair-esm (no Ray). A random ESM-2 of the real 650M (or 3B) shape is built in
-fair-esm's format, saved, and loaded through runner's own loader; synthetic proteins (lengths drawn like
-the reference script's, lognormal, median 300, 30..1022, but by this script's own `synth_lengths`, which
-the recorded results used) are packed into one shadow-sized batch. Each mode runs
-runner's packed forward (`ESM2Embedder.forward_packed`, the actors' code):
+fair-esm's format, saved, and loaded through runner's own loader; the reference script's synthetic proteins
+(`bench_data.synth`: lognormal lengths, median 300, 30..1022), as many as fit, are packed into one
+shadow-sized batch. Each mode runs runner's packed forward (`ESM2Embedder.forward_packed`, the actors' code):
 
 - "fp16": the main path (FP16 weights, varlen attention, compiled layers): the speed the shadow is paid in,
   and the drift the shadow exists to measure;
 - "ieee+exact": IEEE FP32 matmuls on CUDA cores (torch's default), attention one SDPA per sequence: the
-  reference; the other FP32 modes use the shadow's attention ("nested": one varlen kernel per layer)
-  unless "+exact" is added;
+  reference; the other FP32 modes use the shadow's attention (runner's FP32 choice on CUDA) unless
+  "+flex" (3xTF32 tensor cores), "+nested" (one IEEE varlen kernel per layer) or "+exact" is added;
 - "tf32": plain TF32 tensor cores for every FP32 matmul (10-bit mantissa: not an FP32 reference);
 - "tf32x3": `runner.models.tf32x3`, three TF32 products per projection (FP32-accurate; eager only);
 - "bf16x3", "fp16x3": `runner.models.fp16x3`, one half GEMM over hi/lo pairs, eager and "+compile".
@@ -19,7 +18,7 @@ Prints one JSON line per mode: tok_per_s, cost_per_token_vs_fp16 (the shadow's p
 main-path tokens: rate x this bounds the shadow's share of a GPU), and max relative difference / 1 - cosine
 of the mean-pooled embeddings against "ieee". `--profile MODE` adds the top CUDA kernels of that mode.
 
-    python3 scripts/bench_shadow_math.py [--arch 650M] [--tokens 16384] [--reps 5] [--profile fp16x3+compile]
+    python3 scripts/bench_shadow_math.py [--arch 650M] [--tokens 16384] [--reps 5] [--profile fp16x3+compile+flex]
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
@@ -37,21 +35,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from bench import ARCH, cmd_make_ckpt  # the benchmark's architectures and random fair-esm checkpoint writer
+from bench_data import synth  # the reference script's synthetic proteins
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synth_lengths(total_tokens: int, seed: int = 0) -> list[int]:
-    """Residue counts (median 300, sigma 0.65, 30..1022) until total_tokens (with BOS/EOS) are reached."""
-    g = torch.Generator().manual_seed(seed)
-    lengths, used = [], 0
-    while True:
-        n = int(math.exp(torch.randn(1, generator=g).item() * 0.65 + math.log(300)))
-        n = min(max(n, 30), 1022)
-        if used + n + 2 > total_tokens:
-            return lengths
-        lengths.append(n)
-        used += n + 2
+def synth_batch(total_tokens: int) -> list[str]:
+    """The reference's synthetic proteins, in order, as many as fit in total_tokens (with BOS/EOS)."""
+    proteins, used = [], 0
+    for _, seq in synth(max(16, total_tokens // 150)):  # ~2x more than fit: the median protein is 302 tokens
+        if used + len(seq) + 2 > total_tokens:
+            break
+        proteins.append(seq)
+        used += len(seq) + 2
+    return proteins
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (use --arch 8M)")
     ap.add_argument("--modes", default="ieee,tf32,tf32x3,fp16x3,bf16x3+compile,fp16x3+compile,fp16x3+compile+exact",
-                    help="comma list: MATH[+compile][+exact], MATH one of ieee tf32 tf32x3 bf16x3 fp16x3")
+                    help="comma list: MATH[+compile][+flex|+nested|+exact], MATH one of ieee tf32 tf32x3 bf16x3 fp16x3")
     ap.add_argument("--profile", action="append", default=[], help="mode to profile (repeatable)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -81,22 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         cmd_make_ckpt(argparse.Namespace(path=str(ckpt), layers=layers, dim=dim, heads=heads, seed=0, dtype="fp32"))
         model = load_esm2(str(ckpt)).to(device).eval()
     model.select_attention(device)
-    lengths = synth_lengths(args.tokens)
-    g = torch.Generator().manual_seed(1)
-    pieces, positions = [], []
-    for n in lengths:
-        residues = torch.randint(4, 24, (n,), generator=g)  # the 20 standard amino-acid tokens
-        pieces.append(torch.cat([torch.tensor([0]), residues, torch.tensor([2])]))  # <cls> ... <eos>
-        positions.append(torch.arange(n + 2))
-    tokens = torch.cat(pieces).to(device)  # [T]
-    pos = torch.cat(positions).to(device)  # [T]
+    encoded = [torch.from_numpy(model.codec.encode(seq)).long() for seq in synth_batch(args.tokens)]  # <cls> ... <eos>
+    lengths = [len(e) - 2 for e in encoded]
+    tokens = torch.cat(encoded).to(device)  # [T]
+    pos = torch.cat([torch.arange(len(e)) for e in encoded]).to(device)  # [T]
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor([n + 2 for n in lengths]).cumsum(0)
     cu = cu.to(device)
     max_len = max(lengths) + 2
 
     modes = ["fp16", *[m for m in args.modes.split(",") if m != "fp16"]]  # fp16 first: the cost unit
-    fp32_attention = model.attention_backend  # what the shadow's fp32 model selects: "nested" on CUDA
+    fp32_attention = model.attention_backend  # what the shadow's fp32 model selects on CUDA (FP32_PREFERENCE)
     half = copy.deepcopy(model).to(torch.float16)
     half.select_attention(device)
     half.use_compile(True)
@@ -108,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.reset()  # a fresh compile per mode: dynamo's recompile limit would silently run eager
         model.emulate_fp32(math if math in ("tf32x3", "bf16x3", "fp16x3") else "ieee")
         model.use_compile("compile" in options)
-        model.attention_backend = "exact" if "exact" in options else fp32_attention
+        kernels = [o for o in options if o in ("flex", "nested", "exact")]
+        model.attention_backend = kernels[0] if kernels else fp32_attention
         return model
 
     def forward(net: torch.nn.Module) -> torch.Tensor:
