@@ -159,12 +159,13 @@ class ESM2Embedder(EmbeddingModel):
                 qkv_bias=torch.cat((w.q_bias, w.k_bias, w.v_bias)),  # [3D]
             ))
 
-    def use_compile(self, on: bool) -> bool:
-        """Run each layer's two halves (around attention) through `torch.compile(dynamic=True)`: LayerNorm,
-        rotary, GELU and the residual adds become fused kernels around the matmuls (one compile for all
-        layers and all batch shapes). Falls back to eager, with a warning, if compiling fails."""
+    def use_compile(self, on: bool, backend: str | Callable[..., Any] = "inductor") -> bool:
+        """Run each layer's two halves (around attention) through `torch.compile`: LayerNorm, rotary, GELU and
+        the residual adds become fused kernels around the matmuls (one compile for all layers and all batch
+        shapes, see `compile_over_tokens`). Falls back to eager, with a warning, if compiling fails.
+        `backend`: torch.compile's backend (tests pass one that records the graphs)."""
         if on:
-            self.compiled = tuple(torch.compile(part, dynamic=True) for part in EAGER_PARTS)  # type: ignore[assignment]
+            self.compiled = tuple(compile_over_tokens(part, backend) for part in EAGER_PARTS)  # type: ignore[assignment]
         else:
             self.compiled = None
         return on
@@ -348,6 +349,24 @@ def attention_output_and_mlp(
 # The attention call stays outside: its int max_seqlen would otherwise specialise the graph per batch.
 LayerParts = tuple[Callable[..., Any], Callable[..., Any]]
 EAGER_PARTS: LayerParts = (attention_inputs, attention_output_and_mlp)
+
+
+def compile_over_tokens(part: Callable[..., Any], backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
+    """`part` compiled with only the token dimension symbolic: dim 0 of its tensor arguments (x, cos, sin, o).
+
+    `dynamic=True` would make every size symbolic, the weights' included (they are arguments): inductor's
+    fused kernels then divide indices by a runtime head width and loop over rows of unknown length. Marking
+    the token dimension on every call keeps one compile for every batch size with all other sizes static.
+    """
+    compiled = torch.compile(part, backend=backend)
+
+    def call(*args: Any) -> Any:
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+        return compiled(*args)
+
+    return call
 
 
 def esm2_layer(
