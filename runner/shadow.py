@@ -130,6 +130,12 @@ class ShadowMonitor:
     violations: int = 0
     cosines: list[np.ndarray] = field(default_factory=list)
     worst: list[tuple[float, str]] = field(default_factory=list)  # lowest cosines seen, with ids
+    # How far the shadow lagged the main stream. A shadow whose comparisons mostly come after the stream
+    # ended (its FP32 actors were still loading, or it is slower than its share) costs wall time at the
+    # end of the job rather than throughput during it.
+    compared_after_stream: int = 0  # comparisons recorded after the main stream ended (in close())
+    tail_seconds: float = 0.0  # time close() waited for the shadow after the main stream ended
+    first_result_seconds: float | None = None  # first offer (actors started) -> first comparison recorded
 
     def __post_init__(self) -> None:
         self._pending: list[_Pending] = []
@@ -140,6 +146,8 @@ class ShadowMonitor:
         self._tmp = self.out_dir / ".drift.arrow.tmp"
         self._writer = pa.ipc.new_file(str(self._tmp), DRIFT_SCHEMA)
         self._closed = False
+        self._stream_ended = False
+        self._first_offer: float | None = None  # time.monotonic() of the first offer
 
     @property
     def queue_depth(self) -> int:
@@ -151,6 +159,8 @@ class ShadowMonitor:
         shed them (return False) when the queue is full."""
         if not ids:
             return True
+        if self._first_offer is None:
+            self._first_offer = time.monotonic()
         if self.start_fn is not None:
             self.start_fn()
             self.start_fn = None
@@ -206,11 +216,15 @@ class ShadowMonitor:
                 return
 
     def close(self) -> None:
-        """Submit what is gathered, wait for the shadow batches still running, then put drift.arrow in place."""
+        """The main stream has ended: submit what is gathered, wait for the shadow batches still running,
+        then put drift.arrow in place."""
+        self._stream_ended = True
+        started = time.monotonic()
         try:
             self._submit_gathered()
             self.poll(block=True)
         finally:
+            self.tail_seconds = time.monotonic() - started
             self._finish()
 
     def abandon(self) -> None:
@@ -251,6 +265,10 @@ class ShadowMonitor:
             )
         )
         self.compared += n
+        if self._stream_ended:
+            self.compared_after_stream += n
+        if self.first_result_seconds is None and self._first_offer is not None:
+            self.first_result_seconds = time.monotonic() - self._first_offer
         self.cosines.append(cosine)
         bad = np.flatnonzero(~(cosine >= self.settings.min_cosine))  # NaN cosine counts as a violation
         self.violations += len(bad)
@@ -279,6 +297,9 @@ class ShadowMonitor:
             "shed": self.shed,
             "compared": self.compared,
             "violations": self.violations,
+            "compared_after_stream": self.compared_after_stream,
+            "tail_seconds": round(self.tail_seconds, 3),
+            "first_result_seconds": None if self.first_result_seconds is None else round(self.first_result_seconds, 3),
         }
         if len(all_cos):
             stats.update(

@@ -250,6 +250,26 @@ def test_compute_ratios_takes_medians_of_repeats_and_pairs_their_shadow_costs() 
     assert "shadow_cost_0.01_per_repeat" not in one  # a single pair has no spread to show
 
 
+@pytest.mark.parametrize("after_stream", [8, 2])
+def test_a_lagging_shadow_is_not_counted_as_a_shadow_cost(after_stream: int) -> None:
+    """When most comparisons came after the main stream ended, the shadow's work was not overlapped with the
+    main path: its 'cost' is kept aside (`_lagging`) and cannot pass or fail the target."""
+    shadowed = run(1, 0.01, 199_000.0, 50_000.0)
+    shadowed["shadow"] = {"compared": 10, "compared_after_stream": after_stream}
+    got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
+                                                     "g1_s0.01": shadowed}})
+    lagging = after_stream > 5
+    assert ("shadow_cost_0.01" in got) is not lagging
+    assert ("shadow_cost_0.01_lagging" in got) is lagging
+    assert got.get("shadow_lagging_runs") == (["g1_s0.01"] if lagging else None)
+    cost = got["shadow_cost_0.01_lagging" if lagging else "shadow_cost_0.01"]
+    assert cost == pytest.approx(0.005, abs=1e-4)
+    doc = {"models": {"3B": got}}
+    summarize(doc)
+    assert ("shadow_cost_0.01" in doc.get("targets", {})) is not lagging
+    assert ("lagged (0.5%)" in markdown_table(doc)) is lagging
+
+
 def test_gpu_dry_run_interleaves_repeats(tmp_path: Path) -> None:
     work = tmp_path / "work"
     res = run_bench("gpu", "--models", "650M", "--gpus", "1", "--shadow-rates", "0,0.01", "--seqs", "650M=64",

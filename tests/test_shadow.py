@@ -404,6 +404,23 @@ def test_samples_are_gathered_into_batches_of_batch_tokens(tmp_path: Path) -> No
     assert sorted(read_drift(tmp_path).column("id").to_pylist()) == ["a", "b", "c", "g"]
 
 
+def test_comparisons_after_the_stream_ended_are_counted_as_lag(tmp_path: Path) -> None:
+    """What the shadow only finished in close() (the main stream was over) is recorded as lag: it cost the job
+    wall time at the end, not throughput during the stream."""
+    monitor, futures, _ = make_monitor(tmp_path, max_in_flight=4)
+    main = np.array([[1.0, 0.0]], np.float32)
+    offer_batch(monitor, futures, ["early"], main.copy(), main)
+    futures[0].done = True
+    offer_batch(monitor, futures, ["late1"], main.copy(), main)  # polls: "early" is compared during the stream
+    offer_batch(monitor, futures, ["late2"], main.copy(), main)
+    assert monitor.compared == 1 and monitor.compared_after_stream == 0
+    assert monitor.first_result_seconds is not None and monitor.first_result_seconds >= 0
+    monitor.close()
+    summary = monitor.summary()
+    assert summary["compared"] == 3 and summary["compared_after_stream"] == 2
+    assert summary["tail_seconds"] >= 0 and summary["first_result_seconds"] == round(monitor.first_result_seconds, 3)
+
+
 def test_abort_records_every_finished_batch_then_raises(tmp_path: Path) -> None:
     monitor, futures, _ = make_monitor(tmp_path, max_in_flight=4, on_drift="abort", min_cosine=0.9)
     main = np.array([[1.0, 0.0]], np.float32)
