@@ -24,7 +24,10 @@ def _div(a, b):
 def shadow_lagged(run: dict) -> bool:
     """Whether most of a run's shadow comparisons came after its main stream had ended (the manifest's
     `shadow.compared_after_stream`): the FP32 actors were still starting, or fell behind, so the shadow's
-    work was not overlapped with the main path and its throughput cost was not measured."""
+    work was not overlapped with the main path and its throughput cost was not measured. Runs recorded before
+    that field existed carry `shadow_lagged: true` with their evidence in `shadow_lag_evidence`."""
+    if run.get("shadow_lagged"):
+        return True
     shadow = run.get("shadow") or {}
     compared, after = shadow.get("compared") or 0, shadow.get("compared_after_stream")
     return bool(compared) and after is not None and after > compared / 2

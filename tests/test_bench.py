@@ -270,6 +270,14 @@ def test_a_lagging_shadow_is_not_counted_as_a_shadow_cost(after_stream: int) -> 
     assert ("lagged (0.5%)" in markdown_table(doc)) is lagging
 
 
+def test_a_run_flagged_by_hand_as_lagging_counts_as_lagging() -> None:
+    """Runs recorded before manifests had compared_after_stream carry the flag and its evidence."""
+    shadowed = run(1, 0.01, 199_000.0, 50_000.0) | {"shadow_lagged": True, "shadow": {"compared": 10}}
+    got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
+                                                     "g1_s0.01": shadowed}})
+    assert "shadow_cost_0.01" not in got and got["shadow_lagging_runs"] == ["g1_s0.01"]
+
+
 def test_gpu_dry_run_interleaves_repeats(tmp_path: Path) -> None:
     work = tmp_path / "work"
     res = run_bench("gpu", "--models", "650M", "--gpus", "1", "--shadow-rates", "0,0.01", "--seqs", "650M=64",
