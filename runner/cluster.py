@@ -230,6 +230,14 @@ def start_shadow(
     def wait(futures, block):
         return ray.wait(futures, num_returns=len(futures), timeout=None if block else 0)
 
+    def startup() -> list[dict[str, float]]:
+        """Each shadow actor's start-up seconds, for the manifest (none if the actors cannot answer)."""
+        try:
+            return ray.get([actor.startup_seconds.remote() for actor in actors], timeout=30)
+        except (ray.exceptions.RayError, TimeoutError) as error:  # a dead actor must not fail a finished job
+            log.warning("shadow actors' start-up times unavailable: %s", type(error).__name__)
+            return []
+
     settings = ShadowSettings(
         config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision,
         batch_tokens=config.shadow_batch_tokens,
@@ -243,4 +251,5 @@ def start_shadow(
         get_fn=lambda future: ray.get(future)[0],
         metrics=metrics,
         start_fn=start,
+        startup_fn=startup,
     )

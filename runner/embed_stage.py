@@ -158,6 +158,8 @@ class EmbedStage:
         on_cuda = self.device.type == "cuda"
         if on_cuda and settings.precision == "fp32" and settings.fp32_math != "ieee":
             self.model.emulate_fp32(settings.fp32_math)
+        # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_seconds`.
+        self.startup = {"load_seconds": round(time.perf_counter() - started, 3), "compile_seconds": 0.0}
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
         self.schema = output_schema(self.embed_dim)
@@ -197,8 +199,13 @@ class EmbedStage:
         positions = torch.arange(12, device=self.device).repeat(2)  # [T]
         cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=self.device)  # [B+1]
         self.model.forward_packed(tokens, positions, cu_seqlens, 12, self.settings.layer)
-        log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, time.perf_counter() - started,
+        self.startup["compile_seconds"] = round(time.perf_counter() - started, 3)
+        log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
                  "" if self.model.compiling else " (failed: eager)")
+
+    def startup_seconds(self) -> dict[str, float]:
+        """Seconds this actor's start-up took: loading (checkpoint, device, weight splits) and compiling."""
+        return dict(self.startup)
 
     @property
     def kernels(self) -> str:

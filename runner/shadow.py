@@ -124,6 +124,8 @@ class ShadowMonitor:
     # callable() that starts the FP32 actors, called at the first offer (once the main stream runs), so that
     # they load and compile while the first shadow batch gathers; None when submit_fn starts them itself.
     start_fn: Any = None
+    # callable() -> [{"load_seconds": s, "compile_seconds": s}, ...] of the FP32 actors, for the summary; or None
+    startup_fn: Any = None
     sampled: int = 0
     shed: int = 0
     compared: int = 0
@@ -301,6 +303,8 @@ class ShadowMonitor:
             "tail_seconds": round(self.tail_seconds, 3),
             "first_result_seconds": None if self.first_result_seconds is None else round(self.first_result_seconds, 3),
         }
+        if self.startup_fn is not None and self.compared:
+            stats["actor_startup"] = self.startup_fn()
         if len(all_cos):
             stats.update(
                 cosine_min=float(np.nanmin(all_cos)),

@@ -166,6 +166,11 @@ def test_manifest_shadow_section_matches_drift_arrow(warn_run: Path) -> None:
     assert shadow["cosine_p0_1"] == pytest.approx(np.percentile(cos, 0.1), abs=1e-12)
     assert shadow["violations"] == int((cos < float(STRICT)).sum())
     assert [w["cosine"] for w in shadow["worst"]] == pytest.approx(sorted(cos)[:5], abs=1e-12)
+    # How the shadow kept up: one CPU shadow actor, loaded (not compiled on CPU), first result after start-up.
+    assert [set(a) for a in shadow["actor_startup"]] == [{"load_seconds", "compile_seconds"}]
+    assert shadow["actor_startup"][0]["load_seconds"] > 0 and shadow["actor_startup"][0]["compile_seconds"] == 0
+    assert shadow["first_result_seconds"] > 0 and shadow["tail_seconds"] >= 0
+    assert 0 <= shadow["compared_after_stream"] <= shadow["compared"]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -449,12 +454,22 @@ def test_compare_clips_rounding_above_one() -> None:
 class FakeRay:
     """Records actor creations and calls of `start_shadow`'s Ray usage, in order."""
 
+    class exceptions:  # noqa: N801  (stands in for the ray.exceptions module)
+        class RayError(Exception):
+            pass
+
     def __init__(self) -> None:
         self.events: list[str] = []
         self.settings: list = []  # the StageSettings each actor was created with
+        self.startup_answer: object = {"load_seconds": 1.5, "compile_seconds": 2.5}  # or an exception to raise
 
     def wait(self, futures, num_returns, timeout):  # nothing finishes: the monitor keeps them pending
         return [], list(futures)
+
+    def get(self, refs, timeout=None):
+        if isinstance(self.startup_answer, Exception):
+            raise self.startup_answer
+        return [self.startup_answer for _ in refs]
 
     def remote(self, cls):
         ray = self
@@ -468,6 +483,7 @@ class FakeRay:
                 ray.events.append(f"create num_gpus={self.options_['num_gpus']} precision={settings.precision}")
                 handle = type("Handle", (), {})()
                 handle.embed = type("Method", (), {"remote": lambda _, packed: ray.events.append("embed") or "ref"})()
+                handle.startup_seconds = type("Method", (), {"remote": lambda _: "startup ref"})()
                 return handle
 
         return type("ActorClass", (), {"options": lambda _, **o: Options(**o)})()
@@ -492,6 +508,27 @@ def test_gpu_shadow_actors_are_created_only_at_the_first_sample(tmp_path: Path) 
     assert ray.events == ["create num_gpus=0.25 precision=fp32"] * 2  # 5 of 8 tokens gathered: no batch yet
     monitor.offer(["b"], np.array([3]), main, [np.array([0, 5, 6, 7, 2], np.int32)])
     assert ray.events[-1] == "embed" and ray.events.count("create num_gpus=0.25 precision=fp32") == 2
+    monitor.abandon()
+
+
+def test_shadow_actors_start_up_times_reach_the_summary_or_are_left_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from runner.cluster import start_shadow
+    from runner.config import EmbedConfig
+    from runner.embed_stage import StageSettings
+
+    ray = FakeRay()
+    config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=8)
+    stage = StageSettings(model="m", precision="fp16", layer=-1, pooling="mean", device="cuda")
+    monitor = start_shadow(ray, config, stage, 2, 0.25, tmp_path, "fp16", metrics=None)
+    assert monitor.startup_fn() == []  # no actors before the first sample
+    monitor.offer(["a"], np.array([3]), np.array([[1.0, 0.0]], np.float32), [np.array([0, 5, 6, 7, 2], np.int32)])
+    assert monitor.startup_fn() == [{"load_seconds": 1.5, "compile_seconds": 2.5}] * 2
+    ray.startup_answer = FakeRay.exceptions.RayError("actor died")
+    with caplog.at_level("WARNING", logger="runner"):
+        assert monitor.startup_fn() == []  # a dead actor does not fail the finished job
+    assert "start-up times unavailable" in caplog.text
     monitor.abandon()
 
 
