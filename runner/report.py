@@ -101,13 +101,23 @@ class JobReport:
 
     @property
     def actor_steady_tokens_per_second(self) -> float:
-        """The actors' steady rates summed: they run concurrently. Unlike `steady_tokens_per_second`, this does
-        not depend on when the driver receives the outputs."""
-        return sum(clock.steady_tokens_per_second for clock in self.actors.values())
+        """The job's steady rate on the actors' own clocks: tokens after each actor's first batch / the time from
+        the earliest first batch done to the latest last batch done. With one actor that is its own steady rate;
+        with several, their work over one shared span, so an actor that ran out of work early (an uneven end
+        across GPUs) or a restarted actor (a new pid after the old one died) counts as time, not as an extra
+        rate. Hosts' wall clocks are taken to be in sync (NTP). Unlike `steady_tokens_per_second`, this does not
+        depend on when the driver receives the outputs."""
+        clocks = [clock for clock in self.actors.values() if clock.batches]
+        if not clocks:
+            return 0.0
+        span = max(clock.last_done for clock in clocks) - min(clock.first_done for clock in clocks)
+        tokens = sum(clock.tokens - clock.first_tokens for clock in clocks)
+        return tokens / span if span > 0 else 0.0
 
     @property
     def forward_tokens_per_second(self) -> float:
-        """The actors' forward rates summed: the job's rate if no actor ever waited for input."""
+        """The actors' forward rates summed: the job's rate if no actor ever waited for input (actors that ran one
+        after the other, as a restarted one and its predecessor, are summed as if they had run together)."""
         return sum(clock.forward_tokens_per_second for clock in self.actors.values())
 
     @property

@@ -291,7 +291,7 @@ def cmd_gpu(args) -> int:
         doc.setdefault("notes", {}).update({
             "tokens": "residues + 2 (BOS/EOS) per sequence, as the reference script counts",
             "steady": "runner tok/s on the actors' own clock (manifest throughput.actor_steady_tokens_per_second: "
-                      "tokens after each actor's first batch / its first to last batch done, summed over actors); "
+                      "every actor's tokens after its first batch / earliest first to latest last batch done); "
                       "else the GPU busy window (nvidia-smi), the driver's first output to end, the part mtimes "
                       "(runs.*.steady_source says which): excludes Ray start-up and model loading; *_wall ratios "
                       "include them",

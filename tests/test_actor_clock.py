@@ -125,8 +125,11 @@ def test_actor_clocks_of_two_workers_in_any_arrival_order(tmp_path: Path) -> Non
     assert a.forward_tokens_per_second == pytest.approx(a_forward)
     assert b.forward_tokens_per_second == pytest.approx(b_forward)
     assert a.busy_fraction == pytest.approx(a_busy / a_span) and b.busy_fraction == pytest.approx(b_busy / b_span)
-    # The job: concurrent actors' rates add up; the busy fraction is the least busy actor's.
-    assert report.actor_steady_tokens_per_second == pytest.approx(a_steady + b_steady)
+    # The job: every actor's tokens after its first batch over one shared span (not the sum of the actors'
+    # rates, which would ignore an actor idling at the end); the busy fraction is the least busy actor's.
+    job_steady = (A2.tokens + A3.tokens + B2.tokens) / (max(A3.done, B2.done) - min(A1.done, B1.done))
+    assert report.actor_steady_tokens_per_second == pytest.approx(job_steady)
+    assert job_steady < a_steady + b_steady
     assert report.forward_tokens_per_second == pytest.approx(a_forward + b_forward)
     assert report.actor_busy_fraction == pytest.approx(min(a_busy / a_span, b_busy / b_span))
     assert actor_section(a) == {
@@ -134,6 +137,18 @@ def test_actor_clocks_of_two_workers_in_any_arrival_order(tmp_path: Path) -> Non
         "steady_tokens_per_second": round(a_steady, 1), "forward_tokens_per_second": round(a_forward, 1),
         "busy_fraction": round(a_busy / a_span, 4),
     }
+
+
+def test_a_restarted_actor_adds_time_not_a_second_rate(tmp_path: Path) -> None:
+    """Ray restarts a dead actor as a new process (a new worker name) on the same GPU: the job's steady rate
+    spans both, one after the other, instead of adding their rates as if they had run together."""
+    report = JobReport(tmp_path)
+    dead, replacement = "h:cuda0:11", "h:cuda0:12"
+    for worker, tokens, seconds, done in [(dead, 100, 1.0, 1000.0), (dead, 100, 1.0, 1001.0),
+                                          (replacement, 100, 1.0, 1010.0), (replacement, 100, 1.0, 1011.0)]:
+        report.clock_batch(worker, tokens, seconds, done)
+    assert report.actors[dead].steady_tokens_per_second == report.actors[replacement].steady_tokens_per_second == 100
+    assert report.actor_steady_tokens_per_second == pytest.approx((100 + 100) / (1011.0 - 1000.0))
 
 
 def test_actor_clock_with_one_batch_has_no_steady_rate(tmp_path: Path) -> None:
