@@ -359,7 +359,7 @@ class EmbedStage:
         done = time.time()  # wall clock, not perf_counter: the driver compares it across an actor's batches
         n = len(batch.ids)
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
-                           int((~finite).sum()))
+                           int((~finite).sum()), busy_seconds)
         shadow_tokens: list[np.ndarray | None] = [None] * n
         if self.settings.shadow_rate > 0:
             # Chunked windows are not sampled: their stored vector is a merge of several windows.

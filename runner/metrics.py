@@ -56,10 +56,17 @@ class ActorMetrics:
                                        tag_keys=keys)
         self.packing = Gauge("runner_packing_efficiency", "Real tokens / token budget of recent batches",
                              tag_keys=keys)
+        # Its rate is the actor's busy fraction: well below 1, the actor waits for input (not the GPU's limit).
+        self.busy = Counter("runner_busy_seconds", "Seconds in forwards (calls in flight together counted once)",
+                            tag_keys=keys)
 
-    def batch(self, windows: int, tokens: int, budget: int, seconds: float, nonfinite: int) -> None:
+    def batch(self, windows: int, tokens: int, budget: int, seconds: float, nonfinite: int,
+              busy_seconds: float = 0.0) -> None:
+        """One packed batch: `seconds` its latency, `busy_seconds` its credit on the actor's BusyClock."""
         if not self.enabled:
             return
+        if busy_seconds > 0:  # Ray rejects inc(0)
+            self.busy.inc(busy_seconds, tags=self.tags)
         now = time.monotonic()
         self._window.append((now, tokens))
         self.sequences.inc(windows, tags=self.tags)

@@ -35,7 +35,7 @@ EXPORTED = {
     "ray_runner_sequences_total", "ray_runner_tokens_total", "ray_runner_batches_total", "ray_runner_nonfinite_total",
     "ray_runner_tokens_per_second", "ray_runner_packing_efficiency", "ray_runner_rejects_total",
     "ray_runner_shadow_queue_depth", "ray_runner_shadow_cosine_rolling_min", "ray_runner_drift_violations_total",
-    "ray_runner_shadow_shed_total", "ray_runner_rows_written_total",
+    "ray_runner_shadow_shed_total", "ray_runner_rows_written_total", "ray_runner_busy_seconds_total",
     *(f"ray_runner_{h}_{s}" for h in ("batch_latency_seconds", "shadow_cosine") for s in ("bucket", "count", "sum")),
 }
 
@@ -212,6 +212,9 @@ def test_metrics_reach_prometheus(warn_run: Path, metrics_port: int) -> None:
     assert values["ray_runner_shadow_cosine_rolling_min"] == pytest.approx(manifest["shadow"]["cosine_min"])
     assert values["ray_runner_tokens_per_second"] > 0
     assert 0 < values["ray_runner_packing_efficiency"] <= 1
+    # The actors' busy seconds: the same credits as the manifest's per-actor clocks.
+    busy = sum(actor["busy_seconds"] for actor in manifest["throughput"]["actors"].values())
+    assert values["ray_runner_busy_seconds_total"] == pytest.approx(busy, abs=0.01)
 
 
 def test_grafana_dashboard_queries_exported_names() -> None:
