@@ -6,7 +6,8 @@ fair-esm's format, saved, and loaded through runner's own loader; the reference 
 shadow-sized batch. Each mode runs runner's packed forward (`ESM2Embedder.forward_packed`, the actors' code):
 
 - "fp16": the main path (FP16 weights, varlen attention, compiled layers): the speed the shadow is paid in,
-  and the drift the shadow exists to measure;
+  and the drift the shadow exists to measure; "fp16+nested" (or +flex, +exact) runs it with another
+  attention kernel (the first "fp16" mode, always run, stays the unit);
 - "ieee+exact": IEEE FP32 matmuls on CUDA cores (torch's default), attention one SDPA per sequence: the
   reference; the other FP32 modes use the shadow's attention (runner's FP32 choice on CUDA) unless
   "+flex" (3xTF32 tensor cores), "+nested" (one IEEE varlen kernel per layer) or "+exact" is added;
@@ -58,10 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (use --arch 8M)")
     ap.add_argument("--modes", default="ieee,tf32,tf32x3,fp16x3,bf16x3+compile,fp16x3+compile,fp16x3+compile+exact",
-                    help="comma list: MATH[+compile][+flex|+nested|+exact], MATH one of ieee tf32 tf32x3 bf16x3 fp16x3")
+                    help="comma list: MATH[+compile][+flex|+nested|+exact], MATH one of ieee tf32 tf32x3 bf16x3 fp16x3; "
+                         "fp16[+KERNEL] for the main path")
     ap.add_argument("--profile", action="append", default=[], help="mode to profile (repeatable)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
+    from runner.attention import BACKENDS
     from runner.models.esm2 import load_esm2
     from runner.models.tf32x3 import tf32_matmuls
     from runner.pooling import pool_packed
@@ -87,20 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     cu = cu.to(device)
     max_len = max(lengths) + 2
 
-    modes = ["fp16", *[m for m in args.modes.split(",") if m != "fp16"]]  # fp16 first: the cost unit
+    modes = ["fp16", *[m for m in args.modes.split(",") if m != "fp16"]]  # plain fp16 first: the cost unit
     fp32_attention = model.attention_backend  # what the shadow's fp32 model selects on CUDA (FP32_PREFERENCE)
     half = copy.deepcopy(model).to(torch.float16)
-    half.select_attention(device)
+    half_attention = half.select_attention(device)
     half.use_compile(True)
 
     def prepare(mode: str) -> torch.nn.Module:
-        if mode == "fp16":
-            return half
         math, *options = mode.split("+")
+        kernels = [o for o in options if o in BACKENDS]
+        if math == "fp16":  # the main path, "+KERNEL" trying another attention kernel on it
+            half.attention_backend = kernels[0] if kernels else half_attention
+            return half
         torch._dynamo.reset()  # a fresh compile per mode: dynamo's recompile limit would silently run eager
         model.emulate_fp32(math if math in ("tf32x3", "bf16x3", "fp16x3") else "ieee")
         model.use_compile("compile" in options)
-        kernels = [o for o in options if o in ("flex", "nested", "exact")]
         model.attention_backend = kernels[0] if kernels else fp32_attention
         return model
 
