@@ -29,7 +29,7 @@ from runner.models.checkpoints import (
     regression_path,
     sha256_file,
 )
-from runner.models.fp16x3 import SplitLinear, SplitWeight, prepare_weight
+from runner.models.fp16x3 import SplitLinear, SplitWeight
 
 logger = logging.getLogger("runner")
 
@@ -147,9 +147,7 @@ class ESM2Embedder(EmbeddingModel):
             self.split_weights = None
             return
 
-        def prepare(weight: torch.Tensor) -> SplitWeight:
-            return prepare_weight(weight, self.linear.dtype)  # not the linear's cache: q/k/v are a temporary
-
+        prepare = self.linear.split  # not its cached `prepare`: the fused q/k/v weight is a temporary
         self.split_weights = []
         for layer_module in self.esm.layers:
             w = LayerWeights.of(layer_module)
