@@ -239,7 +239,7 @@ def _compiled_create_block_mask() -> Callable[..., Any]:
 
 def _flex_block_mask(cu_seqlens: torch.Tensor, total: int, device: torch.device) -> Any:
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device=device, dtype=torch.long)  # [B]
-    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)  # [T]
+    document = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths, output_size=total)  # [T]
 
     def same_document(b, h, q_idx, kv_idx):  # flex traces these with tensor indices
         return document[q_idx] == document[kv_idx]

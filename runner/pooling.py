@@ -24,10 +24,14 @@ def pool_packed(
     else:
         raise ValueError(f"unknown pooling {mode!r}")
     num_windows = lengths.numel()
-    window_of_token = torch.repeat_interleave(torch.arange(num_windows, device=hidden.device), lengths)  # [T]
+    # No step waits for the GPU (a host sync would stall the actor's other batch in flight): repeat_interleave
+    # is told its output size, and the specials are replaced by zeros rather than dropped by boolean indexing.
+    window_of_token = torch.repeat_interleave(
+        torch.arange(num_windows, device=hidden.device), lengths, output_size=hidden.shape[0]
+    )  # [T]
     offset_in_window = torch.arange(hidden.shape[0], device=hidden.device) - starts[window_of_token]  # [T]
     keep = (offset_in_window >= skip_start) & (offset_in_window < lengths[window_of_token] - skip_end)  # [T]
     sums = torch.zeros(num_windows, hidden.shape[1], device=hidden.device, dtype=torch.float32)  # [B, D]
-    sums.index_add_(0, window_of_token[keep], hidden[keep].float())
+    sums.index_add_(0, window_of_token, torch.where(keep[:, None], hidden.float(), 0.0))  # a non-finite special stays out
     counts = (lengths - skip_start - skip_end).clamp(min=1).to(torch.float32)  # [B]
     return sums / counts[:, None]  # [B, D]

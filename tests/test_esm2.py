@@ -20,6 +20,8 @@ from runner.errors import CheckpointError, RunnerError
 from runner.models import checkpoints
 from runner.models.checkpoints import download_esm2, load_fair_esm_checkpoint, sha256_file
 from runner.models.esm2 import ESM2_MODELS, Esm2Codec, ESM2Embedder, esm2_codec, esm2_info, load_esm2
+from runner.models.esm2_layers import linear_tanh_gelu
+from runner.models.fp16x3 import SplitWeight
 from runner.models.registry import load_codec, load_model, model_family
 from runner.pooling import pool_packed
 
@@ -91,6 +93,54 @@ def test_packed_matches_fair_esm_padded(
     pooled_ref = pool_packed(ref, cu, "mean", 1, 1)  # [B, D]
     cosine = F.cosine_similarity(pooled, pooled_ref, dim=-1)  # [B]
     assert cosine.min().item() >= 0.9999
+
+
+def test_fused_qkv_shares_the_modules_memory_and_follows_moves(
+    embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, proteins: list[str]
+) -> None:
+    """q/k/v run as one [3D, D] projection whose memory the fair-esm module's own q/k/v weights share (no second
+    copy on the GPU); fair-esm's forward over the module is unchanged, and a move to another dtype rebuilds."""
+    model = copy.deepcopy(embedder)
+    tokens, positions, cu, max_len = pack(model.codec, proteins[:4])
+    packed = model.forward_packed(tokens, positions, cu, max_len, -1)
+    dim = model.info.embed_dim
+    for layer, weights in zip(model.esm.layers, model.layer_weights(), strict=True):
+        attn = layer.self_attn
+        assert weights.qkv_weight.shape == (3 * dim, dim) and weights.qkv_bias.shape == (3 * dim,)
+        assert attn.q_proj.weight.data_ptr() == weights.qkv_weight.data_ptr()  # views, not copies
+        assert attn.v_proj.weight.data_ptr() == weights.qkv_weight[2 * dim :].data_ptr()
+        assert attn.k_proj.bias.data_ptr() == weights.qkv_bias[dim:].data_ptr()
+        assert not attn.q_proj.weight.is_inference() and not attn.q_proj.weight.requires_grad
+    assert model.layer_weights() is model.layer_weights()  # built once
+    reps, lengths = fair_esm_padded(model.esm, proteins[:4], model.num_layers)  # the module itself still works
+    reference, _ = fair_esm_padded(fair_esm_model, proteins[:4], model.num_layers)
+    assert torch.equal(reps, reference)
+    assert (unpack_reference(reps, lengths) - packed).abs().max().item() < 1e-4
+
+    model.double()  # moves every weight: the fused ones must follow, not keep the float32 copies
+    out = model.forward_packed(tokens, positions, cu, max_len, -1)
+    assert out.dtype == torch.float64 and model.layer_weights()[0].qkv_weight.dtype == torch.float64
+    assert (out - packed.double()).abs().max().item() < 1e-4
+
+
+def test_fused_tanh_gelu_op_and_cpu_forward(embedder: ESM2Embedder, proteins: list[str]) -> None:
+    """`linear_tanh_gelu` (cuBLASLt's GEMM + GELU epilogue on CUDA) is GELU's tanh approximation of the
+    linear layer, eager and through inductor (a custom op it must not decompose); the model option only
+    changes half precision on CUDA, so a CPU model computes fair-esm's erf GELU whatever it says."""
+    generator = torch.Generator().manual_seed(0)
+    x, weight, bias = (torch.randn(*shape, generator=generator) for shape in ((37, 16), (24, 16), (24,)))
+    expected = F.gelu(F.linear(x, weight, bias), approximate="tanh")  # [37, 24]
+    assert torch.allclose(linear_tanh_gelu(x, weight, bias), expected, atol=1e-6)
+    assert not torch.allclose(F.gelu(F.linear(x, weight, bias)), expected, atol=1e-6)  # erf differs
+    if shutil.which("cc") or shutil.which("gcc"):
+        compiled = torch.compile(linear_tanh_gelu, dynamic=False)
+        assert torch.allclose(compiled(x, weight, bias), expected, atol=1e-6)
+    model = copy.deepcopy(embedder)
+    model.fused_gelu = True
+    tokens, positions, cu, max_len = pack(model.codec, proteins[:3])
+    assert torch.equal(
+        model.forward_packed(tokens, positions, cu, max_len, -1), embedder.forward_packed(tokens, positions, cu, max_len, -1)
+    )
 
 
 def test_intermediate_layer_differs_from_last(embedder: ESM2Embedder, proteins: list[str]) -> None:
@@ -168,8 +218,10 @@ def test_split_math_forward_matches_fp32(
     emulated = copy.deepcopy(embedder)
     emulated.emulate_fp32(math)
     assert emulated.use_compile(compiled) == compiled
-    assert emulated.split_weights is not None and len(emulated.split_weights) == emulated.num_layers
-    assert emulated.split_weights[0].qkv_weight is not None  # q, k, v as one product
+    weights = emulated.layer_weights()
+    assert len(weights) == emulated.num_layers
+    assert all(isinstance(w.qkv_weight, SplitWeight) and isinstance(w.fc2_weight, SplitWeight) for w in weights)
+    assert weights[0].qkv_weight.pairs.shape[0] == 3 * emulated.info.embed_dim  # q, k, v as one product
     tokens, positions, cu, max_len = pack(embedder.codec, proteins[:6])
     reference = pool_packed(embedder.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
     split = pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
@@ -185,7 +237,7 @@ def test_split_math_forward_matches_fp32(
     assert one_minus_cos(split) < one_minus_cos(rounded) / 100
     emulated.emulate_fp32("ieee")
     emulated.use_compile(False)
-    assert emulated.split_weights is None
+    assert isinstance(emulated.layer_weights()[0].qkv_weight, torch.Tensor)  # plain weights again
     assert torch.equal(
         pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1), reference
     )
@@ -207,7 +259,7 @@ def test_compiled_layers_match_eager(embedder: ESM2Embedder, proteins: list[str]
 
 
 def test_compiled_layers_keep_every_size_but_the_tokens_static(embedder: ESM2Embedder, proteins: list[str]) -> None:
-    """One graph per layer half for every batch size, with only the token dimension symbolic: symbolic
+    """One graph per layer part for every batch size, with only the token dimension symbolic: symbolic
     weight sizes (torch.compile's dynamic=True) made inductor's fused kernels several times slower."""
     graphs: list[list[tuple]] = []
 
@@ -224,7 +276,7 @@ def test_compiled_layers_keep_every_size_but_the_tokens_static(embedder: ESM2Emb
         tokens, positions, cu, max_len = pack(embedder.codec, batch)
         outputs.append(model.forward_packed(tokens, positions, cu, max_len, -1))
         assert torch.allclose(outputs[-1], embedder.forward_packed(tokens, positions, cu, max_len, -1), atol=1e-5)
-    assert model.compiling and len(graphs) == 2  # attention_inputs and attention_output_and_mlp, compiled once
+    assert model.compiling and len(graphs) == 3  # first inputs, middle and last output part, compiled once each
     dim = model.info.embed_dim
     for shapes in graphs:
         symbolic = [shape for shape in shapes if any(isinstance(size, torch.SymInt) for size in shape)]
@@ -243,7 +295,7 @@ def test_compile_failure_falls_back_to_eager(
     def broken_compile(*args: object) -> torch.Tensor:
         raise RuntimeError("inductor: no kernel for you")
 
-    model.compiled = (broken_compile, broken_compile)
+    model.compiled = (broken_compile, broken_compile, broken_compile)
     tokens, positions, cu, max_len = pack(model.codec, proteins[:3])
     with caplog.at_level("WARNING", logger="runner"):
         out = model.forward_packed(tokens, positions, cu, max_len, -1)
@@ -251,7 +303,7 @@ def test_compile_failure_falls_back_to_eager(
     assert not model.compiling
     assert "torch.compile failed" in caplog.text and "no kernel for you" in caplog.text
     # an error of the inputs is not blamed on compile: it propagates from the eager rerun
-    model.compiled = (broken_compile, broken_compile)
+    model.compiled = (broken_compile, broken_compile, broken_compile)
     with pytest.raises(IndexError):
         model.forward_packed(tokens.clamp(max=10_000) + 10_000, positions, cu, max_len, -1)
 
@@ -489,14 +541,16 @@ def test_codec_pickles() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(("compiled", "fused_gelu"), [(False, False), (True, False), (True, True)],
+                         ids=["eager", "compiled", "compiled-fused-gelu"])
 def test_gpu_fp16_packed_vs_fp32_padded(
-    embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, proteins: list[str], compiled: bool
+    embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, proteins: list[str], compiled: bool, fused_gelu: bool
 ) -> None:
     device = torch.device("cuda")
     half = copy.deepcopy(embedder).to(device=device, dtype=torch.float16)
     backend = half.select_attention(device)
     half.use_compile(compiled)
+    half.fused_gelu = fused_gelu
     tokens, positions, cu, max_len = pack(half.codec, proteins)
     hidden = half.forward_packed(tokens.to(device), positions.to(device), cu.to(device), max_len, -1)
     pooled = pool_packed(hidden, cu.to(device), "mean", 1, 1).cpu()
@@ -504,7 +558,7 @@ def test_gpu_fp16_packed_vs_fp32_padded(
     pooled_ref = pool_packed(unpack_reference(reps, lengths), cu, "mean", 1, 1)
     cosine = F.cosine_similarity(pooled, pooled_ref, dim=-1)
     print(
-        f"\nbackend {backend}: fp16 packed vs fp32 padded over {len(proteins)} proteins: "
+        f"\nbackend {backend}{' fused GELU' if fused_gelu else ''}: fp16 packed vs fp32 padded over {len(proteins)} proteins: "
         f"cosine mean {cosine.mean().item():.6f} min {cosine.min().item():.6f}, "
         f"max abs diff {(pooled - pooled_ref).abs().max().item():.3e}"
     )
@@ -512,6 +566,26 @@ def test_gpu_fp16_packed_vs_fp32_padded(
     assert half.compiling == compiled  # no silent fallback to eager
     assert cosine.mean().item() >= 0.999
     assert cosine.min().item() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_linear_tanh_gelu_is_the_tanh_gelu_of_the_product() -> None:
+    """The cuBLASLt epilogue's GELU is the tanh approximation, applied before rounding to FP16: where the two
+    GELUs differ most (inputs -2 to -4, outputs ~-0.01, whose FP16 rounding is ~1e-5) it follows tanh."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(8192, 256, generator=generator, device="cuda").half()  # [N, K]
+    weight = (torch.randn(1024, 256, generator=generator, device="cuda") / 16).half()  # [M, K]: outputs ~N(0, 1)
+    bias = torch.randn(1024, generator=generator, device="cuda").half()  # [M]
+    exact = F.linear(x.double(), weight.double(), bias.double())  # [N, M]
+    fused = linear_tanh_gelu(x, weight, bias).double()  # [N, M]
+    compiled = torch.compile(linear_tanh_gelu)(x, weight, bias).double()
+    tail = (exact < -2) & (exact > -4)  # the inputs where tanh and erf GELU differ by up to 4.7e-4
+    tanh_error = (fused - F.gelu(exact, approximate="tanh"))[tail].abs().max().item()
+    erf_error = (fused - F.gelu(exact))[tail].abs().max().item()
+    print(f"\nfused GELU on inputs -4..-2 vs float64: tanh GELU {tanh_error:.2e}, erf GELU {erf_error:.2e}")
+    assert torch.equal(fused, compiled)  # inductor calls the op, it does not decompose it
+    assert tanh_error < 1e-4 < 3e-4 < erf_error
 
 
 @pytest.mark.gpu

@@ -146,6 +146,15 @@ class EmbeddingModel(torch.nn.Module, ABC):
         models may prepare split copies of their weights here."""
         self.linear = fp32_linear(math)
 
+    # Fuse the MLP's first projection and its GELU into one GEMM whose epilogue applies a tanh-approximate GELU
+    # (half precision on CUDA), where the model supports it: set by the caller, see `fused_gelu_in_use`.
+    fused_gelu: bool = False
+
+    @property
+    def fused_gelu_in_use(self) -> bool:
+        """Whether forwards now run the fused tanh GELU (the model supports it, and its weights are half on CUDA)."""
+        return False
+
     @property
     def compiling(self) -> bool:
         """Whether the forward currently runs compiled layers (False after an eager fallback)."""
