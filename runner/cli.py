@@ -78,6 +78,8 @@ def shadow_options(fn: Callable) -> Callable:
                      help="FP32 matmuls of a GPU shadow: fp16x3 or tf32x3 (FP32-accurate from tensor cores), "
                      "bf16x3 (coarser, ~2^-16) or ieee (plain FP32). Default fp16x3."),
         click.option("--fp32-layernorm", is_flag=True, default=None, help="Keep LayerNorm in FP32 inside the FP16 model."),
+        click.option("--exact-gelu", is_flag=True, default=None,
+                     help="fair-esm's erf GELU in the FP16 model, not the faster tanh GELU fused into fc1's GEMM."),
     ]
     return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
 
@@ -188,6 +190,7 @@ def model_folder(model: str) -> str:
 @click.option("--sample", type=int, default=1000, show_default=True, help="Sequences compared (reservoir sample).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16"]), help="Precision checked against fp32 (default fp16 on GPU, bf16 on CPU).")
 @click.option("--fp32-layernorm", is_flag=True, help="Also run it with LayerNorm in fp32: does that recover it, at what cost?")
+@click.option("--exact-gelu", is_flag=True, help="fair-esm's erf GELU in the low precision, as `embed --exact-gelu`.")
 @click.option("--out", "-o", "out_file", type=click.Path(dir_okay=False), help="JSON report (default validate-<precision>.json).")
 @click.option("--min-cosine", type=float, default=0.99, show_default=True, help="A cosine vs fp32 below this fails (exit 4).")
 @click.option("--gpus", type=int, help="0 = CPU, 1 = one GPU (default 1 when CUDA is available).")

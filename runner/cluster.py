@@ -200,6 +200,7 @@ def start_shadow(
         precision="fp32",
         shadow_rate=0.0,
         fp32_layernorm=False,
+        fused_gelu=False,
         # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
         # matmul setting around each product, which a compiled graph would not see.
         compile_layers=stage.compile_layers and math in ("fp16x3", "bf16x3"),

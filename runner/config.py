@@ -55,6 +55,9 @@ class EmbedConfig:
     pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
     progress: bool = True  # print a live progress line on stderr
     fp32_layernorm: bool = False  # keep LayerNorm in fp32 inside an fp16/bf16 model (drift fix, some cost)
+    # fair-esm's erf GELU as its own pass in an fp16/bf16 GPU model; False: ESM-2's fc1 and a tanh-approximate
+    # GELU run as one GEMM (faster; |GELU difference| <= 4.7e-4, below FP16 rounding of most activations).
+    exact_gelu: bool = False
     compile_layers: bool | None = None  # torch.compile the layers (fused LayerNorm/rotary/GELU); None = GPUs only
     shadow_rate: float = 0.01  # fraction of sequences re-embedded in FP32 by the shadow pool; 0 = off
     shadow_gpus: float | None = None  # GPU share of each shadow actor; None = 0.25 on GPU runs; 0 = CPU

@@ -52,6 +52,7 @@ class StageSettings:
     device: str  # "cuda" or "cpu"
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
+    fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
     compile_threads: int = 0  # inductor compile workers; 0 = torch's default (about one per core)
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
@@ -153,6 +154,7 @@ class EmbedStage:
         started = time.perf_counter()
         model = load_model(settings.model)
         model.fp32_layernorm = settings.fp32_layernorm
+        model.fused_gelu = settings.fused_gelu
         self.model = model.to(self.device, DTYPES[settings.precision]).eval()
         self.backend = self.model.select_attention(self.device)
         on_cuda = self.device.type == "cuda"
@@ -209,8 +211,10 @@ class EmbedStage:
 
     @property
     def kernels(self) -> str:
-        """What the forward runs, for the manifest: the attention backend, "+compile" while compiled."""
-        return self.backend + ("+compile" if self.model.compiling else "")
+        """What the forward runs, for the manifest: the attention backend, "+compile" while compiled,
+        "+fused_gelu" while fc1 and a tanh GELU run as one GEMM."""
+        return (self.backend + ("+compile" if self.model.compiling else "")
+                + ("+fused_gelu" if self.model.fused_gelu_in_use else ""))
 
     def __call__(self, table: pa.Table) -> pa.Table:
         pieces = [self._embed_row(row) for row in _rows(table)]

@@ -96,6 +96,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
         device="cuda" if on_gpu else "cpu",
         cpu_threads=1,
         fp32_layernorm=config.fp32_layernorm,
+        fused_gelu=not config.exact_gelu,
         compile_layers=on_gpu if config.compile_layers is None else config.compile_layers,
         shadow_rate=config.shadow_rate,
         **test_hooks_from_env(out_dir),

@@ -57,6 +57,7 @@ def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, pre
             "pooling": pooling,
             "precision": precision,
             "fp32_layernorm": config.fp32_layernorm,
+            "exact_gelu": config.exact_gelu,
             "max_residues": max_residues,
             "long": config.long,
             "chunk_overlap": config.chunk_overlap,

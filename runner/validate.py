@@ -61,6 +61,7 @@ class ValidateSettings:
     sample: int = 1000  # sequences compared (fewer when the input has fewer valid records)
     precision: str | None = None  # fp16 | bf16; None = fp16 on GPU, bf16 on CPU (CPU fp16 is slow or missing)
     fp32_layernorm: bool = False  # also run the low precision with LayerNorm in fp32, and time both
+    exact_gelu: bool = False  # erf GELU in the low precision, as `embed --exact-gelu` (else ESM-2's fused tanh GELU)
     min_cosine: float = 0.99  # a sequence below this cosine vs FP32 is an outlier (and fails the check)
     gpus: int | None = None  # 0 = CPU, 1 = the first GPU; None = 1 when CUDA is available
     seed: int = 0  # reservoir-sampling seed
@@ -258,6 +259,7 @@ def run_validate(settings: ValidateSettings) -> dict[str, Any]:
     if on_gpu:
         torch.cuda.empty_cache()
     model = prepare_model(settings.model, device, precision)
+    model.fused_gelu = not settings.exact_gelu  # what `runner embed` runs with the same flag
     attention[precision] = model.attention_backend
     variants = []
     low = embed_sample(model, sample.windows, budget, settings.layer, pooling, device)
@@ -273,6 +275,7 @@ def run_validate(settings: ValidateSettings) -> dict[str, Any]:
         "precision": precision,
         "device": str(device),
         "attention": attention,
+        "gelu": "tanh, fused into fc1's GEMM" if model.fused_gelu_in_use else "erf (fair-esm's)",
         "layer": settings.layer,
         "pooling": pooling,
         "token_budget": budget,

@@ -244,6 +244,8 @@ def test_complete_rerun_changed_settings_and_overwrite(ray_address: str, job: di
     assert code == 1
     lines = [line for line in output.splitlines() if line.strip()]
     assert len(lines) == 1 and "layer 2 -> 1" in lines[0] and "--overwrite" in lines[0], output
+    code, output = invoke(embed_args(job, out, "--exact-gelu"))  # another GELU gives other embeddings on GPUs
+    assert code == 1 and "exact_gelu False -> True" in output and "--overwrite" in output, output
     code, output = invoke(embed_args(job, out, "--model", str(overflow_esm2_path)))
     assert code == 1 and "a different model checkpoint" in output and "--overwrite" in output, output
     assert part_names(out) == parts

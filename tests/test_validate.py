@@ -43,6 +43,7 @@ def test_report_has_three_strata_with_the_stats(passing: tuple[int, str, dict]) 
     assert report["sample"]["truncated"] >= 1  # some proteins are longer than 300
     plain = report["variants"][0]
     assert plain["name"] == "bf16" and plain["fp32_layernorm"] is False
+    assert report["gelu"] == "erf (fair-esm's)"  # the fused tanh GELU exists for GPUs only
     assert list(plain["strata"]) == ["short", "medium", "long"]
     for stats in [*plain["strata"].values(), plain["overall"]]:
         assert set(STATS) <= set(stats)
