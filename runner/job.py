@@ -146,7 +146,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
             if signals.signum is None:
                 if shadow is not None:
                     shadow.close()  # waits for the comparisons still running
-                    report.shadow = shadow.summary()
+                    record_shadow(report, shadow)
                     shadow = None
                 report.status = "complete"
             else:
@@ -214,7 +214,7 @@ def finish_outputs(
             shadow.abandon()
         except OSError as e:
             log.warning("could not write drift.arrow (%s)", e)
-        report.shadow = shadow.summary()
+        record_shadow(report, shadow)
     if hard_stop:
         writer.discard_open_part()
     else:
@@ -244,6 +244,13 @@ def finish_outputs(
         error = error or write_error(manifest.path, e)
     if error is not None:
         raise error
+
+
+def record_shadow(report: JobReport, shadow: ShadowMonitor) -> None:
+    """The shadow's summary (the manifest's `shadow` section) and when it first compared, which starts the
+    actor clock's window with the shadow running (`throughput.with_shadow`)."""
+    report.shadow = shadow.summary()
+    report.shadow_started_at = shadow.first_result_at
 
 
 def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:

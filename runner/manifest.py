@@ -91,6 +91,23 @@ def actor_section(clock: ActorClock) -> dict[str, Any]:
     }
 
 
+def with_shadow_section(report: JobReport) -> dict[str, Any] | None:
+    """`throughput.with_shadow`: the actor clock over the batches done while the shadow ran (from its first
+    comparison on); None when the shadow compared nothing (off, or the job stopped before its first result)."""
+    window = report.shadow_window
+    origin = report.first_batch_start
+    if window is None:
+        return None
+    return {
+        # Seconds from the start of the job's first batch (the actor clock's origin) to the window's start.
+        "from_seconds": round(window.start - origin, 3) if origin is not None else None,
+        "batches": window.batches,
+        "tokens": window.tokens,
+        "span_seconds": round(window.span_seconds, 3),
+        "tokens_per_second": round(window.tokens_per_second, 1),
+    }
+
+
 class Manifest:
     """Collects a job's description; `write(report)` dumps it with the report's counts."""
 
@@ -159,6 +176,7 @@ class Manifest:
                 "actor_steady_tokens_per_second": round(report.actor_steady_tokens_per_second, 1),
                 "forward_tokens_per_second": round(report.forward_tokens_per_second, 1),
                 "actor_busy_fraction": round(report.actor_busy_fraction, 4),
+                "with_shadow": with_shadow_section(report),
                 "actors": {worker: actor_section(clock) for worker, clock in sorted(report.actors.items())},
             },
             "parts": report.parts,

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The clock history keeps each actor's batches in bins of batch_done this wide (seconds) to begin with ...
+CLOCK_BIN_SECONDS = 1.0
+# ... and at most this many bins per actor: past it every bin doubles in width, so memory stays bounded
+# however long the job runs (a 3-day job ends with 128-s bins), at the price of a coarser window start.
+CLOCK_BINS_PER_ACTOR = 2048
 
-@dataclass
+
+@dataclass(slots=True)  # slots: the clock history holds thousands of these
 class ActorClock:
     """One embedding actor's own clock: what it reported about its batches (`batch_seconds`, `batch_done`).
 
@@ -32,6 +39,16 @@ class ActorClock:
         if done < self.first_done:
             self.first_done, self.first_tokens = done, tokens
         self.last_done = max(self.last_done, done)
+
+    def merge(self, other: ActorClock) -> None:
+        """Add another clock's batches (the same actor's, e.g. a neighbouring bin of its history)."""
+        self.batches += other.batches
+        self.tokens += other.tokens
+        self.busy_seconds += other.busy_seconds
+        self.first_start = min(self.first_start, other.first_start)
+        if other.first_done < self.first_done:
+            self.first_done, self.first_tokens = other.first_done, other.first_tokens
+        self.last_done = max(self.last_done, other.last_done)
 
     @property
     def span_seconds(self) -> float:
@@ -58,6 +75,76 @@ class ActorClock:
         return self.busy_seconds / span if span > 0 else 0.0
 
 
+def job_steady_rate(clocks: Iterable[ActorClock]) -> float:
+    """Tokens after each actor's first batch / the time from the earliest first batch done to the latest last
+    batch done: the actors' work over one shared span (see `JobReport.actor_steady_tokens_per_second`)."""
+    active = [clock for clock in clocks if clock.batches]
+    if not active:
+        return 0.0
+    span = max(clock.last_done for clock in active) - min(clock.first_done for clock in active)
+    tokens = sum(clock.tokens - clock.first_tokens for clock in active)
+    return tokens / span if span > 0 else 0.0
+
+
+@dataclass
+class ClockHistory:
+    """Each actor's batches binned by `batch_done`, so that the actor clock can be read over a window whose start
+    is only known later (the shadow's first comparison), whatever order the batches arrived in.
+
+    A bin is an `ActorClock` of the batches done in [index * width, (index + 1) * width): order-free, so a late
+    batch simply joins its bin. The window [start, end] is read exactly from the bins at or after `start`
+    rounded up to a bin edge. Widths are powers of two times CLOCK_BIN_SECONDS, so halving the bin count merges
+    bins 2k and 2k+1 into k without moving any batch across an edge.
+    """
+
+    width: float = CLOCK_BIN_SECONDS
+    max_bins: int = CLOCK_BINS_PER_ACTOR
+    bins: dict[str, dict[int, ActorClock]] = field(default_factory=dict)  # worker -> bin index -> clock
+
+    def add(self, worker: str, tokens: int, seconds: float, done: float) -> None:
+        actor_bins = self.bins.setdefault(worker, {})
+        actor_bins.setdefault(math.floor(done / self.width), ActorClock()).add(tokens, seconds, done)
+        if len(actor_bins) > self.max_bins:
+            self._coarsen()
+
+    def _coarsen(self) -> None:
+        """Double the width of every actor's bins (one width for all, so all share the window's start edge)."""
+        self.width *= 2
+        for worker, actor_bins in self.bins.items():
+            merged: dict[int, ActorClock] = {}
+            for index, clock in actor_bins.items():
+                merged.setdefault(index // 2, ActorClock()).merge(clock)
+            self.bins[worker] = merged
+
+    def window_start(self, mark: float) -> float:
+        """The first bin edge at or after `mark`: where a window from `mark` can be read exactly."""
+        return math.ceil(mark / self.width) * self.width
+
+    def since(self, mark: float) -> list[ActorClock]:
+        """Each actor's clock over the batches done at or after `window_start(mark)` (actors with none left out)."""
+        first = math.ceil(mark / self.width)
+        clocks = []
+        for actor_bins in self.bins.values():
+            clock = ActorClock()
+            for index, part in actor_bins.items():
+                if index >= first:
+                    clock.merge(part)
+            if clock.batches:
+                clocks.append(clock)
+        return clocks
+
+
+@dataclass(frozen=True)
+class ClockWindow:
+    """The job's actor clock over the batches done from `start` on (`throughput.with_shadow` in the manifest)."""
+
+    start: float  # time.time() the window begins: the shadow's first comparison, rounded up to a bin edge
+    batches: int
+    tokens: int  # every token of the window's batches
+    span_seconds: float  # earliest to latest batch done in the window
+    tokens_per_second: float  # as the steady actor clock: each actor's first batch in the window excluded
+
+
 @dataclass
 class JobReport:
     """What a finished (or aborted) job did; also written to manifest.json."""
@@ -80,6 +167,9 @@ class JobReport:
     shadow: dict | None = None  # the shadow's summary (manifest "shadow" section)
     first_output_seconds: float | None = None  # job start -> first embeddings back (Ray start, model load)
     tokens_at_first_output: int = 0  # tokens of that first output (excluded from the steady rate)
+    # The actors' batches binned by batch_done, for the clock over the part of the job the shadow ran in.
+    clock_history: ClockHistory = field(default_factory=ClockHistory)
+    shadow_started_at: float | None = None  # time.time() of the shadow's first comparison (None: it made none)
 
     parts: list[str] = field(default_factory=list)
     resumed_rows: int = 0  # rows found in complete parts of earlier runs (included in rows_written)
@@ -98,6 +188,7 @@ class JobReport:
     def clock_batch(self, worker: str, tokens: int, seconds: float, done: float) -> None:
         """Add one batch to its actor's clock."""
         self.actors.setdefault(worker, ActorClock()).add(tokens, seconds, done)
+        self.clock_history.add(worker, tokens, seconds, done)
 
     @property
     def actor_steady_tokens_per_second(self) -> float:
@@ -107,12 +198,32 @@ class JobReport:
         across GPUs) or a restarted actor (a new pid after the old one died) counts as time, not as an extra
         rate. Hosts' wall clocks are taken to be in sync (NTP). Unlike `steady_tokens_per_second`, this does not
         depend on when the driver receives the outputs."""
-        clocks = [clock for clock in self.actors.values() if clock.batches]
-        if not clocks:
-            return 0.0
-        span = max(clock.last_done for clock in clocks) - min(clock.first_done for clock in clocks)
-        tokens = sum(clock.tokens - clock.first_tokens for clock in clocks)
-        return tokens / span if span > 0 else 0.0
+        return job_steady_rate(self.actors.values())
+
+    @property
+    def first_batch_start(self) -> float | None:
+        """time.time() the job's earliest batch began (the actor clock's origin); None before any batch."""
+        return min((clock.first_start for clock in self.actors.values() if clock.batches), default=None)
+
+    @property
+    def shadow_window(self) -> ClockWindow | None:
+        """The actor clock over the batches done while the shadow ran (from its first comparison to the end), so
+        that a shadow which started late is measured where it ran; None when the shadow compared nothing.
+
+        Read at the end from the clock history, so it is the same whichever batches arrived before the mark
+        was known. Batches done in the bin the mark falls in are left out (the window starts at the next edge)."""
+        if self.shadow_started_at is None:
+            return None
+        start = self.clock_history.window_start(self.shadow_started_at)
+        clocks = self.clock_history.since(self.shadow_started_at)
+        span = max((c.last_done for c in clocks), default=0.0) - min((c.first_done for c in clocks), default=0.0)
+        return ClockWindow(
+            start=start,
+            batches=sum(c.batches for c in clocks),
+            tokens=sum(c.tokens for c in clocks),
+            span_seconds=span,
+            tokens_per_second=job_steady_rate(clocks),
+        )
 
     @property
     def forward_tokens_per_second(self) -> float:

@@ -138,6 +138,10 @@ class ShadowMonitor:
     compared_after_stream: int = 0  # comparisons recorded after the main stream ended (in close())
     tail_seconds: float = 0.0  # time close() waited for the shadow after the main stream ended
     first_result_seconds: float | None = None  # first offer (actors started) -> first comparison recorded
+    # time.time() of the first comparison recorded: from then on the shadow competes with the main path, so the
+    # job's actor clock from this moment (JobReport.shadow_window, on the actors' time.time() stamps) is the
+    # throughput with the shadow running.
+    first_result_at: float | None = None
 
     def __post_init__(self) -> None:
         self._pending: list[_Pending] = []
@@ -271,6 +275,8 @@ class ShadowMonitor:
             self.compared_after_stream += n
         if self.first_result_seconds is None and self._first_offer is not None:
             self.first_result_seconds = time.monotonic() - self._first_offer
+        if self.first_result_at is None:
+            self.first_result_at = time.time()
         self.cosines.append(cosine)
         bad = np.flatnonzero(~(cosine >= self.settings.min_cosine))  # NaN cosine counts as a violation
         self.violations += len(bad)

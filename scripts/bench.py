@@ -218,10 +218,16 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
     result["tokens_per_second_steady"], result["steady_source"] = pick_steady(candidates)
     if manifest.get("shadow"):
         result["shadow"] = manifest["shadow"]
+    if "with_shadow" in thr:  # the actor clock while the shadow ran; manifests before it lack the key
+        result["with_shadow"] = thr["with_shadow"]
     log(f"runner done in {secs:.0f}s: {result['tokens']} tokens, wall {result['tokens_per_second_wall']} tok/s, "
         f"steady {result['tokens_per_second_steady']} tok/s ({result['steady_source']}), "
         f"forward {result['forward_tokens_per_second']} tok/s, busy {result['actor_busy_fraction']}, "
         f"driver RSS {mem.get('driver_rss_peak_mib')} MiB, GPU/process {mem.get('gpu_process_peak_mib')} MiB")
+    if result.get("with_shadow"):
+        window = result["with_shadow"]
+        log(f"with the shadow running (from {window['from_seconds']} s, {window['batches']} batches, "
+            f"{window['tokens']} tokens): {window['tokens_per_second']} tok/s")
     return result
 
 
@@ -298,6 +304,10 @@ def cmd_gpu(args) -> int:
             "forward": "runs.*.forward_tokens_per_second: tokens / seconds the actors spent in forwards (summed "
                        "over actors); actor_busy_fraction: the lowest actor's share of its span spent in forwards",
             "ratios": "per GPU at the smallest GPU count, shadow rate 0 unless named; top-level = worst model",
+            "shadow_cost": "shadow_cost_R = 1 - (shadow-R run's actor clock from its shadow's first comparison to the end, "
+                           "manifest throughput.with_shadow) / (shadow-0 run's steady actor clock); runs without "
+                           "that window use their whole-job steady rate; shadow_cost_R_whole_job compares the whole "
+                           "jobs; a window under 5 batches or 10 % of the tokens is 'lagging' (not a result)",
             "reference": "reference script run with its own (smaller) sequence count, same generator; "
                          "it reports tok/s after model load and a 64-sequence warm-up",
             "gpu_memory": "nvidia-smi used_memory per process (PyTorch caching allocator reservation)",

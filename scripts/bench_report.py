@@ -17,26 +17,57 @@ TARGETS = {  # name -> (target, "min" = at least, "max" = at most)
 }
 
 
+# A shadow run's window with the shadow running (the manifest's `throughput.with_shadow`) is measured only when it
+# holds at least this many batches and this share of the run's tokens; shorter, the rate is mostly its edges.
+MIN_WINDOW_BATCHES = 5
+MIN_WINDOW_SHARE = 0.1
+
+
 def _div(a, b):
     return round(a / b, 4) if a and b else None
 
 
+def shadow_window(run: dict) -> dict | None:
+    """The run's `with_shadow` window (actor clock from the shadow's first comparison to the end) when it is long
+    enough to measure; None when it is too short, empty, or missing (no shadow result, or an older manifest)."""
+    window = run.get("with_shadow")
+    if not window or not window.get("tokens_per_second"):
+        return None
+    too_short = window.get("tokens", 0) < MIN_WINDOW_SHARE * (run.get("tokens") or 0)
+    if window.get("batches", 0) < MIN_WINDOW_BATCHES or too_short:
+        return None
+    return window
+
+
 def shadow_lagged(run: dict) -> bool:
-    """Whether most of a run's shadow comparisons came after its main stream had ended (the manifest's
-    `shadow.compared_after_stream`): the FP32 actors were still starting, or fell behind, so the shadow's
-    work was not overlapped with the main path and its throughput cost was not measured. Runs recorded before
-    that field existed carry `shadow_lagged: true` with their evidence in `shadow_lag_evidence`."""
+    """Whether a shadow run's throughput cost could not be measured: the shadow ran alongside too little of the
+    main stream. Runs whose manifests have `throughput.with_shadow` lag when that window is too short to measure
+    (`shadow_window`); a late start alone does not matter, the cost is read over the window. Older runs fall back
+    to `shadow.compared_after_stream`: most comparisons after the stream ended (the FP32 actors were still
+    starting, or fell behind), so the whole-job figure did not see the shadow's work. Runs recorded before that
+    field existed carry `shadow_lagged: true` with their evidence in `shadow_lag_evidence`."""
     if run.get("shadow_lagged"):
         return True
+    if "with_shadow" in run:
+        return shadow_window(run) is None
     shadow = run.get("shadow") or {}
     compared, after = shadow.get("compared") or 0, shadow.get("compared_after_stream")
     return bool(compared) and after is not None and after > compared / 2
 
 
+def tokens_per_second_with_shadow(run: dict) -> float | None:
+    """A shadow run's steady tok/s with the shadow running: its window's rate when measurable, else (files from
+    before the window) its whole-job steady rate."""
+    window = shadow_window(run)
+    return window["tokens_per_second"] if window else run.get("tokens_per_second_steady")
+
+
 def compute_ratios(model: dict) -> dict:
     """Ratios of one model from its runs and reference figures (steady tok/s; `_wall` variants too).
     A pair run several times (`_r2`, `_r3`, ...) counts with its median; shadow costs also per repeat.
-    A shadow cost whose runs lagged (`shadow_lagged`) is kept as `shadow_cost_R_lagging`, not as a result."""
+    `shadow_cost_R` compares the shadow runs' rate while their shadow ran (`tokens_per_second_with_shadow`) with
+    the shadow-0 runs' steady rate; `shadow_cost_R_whole_job` compares the whole jobs. A shadow cost whose runs
+    lagged (`shadow_lagged`) is kept as `shadow_cost_R_lagging` (whole job), not as a result."""
     runs = model.get("runs", {})
     ref = model.get("reference", {}).get("modes", {})
     ref_packed = ref.get("packed16", {}).get("tok_per_s")
@@ -55,18 +86,20 @@ def compute_ratios(model: dict) -> dict:
             pair = (int(match["gpus"]), f"{float(match['rate']):g}")
             repeats.setdefault(pair, {})[int(match["repeat"] or 1)] = r
 
-    def values(g, s, key):
+    def values(g, s, key, figure=None):
+        """Each repeat's figure: `figure(run)` when given, else the run's `key`."""
         runs_of = repeats.get((g, f"{s:g}"), {})
-        return {k: r[key] for k, r in sorted(runs_of.items()) if r.get(key)}
+        found = {k: figure(r) if figure else r.get(key) for k, r in sorted(runs_of.items())}
+        return {k: v for k, v in found.items() if v}
 
-    def get(g, s, key="tokens_per_second_steady"):
+    def get(g, s, key="tokens_per_second_steady", figure=None):
         """The run's figure; the median over repeats when the pair was run more than once."""
-        found = list(values(g, s, key).values())
+        found = list(values(g, s, key, figure).values())
         return statistics.median(found) if found else None
 
-    def paired_costs(rate, key):
+    def paired_costs(rate, key, figure=None):
         """1 - shadowed / unshadowed per repeat: each pair ran back to back, so slow drift cancels."""
-        base, shadowed = values(base_g, 0, key), values(base_g, rate, key)
+        base, shadowed = values(base_g, 0, key), values(base_g, rate, key, figure)
         return [round(1 - shadowed[k] / base[k], 4) for k in sorted(set(base) & set(shadowed))]
 
     for suffix, key in (("", "tokens_per_second_steady"), ("_wall", "tokens_per_second_wall")):
@@ -82,12 +115,23 @@ def compute_ratios(model: dict) -> dict:
             shadowed = get(base_g, rate, key)
             if not (shadowed and get(base_g, 0, key)):
                 continue
-            lagging = [name for name, r in ok.items()
-                       if r["gpus"] == base_g and r.get("shadow_rate") == rate and shadow_lagged(r)]
+            shadow_runs = {name: r for name, r in ok.items() if r["gpus"] == base_g and r.get("shadow_rate") == rate}
+            lagging = [name for name, r in shadow_runs.items() if shadow_lagged(r)]
+            whole_job = round(1 - shadowed / get(base_g, 0, key), 4)
+            if suffix == "":  # the steady clock: also read over the part of each job that the shadow ran in
+                out[f"shadow_cost_{rate:g}_whole_job"] = whole_job
+            # Wall clocks include start-up and the shadow's tail: only the whole job has one.
+            figure = tokens_per_second_with_shadow if suffix == "" and not lagging else None
             name = f"shadow_cost_{rate:g}" + ("_lagging" if lagging else "")
-            out[f"{name}{suffix}"] = round(1 - shadowed / get(base_g, 0, key), 4)
-            if len(paired_costs(rate, key)) > 1:
-                out[f"{name}_per_repeat{suffix}"] = paired_costs(rate, key)
+            measured = get(base_g, rate, key, figure) if figure else shadowed
+            out[f"{name}{suffix}"] = round(1 - measured / get(base_g, 0, key), 4)
+            if figure:
+                windows = [shadow_window(r) is not None for r in shadow_runs.values()]
+                out[f"shadow_cost_{rate:g}_measured_over"] = (
+                    "the shadow's window" if all(windows) else "the whole job" if not any(windows)
+                    else "the shadow's window (runs that have one), else the whole job")
+            if len(paired_costs(rate, key, figure)) > 1:
+                out[f"{name}_per_repeat{suffix}"] = paired_costs(rate, key, figure)
             if lagging:
                 out["shadow_lagging_runs"] = sorted(set(out.get("shadow_lagging_runs", [])) | set(lagging))
         eager = ok.get(f"g{base_g}_s0_eager", {}).get(key)

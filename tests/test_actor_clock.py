@@ -14,9 +14,9 @@ import pytest
 
 from runner.collect import clock_batches
 from runner.embed_stage import BusyClock, EmbedStage, StageSettings
-from runner.manifest import actor_section
+from runner.manifest import actor_section, with_shadow_section
 from runner.models.registry import load_codec
-from runner.report import ActorClock, JobReport
+from runner.report import CLOCK_BINS_PER_ACTOR, ActorClock, JobReport
 from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
 
 DATA = Path(__file__).parent / "data"
@@ -159,3 +159,122 @@ def test_actor_clock_with_one_batch_has_no_steady_rate(tmp_path: Path) -> None:
     assert clock.busy_fraction == pytest.approx(1.0)
     empty = JobReport(tmp_path)
     assert (empty.actor_steady_tokens_per_second, empty.forward_tokens_per_second, empty.actor_busy_fraction) == (0, 0, 0)
+
+
+# --- the clock while the shadow ran (throughput.with_shadow) ----------------------------------------------
+
+
+BATCHES = [A1, A2, A3, B1, B2]
+
+
+def brute_window(batches: list[Batch], start: float) -> tuple[int, int, float]:
+    """(batches, tokens, tok/s) of the batches done at or after `start`, straight from the definition: each actor's
+    first batch in the window excluded from the tokens, the span from the earliest to the latest batch done."""
+    inside = [b for b in batches if b.done >= start]
+    if not inside:
+        return 0, 0, 0.0
+    firsts = {}
+    for b in sorted(inside, key=lambda b: b.done, reverse=True):
+        firsts[b.worker] = b  # the earliest batch of each actor wins
+    steady_tokens = sum(b.tokens for b in inside) - sum(b.tokens for b in firsts.values())
+    span = max(b.done for b in inside) - min(b.done for b in inside)
+    return len(inside), sum(b.tokens for b in inside), steady_tokens / span if span > 0 else 0.0
+
+
+def test_without_a_shadow_result_there_is_no_window(tmp_path: Path) -> None:
+    report = JobReport(tmp_path)
+    for b in BATCHES:
+        report.clock_batch(*b)
+    assert report.shadow_window is None and with_shadow_section(report) is None
+
+
+def test_a_mark_before_every_batch_gives_the_whole_job_clock(tmp_path: Path) -> None:
+    report = JobReport(tmp_path)
+    for b in BATCHES:
+        report.clock_batch(*b)
+    report.shadow_started_at = 990.5
+    window = report.shadow_window
+    assert window.tokens_per_second == pytest.approx(report.actor_steady_tokens_per_second)
+    assert (window.batches, window.tokens) == (5, sum(b.tokens for b in BATCHES))
+    assert window.start == 991.0  # the next bin edge
+    assert window.span_seconds == pytest.approx(max(b.done for b in BATCHES) - min(b.done for b in BATCHES))
+
+
+@pytest.mark.parametrize("mark", [1003.0, 1002.3])  # on a bin edge, or inside the bin before one
+def test_the_window_is_the_same_whatever_the_arrival_order_and_when_the_mark_is_known(
+    tmp_path: Path, mark: float
+) -> None:
+    """Batches reach the driver in any order, and the shadow's mark may be learned before, among or after the
+    batches done after it: the window holds the batches done from the mark (at the next bin edge) on."""
+    # Window from 1003.0: A2, A3 (actor A: A2 is its first, excluded) and B2 (actor B's only one, excluded).
+    expected = (3, A2.tokens + A3.tokens + B2.tokens, A3.tokens / (A3.done - A2.done))
+    assert brute_window(BATCHES, 1003.0) == expected
+    windows = set()
+    for order in itertools.permutations(BATCHES):
+        for known_after in range(len(order) + 1):  # the mark is set after this many batches were clocked
+            report = JobReport(tmp_path)
+            for k, b in enumerate(order):
+                if k == known_after:
+                    report.shadow_started_at = mark
+                report.clock_batch(*b)
+            if known_after == len(order):
+                report.shadow_started_at = mark
+            windows.add(report.shadow_window)
+    assert len(windows) == 1
+    window = windows.pop()
+    assert (window.batches, window.tokens) == expected[:2]
+    assert window.tokens_per_second == pytest.approx(expected[2])
+    assert window.start == 1003.0 and window.span_seconds == pytest.approx(A3.done - A2.done)
+    section = with_shadow_section(report)
+    earliest_start = min(b.done - b.seconds for b in BATCHES)  # B1's: the actor clock's origin
+    assert section == {"from_seconds": round(1003.0 - earliest_start, 3), "batches": 3,
+                       "tokens": expected[1], "span_seconds": 2.0, "tokens_per_second": round(expected[2], 1)}
+
+
+def test_a_shadow_that_compared_only_after_the_stream_has_an_empty_window(tmp_path: Path) -> None:
+    report = JobReport(tmp_path)
+    for b in BATCHES:
+        report.clock_batch(*b)
+    report.shadow_started_at = 1010.0
+    window = report.shadow_window
+    assert (window.batches, window.tokens, window.span_seconds, window.tokens_per_second) == (0, 0, 0.0, 0.0)
+    assert with_shadow_section(report)["batches"] == 0
+
+
+def test_a_long_job_keeps_a_bounded_history_and_an_exact_window(tmp_path: Path) -> None:
+    """Three actors, three days of batches in random arrival order: the history never holds more than
+    CLOCK_BINS_PER_ACTOR bins per actor, and the window read from it equals the definition over its start."""
+    rng = np.random.default_rng(0)
+    start, days = 1.7e9, 3
+    batches = []
+    for worker in ("h:cuda0:1", "h:cuda1:2", "h:cuda2:3"):
+        done = start + np.cumsum(rng.uniform(1.0, 9.0, size=days * 86400 // 5))
+        tokens = rng.integers(1000, 60000, size=len(done))
+        batches += [Batch(worker, int(t), 0.5, float(d)) for t, d in zip(tokens, done, strict=True)]
+    report = JobReport(tmp_path)
+    for i in rng.permutation(len(batches)):
+        report.clock_batch(*batches[i])
+    history = report.clock_history
+    assert all(len(bins) <= CLOCK_BINS_PER_ACTOR for bins in history.bins.values())
+    assert history.width == 128.0  # 3 days / 2048 bins > 64 s
+    assert sum(c.batches for bins in history.bins.values() for c in bins.values()) == len(batches)
+    for mark in (start - 10.0, start + 40.7, start + 86400 * 1.5 + 0.25, start + 86400 * days + 1000.0):
+        report.shadow_started_at = mark
+        window = report.shadow_window
+        assert mark <= window.start < mark + history.width
+        batches_in, tokens_in, rate = brute_window(batches, window.start)
+        assert (window.batches, window.tokens) == (batches_in, tokens_in)
+        assert window.tokens_per_second == pytest.approx(rate, rel=1e-9)
+    report.shadow_started_at = start - 10.0  # before every batch: the whole job
+    assert report.shadow_window.tokens_per_second == pytest.approx(report.actor_steady_tokens_per_second, rel=1e-9)
+
+
+def test_merged_clocks_equal_one_clock_of_all_batches() -> None:
+    one, left, right = ActorClock(), ActorClock(), ActorClock()
+    for b in (A1, A2, A3):
+        one.add(b.tokens, b.seconds, b.done)
+    left.add(A3.tokens, A3.seconds, A3.done)
+    for b in (A2, A1):
+        right.add(b.tokens, b.seconds, b.done)
+    left.merge(right)
+    assert left == one

@@ -170,21 +170,32 @@ def test_steady_candidates_fall_back_to_the_gpu_busy_window(actors: float | None
     assert bench.pick_steady(bench.steady_candidates(late, {}, {"parts": 2})) == (100_000.0, "wall")
 
 
-def test_run_runner_keeps_the_actor_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run's result takes its steady rate from the actor clock and keeps the forward rate and busy fraction."""
+WINDOW = {"from_seconds": 21.5, "batches": 40, "tokens": 2_500_000, "span_seconds": 21.0, "tokens_per_second": 119_000.0}
+
+
+@pytest.mark.parametrize("with_shadow", ["absent", None, WINDOW])  # an older manifest, no shadow result, a window
+def test_run_runner_keeps_the_actor_figures(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            with_shadow: str | dict | None) -> None:
+    """A run's result takes its steady rate from the actor clock and keeps the forward rate, the busy fraction and
+    the window with the shadow running (only when the manifest has the field, so that old runs fall back)."""
     out = tmp_path / "out"
+    throughput = THROUGHPUT if with_shadow == "absent" else THROUGHPUT | {"with_shadow": with_shadow}
 
     def fake_run_logged(cmd, log_path, timeout, env=None, monitor=False):  # runner "ran" and wrote its manifest
         out.mkdir()
-        (out / "manifest.json").write_text(json.dumps({"status": "complete", "throughput": THROUGHPUT}))
+        (out / "manifest.json").write_text(json.dumps({"status": "complete", "throughput": throughput}))
         return 0, 70.0, {"gpu_busy_seconds": 48.0}
 
     monkeypatch.setattr(bench, "run_logged", fake_run_logged)
     args = SimpleNamespace(rows_per_part=2048, token_budget=None, runner_arg=None, timeout=60)
-    result = bench.run_runner(tmp_path / "in.fasta", tmp_path / "m.pt", out, 1, 0.0, args, tmp_path)
+    result = bench.run_runner(tmp_path / "in.fasta", tmp_path / "m.pt", out, 1, 0.01, args, tmp_path)
     assert (result["tokens_per_second_steady"], result["steady_source"]) == (123_456.7, "actor clock")
     assert result["forward_tokens_per_second"] == 130_000.0 and result["actor_busy_fraction"] == 0.95
     assert result["steady_candidates"]["gpu busy window"] == round(6_000_000 / 48.0, 1)
+    if with_shadow == "absent":
+        assert "with_shadow" not in result
+    else:
+        assert result["with_shadow"] == with_shadow
 
 
 # --- ratios, targets, merge ----------------------------------------------------------------------------
@@ -276,6 +287,80 @@ def test_a_run_flagged_by_hand_as_lagging_counts_as_lagging() -> None:
     got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
                                                      "g1_s0.01": shadowed}})
     assert "shadow_cost_0.01" not in got and got["shadow_lagging_runs"] == ["g1_s0.01"]
+
+
+def shadow_run(steady: float, window: dict | None, after_stream: int = 9) -> dict:
+    """A shadow-0.01 run of 1M tokens with the manifest's `with_shadow` window; most comparisons after the stream
+    (a late start), which by itself no longer makes a run lagged when its window is long enough."""
+    return run(1, 0.01, steady, 50_000.0) | {"with_shadow": window,
+                                              "shadow": {"compared": 10, "compared_after_stream": after_stream}}
+
+
+def test_the_shadow_cost_is_read_over_the_window_the_shadow_ran_in() -> None:
+    """A shadow that started late left most of the job unslowed: the whole-job rate hides its cost, the window
+    from its first comparison on shows it."""
+    window = {"from_seconds": 30.0, "batches": 40, "tokens": 400_000, "span_seconds": 2.1, "tokens_per_second": 190_000.0}
+    got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
+                                                     "g1_s0.01": shadow_run(199_000.0, window)}})
+    assert got["shadow_cost_0.01"] == pytest.approx(1 - 190_000 / 200_000, abs=1e-4)
+    assert got["shadow_cost_0.01_whole_job"] == pytest.approx(1 - 199_000 / 200_000, abs=1e-4)
+    assert got["shadow_cost_0.01_measured_over"] == "the shadow's window"
+    assert got["shadow_cost_0.01_wall"] == pytest.approx(1 - 50_000 / 100_000, abs=1e-4)  # wall: whole job only
+    assert "shadow_cost_0.01_lagging" not in got and "shadow_lagging_runs" not in got
+    doc = {"models": {"3B": got}}
+    summarize(doc)
+    assert doc["targets"]["shadow_cost_0.01"]["worst"] == got["shadow_cost_0.01"]
+    assert "| 5.0% |" in markdown_table(doc)
+
+
+@pytest.mark.parametrize("window", [
+    None,  # the shadow compared nothing
+    {"from_seconds": 50.0, "batches": 0, "tokens": 0, "span_seconds": 0.0, "tokens_per_second": 0.0},  # only after
+    {"from_seconds": 48.0, "batches": 4, "tokens": 300_000, "span_seconds": 1.0, "tokens_per_second": 190_000.0},
+    {"from_seconds": 45.0, "batches": 30, "tokens": 90_000, "span_seconds": 1.0, "tokens_per_second": 190_000.0},
+])
+def test_a_window_too_short_to_measure_is_lagging(window: dict | None) -> None:
+    """Under 5 batches or 10 % of the tokens with the shadow running: not a result, whatever the comparisons say."""
+    got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
+                                                     "g1_s0.01": shadow_run(199_000.0, window, after_stream=0)}})
+    assert "shadow_cost_0.01" not in got and got["shadow_lagging_runs"] == ["g1_s0.01"]
+    assert got["shadow_cost_0.01_lagging"] == got["shadow_cost_0.01_whole_job"] == pytest.approx(0.005, abs=1e-4)
+
+
+def test_repeats_pair_the_window_rates_and_old_runs_fall_back_to_the_whole_job() -> None:
+    def window(rate: float) -> dict:
+        return {"from_seconds": 20.0, "batches": 50, "tokens": 500_000, "span_seconds": 2.0, "tokens_per_second": rate}
+
+    runs = {"g1_s0": run(1, 0.0, 200_000.0, 1.0), "g1_s0_r2": run(1, 0.0, 210_000.0, 1.0),
+            "g1_s0.01": shadow_run(199_000.0, window(194_000.0)),
+            "g1_s0.01_r2": shadow_run(209_000.0, window(199_500.0))}
+    got = compute_ratios({"reference": REF, "runs": runs})
+    assert got["shadow_cost_0.01_per_repeat"] == [round(1 - 194_000 / 200_000, 4), round(1 - 199_500 / 210_000, 4)]
+    assert got["shadow_cost_0.01"] == pytest.approx(1 - (194_000 + 199_500) / 2 / 205_000, abs=1e-4)
+    # A file from before the window: one repeat has none, so its whole-job rate stands in for it.
+    runs["g1_s0.01_r2"] = {k: v for k, v in runs["g1_s0.01_r2"].items() if k != "with_shadow"} | {
+        "shadow": {"compared": 10, "compared_after_stream": 0}}
+    got = compute_ratios({"reference": REF, "runs": runs})
+    assert got["shadow_cost_0.01_per_repeat"] == [round(1 - 194_000 / 200_000, 4), round(1 - 209_000 / 210_000, 4)]
+    assert got["shadow_cost_0.01_measured_over"] == "the shadow's window (runs that have one), else the whole job"
+
+
+def test_recorded_result_files_still_give_their_figures() -> None:
+    """The files in benchmarks/results predate `with_shadow`: recomputed, every figure they hold is unchanged (the
+    shadow costs fall back to the whole job), and only the new names are added."""
+    recorded = [path for path in sorted((REPO / "benchmarks" / "results").glob("*-nvidia-h200*.json"))
+                if any("runs" in m for m in json.loads(path.read_text()).get("models", {}).values())]
+    assert recorded
+    for path in recorded:
+        doc = json.loads(path.read_text())
+        for name, model in doc["models"].items():
+            got = compute_ratios(json.loads(json.dumps(model)))
+            assert {k: got[k] for k in got if k in model} == {k: model[k] for k in got if k in model}, (path, name)
+            for key in (k for k in got if k.startswith("shadow_cost_") and k.endswith("_whole_job")):
+                rate_cost = key.removesuffix("_whole_job")
+                assert got[key] == got.get(rate_cost, got.get(f"{rate_cost}_lagging")), (path, key)
+        merged = merge_docs({"models": {}}, doc)
+        assert markdown_table(merged).count("\n") == 1 + len(doc["models"])
 
 
 def test_gpu_dry_run_interleaves_repeats(tmp_path: Path) -> None:

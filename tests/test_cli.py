@@ -126,6 +126,7 @@ def test_embed_end_to_end_matches_fair_esm(tmp_path: Path, tiny_esm2_path: Path)
     assert 0 < actor["steady_tokens_per_second"] == thr["actor_steady_tokens_per_second"]
     assert 0 < actor["forward_tokens_per_second"] == thr["forward_tokens_per_second"]
     assert actor["busy_fraction"] == thr["actor_busy_fraction"]
+    assert manifest["shadow"]["compared"] == 0 and thr["with_shadow"] is None  # the 1 % sample holds none of these ids
 
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None, reason="inductor needs a C compiler")
@@ -139,6 +140,7 @@ def test_embed_with_compiled_layers(tmp_path: Path, tiny_esm2_path: Path) -> Non
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["attention_backend"] == ["exact+compile"]
     assert manifest["settings"]["compile_layers"] is True
+    assert manifest["throughput"]["with_shadow"] is None  # no shadow, no window with it running
     expected = read_fasta(DATA / "some_proteins.fasta")
     ref = fair_esm_reference(tiny_esm2_path, expected)
     table = read_parts(out)

@@ -152,6 +152,11 @@ def test_warn_mode_completes_and_counts_violations(warn_run: Path) -> None:
     assert shadow["on_drift"] == "warn" and shadow["min_cosine_threshold"] == float(STRICT)
     assert shadow["fp32_math"] == "ieee"  # a CPU shadow: the tensor-core emulations only exist on GPUs
     assert shadow["batch_tokens"] == manifest["settings"]["shadow_batch_tokens"] == 32768
+    # 5k tokens never fill a 32k-token shadow batch: every comparison came in close(), after the last batch, so
+    # the window with the shadow running holds no batch (it is there: the shadow did compare).
+    window = manifest["throughput"]["with_shadow"]
+    assert shadow["compared_after_stream"] == 15 and window["from_seconds"] > 0
+    assert (window["batches"], window["tokens"], window["tokens_per_second"]) == (0, 0, 0.0)
     assert manifest["settings"]["compile_layers"] is None  # the default: compile on GPUs only
     assert manifest["attention_backend"] == ["exact"]  # CPU: eager, so no "+compile"
 
@@ -274,6 +279,32 @@ def test_sampling_is_deterministic_across_runs_and_batching(metrics_port: int, t
         assert shadow["cosine_min"] > 1 - 1e-5
         selected.append(set(read_drift(out).column("id").to_pylist()))
     assert selected[0] == selected[1] == expected
+
+
+def test_manifest_measures_the_throughput_while_the_shadow_ran(metrics_port: int, tiny_esm2_path: Path,
+                                                              tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shadow that compares while the stream still runs: `throughput.with_shadow` is the actor clock over the
+    batches done from its first comparison on, a part of the job's."""
+    rng = random.Random(0)
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">p{i}\n{''.join(rng.choices('ACDEFGHIKLMNPQRSTVWY', k=rng.randint(30, 60)))}\n"
+                             for i in range(128)))
+    config = tmp_path / "shadow.yaml"  # small blocks and shadow batches: the shadow starts comparing early
+    config.write_text("shadow_queue: 64\nshadow_batch_tokens: 1\nrecords_per_block: 4\n")
+    # ~64 batches of 0.4 s: a stream that outlasts the shadow actor's start-up (~12 s here) by several batches.
+    monkeypatch.setenv("RUNNER_TEST_BATCH_DELAY", "0.4")
+    out = tmp_path / "out"
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0",
+                          "--shadow-rate", "1", "--token-budget", "128", "--config", str(config), "--no-progress")
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    throughput, shadow = manifest["throughput"], manifest["shadow"]
+    window = throughput["with_shadow"]
+    assert shadow["compared"] == 128 and shadow["compared_after_stream"] < 128
+    assert 2 <= window["batches"] < throughput["batches"] and 0 < window["tokens"] < throughput["tokens"]
+    assert window["tokens_per_second"] > 0 and window["span_seconds"] > 0
+    [actor] = throughput["actors"].values()
+    assert 0 < window["from_seconds"] < actor["span_seconds"]  # the shadow's mark falls inside the stream
 
 
 def test_shadow_sample_is_a_pure_function_of_the_id() -> None:
@@ -419,11 +450,17 @@ def test_comparisons_after_the_stream_ended_are_counted_as_lag(tmp_path: Path) -
     main = np.array([[1.0, 0.0]], np.float32)
     offer_batch(monitor, futures, ["early"], main.copy(), main)
     futures[0].done = True
+    assert monitor.first_result_at is None
+    before = time.time()
     offer_batch(monitor, futures, ["late1"], main.copy(), main)  # polls: "early" is compared during the stream
+    after = time.time()
     offer_batch(monitor, futures, ["late2"], main.copy(), main)
     assert monitor.compared == 1 and monitor.compared_after_stream == 0
     assert monitor.first_result_seconds is not None and monitor.first_result_seconds >= 0
+    # The wall-clock moment of the first comparison (the actors' batch_done clock), kept by later ones.
+    assert before <= monitor.first_result_at <= after
     monitor.close()
+    assert monitor.first_result_at <= after
     summary = monitor.summary()
     assert summary["compared"] == 3 and summary["compared_after_stream"] == 2
     assert summary["tail_seconds"] >= 0 and summary["first_result_seconds"] == round(monitor.first_result_seconds, 3)
