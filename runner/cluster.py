@@ -204,8 +204,9 @@ def start_shadow(
         # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
         # matmul setting around each product, which a compiled graph would not see.
         compile_layers=stage.compile_layers and math in ("fp16x3", "bf16x3"),
-        # The shadow compiles mid-job: with a worker per core it would starve the running stream's CPU stages.
-        compile_threads=1,
+        # The shadow compiles mid-job: with a worker per core it would starve the running stream's CPU stages,
+        # with one (as it was) a 650M shadow was not ready before a 37-s stream ended; a quarter of the cores.
+        compile_threads=-1,
         fp32_math=math,
         device="cuda" if share > 0 else "cpu",
     )

@@ -54,7 +54,8 @@ class StageSettings:
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
-    compile_threads: int = 0  # inductor compile workers; 0 = torch's default (about one per core)
+    # inductor compile workers: 0 = torch's default (about one per core); -1 = a quarter of this node's cores (1 to 8)
+    compile_threads: int = 0
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
     shadow_rate: float = 0.0  # fraction of ids whose tokens are returned for the FP32 shadow
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
@@ -107,6 +108,11 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("batch_done", pa.float64()),  # time.time() when the batch's results were on the host (first window)
         ]
     )
+
+
+def compile_workers(setting: int, cores: int) -> int:
+    """Inductor compile workers for StageSettings.compile_threads on a node of `cores` cores."""
+    return max(1, min(8, cores // 4)) if setting < 0 else setting
 
 
 class BusyClock:
@@ -177,7 +183,7 @@ class EmbedStage:
         if settings.compile_layers and settings.compile_threads:
             import torch._inductor.config as inductor_config  # this actor's process only
 
-            inductor_config.compile_threads = settings.compile_threads
+            inductor_config.compile_threads = compile_workers(settings.compile_threads, os.cpu_count() or 1)
         if self.model.use_compile(settings.compile_layers):
             self._warm_up()
         if self._unreported_restart:

@@ -312,6 +312,13 @@ def cmd_gpu(args) -> int:
                          "it reports tok/s after model load and a 64-sequence warm-up",
             "gpu_memory": "nvidia-smi used_memory per process (PyTorch caching allocator reservation)",
         })
+        def save(entry: dict) -> None:
+            """Ratios, summary and the result file as they stand: a run cut short by a time limit keeps the rest."""
+            entry.update(compute_ratios(entry))
+            summarize(doc)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            out_file.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+
         for m in models:
             layers, dim, heads = ARCH[m]
             entry = doc["models"].setdefault(m, {})
@@ -341,6 +348,7 @@ def cmd_gpu(args) -> int:
                 runs[run_name(g, r, k)] = run_runner(fasta, ckpt, out, g, r, args, work)
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
+                save(entry)
             if args.eager_baseline:  # what torch.compile buys: the same run with eager layers
                 g = gpus[0]
                 fasta = work / f"{m}-{seqs[m] * max(g, 1)}.fasta"
@@ -352,14 +360,11 @@ def cmd_gpu(args) -> int:
             if args.cpu_check:
                 fasta = work / f"{m}-{seqs[m] * max(gpus[0], 1)}.fasta"
                 entry["cpu_stages_on_bench_input"] = cpu_check(fasta, work, args, entry)
-            entry.update(compute_ratios(entry))
+            save(entry)
             log(f"{m}: done in {time.perf_counter() - t:.0f}s: "
                 + ", ".join(f"{k}={entry.get(k)}" for k in TARGETS if entry.get(k) is not None))
             if not args.keep_checkpoints:
                 ckpt.unlink(missing_ok=True)
-            summarize(doc)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            out_file.write_text(json.dumps(doc, indent=2, default=str) + "\n")
         print(markdown_table(doc), flush=True)
         log(f"wrote {out_file}")
     return 0

@@ -581,7 +581,7 @@ def test_gpu_shadow_math_falls_back_to_tf32x3_without_the_half_gemm(
     import runner.cluster
     from runner.cluster import start_shadow
     from runner.config import EmbedConfig
-    from runner.embed_stage import StageSettings
+    from runner.embed_stage import StageSettings, compile_workers
 
     monkeypatch.setattr(runner.cluster, "half_gemm_available", lambda: available)
     ray = FakeRay()
@@ -592,6 +592,9 @@ def test_gpu_shadow_math_falls_back_to_tf32x3_without_the_half_gemm(
     monitor.offer(["a"], np.array([3]), np.array([[1.0, 0.0]], np.float32), [np.array([0, 5, 6, 7, 2], np.int32)])
     math = "fp16x3" if available else "tf32x3"
     assert monitor.settings.fp32_math == math == ray.settings[0].fp32_math
-    assert ray.settings[0].compile_layers is available and ray.settings[0].compile_threads == 1
+    assert ray.settings[0].compile_layers is available and ray.settings[0].compile_threads == -1  # node-sized
+    # a quarter of the node's cores, 1 to 8: 2-core CI boxes keep one worker, a 16-core GPU node gets 4
+    assert [compile_workers(-1, cores) for cores in (1, 2, 7, 16, 64)] == [1, 1, 1, 4, 8]
+    assert compile_workers(3, 64) == 3 and compile_workers(0, 64) == 0  # explicit counts and torch's default kept
     assert ("uses tf32x3 instead" in caplog.text) is not available
     monitor.abandon()
