@@ -191,16 +191,19 @@ def run_layers(
     parts: LayerParts = EAGER_PARTS,
 ) -> torch.Tensor:
     """fair-esm TransformerLayers (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens: x [T, D]."""
+    if not layers:
+        raise ValueError("run_layers needs at least one layer (layer 0 is the embeddings: no layer runs)")
     first, middle, last = parts
-    q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
-    for index, w in enumerate(layers):
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: LayerWeights) -> torch.Tensor:
         # fair-esm multiplies q by `scaling` before the rotation; rotation is linear, so scaling inside the
         # kernel (in fp32) is the same computation with one rounding fewer.
-        o = varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend, plan=plan)  # [T, H, hd]
-        if index + 1 == len(layers):
-            return last(x, o, w, math)  # [T, D]
-        x, q, k, v = middle(x, o, w, layers[index + 1], cos, sin, math)
-    raise ValueError("run_layers needs at least one layer")
+        return varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend, plan=plan)  # [T, H, hd]
+
+    q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
+    for w, w_next in zip(layers[:-1], layers[1:], strict=True):
+        x, q, k, v = middle(x, attention(q, k, v, w), w, w_next, cos, sin, math)
+    return last(x, attention(q, k, v, layers[-1]), layers[-1], math)  # [T, D]
 
 
 def compile_over_tokens(part: Callable[..., Any], backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
