@@ -181,18 +181,22 @@ def brute_window(batches: list[Batch], start: float) -> tuple[int, int, float]:
     return len(inside), sum(b.tokens for b in inside), steady_tokens / span if span > 0 else 0.0
 
 
-def test_without_a_shadow_result_there_is_no_window(tmp_path: Path) -> None:
+def clocked(tmp_path: Path, mark: float | None = None) -> JobReport:
+    """A report that clocked every batch of BATCHES, then learned the shadow's first comparison at `mark`."""
     report = JobReport(tmp_path)
     for b in BATCHES:
         report.clock_batch(*b)
+    report.shadow_started_at = mark
+    return report
+
+
+def test_without_a_shadow_result_there_is_no_window(tmp_path: Path) -> None:
+    report = clocked(tmp_path)
     assert report.shadow_window is None and with_shadow_section(report) is None
 
 
 def test_a_mark_before_every_batch_gives_the_whole_job_clock(tmp_path: Path) -> None:
-    report = JobReport(tmp_path)
-    for b in BATCHES:
-        report.clock_batch(*b)
-    report.shadow_started_at = 990.5
+    report = clocked(tmp_path, 990.5)
     window = report.shadow_window
     assert window.tokens_per_second == pytest.approx(report.actor_steady_tokens_per_second)
     assert (window.batches, window.tokens) == (5, sum(b.tokens for b in BATCHES))
@@ -232,10 +236,7 @@ def test_the_window_is_the_same_whatever_the_arrival_order_and_when_the_mark_is_
 
 
 def test_a_shadow_that_compared_only_after_the_stream_has_an_empty_window(tmp_path: Path) -> None:
-    report = JobReport(tmp_path)
-    for b in BATCHES:
-        report.clock_batch(*b)
-    report.shadow_started_at = 1010.0
+    report = clocked(tmp_path, 1010.0)
     window = report.shadow_window
     assert (window.batches, window.tokens, window.span_seconds, window.tokens_per_second) == (0, 0, 0.0, 0.0)
     assert with_shadow_section(report)["batches"] == 0
