@@ -167,13 +167,16 @@ class ESM2Embedder(EmbeddingModel):
     def layer_weights(self) -> list[LayerWeights]:
         """Per layer, the tensors the forward reads: q/k/v fused into one projection (the module's q/k/v become
         views of it), every projection split under the shadow's split maths. Rebuilt when the weights moved."""
-        anchor = self.esm.layers[0].self_attn.q_proj.weight.data_ptr() if self.num_layers else 0
-        if self._layer_weights is None or anchor != self._weights_anchor:
+        if self._layer_weights is None or self._anchor() != self._weights_anchor:
             # SplitLinear.split, not its cached `prepare`: the fused q/k/v weight is a new tensor.
             split = self.linear.split if isinstance(self.linear, SplitLinear) else None
             self._layer_weights = [LayerWeights.of(layer, split) for layer in self.esm.layers]
-            self._weights_anchor = self.esm.layers[0].self_attn.q_proj.weight.data_ptr() if self.num_layers else 0
+            self._weights_anchor = self._anchor()  # after the fusion: layer 0's q weight is now a view of it
         return self._layer_weights
+
+    def _anchor(self) -> int:
+        """Where layer 0's q weight lives: it changes when the weights move (device or dtype)."""
+        return self.esm.layers[0].self_attn.q_proj.weight.data_ptr() if self.num_layers else 0
 
     def use_compile(self, on: bool, backend: str | Callable[..., Any] = "inductor") -> bool:
         """Run the layer parts between attention kernels through `torch.compile`: LayerNorm, rotary, GELU and
@@ -222,7 +225,7 @@ class ESM2Embedder(EmbeddingModel):
         cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
         plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
         layers = self.layer_weights()[:target]
-        math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu)
+        math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
         x = self._run_layers(x, layers, cos, sin, cu, max_seqlen, plan, math)  # [T, D]
         if target == self.num_layers:
             # fair-esm reports the last layer after the final LayerNorm.

@@ -123,7 +123,7 @@ class LayerMath(NamedTuple):
     fp32_layernorm: bool  # LayerNorm in float32 inside a half-precision model
     linear: Callable[..., torch.Tensor]  # F.linear, or FP32-accurate emulation for the shadow
     # fc1 + GELU as one cuBLASLt GEMM with a tanh-approximate GELU epilogue (`linear_tanh_gelu`) instead of
-    # fair-esm's erf GELU as a separate pass: off unless asked for (see ESM2Embedder.fused_gelu).
+    # fair-esm's erf GELU as a separate pass: ESM2Embedder.fused_gelu_in_use decides (half precision on CUDA).
     fused_gelu: bool = False
 
 
@@ -150,7 +150,7 @@ def attention_output_and_mlp(
     """Output projection and residual, then the pre-LN GELU MLP and residual: the next x [T, D]."""
     x = x + math.linear(o.flatten(1), w.out_weight, w.out_bias)  # [T, D]
     h = layer_norm(x, w.mlp_norm_weight, w.mlp_norm_bias, w.mlp_norm_eps, math.fp32_layernorm)  # [T, D]
-    if math.fused_gelu and h.is_cuda and h.dtype != torch.float32:
+    if math.fused_gelu:
         a = linear_tanh_gelu(h, w.fc1_weight, w.fc1_bias)  # [T, 4D]
     else:
         a = F.gelu(math.linear(h, w.fc1_weight, w.fc1_bias))  # [T, 4D]; fair-esm's erf GELU
