@@ -162,10 +162,11 @@ class EmbedStage:
         model.fp32_layernorm = settings.fp32_layernorm
         model.fused_gelu = settings.fused_gelu
         self.model = model.to(self.device, DTYPES[settings.precision]).eval()
-        self.backend = self.model.select_attention(self.device)
+        self.model.select_attention(self.device)
         on_cuda = self.device.type == "cuda"
         if on_cuda and settings.precision == "fp32" and settings.fp32_math != "ieee":
-            self.model.emulate_fp32(settings.fp32_math)
+            self.model.emulate_fp32(settings.fp32_math)  # may switch the attention to its split kernel too
+        self.backend = self.model.attention_backend
         # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_seconds`.
         self.startup = {"load_seconds": round(time.perf_counter() - started, 3), "compile_seconds": 0.0}
         self.codec = self.model.codec

@@ -10,8 +10,9 @@ shadow-sized batch. Each mode runs runner's packed forward (`ESM2Embedder.forwar
   attention kernel (the first "fp16" mode, always run, stays the unit), "fp16+fusedgelu" with fc1 and GELU
   as one cuBLASLt GEMM (tanh GELU epilogue, ESM2Embedder.fused_gelu);
 - "ieee+exact": IEEE FP32 matmuls on CUDA cores (torch's default), attention one SDPA per sequence: the
-  reference; the other FP32 modes use the shadow's attention (runner's FP32 choice on CUDA) unless
-  "+flex" (3xTF32 tensor cores), "+nested" (one IEEE varlen kernel per layer) or "+exact" is added;
+  reference; the other FP32 modes use the shadow's attention (the split maths: "fp16x3", runner's
+  FP16x3 flash kernel; "ieee": one IEEE varlen kernel per layer) unless "+fp16x3", "+flex" (3xTF32
+  tensor cores), "+nested" (IEEE varlen) or "+exact" is added;
 - "tf32": plain TF32 tensor cores for every FP32 matmul (10-bit mantissa: not an FP32 reference);
 - "tf32x3": `runner.models.tf32x3`, three TF32 products per projection (FP32-accurate; eager only);
 - "bf16x3", "fp16x3": `runner.models.fp16x3`, one half GEMM over hi/lo pairs, eager and "+compile".
@@ -108,9 +109,11 @@ def main(argv: list[str] | None = None) -> int:
             half.fused_gelu = "fusedgelu" in options
             return half
         torch._dynamo.reset()  # a fresh compile per mode: dynamo's recompile limit would silently run eager
+        model.attention_backend = fp32_attention
+        # The split maths bring their split attention (fp16x3) where it runs, as in the shadow actors.
         model.emulate_fp32(math if math in ("tf32x3", "bf16x3", "fp16x3") else "ieee")
         model.use_compile("compile" in options)
-        model.attention_backend = kernels[0] if kernels else fp32_attention
+        model.attention_backend = kernels[0] if kernels else model.attention_backend
         return model
 
     def forward(net: torch.nn.Module) -> torch.Tensor:

@@ -8,6 +8,7 @@ The pipeline only ever talks to these two classes; it has no model-specific bran
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from runner.attention import FP32_PREFERENCE
 from runner.errors import RunnerError
+
+logger = logging.getLogger("runner")
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,19 @@ class EmbeddingModel(torch.nn.Module, ABC):
     def emulate_fp32(self, math: str) -> None:
         """FP32-accurate projections from tensor cores in an fp32 CUDA model: "fp16x3", "bf16x3" or "tf32x3"
         (see fp32_linear); "ieee" keeps plain FP32 matmuls. Call it after moving the model to its device:
-        models may prepare split copies of their weights here."""
+        models may prepare split copies of their weights here.
+
+        The split maths take the attention along: an IEEE FP32 kernel ("nested", "flex") becomes "fp16x3"
+        (runner.fp16x3_attention, as accurate as the split projections) where that kernel can run."""
         self.linear = fp32_linear(math)
+        if math == "ieee" or self.attention_backend not in FP32_PREFERENCE:
+            return
+        from runner.fp16x3_attention import fp16x3_attention_available
+
+        device = next(self.parameters()).device
+        if fp16x3_attention_available(device):
+            self.attention_backend = "fp16x3"
+            logger.info("attention backend fp16x3 (FP32-accurate from FP16 tensor cores, with the %s projections)", math)
 
     # Fuse the MLP's first projection and its GELU into one GEMM whose epilogue applies a tanh-approximate GELU
     # (half precision on CUDA), where the model supports it: set by the caller, see `fused_gelu_in_use`.
