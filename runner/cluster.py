@@ -232,10 +232,10 @@ def start_shadow(
     def wait(futures, block):
         return ray.wait(futures, num_returns=len(futures), timeout=None if block else 0)
 
-    def startup() -> list[dict[str, float]]:
-        """Each shadow actor's start-up seconds, for the manifest (none if the actors cannot answer)."""
+    def startup() -> list[dict[str, float | str]]:
+        """Each shadow actor's start-up seconds and kernels, for the manifest (none if the actors cannot answer)."""
         try:
-            return ray.get([actor.startup_seconds.remote() for actor in actors], timeout=30)
+            return ray.get([actor.startup_report.remote() for actor in actors], timeout=30)
         except (ray.exceptions.RayError, TimeoutError) as error:  # a dead actor must not fail a finished job
             log.warning("shadow actors' start-up times unavailable: %s", type(error).__name__)
             return []

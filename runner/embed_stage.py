@@ -167,7 +167,7 @@ class EmbedStage:
         if on_cuda and settings.precision == "fp32" and settings.fp32_math != "ieee":
             self.model.emulate_fp32(settings.fp32_math)  # may switch the attention to its split kernel too
         self.backend = self.model.attention_backend
-        # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_seconds`.
+        # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_report`.
         self.startup = {"load_seconds": round(time.perf_counter() - started, 3), "compile_seconds": 0.0}
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
@@ -212,9 +212,10 @@ class EmbedStage:
         log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
                  "" if self.model.compiling else " (failed: eager)")
 
-    def startup_seconds(self) -> dict[str, float]:
-        """Seconds this actor's start-up took: loading (checkpoint, device, weight splits) and compiling."""
-        return dict(self.startup)
+    def startup_report(self) -> dict[str, float | str]:
+        """Seconds this actor's start-up took, loading (checkpoint, device, weight splits) and compiling, and the
+        kernels it then runs (`kernels`): the shadow's manifest says which FP32 attention checked the job."""
+        return {**self.startup, "kernels": self.kernels}
 
     @property
     def kernels(self) -> str:

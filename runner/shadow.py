@@ -124,7 +124,8 @@ class ShadowMonitor:
     # callable() that starts the FP32 actors, called at the first offer (once the main stream runs), so that
     # they load and compile while the first shadow batch gathers; None when submit_fn starts them itself.
     start_fn: Any = None
-    # callable() -> [{"load_seconds": s, "compile_seconds": s}, ...] of the FP32 actors, for the summary; or None
+    # callable() -> [{"load_seconds": s, "compile_seconds": s, "kernels": k}, ...] of the FP32 actors, for the
+    # summary; or None
     startup_fn: Any = None
     sampled: int = 0
     shed: int = 0
