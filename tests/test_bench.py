@@ -24,6 +24,7 @@ for _path in (str(REPO), str(SCRIPTS)):  # as `python scripts/bench.py` sees the
         sys.path.insert(0, _path)
 
 import bench  # noqa: E402
+from bench_attention import parse_config  # noqa: E402
 from bench_cpu_stages import BENCH  # noqa: E402
 from bench_data import AA, synth, synth_arrays, write_random_esm2, write_short_fasta, write_synth_fasta  # noqa: E402
 from bench_monitor import child_env, run_logged, tail  # noqa: E402
@@ -547,3 +548,9 @@ def test_cpu_one_measures_every_record_of_the_fasta(tmp_path: Path) -> None:
     parts = sorted((tmp_path / "out" / "embeddings").glob("part-*.arrow"))
     rows = sum(pa.ipc.open_file(pa.memory_map(str(p))).read_all().num_rows for p in parts)
     assert rows == 3_000
+
+
+def test_bench_attention_reads_launch_configurations() -> None:
+    assert parse_config("128x64/w8/s3") == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    with pytest.raises(ValueError):
+        parse_config("128x64")  # warps and stages are part of a configuration
