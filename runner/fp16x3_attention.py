@@ -86,7 +86,7 @@ def fp16x3_attention(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # [B+1]
     v_scale = column_scale(v)  # [H, hd]
     slopes_arg = v_scale if slopes is None else slopes.to(device=q.device, dtype=torch.float32)  # [H]
-    grid = (triton_cdiv(max_seqlen, block_m), cu.numel() - 1, heads)
+    grid = (cu.numel() - 1, triton_cdiv(max_seqlen, block_m), heads)  # sequences first: a batch may hold > 65535
     _kernel()[grid](
         q, k, v, out, v_scale, slopes_arg, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),

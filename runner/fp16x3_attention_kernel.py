@@ -45,8 +45,8 @@ def attention_kernel(
     BLOCK_N: tl.constexpr,
     ALIBI: tl.constexpr,
 ):
-    block = tl.program_id(0)
-    sequence = tl.program_id(1)
+    sequence = tl.program_id(0)  # axis 0: up to 2^31 - 1 programs (axes 1 and 2 stop at 65535)
+    block = tl.program_id(1)
     head = tl.program_id(2)
     start = tl.load(cu_ptr + sequence)
     length = tl.load(cu_ptr + sequence + 1) - start

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from runner.attention import _exact, alibi_slopes, varlen_attention
-from runner.fp16x3_attention import column_scale, fp16x3_attention_available
+from runner.fp16x3_attention import column_scale, fp16x3_attention, fp16x3_attention_available
 
 
 def _packed(lengths: list[int], heads: int, head_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -159,6 +159,25 @@ def test_gpu_kernel_is_fp32_accurate_at_model_shapes(heads: int, head_dim: int, 
     err, ieee_err = _relative_error(out.cpu(), truth), _relative_error(ieee.cpu(), truth)
     print(f"\nfp16x3 attention {heads}x{head_dim} alibi={alibi}: max rel err vs fp64 {err:.2e} (IEEE FP32 {ieee_err:.2e})")
     assert err < 4e-6
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_kernel_takes_more_sequences_than_a_grid_axis_of_65535() -> None:
+    """Short reads in a big batch: 70,000 sequences of 1-3 tokens (CUDA grids stop at 65535 on axes 1 and 2)."""
+    device = torch.device("cuda")
+    lengths = [1, 2, 3] * 23_334  # 70,002 sequences, six tokens per repeat of the pattern
+    q, k, v, cu = _packed(lengths, heads=2, head_dim=16)
+
+    def dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # [N, L, H, hd], float64
+        p = (torch.einsum("nlhd,nmhd->nhlm", q, k) * 0.25).softmax(dim=-1)  # [N, H, L, L]
+        return torch.einsum("nhlm,nmhd->nlhd", p, v)
+
+    repeats = [t.double().reshape(-1, 6, 2, 16) for t in (q, k, v)]  # [N/3, 6, H, hd]
+    truth = torch.cat([dense(*(t[:, a:b] for t in repeats)) for a, b in ((0, 1), (1, 3), (3, 6))], dim=1)
+    truth = truth.reshape(q.shape)  # [T, H, hd]: the same sequences, batched by length
+    out = fp16x3_attention(q.to(device), k.to(device), v.to(device), cu.to(device), 3, 0.25)
+    assert _relative_error(out.cpu(), truth) < 4e-6
 
 
 @pytest.mark.gpu
