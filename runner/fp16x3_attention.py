@@ -41,7 +41,7 @@ def block_sizes(head_dim: int) -> dict[str, int]:
 
     Swept on an H200 (scripts/bench_attention.py, benchmarks/results/2026-11-29-nvidia-h200-fp16x3-attention.json):
     128 query rows per program, 64 keys per step, 8 warps and 3 stages were fastest at head widths 64 (ESM-2 650M
-    and 3B, DNABERT-S) and 128 (ESM-2 15B), 4-12 % ahead of the next. Wider heads would overflow shared memory.
+    and 3B, DNABERT-S) and 128 (ESM-2 15B), 3-7 % ahead of the next. Wider heads would overflow shared memory.
     """
     if head_dim > 128:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
@@ -86,7 +86,7 @@ def fp16x3_attention(
     cu = cu_seqlens.to(device=q.device, dtype=torch.int32)  # [B+1]
     v_scale = column_scale(v)  # [H, hd]
     slopes_arg = v_scale if slopes is None else slopes.to(device=q.device, dtype=torch.float32)  # [H]
-    grid = (cu.numel() - 1, triton_cdiv(max_seqlen, block_m), heads)  # sequences first: a batch may hold > 65535
+    grid = (cu.numel() - 1, _ceil_div(max_seqlen, block_m), heads)  # sequences first: a batch may hold > 65535
     _kernel()[grid](
         q, k, v, out, v_scale, slopes_arg, cu,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
@@ -97,6 +97,6 @@ def fp16x3_attention(
     return out
 
 
-def triton_cdiv(a: int, b: int) -> int:
+def _ceil_div(a: int, b: int) -> int:
     """Ceiling division, for the launch grid."""
     return -(-a // b)
