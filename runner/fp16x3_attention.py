@@ -36,6 +36,25 @@ def fp16x3_attention_available(device: torch.device) -> bool:
     return torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is not None
 
 
+def fp16x3_attention_problem(device: torch.device, head_dim: int) -> str | None:
+    """Run the kernel once on a small packed batch on `device` (at the model's head width, so the compile is the one
+    the model reuses) and check it against float64 attention: None when it works, else why not in one line
+    (Triton cannot compile here, a GPU it does not support, wrong numbers)."""
+    from runner.attention import _exact
+
+    gen = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0, 1, 38, 168], dtype=torch.int32)  # lengths 1, 37, 130: partial blocks, a one-token sequence
+    q, k, v = torch.randn(3, 168, 2, head_dim, generator=gen).to(device).unbind(0)  # [T, H, hd] each
+    scale = head_dim**-0.5
+    try:
+        out = fp16x3_attention(q, k, v, cu.to(device), 130, scale)  # [T, H, hd]
+    except Exception as exc:  # Triton raises many types (compilation, launch, driver): each means "not here"
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+    truth = _exact(q.double(), k.double(), v.double(), cu, scale, None)  # [T, H, hd]
+    error = ((out.double() - truth).abs().max() / truth.abs().max()).item()
+    return None if error < 1e-5 else f"max relative error {error:.1e} against float64 attention"
+
+
 def block_sizes(head_dim: int) -> dict[str, int]:
     """Launch configuration for one head width: query and key block rows, warps and pipeline stages.
 

@@ -118,6 +118,7 @@ def test_split_maths_take_the_split_attention_along(tiny_esm2_path: Path, monkey
 
     model = load_esm2(str(tiny_esm2_path))
     monkeypatch.setattr(attention_module, "fp16x3_attention_available", lambda device: True)
+    monkeypatch.setattr(attention_module, "fp16x3_attention_problem", lambda device, head_dim: None)
     for math, before, after in [
         ("fp16x3", "nested", "fp16x3"),
         ("bf16x3", "flex", "fp16x3"),
@@ -190,3 +191,37 @@ def test_gpu_shadow_model_runs_the_split_attention(tiny_esm2_path: Path) -> None
     model.select_attention(device)
     model.emulate_fp32("fp16x3")
     assert model.attention_backend == "fp16x3"
+
+
+def test_a_kernel_that_fails_or_miscomputes_leaves_the_ieee_attention(
+    tiny_esm2_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where Triton cannot compile (no C compiler, an old GPU) or the kernel computes wrong numbers, the shadow
+    keeps its IEEE FP32 attention and says why, instead of failing or checking the job with a wrong reference."""
+    import runner.fp16x3_attention as attention_module
+    from runner.models.esm2 import load_esm2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable.")
+
+    def wrong(q, k, v, cu, max_seqlen, scale, slopes=None, config=None):
+        return _exact(q, k, v, cu, scale, slopes) * (1 + 1e-3)  # off by 0.1 %: FP16-sized, not FP32
+
+    def right(q, k, v, cu, max_seqlen, scale, slopes=None, config=None):
+        return _exact(q, k, v, cu, scale, slopes)
+
+    monkeypatch.setattr(attention_module, "fp16x3_attention_available", lambda device: True)
+    model = load_esm2(str(tiny_esm2_path))
+    for kernel, expected in [(broken, "nested"), (wrong, "nested"), (right, "fp16x3")]:
+        monkeypatch.setattr(attention_module, "fp16x3_attention", kernel)
+        model.attention_backend = "nested"
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="runner"):
+            model.emulate_fp32("fp16x3")
+        assert model.attention_backend == expected, kernel.__name__
+        if expected == "nested":
+            assert "fp16x3 attention unusable here" in caplog.text
+    monkeypatch.setattr(attention_module, "fp16x3_attention", broken)
+    assert attention_module.fp16x3_attention_problem(torch.device("cpu"), 16).startswith("RuntimeError: Failed to find C")
+    monkeypatch.setattr(attention_module, "fp16x3_attention", wrong)
+    assert "max relative error 1.0e-03" in attention_module.fp16x3_attention_problem(torch.device("cpu"), 16)

@@ -150,16 +150,23 @@ class EmbeddingModel(torch.nn.Module, ABC):
         models may prepare split copies of their weights here.
 
         The split maths take the attention along: an IEEE FP32 kernel ("nested", "flex") becomes "fp16x3"
-        (runner.fp16x3_attention, as accurate as the split projections) where that kernel can run."""
+        (runner.fp16x3_attention, as accurate as the split projections) where that kernel runs and passes a
+        check against float64 attention; otherwise the IEEE kernel stays, with a warning saying why."""
         self.linear = fp32_linear(math)
         if math == "ieee" or self.attention_backend not in FP32_PREFERENCE:
             return
-        from runner.fp16x3_attention import fp16x3_attention_available
+        from runner.fp16x3_attention import fp16x3_attention_available, fp16x3_attention_problem
 
         device = next(self.parameters()).device
-        if fp16x3_attention_available(device):
-            self.attention_backend = "fp16x3"
-            logger.info("attention backend fp16x3 (FP32-accurate from FP16 tensor cores, with the %s projections)", math)
+        if not fp16x3_attention_available(device):
+            return
+        problem = fp16x3_attention_problem(device, getattr(self, "head_dim", 64))
+        if problem is not None:
+            logger.warning("fp16x3 attention unusable here (%s): the FP32 attention stays %s (IEEE FP32, slower)",
+                           problem, self.attention_backend)
+            return
+        self.attention_backend = "fp16x3"
+        logger.info("attention backend fp16x3 (FP32-accurate from FP16 tensor cores, with the %s projections)", math)
 
     # Fuse the MLP's first projection and its GELU into one GEMM whose epilogue applies a tanh-approximate GELU
     # (half precision on CUDA), where the model supports it: set by the caller, see `fused_gelu_in_use`.
