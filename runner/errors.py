@@ -17,3 +17,9 @@ class NonFiniteEmbedding(RunnerError):
 
 class CheckpointError(RunnerError):
     """A checkpoint is missing, unreadable or does not match the architecture it claims."""
+
+
+def first_line(error: BaseException) -> str:
+    """An exception's message as one line for a user-facing message (its type's name when it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from runner.errors import first_line
 from runner.models.fp16x3 import row_scale
 
 LOG2_E = math.log2(math.e)
@@ -40,7 +41,7 @@ def fp16x3_attention_problem(device: torch.device, head_dim: int) -> str | None:
     """Run the kernel once on a small packed batch on `device` (at the model's head width, so the compile is the one
     the model reuses) and check it against float64 attention: None when it works, else why not in one line
     (Triton cannot compile here, a GPU it does not support, wrong numbers)."""
-    from runner.attention import _exact
+    from runner.attention import varlen_attention
 
     gen = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 1, 38, 168], dtype=torch.int32)  # lengths 1, 37, 130: partial blocks, a one-token sequence
@@ -49,8 +50,8 @@ def fp16x3_attention_problem(device: torch.device, head_dim: int) -> str | None:
     try:
         out = fp16x3_attention(q, k, v, cu.to(device), 130, scale)  # [T, H, hd]
     except Exception as exc:  # Triton raises many types (compilation, launch, driver): each means "not here"
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
-    truth = _exact(q.double(), k.double(), v.double(), cu, scale, None)  # [T, H, hd]
+        return f"{type(exc).__name__}: {first_line(exc)[:200]}"
+    truth = varlen_attention(q.double(), k.double(), v.double(), cu, 130, scale, "exact")  # [T, H, hd]
     error = ((out.double() - truth).abs().max() / truth.abs().max()).item()
     return None if error < 1e-5 else f"max relative error {error:.1e} against float64 attention"
 

@@ -126,6 +126,7 @@ class EmbeddingModel(torch.nn.Module, ABC):
         """Hidden states of `layer` for every token: [T, D] in the model's dtype. No padding anywhere."""
 
     num_layers: int  # transformer layers
+    head_dim: int  # channels per attention head
 
     def resolve_layer(self, layer: int) -> int:
         """`layer` as 0..num_layers (-1 -> num_layers); RunnerError naming the valid range otherwise."""
@@ -160,7 +161,7 @@ class EmbeddingModel(torch.nn.Module, ABC):
         device = next(self.parameters()).device
         if not fp16x3_attention_available(device):
             return
-        problem = fp16x3_attention_problem(device, getattr(self, "head_dim", 64))
+        problem = fp16x3_attention_problem(device, self.head_dim)
         if problem is not None:
             logger.warning("fp16x3 attention unusable here (%s): the FP32 attention stays %s (IEEE FP32, slower)",
                            problem, self.attention_backend)

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, first_line
 
 logger = logging.getLogger("runner")
 
@@ -67,7 +67,7 @@ def load_fair_esm_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, 
                 f"esm2_*.pt file or re-save the state dict with plain types"
             ) from None
         raise CheckpointError(
-            f"{p} is not a readable torch checkpoint ({_first_line(e)}): re-download it"
+            f"{p} is not a readable torch checkpoint ({first_line(e)}): re-download it"
         ) from None
     except (
         RuntimeError,
@@ -81,7 +81,7 @@ def load_fair_esm_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, 
         AttributeError,
     ) as e:  # what torch's loaders raise on truncated or foreign bytes
         raise CheckpointError(
-            f"{p} is not a readable torch checkpoint ({_first_line(e)}): the file is truncated or of another "
+            f"{p} is not a readable torch checkpoint ({first_line(e)}): the file is truncated or of another "
             f"format; re-download it"
         ) from None
     if not isinstance(data, dict):
@@ -140,11 +140,6 @@ def _download(url: str, target: Path, name: str) -> None:
         torch.hub.download_url_to_file(url, str(target), progress=False)
     except (OSError, ValueError, RuntimeError) as e:  # URLError/HTTPError are OSErrors
         raise CheckpointError(
-            f"could not download {name} from {url} ({_first_line(e)}): without internet access, copy the file "
+            f"could not download {name} from {url} ({first_line(e)}): without internet access, copy the file "
             f"to {target} or pass the path of a local .pt file as the model"
         ) from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
