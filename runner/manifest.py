@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from runner import __version__
 from runner.config import EmbedConfig
 from runner.models.base import ModelInfo
+from runner.models.licences import licence_record
 
 if TYPE_CHECKING:
     from runner.report import ActorClock, JobReport
@@ -140,6 +141,8 @@ class Manifest:
                 "embed_dim": self.info.embed_dim,
                 "num_layers": self.info.num_layers,
                 "parameters": self.info.parameters,
+                # The licence of the weights when the name is a known published model (runner.models.licences).
+                "licence": licence_record(self.info.name),
             },
             "layer": self.config.layer if self.config.layer >= 0 else self.info.num_layers,
             "pooling": self.pooling,
