@@ -345,6 +345,43 @@ def test_loads_without_contact_regression(
     )
 
 
+def _rewrite_inv_freq(src: Path, dst: Path, scale_of_layer: dict[int, float]) -> Path:
+    """A copy of fair-esm checkpoint `src` whose layer i stores rotary inv_freq scaled by scale_of_layer[i]."""
+    data = load_fair_esm_checkpoint(src)
+    for name, value in data["model"].items():
+        if name.endswith("rot_emb.inv_freq"):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            data["model"][name] = value * scale_of_layer.get(layer, 1.0)
+    torch.save(data, dst)
+    shutil.copy(checkpoints.regression_path(src), checkpoints.regression_path(dst))  # fair-esm's loader wants it
+    return dst
+
+
+def test_rotary_frequencies_come_from_the_checkpoint(
+    tmp_path: Path, tiny_esm2_path: Path, embedder: ESM2Embedder, proteins: list[str]
+) -> None:
+    import esm
+
+    # Frequencies unlike fair-esm's formula (as released files may hold them rounded): the packed forward must
+    # use the stored ones, as fair-esm's own module does.
+    # (The esm2_ prefix: fair-esm's loader picks its checkpoint version by the file name.)
+    path = _rewrite_inv_freq(tiny_esm2_path, tmp_path / "esm2_freq.pt", {0: 1.5, 1: 1.5})
+    model = load_esm2(str(path))
+    torch.testing.assert_close(model.rotary_inv_freq, embedder.rotary_inv_freq * 1.5)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        reference, _ = esm.pretrained.load_model_and_alphabet_local(str(path))
+    tokens, positions, cu, max_len = pack(model.codec, proteins[:4])
+    hidden = model.forward_packed(tokens, positions, cu, max_len, -1)  # [T, D]
+    ref = unpack_reference(*fair_esm_padded(reference.eval(), proteins[:4], model.num_layers))
+    assert (hidden - ref).abs().max().item() < 1e-4
+    default = embedder.forward_packed(tokens, positions, cu, max_len, -1)  # the unscaled table
+    assert (hidden - default).abs().max().item() > 1e-2
+
+    uneven = _rewrite_inv_freq(tiny_esm2_path, tmp_path / "esm2_uneven.pt", {1: 1.5})
+    with pytest.raises(CheckpointError, match="inv_freq differs between layer 0 and layer"):
+        load_esm2(str(uneven))
+
+
 def test_model_info_and_parameters(
     embedder: ESM2Embedder, fair_esm_model: torch.nn.Module, tiny_esm2_path: Path
 ) -> None:
@@ -371,6 +408,7 @@ def _rewrite(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - edit: callab
     data = load_fair_esm_checkpoint(src)
     edit(data)
     torch.save(data, dst)
+    shutil.copy(checkpoints.regression_path(src), checkpoints.regression_path(dst))  # fair-esm's loader wants it
     return dst
 
 

@@ -35,6 +35,7 @@ from runner.models.esm2_layers import (
     LayerParts,
     LayerWeights,
     compile_over_tokens,
+    default_inv_freq,
     layer_norm,
     rotary_tables,
     run_layers,
@@ -62,7 +63,7 @@ _MASK_RATIO_TRAIN = 0.15 * 0.8
 
 # State-dict entries the packed forward never reads, so a checkpoint may lack them:
 # - contact_head.regression.*: shipped in the separate "-contact-regression.pt" file (contacts only);
-# - rot_emb.inv_freq: a deterministic buffer (recomputed here in fp32);
+# - rot_emb.inv_freq: the rotary frequencies; used where stored, fair-esm's formula (in fp32) otherwise;
 # - lm_head.*: the masked-LM head (logits only).
 _OPTIONAL_WEIGHTS = re.compile(
     r"^(contact_head\.regression\.|lm_head\.|layers\.\d+\.self_attn\.rot_emb\.inv_freq$)"
@@ -140,6 +141,11 @@ class ESM2Embedder(EmbeddingModel):
         self.num_layers = int(esm_model.num_layers)
         self.num_heads = int(esm_model.attention_heads)
         self.head_dim = int(esm_model.embed_dim) // self.num_heads
+        # The rotary frequencies the checkpoint stores (transformers' conversion insists on them: released
+        # files may hold them rounded as in training), in float32 outside the module's buffers so that moving
+        # the model to fp16 cannot round them again. Per device, copied on first use.
+        self.rotary_inv_freq = _stored_inv_freq(esm_model, self.head_dim)  # float32 [hd/2]
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
     def select_attention(self, device: torch.device) -> str:
         """Fastest non-ALiBi kernel for `device` and the current weight dtype (call after moving the model)."""
@@ -221,7 +227,7 @@ class ESM2Embedder(EmbeddingModel):
         if target == 0:
             return x
 
-        cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim)  # [T, 1, hd] each
+        cos, sin = rotary_tables(positions.to(tokens.device), self.inv_freq_on(tokens.device))  # [T, 1, hd] each
         cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
         plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
         layers = self.layer_weights()[:target]
@@ -232,6 +238,13 @@ class ESM2Embedder(EmbeddingModel):
             norm = esm_model.emb_layer_norm_after
             x = layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
         return x
+
+    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+        """`rotary_inv_freq` on `device` (float32 [hd/2]), copied there once."""
+        inv_freq = self._inv_freq_on.get(device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[device] = self.rotary_inv_freq.to(device)
+        return inv_freq
 
     def _run_layers(
         self,
@@ -258,6 +271,25 @@ class ESM2Embedder(EmbeddingModel):
                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             self.compiled = None
             return out
+
+
+def _stored_inv_freq(esm_model: torch.nn.Module, head_dim: int) -> torch.Tensor:
+    """float32 [hd/2]: the rotary `inv_freq` every layer of the checkpoint holds (one table: the forward applies
+    the same rotation in all layers), or fair-esm's formula where the module has none. CheckpointError if the
+    layers disagree, since then no single rotation reproduces the model."""
+    tables = [layer.self_attn.rot_emb.inv_freq.detach().float().cpu() for layer in esm_model.layers]
+    if not tables:
+        return default_inv_freq(head_dim)
+    first = tables[0]
+    if first.shape != (head_dim // 2,):
+        raise CheckpointError(f"rotary inv_freq has shape {tuple(first.shape)}, expected ({head_dim // 2},)")
+    differing = [i for i, t in enumerate(tables) if not torch.equal(t, first)]
+    if differing:
+        raise CheckpointError(
+            f"the checkpoint's rotary inv_freq differs between layer 0 and layer(s) {differing[:5]}: runner applies "
+            f"one rotary table to all layers, so it cannot reproduce this model"
+        )
+    return first.clone()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,8 +418,7 @@ def _materialise_absent(model: torch.nn.Module) -> None:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
         if attr == "inv_freq":
-            dim = tensor.shape[0] * 2
-            owner._buffers[attr] = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+            owner._buffers[attr] = default_inv_freq(tensor.shape[0] * 2)  # [hd/2]
         else:
             # Missing contact-regression or LM-head weights: zeros keep the module usable (logits/contacts
             # are meaningless, as fair-esm warns in the same situation).

@@ -81,10 +81,18 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of fair-esm's rotary embedding at each token's own position: float32 [T, 1, hd]."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim  # [hd/2]
-    inv_freq = 1.0 / (10000**exponents)  # [hd/2]
+def default_inv_freq(head_dim: int) -> torch.Tensor:
+    """fair-esm's rotary frequencies 1 / 10000^(2i / hd), computed in float32: [hd/2]."""
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim  # [hd/2]
+    return 1.0 / (10000**exponents)  # [hd/2]
+
+
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of fair-esm's rotary embedding at each token's own position: float32 [T, 1, hd].
+
+    `inv_freq` [hd/2] are the checkpoint's own frequencies (see ESM2Embedder.rotary_inv_freq), used in float32.
+    """
+    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)  # [hd/2]
     freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
     angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: fair-esm duplicates, not interleaves
     return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
