@@ -20,6 +20,9 @@ from runner import __version__
 from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, SHADOW_MATHS, EmbedConfig, load_config_file
 from runner.errors import RunnerError
 
+# runner.export.FORMATS, named here so that `runner --help` does not import numpy (a test keeps them equal).
+EXPORT_FORMATS: tuple[str, ...] = ("parquet", "npz", "hdf5", "fair-esm")
+
 
 class TokenBudget(click.ParamType):
     """`auto` or a positive integer."""
@@ -224,6 +227,48 @@ def validate(inputs: tuple[str, ...], out_file: str | None, **flags: Any) -> Non
     click.echo(f"report: {path}", err=True)
     if not report["passed"]:
         raise failure(report, path)
+
+
+def results_options(fn: Callable) -> Callable:
+    """Options of commands that read a job's output folder."""
+    decorators = [
+        click.option("--model", "-m", help="For a multi-model job: the model to read (as given to --model, or its sub-folder)."),
+    ]
+    return functools.reduce(lambda f, d: d(f), reversed(decorators), fn)
+
+
+@cli.command("export")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--format", "-f", "fmt", type=click.Choice(EXPORT_FORMATS), required=True,
+              help="parquet (the pooled table), npz or hdf5 (pooled and per-token arrays), fair-esm (extract.py's .pt files).")
+@click.option("--to", "-o", "to", required=True, type=click.Path(),
+              help="Output file (parquet, npz, hdf5) or folder (fair-esm).")
+@results_options
+@click.option("--overwrite", is_flag=True, help="Replace an existing --to file (fair-esm: write into a non-empty folder).")
+@run_command
+def export_command(directory: str, fmt: str, to: str, model: str | None, overwrite: bool) -> None:
+    """Write the embeddings in DIRECTORY (the --out of `runner embed`) to --to in another format.
+
+    Rows are in input order; every format streams part by part (bounded memory). Column names are those
+    of the parts: `embedding`, or `layer{L}_{pooling}` for several layers/poolings. docs/reading.md has the
+    layouts. --format fair-esm writes one file per sequence: fine for thousands, not for millions.
+
+    \b
+    Examples:
+        runner export emb/ --format parquet --to emb.parquet
+        runner export emb/ --format hdf5 --to emb.h5
+        runner export emb/ --format fair-esm --to esm_out/     # then torch.load("esm_out/<id>.pt")
+        runner export multi/ --model esm2_t33_650M_UR50D --format npz --to 650m.npz
+    """
+    import runner
+    from runner.export import export, human_bytes
+
+    results = runner.open(directory, model)
+    summary = export(results, fmt, to, overwrite)
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
+    what = f"{summary.files:,} files" if summary.files != 1 else human_bytes(summary.bytes)
+    click.echo(f"{summary.rows:,} rows -> {summary.path} ({fmt}, {what})", err=True)
 
 
 def main() -> None:
