@@ -62,6 +62,33 @@ def overflow_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_scrip
     )
 
 
+def fair_esm_extract(checkpoint: Path, fasta: Path, repr_layers: list[int]) -> dict[str, dict]:
+    """What fair-esm's scripts/extract.py computes for each sequence with `--include mean per_tok bos`:
+    its loader, batch converter (truncation 1022) and padded FP32 forward, sliced as extract.py slices.
+    By label: {"label", "representations" {layer: [L, D]}, "mean_representations", "bos_representations"}."""
+    import argparse
+
+    import esm
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(checkpoint))
+    model.eval()
+    labels, strs, toks = alphabet.get_batch_converter(1022)(read_fasta(fasta))
+    with torch.no_grad():
+        reps = model(toks, repr_layers=repr_layers)["representations"]
+    out = {}
+    for i, label in enumerate(labels):
+        n = min(1022, len(strs[i]))
+        out[label] = {
+            "label": label,
+            "representations": {layer: t[i, 1 : n + 1].clone() for layer, t in reps.items()},
+            "mean_representations": {layer: t[i, 1 : n + 1].mean(0).clone() for layer, t in reps.items()},
+            "bos_representations": {layer: t[i, 0].clone() for layer, t in reps.items()},
+        }
+    return out
+
+
 # --- DNABERT -----------------------------------------------------------------------------------------
 
 
