@@ -89,6 +89,21 @@ def fair_esm_extract(checkpoint: Path, fasta: Path, repr_layers: list[int]) -> d
     return out
 
 
+# --- ESM-2 in transformers' format ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_esm2_script() -> ModuleType:
+    """scripts/tiny_hf_esm2.py (make_hf_esm2, to_fair_esm)."""
+    return load_script("tiny_hf_esm2")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_esm2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_script: ModuleType) -> Path:
+    """A tiny random EsmForMaskedLM saved by transformers' save_pretrained (safetensors) with its tokenizer."""
+    return tiny_hf_esm2_script.make_hf_esm2(tmp_path_factory.mktemp("hf_esm2") / "esm2_hf_tiny")
+
+
 # --- DNABERT -----------------------------------------------------------------------------------------
 
 

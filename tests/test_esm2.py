@@ -524,8 +524,8 @@ def test_registry_dispatch(tmp_path: Path, tiny_esm2_path: Path) -> None:
     assert model_family("zhihan1996/DNABERT-S") == "dnabert"
     hf_dir = tmp_path / "hf"
     hf_dir.mkdir()
-    with pytest.raises(RunnerError, match="not found"):
-        model_family(str(hf_dir))  # a directory without config.json is nothing we know
+    with pytest.raises(RunnerError, match="has no config.json"):
+        model_family(str(hf_dir))  # a directory without config.json: the missing file is named
     (hf_dir / "config.json").write_text("{}")
     assert model_family(str(hf_dir)) == "dnabert"
     assert isinstance(load_codec(str(tiny_esm2_path)), Esm2Codec)

@@ -466,7 +466,12 @@ def load_esm2_file(path: str | Path, name: str | None = None) -> ESM2Embedder:
 
 
 def load_esm2(spec: str) -> ESM2Embedder:
-    """ESM2Embedder for a fair-esm model name (downloaded into torch hub's cache if needed) or a .pt path."""
+    """ESM2Embedder for a fair-esm model name (downloaded into torch hub's cache if needed) or a .pt path, or a
+    transformers ESM-2 (hub name or directory: runner.models.esm2_hf)."""
+    from runner.models.esm2_hf import is_hf_esm2_spec, load_hf_esm2
+
+    if is_hf_esm2_spec(spec):
+        return load_hf_esm2(spec)
     path = _resolve_spec(spec, download=True)
     if path is None:  # unreachable: download=True always yields a path
         raise CheckpointError(f"could not locate the checkpoint of {spec}")
@@ -475,6 +480,10 @@ def load_esm2(spec: str) -> ESM2Embedder:
 
 def esm2_codec(spec: str) -> Esm2Codec:
     """The codec of an ESM-2 model (no weights read); checks that the name or file exists."""
+    from runner.models.esm2_hf import hf_esm2_codec, is_hf_esm2_spec
+
+    if is_hf_esm2_spec(spec):
+        return hf_esm2_codec(spec)
     path = _resolve_spec(spec, download=False)
     if path is not None and spec not in ESM2_MODELS and not path.is_file():
         raise CheckpointError(
@@ -490,6 +499,10 @@ def esm2_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
     memory-mapped for their cfg only. `compute_sha256` downloads a known name's file if needed and hashes
     it (seconds per GB: do it once, on the driver, which also leaves the file cached for actors on its node).
     """
+    from runner.models.esm2_hf import hf_esm2_info, is_hf_esm2_spec
+
+    if is_hf_esm2_spec(spec):
+        return hf_esm2_info(spec, compute_sha256=compute_sha256)
     path = _resolve_spec(spec, download=compute_sha256)
     if spec in ESM2_MODELS:
         layers, dim, heads = ESM2_MODELS[spec]

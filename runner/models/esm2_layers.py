@@ -81,10 +81,10 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
 
 
-def default_inv_freq(head_dim: int) -> torch.Tensor:
-    """fair-esm's rotary frequencies 1 / 10000^(2i / hd), computed in float32: [hd/2]."""
+def default_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    """fair-esm's rotary frequencies 1 / base^(2i / hd), computed in float32: [hd/2]."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim  # [hd/2]
-    return 1.0 / (10000**exponents)  # [hd/2]
+    return 1.0 / (base**exponents)  # [hd/2]
 
 
 def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

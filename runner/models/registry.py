@@ -1,8 +1,10 @@
 """The one place that maps a model spec (name or path) to its family, codec and weights.
 
-Dispatch is by known names and file format, never by substrings of a name:
+Dispatch is by known names and file content, never by substrings of a name:
 - a fair-esm ESM-2 name, or a file ending in ".pt"                      -> ESM-2 (`runner.models.esm2`)
-- a known DNABERT hub name, or a directory holding a config.json       -> DNABERT (`runner.models.dnabert`)
+- a known hub name                                                     -> its family (HUB_FAMILIES)
+- a directory: its config.json's model_type                            -> CONFIG_MODEL_TYPES
+  (transformers ESM-2 directories run on the same ESM-2 model: `runner.models.esm2_hf`)
 The DNABERT module (transformers) is imported only when a DNABERT model is asked for.
 """
 
@@ -13,24 +15,54 @@ from pathlib import Path
 from runner.errors import RunnerError
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 from runner.models.esm2 import ESM2_MODELS
+from runner.models.esm2_hf import HF_ESM2_MODELS
 
 # Hub names served by runner.models.dnabert (kept here so resolving a spec does not import transformers).
 DNABERT_NAMES: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
+
+# Hub name -> family.
+HUB_FAMILIES: dict[str, str] = {
+    **{name: "esm2" for name in HF_ESM2_MODELS},  # transformers ESM-2, mapped onto the packed ESM-2
+    **{name: "dnabert" for name in DNABERT_NAMES},
+}
+
+# A local transformers directory's config.json "model_type" -> family. A config without model_type is read
+# as DNABERT, whose released configs runner has always accepted that way.
+CONFIG_MODEL_TYPES: dict[str, str] = {
+    "esm": "esm2",
+    "bert": "dnabert",
+}
 
 
 def model_family(spec: str) -> str:
     """ "esm2" or "dnabert" for a model spec; RunnerError naming the accepted forms otherwise."""
     if spec in ESM2_MODELS or spec.endswith(".pt"):
         return "esm2"
-    if spec in DNABERT_NAMES:
-        return "dnabert"
+    if spec in HUB_FAMILIES:
+        return HUB_FAMILIES[spec]
     path = Path(spec).expanduser()
-    if path.is_dir() and (path / "config.json").is_file():
-        return "dnabert"
-    names = ", ".join([*ESM2_MODELS, *DNABERT_NAMES])
+    if path.is_dir():
+        return _directory_family(path)
+    names = ", ".join([*ESM2_MODELS, *HUB_FAMILIES])
     raise RunnerError(
         f"model {spec} not found: use one of {names} or a path to a fair-esm .pt file or an HF model directory"
     )
+
+
+def _directory_family(path: Path) -> str:
+    """The family of a local transformers directory, from its config.json's model_type."""
+    from runner.models.esm2_hf import read_config_json
+
+    if not (path / "config.json").is_file():
+        raise RunnerError(
+            f"model directory {path} has no config.json: a transformers model directory needs config.json, "
+            f"the weights (model.safetensors or pytorch_model.bin) and the tokenizer files"
+        )
+    model_type = read_config_json(path).get("model_type", "bert")
+    if model_type not in CONFIG_MODEL_TYPES:
+        known = ", ".join(f"{t} ({f})" for t, f in CONFIG_MODEL_TYPES.items())
+        raise RunnerError(f"{path / 'config.json'} has model_type {model_type!r}, which runner does not run: {known}")
+    return CONFIG_MODEL_TYPES[model_type]
 
 
 def load_codec(spec: str) -> SequenceCodec:

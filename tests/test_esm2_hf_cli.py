@@ -1,0 +1,85 @@
+"""A transformers ESM-2 directory through `runner embed` and `runner validate` on CPU, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from click.testing import CliRunner
+
+from runner.cli import cli
+
+DATA = Path(__file__).parent / "data"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    import ray
+
+    # address="local": a Ray of this test's own, even when another `ray start` on the machine is the latest.
+    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+    yield
+    ray.shutdown()
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def transformers_means(directory: Path, records: list[tuple[str, str]]) -> dict[str, np.ndarray]:
+    """transformers' EsmModel FP32 forward with its own tokenizer: last_hidden_state averaged over the residues
+    (BOS/EOS excluded, runner's ESM-2 default pooling)."""
+    from transformers import AutoTokenizer, EsmModel
+
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = EsmModel.from_pretrained(directory, add_pooling_layer=False).eval()
+    out = {}
+    for sid, seq in records:
+        batch = tokenizer([seq], return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**batch).last_hidden_state[0]  # [n + 2, D]
+        out[sid] = hidden[1:-1].mean(0).numpy()
+    return out
+
+
+@pytest.mark.slow
+def test_embed_and_validate_a_transformers_directory(
+    tmp_path: Path, tiny_hf_esm2_dir: Path, some_proteins: list[tuple[str, str]]
+) -> None:
+    out = tmp_path / "emb"
+    # --shadow-rate 1: every sequence is re-embedded by the FP32 shadow pool too (the same model class).
+    code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_hf_esm2_dir),
+                          "--out", str(out), "--gpus", "0", "--shadow-rate", "1")
+    assert code == 0, output
+    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
+    got = {sid: np.asarray(vec, dtype=np.float32)
+           for sid, vec in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True)}
+    reference = transformers_means(tiny_hf_esm2_dir, some_proteins)
+    assert sorted(got) == sorted(reference)
+    for sid, ref in reference.items():
+        cosine = float(got[sid] @ ref / (np.linalg.norm(got[sid]) * np.linalg.norm(ref)))
+        assert cosine >= 0.9999, sid
+        assert np.abs(got[sid] - ref).max() < 1e-4, sid
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == len(some_proteins)
+    model = manifest["model"]
+    assert model["family"] == "esm2" and model["checkpoint"] == str(tiny_hf_esm2_dir.resolve())
+    assert len(model["checkpoint_sha256"]) == 64 and model["embed_dim"] == 64 and model["num_layers"] == 2
+    assert model["licence"] is None  # a local directory: where its weights came from is unknown
+    shadow = manifest["shadow"]
+    assert shadow["compared"] == len(some_proteins) and shadow["violations"] == 0
+    assert shadow["cosine_min"] >= 0.9999  # FP32 against FP32 on CPU
+
+    report_path = tmp_path / "validate.json"
+    code, output = invoke("validate", str(DATA / "some_proteins.fasta"), "--model", str(tiny_hf_esm2_dir),
+                          "--gpus", "0", "--precision", "bf16", "--sample", "6", "--max-residues", "300",
+                          "--min-cosine", "0.99", "--out", str(report_path))
+    assert code == 0, output
+    report = json.loads(report_path.read_text())
+    assert report["passed"] is True and report["sample"]["used"] == 6
+    assert 0.99 <= report["variants"][0]["overall"]["cosine_min"] < 1  # bf16 drifts, a little
