@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import click
 
 from runner import __version__
 from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, SHADOW_MATHS, EmbedConfig, load_config_file
+from runner.console import configure_console
 from runner.errors import RunnerError
 
 # runner.export.FORMATS, named here so that `runner --help` does not import numpy (a test keeps them equal).
@@ -122,18 +121,18 @@ def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="runner")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
-def cli(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True,
+              help="Also show Ray's and Ray Data's logs (always in DIR/runner.log) and deprecation warnings; -vv debug.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int) -> None:
     """Embed protein and DNA sequences with ESM-2 and DNABERT-S on one or many GPUs (Ray).
 
     \b
     Example:
         runner embed proteins/*.fasta --model esm2_t33_650M_UR50D --out emb/ --gpus 8
     """
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("runner").setLevel(min(level, logging.INFO))
-    warnings.simplefilter("default")
+    configure_console(verbose)
+    ctx.obj = {"verbose": verbose}
 
 
 @cli.command()
@@ -146,7 +145,7 @@ def cli(verbose: int) -> None:
 @shadow_options
 @click.option("--compile/--no-compile", "compile_layers", default=None,
               help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
-@click.option("--no-progress", "progress", flag_value=False, default=None, help="No live progress line.")
+@click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
 @run_command
 def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> None:
@@ -164,7 +163,9 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
     from runner.job import run_embed
 
     models = flags.pop("model") or ()
-    config = build_config(config_file, inputs=inputs, model=models[0] if len(models) == 1 else None, **flags)
+    verbose = (click.get_current_context().find_root().obj or {}).get("verbose", 0)
+    config = build_config(config_file, inputs=inputs, model=models[0] if len(models) == 1 else None,
+                          verbose=verbose or None, **flags)
     jobs = [config]
     if len(models) > 1:
         if not config.out:

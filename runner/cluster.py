@@ -37,16 +37,23 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def connect_ray(address: str | None):
-    """Join `address` / RAY_ADDRESS when given, else start a local Ray (or reuse this process's)."""
+def connect_ray(address: str | None, verbose: int = 0):
+    """Join `address` / RAY_ADDRESS when given, else start a local Ray (or reuse this process's).
+
+    The actors' own output reaches the driver only with `verbose` (it stays in Ray's session logs).
+    """
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context() and _existing_context()
     target = address or os.environ.get("RAY_ADDRESS") or None
+    if target is None:
+        # "local" starts a new Ray: with no address Ray would join any cluster started on this machine
+        # (`ray start`, another user's job) through /tmp/ray/ray_current_cluster.
+        target = "local"
     try:
         return ray.init(
-            address=target, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False
+            address=target, log_to_driver=bool(verbose), logging_level=logging.INFO, configure_logging=False
         )
     except ConnectionError as e:
         raise RunnerError(
@@ -101,8 +108,12 @@ def build_dataset(
     `done_bits` (packed bitmap of ordinals already written, on resume) travels with the read task,
     which skips those records.
     """
-    from ray.data import Datasource, ReadTask
+    from ray.data import DataContext, Datasource, ReadTask
     from ray.data.block import BlockMetadata
+
+    # runner draws its own progress display (runner.progress); Ray Data's bars or logged progress would
+    # interleave with it. Its execution plan and stats still go to the log (runner.console.JobLog).
+    DataContext.get_current().enable_progress_bars = False
 
     read_settings = ReadSettings(
         tuple(str(p) for p in paths),

@@ -66,7 +66,7 @@ def drain(
             if shadow is not None:
                 offer_to_shadow(table, shadow)
                 metrics.shadow_queue(shadow.queue_depth)
-            progress.update(report.records_done, report.tokens)
+            show_progress(progress, report, shadow)
     except RunnerError:
         raise  # raised here on the driver (NaN/Inf, disk full, drift): already one clear line
     except RayError as e:
@@ -81,7 +81,18 @@ def drain(
             stop_stream()
     if merger.pending:
         raise RunnerError(f"internal error: {merger.pending} chunked sequence(s) never completed")
-    progress.update(report.records_done, report.tokens, force=True)
+    show_progress(progress, report, shadow, force=True)
+
+
+def show_progress(progress: Progress, report: JobReport, shadow: ShadowMonitor | None, force: bool = False) -> None:
+    """The progress display's figures from the report (busy: the actors' own clocks) and the shadow."""
+    progress.update(
+        report.records_done,
+        report.tokens,
+        busy_seconds=sum(clock.busy_seconds for clock in report.actors.values()),
+        shadow=(shadow.compared, shadow.violations) if shadow is not None else None,
+        force=force,
+    )
 
 
 def stream_failure(error: BaseException) -> RunnerError:

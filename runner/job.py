@@ -25,6 +25,7 @@ from runner.cluster import (
 )
 from runner.collect import drain
 from runner.config import EmbedConfig, resolve_precision
+from runner.console import JobLog
 from runner.embed_stage import StageSettings
 from runner.errors import RunnerError
 from runner.manifest import Manifest, job_fingerprint
@@ -54,7 +55,8 @@ def run_embed(config: EmbedConfig) -> JobReport:
     for path in paths:
         sniff_input(path, config.id_column, config.seq_column)
     out_dir = prepare_out_dir(Path(config.out))
-    with OutLock(out_dir):  # two jobs writing one --out would interleave parts
+    with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:  # two jobs writing one --out would interleave parts
+        log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
         return _run_locked(config, paths, out_dir)
 
 
@@ -65,7 +67,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
 
     import ray  # imported late: `runner --help` and input errors stay fast
 
-    context = connect_ray(config.address)
+    context = connect_ray(config.address, config.verbose)
     gpus = resolve_gpus(config.gpus, ray)
     on_gpu = gpus > 0
     precision = resolve_precision(config.precision, on_gpu)
@@ -77,15 +79,21 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
     )
     resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite)
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
-    log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else "not running")
+    actors = gpus if on_gpu else config.cpu_actors
     log.info(
-        "model %s, %s, %d %s actor(s), token budget %d",
+        "embedding %d input file(s) with %s (%s, %d layers, dim %d) in %s on %d %s(s), token budget %d%s",
+        len(paths),
         config.model,
+        info.family,
+        info.num_layers,
+        info.embed_dim,
         precision,
-        max(gpus, config.cpu_actors if not on_gpu else gpus),
-        "GPU" if on_gpu else "CPU",
+        actors,
+        "GPU" if on_gpu else "CPU actor",
         budget,
+        f", FP32 shadow {config.shadow_rate:.0%}" if config.shadow_rate > 0 else "",
     )
+    log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else "not running")
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
     stage = StageSettings(
@@ -127,7 +135,13 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
         shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics)
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part)
         rejects = RejectWriter(out_dir)
-        progress = Progress(paths, config.progress)
+        progress = Progress(
+            paths,
+            config.progress,
+            actors=gpus if on_gpu else config.cpu_actors,
+            unit="GPU" if on_gpu else "CPU actor",
+            tokens_per_residue=1.0 if info.family == "esm2" else None,
+        )
         hard_stop = False
         try:
             drain(
