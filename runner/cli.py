@@ -145,6 +145,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @shadow_options
 @click.option("--compile/--no-compile", "compile_layers", default=None,
               help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
+@click.option("--compile-cache/--no-compile-cache", default=None,
+              help="Reuse torch.compile's caches across runs (~/.cache/runner/torch-compile; default on).")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
 @run_command
@@ -174,9 +176,11 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
         jobs = [dataclasses.replace(config, model=m, out=str(Path(config.out) / model_folder(m))) for m in models]
     for job in jobs:
         report = run_embed(job)
+        shadow = report.shadow or {}
+        checked = f", shadow {shadow['compared']:,} compared, {shadow['violations']:,} violations" if shadow else ""
         click.echo(
             f"{report.rows_written:,} embeddings, {report.rejects:,} rejects, {report.truncated:,} truncated "
-            f"-> {report.out_dir} ({report.tokens_per_second:,.0f} tok/s, {report.wall_seconds:.1f}s)",
+            f"-> {report.out_dir} ({report.tokens_per_second:,.0f} tok/s, {report.wall_seconds:.1f}s{checked})",
             err=True,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import pydoc
 import re
@@ -62,6 +63,7 @@ def drain(
             handle_table(table, writer, rejects, report, merger, config, precision, metrics, written)
             if report.first_output_seconds is None and report.tokens:
                 report.first_output_seconds = time.monotonic() - progress.start
+                report.first_output_at = time.time()
                 report.tokens_at_first_output = report.tokens
             if shadow is not None:
                 offer_to_shadow(table, shadow)
@@ -92,6 +94,7 @@ def show_progress(progress: Progress, report: JobReport, shadow: ShadowMonitor |
         busy_seconds=sum(clock.busy_seconds for clock in report.actors.values()),
         shadow=(shadow.compared, shadow.violations) if shadow is not None else None,
         force=force,
+        first_batch_start=report.first_batch_start,
     )
 
 
@@ -181,6 +184,7 @@ def handle_table(
     report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
     report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
     clock_batches(table, report)
+    collect_startup(table, report)
 
     if is_reject.any():
         sub = table.filter(pa.array(is_reject)).to_pydict()
@@ -274,6 +278,15 @@ def clock_batches(table: pa.Table, report: JobReport) -> None:
     seconds = table.column("batch_seconds").take(indices).to_numpy()
     for worker, batch_tokens, batch_seconds, batch_done in zip(workers, tokens, seconds, done[first], strict=True):
         report.clock_batch(worker, int(batch_tokens), float(batch_seconds), float(batch_done))
+
+
+def collect_startup(table: pa.Table, report: JobReport) -> None:
+    """Each actor's start-up report, which rides on the first row of its first embedded batch."""
+    if "startup" not in table.column_names:
+        return
+    for text in table.column("startup").drop_null().to_pylist():
+        entry = json.loads(text)
+        report.actor_startup.setdefault(entry.pop("worker", "?"), entry)
 
 
 def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> EmbeddedRows:

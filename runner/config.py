@@ -60,6 +60,9 @@ class EmbedConfig:
     # GELU run as one GEMM (faster; |GELU difference| <= 4.7e-4, below FP16 rounding of most activations).
     exact_gelu: bool = False
     compile_layers: bool | None = None  # torch.compile the layers (fused LayerNorm/rotary/GELU); None = GPUs only
+    # Keep torch.compile's caches in runner's cache dir (~/.cache/runner/torch-compile): later runs load the
+    # compiled layers instead of compiling again. False: torch's default (a temporary directory).
+    compile_cache: bool = True
     shadow_rate: float = 0.01  # fraction of sequences re-embedded in FP32 by the shadow pool; 0 = off
     shadow_gpus: float | None = None  # GPU share of each shadow actor; None = 0.25 on GPU runs; 0 = CPU
     shadow_actors: int | None = None  # shadow actors; None = one per GPU (beside each embedder), 1 on CPU

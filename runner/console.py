@@ -65,7 +65,6 @@ def configure_console(verbose: int) -> None:
     only with -v (Ray's own code raises several on every run, none of which a user can act on)."""
     runner_log = logging.getLogger("runner")
     runner_log.setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
-    runner_log.propagate = False
     for handler in [h for h in runner_log.handlers if isinstance(h, StderrHandler)]:
         runner_log.removeHandler(handler)
     handler = StderrHandler()
@@ -79,8 +78,8 @@ class JobLog:
     """`with JobLog(out_dir, verbose):` sends Ray's and Ray Data's logs to DIR/runner.log for the job.
 
     Ray's and Ray Data's loggers lose their own console handlers and pass their records to the root logger,
-    which writes them to the file and shows errors (everything, with -v) on the terminal. runner's own lines
-    are copied to the file. Without `verbose`, file descriptor 2 (where native code writes) points at the
+    which writes them (and runner's own lines) to the file and shows errors (everything, with -v) on the
+    terminal. Without `verbose`, file descriptor 2 (where native code writes) points at the
     file while `sys.stderr` keeps writing to the terminal. Everything is put back on exit.
     """
 
@@ -112,9 +111,9 @@ class JobLog:
         self._set(root, min(root.level or logging.WARNING, level), root.propagate)
         self._add(root, to_file)
         self._add(root, to_terminal)
-        runner_log = logging.getLogger("runner")
-        if not runner_log.propagate:  # the CLI's runner logger has a console handler of its own
-            self._add(runner_log, to_file)
+        if any(isinstance(h, StderrHandler) for h in logging.getLogger("runner").handlers):
+            # The CLI's runner logger prints its own lines (configure_console): not twice.
+            to_terminal.addFilter(lambda record: not record.name.startswith("runner"))
         # Ray (at import) and Ray Data (likewise) give their loggers console handlers and propagate=False; and
         # ray.init(configure_logging=False) clears the "ray" logger's handlers, so nothing is attached there.
         for name in RAY_LOGGERS:

@@ -16,6 +16,7 @@ Failures inside a forward are handled here, per batch:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -30,6 +31,7 @@ import pyarrow as pa
 import torch
 
 from runner.batch import PackedBatch
+from runner.cache import use_compile_cache
 from runner.metrics import ActorMetrics
 from runner.models.base import EmbeddingModel
 from runner.models.registry import load_model
@@ -54,6 +56,7 @@ class StageSettings:
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
+    compile_cache: bool = True  # keep TorchInductor's caches in runner's cache dir across runs (runner.cache)
     # inductor compile workers: 0 = torch's default (about one per core); -1 = a quarter of this node's cores (1 to 8)
     compile_threads: int = 0
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
@@ -150,7 +153,9 @@ class EmbedStage:
     """One model on one device. Ray Data calls it with packed-batch rows; it returns embedded rows."""
 
     def __init__(self, settings: StageSettings) -> None:
+        init_at = time.time()
         self.settings = settings
+        compile_cache = use_compile_cache() if settings.compile_layers and settings.compile_cache else None
         if settings.device == "cpu":
             torch.set_num_threads(max(1, settings.cpu_threads))
             self.device = torch.device("cpu")
@@ -168,7 +173,13 @@ class EmbedStage:
             self.model.emulate_fp32(settings.fp32_math)  # may switch the attention to its split kernel too
         self.backend = self.model.attention_backend
         # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_report`.
-        self.startup = {"load_seconds": round(time.perf_counter() - started, 3), "compile_seconds": 0.0}
+        self.startup: dict[str, float | str | None] = {
+            "init_at": init_at,  # time.time() __init__ began (after the worker process started and imported us)
+            "load_seconds": round(time.perf_counter() - started, 3),
+            "compile_seconds": 0.0,
+            "compile_cache": str(compile_cache) if compile_cache else None,
+        }
+        self._startup_reported = False  # sent to the driver with the first embedded batch (`startup` column)
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
         self.schema = output_schema(self.embed_dim)
@@ -187,6 +198,7 @@ class EmbedStage:
             inductor_config.compile_threads = compile_workers(settings.compile_threads, os.cpu_count() or 1)
         if self.model.use_compile(settings.compile_layers):
             self._warm_up()
+        self.startup["ready_at"] = time.time()
         if self._unreported_restart:
             log.warning("embed actor %s: restarted by Ray; its unfinished batches are retried", self.worker)
         log.info(
@@ -234,7 +246,16 @@ class EmbedStage:
                 column[0] = value
                 out = out.set_column(out.schema.get_field_index(name), name, pa.array(column))
             self._unreported_ooms = self._unreported_restart = 0
-        return out
+        return self._with_startup(out)
+
+    def _with_startup(self, out: pa.Table) -> pa.Table:
+        """`out` plus a `startup` column: this actor's startup_report (JSON) on the first row of its first
+        output holding an embedded batch, null elsewhere (runner.startup puts it in the manifest)."""
+        report = [None] * out.num_rows
+        if out.num_rows and not self._startup_reported and self.startup.get("first_batch_done_at"):
+            report[0] = json.dumps({**self.startup_report(), "worker": self.worker})
+            self._startup_reported = True
+        return out.append_column("startup", pa.array(report, pa.string()))
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
@@ -369,6 +390,7 @@ class EmbedStage:
         finally:
             busy_seconds = self.busy.finish()
         done = time.time()  # wall clock, not perf_counter: the driver compares it across an actor's batches
+        self.startup.setdefault("first_batch_done_at", done)
         n = len(batch.ids)
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
                            int((~finite).sum()), busy_seconds)

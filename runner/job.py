@@ -12,8 +12,10 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from runner.cluster import (
     build_dataset,
@@ -28,7 +30,7 @@ from runner.config import EmbedConfig, resolve_precision
 from runner.console import JobLog
 from runner.embed_stage import StageSettings
 from runner.errors import RunnerError
-from runner.manifest import Manifest, job_fingerprint
+from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
 from runner.models.base import SequenceCodec
 from runner.models.registry import load_codec, model_info
@@ -40,8 +42,11 @@ from runner.shadow import ShadowMonitor
 from runner.signals import JobInterrupted, StopSignals, _StopNow
 from runner.sink import OutputWriteError, PartWriter, RejectWriter, write_error
 from runner.sources import expand_inputs, read_records, sniff_input
+from runner.startup import StartupClock
 
 log = logging.getLogger("runner")
+
+T = TypeVar("T")
 
 
 def run_embed(config: EmbedConfig) -> JobReport:
@@ -50,32 +55,42 @@ def run_embed(config: EmbedConfig) -> JobReport:
     Rerunning the same job on the same --out resumes it (see `runner.resume`); SIGINT/SIGTERM stop it
     cleanly with JobInterrupted (exit 130/143), a second signal stops it at once.
     """
+    clock = StartupClock()
     config.validate()
     paths = expand_inputs(config.inputs)
     for path in paths:
         sniff_input(path, config.id_column, config.seq_column)
     out_dir = prepare_out_dir(Path(config.out))
     with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:  # two jobs writing one --out would interleave parts
-        log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
-        return _run_locked(config, paths, out_dir)
+        return _run_locked(config, paths, out_dir, clock, job_log)
 
 
-def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobReport:
+def _run_locked(
+    config: EmbedConfig, paths: list[Path], out_dir: Path, clock: StartupClock, job_log: JobLog
+) -> JobReport:
     codec = load_codec(config.model)
     if config.strict:
         check_strict(paths, codec, config)
 
     import ray  # imported late: `runner --help` and input errors stay fast
 
-    context = connect_ray(config.address, config.verbose)
+    # Hashing the checkpoint and fingerprinting the inputs read files while Ray's start waits on processes:
+    # side by side, the start-up pays for the longer of them only.
+    clock.mark("ray_start_begin")
+    with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
+        info_future = pool.submit(timed, clock, "checkpoint_hash", model_info, config.model, compute_sha256=True)
+        inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
+        context = connect_ray(config.address, config.verbose)
+        clock.mark("ray_ready")
+        info = info_future.result()
+        input_prints = inputs_future.result()
     gpus = resolve_gpus(config.gpus, ray)
     on_gpu = gpus > 0
     precision = resolve_precision(config.precision, on_gpu)
-    info = model_info(config.model, compute_sha256=True)
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     pooling = config.pooling or codec.default_pooling
     fingerprint = job_fingerprint(
-        paths, info, config, precision, pooling, config.max_residues or codec.max_residues
+        paths, info, config, precision, pooling, config.max_residues or codec.max_residues, inputs=input_prints
     )
     resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite)
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
@@ -91,9 +106,10 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
         actors,
         "GPU" if on_gpu else "CPU actor",
         budget,
-        f", FP32 shadow {config.shadow_rate:.0%}" if config.shadow_rate > 0 else "",
+        f", FP32 shadow {config.shadow_rate * 100:g}%" if config.shadow_rate > 0 else "",
     )
     log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else "not running")
+    log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
     stage = StageSettings(
@@ -106,6 +122,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
         fp32_layernorm=config.fp32_layernorm,
         fused_gelu=not config.exact_gelu,
         compile_layers=on_gpu if config.compile_layers is None else config.compile_layers,
+        compile_cache=config.compile_cache,
         shadow_rate=config.shadow_rate,
         **test_hooks_from_env(out_dir),
     )
@@ -143,6 +160,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
             tokens_per_residue=1.0 if info.family == "esm2" else None,
         )
         hard_stop = False
+        clock.mark("stream_started")
         try:
             drain(
                 dataset,
@@ -163,6 +181,8 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
                     record_shadow(report, shadow)
                     shadow = None
                 report.status = "complete"
+                record_startup(manifest, report, clock)
+                log.info("%s", clock.line())
             else:
                 report.status = "interrupted"
         except _StopNow as stop:  # a signal while waiting on the stream, or a second signal
@@ -176,6 +196,7 @@ def _run_locked(config: EmbedConfig, paths: list[Path], out_dir: Path) -> JobRep
             report.status = "aborted"
             raise
         finally:
+            record_startup(manifest, report, clock)
             finish_outputs(
                 writer,
                 rejects,
@@ -258,6 +279,20 @@ def finish_outputs(
         error = error or write_error(manifest.path, e)
     if error is not None:
         raise error
+
+
+def timed(clock: StartupClock, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """fn(*args, **kwargs), timed as start-up phase `name`."""
+    with clock.phase(name):
+        return fn(*args, **kwargs)
+
+
+def record_startup(manifest: Manifest, report: JobReport, clock: StartupClock) -> None:
+    """The manifest's `startup` section, from the driver's clock and the actors' reports."""
+    if report.first_output_at is not None:
+        clock.mark("first_output", report.first_output_at)
+    clock.actors.update(report.actor_startup)
+    manifest.extra["startup"] = clock.section()
 
 
 def record_shadow(report: JobReport, shadow: ShadowMonitor) -> None:

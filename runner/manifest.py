@@ -45,11 +45,12 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
 
 
 def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, precision: str, pooling: str,
-                    max_residues: int) -> dict[str, Any]:
+                    max_residues: int, inputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What decides the output rows: the inputs (in order: ordinals depend on it), the model and every
-    setting that changes an embedding or which records are embedded. Throughput knobs are left out."""
+    setting that changes an embedding or which records are embedded. Throughput knobs are left out.
+    `inputs`: the paths' input_fingerprint()s when already computed (runner.job does it beside Ray's start)."""
     return {
-        "inputs": [input_fingerprint(p) for p in paths],
+        "inputs": inputs if inputs is not None else [input_fingerprint(p) for p in paths],
         # The weights' hash when known (so `models/x.pt` and `/abs/models/x.pt` match), else the name.
         "model": {"family": info.family, "checkpoint_sha256": info.checkpoint_sha256}
         if info.checkpoint_sha256 else {"family": info.family, "name": info.name},

@@ -123,7 +123,7 @@ class Progress:
         self.interval = interval
         self.count: InputCount | None = None
         self._history: deque[Snapshot] = deque()
-        self._last_plain = 0.0
+        self._last_plain = float("-inf")  # the first update writes a line
         self._line = ""
         self._written = ""  # the last plain line written
         self._rich: RichProgress | None = None
@@ -163,12 +163,16 @@ class Progress:
         return round(self.count.residues * self.tokens_per_residue) + 2 * self.count.records
 
     def update(self, records: int, tokens: int, busy_seconds: float = 0.0, shadow: tuple[int, int] | None = None,
-               force: bool = False) -> None:
+               force: bool = False, first_batch_start: float | None = None) -> None:
         """The job's counters now: records done, tokens embedded, the actors' busy seconds, (compared,
-        violations) of the shadow."""
+        violations) of the shadow, and when (time.time()) the first batch began: the rates' origin, until the
+        window has moved past it (a short job's outputs may all arrive at once)."""
         if not self.enabled:
             return
         now = time.monotonic()
+        if first_batch_start is not None and not self._history:
+            origin = now - max(time.time() - first_batch_start, 0.0)
+            self._history.append(Snapshot(origin, 0, 0, 0.0))
         self._history.append(Snapshot(now, records, tokens, busy_seconds))
         while len(self._history) > 2 and now - self._history[1].at >= RATE_WINDOW:
             self._history.popleft()
@@ -176,7 +180,7 @@ class Progress:
         if self._rich is not None and self._task is not None:
             total = self.total_records
             self._rich.update(self._task, description="embedding", total=total, completed=records, line=self._line)
-        elif force or now - self._last_plain >= self.interval:
+        elif (force and self._line != self._written) or now - self._last_plain >= self.interval:
             self._write_plain(self._line)
 
     def describe(self, records: int, tokens: int, shadow: tuple[int, int] | None) -> str:
@@ -187,7 +191,9 @@ class Progress:
         rate, record_rate, busy = self.rates()
         parts.append(f"{rate:,.0f} tok/s")
         eta = None
-        if total_tokens and rate > 0:
+        if total is not None and records >= total:
+            eta = 0.0
+        elif total_tokens and rate > 0:
             eta = max(total_tokens - tokens, 0) / rate
         elif total is not None and record_rate > 0:
             eta = max(total - records, 0) / record_rate

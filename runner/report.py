@@ -167,6 +167,8 @@ class JobReport:
     shadow: dict | None = None  # the shadow's summary (manifest "shadow" section)
     first_output_seconds: float | None = None  # job start -> first embeddings back (Ray start, model load)
     tokens_at_first_output: int = 0  # tokens of that first output (excluded from the steady rate)
+    first_output_at: float | None = None  # time.time() of the first embeddings back (runner.startup)
+    actor_startup: dict[str, dict] = field(default_factory=dict)  # worker -> its startup report (first output)
     # The actors' batches binned by batch_done, for the clock over the part of the job the shadow ran in.
     clock_history: ClockHistory = field(default_factory=ClockHistory)
     shadow_started_at: float | None = None  # time.time() of the shadow's first comparison (None: it made none)

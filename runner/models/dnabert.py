@@ -16,7 +16,6 @@ The module names below are the released state-dict names, so a checkpoint loads 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -442,11 +441,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    """The weights' hash, remembered across runs while the file is unchanged (runner.cache)."""
+    from runner.cache import cached_sha256
+
+    return cached_sha256(path)[0]
 
 
 def _checkpoint_state(

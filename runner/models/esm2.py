@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from runner.attention import plan_attention, select_backend
+from runner.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 from runner.models.checkpoints import (
@@ -27,7 +28,6 @@ from runner.models.checkpoints import (
     hub_checkpoint_dir,
     load_fair_esm_checkpoint,
     regression_path,
-    sha256_file,
 )
 from runner.models.esm2_layers import (
     EAGER_PARTS,
@@ -518,7 +518,7 @@ def esm2_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
         name=spec,
         family="esm2",
         checkpoint=str(path.resolve()) if exists else "",
-        checkpoint_sha256=sha256_file(path) if exists and compute_sha256 else "",
+        checkpoint_sha256=cached_sha256(path)[0] if exists and compute_sha256 else "",
         embed_dim=dim,
         num_layers=layers,
         parameters=parameters,

@@ -1,0 +1,116 @@
+"""Where a job's start-up went: the manifest's `startup` section and the one line printed after the first output.
+
+Driver-side phases are timed where they run (`StartupClock.phase`); actor-side phases come from the first
+output of each embedding actor (`EmbedStage.startup_report`, the `startup` column), on the actors' own
+wall clocks. Phases that run side by side (the checkpoint hash and the input scan beside Ray's start) are
+recorded with their own durations; the line and `to_first_output_seconds` follow the critical path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def process_started_at() -> float | None:
+    """time.time() this process started (Linux: /proc), or None where that is not known."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of proc(5): starttime, clock ticks after boot
+        with open("/proc/stat") as fh:
+            boot = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+@dataclass
+class StartupClock:
+    """Marks (time.time()) and durations of a job's start-up, driver and actors."""
+
+    command_at: float | None = field(default_factory=process_started_at)  # the command started (process start)
+    job_at: float = field(default_factory=time.time)  # run_embed was called
+    seconds: dict[str, float] = field(default_factory=dict)  # driver phases: name -> seconds
+    marks: dict[str, float] = field(default_factory=dict)  # driver events: name -> time.time()
+    actors: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker -> its startup_report
+
+    @contextmanager
+    def phase(self, name: str):
+        """Time a block as phase `name` (seconds; a phase run twice adds up)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        """Record an event once (the first time it happens)."""
+        self.marks.setdefault(name, time.time() if at is None else at)
+
+    def first_actor(self) -> dict[str, Any] | None:
+        """The report of the actor that became ready first (it embedded the first batch)."""
+        ready = [report for report in self.actors.values() if report.get("ready_at")]
+        return min(ready, key=lambda report: report["ready_at"]) if ready else None
+
+    def section(self) -> dict[str, Any]:
+        """The manifest's `startup` section: seconds per phase, on one timeline from the command's start."""
+        origin = self.command_at or self.job_at
+        actor = self.first_actor()
+        stream_at = self.marks.get("stream_started")
+        first_output = self.marks.get("first_output")
+        ray_begin, ray_ready = self.marks.get("ray_start_begin"), self.marks.get("ray_ready")
+        # Consecutive phases (they add up to to_first_output_seconds on one host), and two beside ray_start.
+        phases: dict[str, float | None] = {
+            "python_and_imports": self.job_at - origin if self.command_at else None,
+            # checks, the output dir and its lock, the log, the model's codec (and --strict's full read)
+            "inputs_and_checks": ray_begin - self.job_at if ray_begin else None,
+            "ray_start": ray_ready - ray_begin if ray_begin and ray_ready else None,
+            "checkpoint_hash": self.seconds.get("checkpoint_hash"),  # beside ray_start
+            "input_fingerprint": self.seconds.get("input_fingerprint"),  # beside ray_start
+            # Ray up -> the stream starts: the rest of the hash if longer than Ray's start, a GPU memory probe
+            # (auto token budget), resume checks, building the stream.
+            "stream_setup": stream_at - ray_ready if stream_at and ray_ready else None,
+            "actor_start": None,  # scheduling the actor, its worker process, imports
+            "weights_to_device": None,  # the actor's __init__ but compiling: checkpoint read, weights to device
+            "compile": None,
+            "first_batch": None,  # the actor ready -> its first batch done (reading, packing, the forward)
+            "delivery": None,  # that batch -> the driver has its rows
+        }
+        if actor is not None and stream_at is not None:
+            phases["actor_start"] = actor["init_at"] - stream_at
+            phases["weights_to_device"] = actor["ready_at"] - actor["init_at"] - actor["compile_seconds"]
+            phases["compile"] = actor["compile_seconds"]
+            if actor.get("first_batch_done_at"):
+                phases["first_batch"] = actor["first_batch_done_at"] - actor["ready_at"]
+                if first_output is not None:
+                    phases["delivery"] = first_output - actor["first_batch_done_at"]
+        return {
+            "command_started": origin,
+            "to_first_output_seconds": round(first_output - origin, 3) if first_output else None,
+            "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
+            "checkpoint_hash_cached": self.marks.get("checkpoint_hash_cached") is not None,
+            "compile_cache": (actor or {}).get("compile_cache"),  # the first actor's TorchInductor cache dir
+            "actors": self.actors,
+        }
+
+    def line(self) -> str:
+        """One line for the terminal: `start-up 7.9 s to the first embedding: python 1.2 s, Ray 2.3 s, ...`."""
+        section = self.section()
+        total = section["to_first_output_seconds"]
+        p = section["phases"]
+        names = [
+            ("python_and_imports", "python"), ("inputs_and_checks", "inputs"), ("ray_start", "Ray"),
+            ("stream_setup", "setup"), ("actor_start", "actor start"), ("weights_to_device", "weights"),
+            ("compile", "compile"), ("first_batch", "first batch"), ("delivery", "delivery"),
+        ]
+        parts = [f"{label} {p[key]:.1f} s" for key, label in names if p.get(key) is not None]
+        beside = [f"{label} {p[key]:.1f} s" for key, label in (("checkpoint_hash", "checkpoint hash"),
+                                                                ("input_fingerprint", "input scan"))
+                  if p.get(key) is not None]
+        head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"
+        tail = f" ({' and '.join(beside)} beside Ray's start)" if beside else ""
+        return f"{head}: {', '.join(parts)}{tail}"
