@@ -238,3 +238,29 @@ def test_startup_section_and_line() -> None:
     line = clock.line()
     assert line.startswith("start-up 8.0 s to the first embedding: python 1.0 s, inputs 0.1 s, Ray 2.0 s, ")
     assert line.endswith("(checkpoint hash 1.5 s and input scan 0.2 s beside Ray's start)")
+
+
+def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
+    """The actor's start-up report rides on the first row of its first embedded output, then never again."""
+    import pyarrow as pa
+
+    from runner.collect import collect_startup
+    from runner.embed_stage import EmbedStage, StageSettings
+    from runner.models.registry import load_codec
+    from runner.report import JobReport
+    from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+
+    records = next(read_blocks(ReadSettings((str(DATA / "some_proteins.fasta"),), "id", "sequence", 50)))
+    packed = pack_records(records, PackSettings(load_codec(str(tiny_esm2_path)), None, "truncate", 128, 2048))
+    before = time.time()
+    stage = EmbedStage(StageSettings(str(tiny_esm2_path), "fp32", -1, "mean", "cpu"))
+    first, second = stage(packed.slice(0, 1)), stage(packed)
+    reports = first.column("startup").to_pylist()
+    assert reports[0] is not None and reports[1:] == [None] * (len(reports) - 1)
+    assert second.column("startup").null_count == second.num_rows
+    report = JobReport(out_dir=Path("."))
+    collect_startup(pa.concat_tables([first, second]), report)
+    (worker, entry), = report.actor_startup.items()
+    assert worker == stage.worker
+    assert before <= entry["init_at"] <= entry["ready_at"] <= entry["first_batch_done_at"] <= time.time()
+    assert entry["load_seconds"] > 0 and entry["compile_seconds"] == 0.0 and entry["compile_cache"] is None

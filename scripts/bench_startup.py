@@ -1,0 +1,142 @@
+"""Start-up benchmark of `runner embed`: command to first embedding and wall time, cold and warm caches.
+
+    # one H200, 650M (random weights, fp32 file like the released one), 1,515 synthetic proteins:
+    python scripts/bench_startup.py --arch 650M --seqs 1515 --gpus 1 --warm-runs 2
+    # the CPU quickstart:
+    python scripts/bench_startup.py --checkpoint models/esm2_tiny.pt --input tests/data/some_proteins.fasta \\
+        --gpus 0 --warm-runs 2 --out benchmarks/results/2026-11-30-cpu-startup.json
+
+Each run is `python -m runner embed INPUT --model CKPT --out DIR --gpus G --no-progress` in a subprocess, with
+RUNNER_CACHE_DIR (checkpoint hashes, TorchInductor's caches) and TRITON_CACHE_DIR pointing at one fresh
+directory per benchmark: the first run is cold (empty caches: the checkpoint is hashed, the layers compile
+from scratch), the next ones warm (the hash remembered, compiled layers loaded from the cache). A run's
+figures come from its manifest's `startup` section (command start -> first embeddings on the driver, and
+each phase) plus the wall time seen from here. Writes a JSON file (the commands included) and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_data import write_random_esm2, write_synth_fasta  # noqa: E402
+from bench_monitor import child_env, gpu_name  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+ARCH = {"tiny": (2, 64, 4), "8M": (6, 320, 20), "35M": (12, 480, 20), "150M": (30, 640, 20),
+        "650M": (33, 1280, 20), "3B": (36, 2560, 40)}
+# Issue 17's targets on one H200, 650M: command -> first embedding warm/cold; the 1,515-protein job's wall;
+# the CPU quickstart's wall.
+TARGETS = {"gpu_first_output_warm_s": 20, "gpu_first_output_cold_s": 35, "gpu_1515_wall_s": 25, "cpu_quickstart_wall_s": 8}
+
+
+def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
+    """One `runner embed` run: wall seconds from here, its manifest's startup section, its exit code."""
+    started = time.time()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    wall = time.time() - started
+    manifest_path = out_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    startup = manifest.get("startup") or {}
+    return {
+        "returncode": done.returncode,
+        "wall_seconds": round(wall, 3),
+        "to_first_output_seconds": startup.get("to_first_output_seconds"),
+        "phases": startup.get("phases"),
+        "checkpoint_hash_cached": startup.get("checkpoint_hash_cached"),
+        "compile_cache": startup.get("compile_cache"),
+        "job_wall_seconds": (manifest.get("throughput") or {}).get("wall_seconds"),
+        "rows": (manifest.get("counts") or {}).get("rows"),
+        "stderr_tail": done.stderr[-1500:] if done.returncode else None,
+        "stderr_lines": len(done.stderr.splitlines()),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--arch", choices=sorted(ARCH), help="random-weight fair-esm checkpoint of this architecture")
+    ap.add_argument("--checkpoint", help="an existing .pt file or model name instead of --arch")
+    ap.add_argument("--ckpt-dtype", default="fp32", choices=["fp16", "fp32"],
+                    help="dtype stored in the --arch file (fp32: the released files' size, so the hash costs the same)")
+    ap.add_argument("--input", help="FASTA input (default: --seqs synthetic proteins)")
+    ap.add_argument("--seqs", type=int, default=1515, help="synthetic proteins when no --input")
+    ap.add_argument("--gpus", type=int, default=1)
+    ap.add_argument("--warm-runs", type=int, default=2, help="runs after the cold one, caches kept")
+    ap.add_argument("--runner-arg", action="append", default=[], help="extra argument for runner embed")
+    ap.add_argument("--workdir", help="keep inputs, checkpoint, caches and outputs here")
+    ap.add_argument("--out", help="result JSON (default benchmarks/results/<date>-startup-<gpu>.json)")
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    if not args.arch and not args.checkpoint:
+        ap.error("give --arch or --checkpoint")
+
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-startup-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data: dict = {}
+    if args.input:
+        fasta = Path(args.input).resolve()
+    else:
+        fasta = work / f"synth-{args.seqs}.fasta"
+        data = write_synth_fasta(fasta, args.seqs)
+    if args.checkpoint:
+        checkpoint = args.checkpoint
+    else:
+        path = work / f"esm2_{args.arch}_random_{args.ckpt_dtype}.pt"
+        if not path.is_file():
+            write_random_esm2(path, *ARCH[args.arch], dtype=args.ckpt_dtype)
+        checkpoint = str(path)
+
+    cache = work / "cache"  # one fresh cache per benchmark: the first run is cold
+    shutil.rmtree(cache, ignore_errors=True)
+    env = child_env()
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("RAY_ADDRESS", None)
+    env.update(RUNNER_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+    runs = []
+    for i in range(1 + args.warm_runs):
+        out_dir = work / f"out-{i}"
+        shutil.rmtree(out_dir, ignore_errors=True)
+        cmd = [sys.executable, "-m", "runner", "embed", str(fasta), "--model", checkpoint, "--out", str(out_dir),
+               "--gpus", str(args.gpus), "--no-progress", *args.runner_arg]
+        result = {"mode": "cold" if i == 0 else "warm", "command": " ".join(cmd), **run_once(cmd, env, out_dir,
+                                                                                              args.timeout)}
+        runs.append(result)
+        print(f"{result['mode']:5s} first output {result['to_first_output_seconds']} s, wall {result['wall_seconds']} s, "
+              f"rc {result['returncode']}: {json.dumps(result['phases'])}", flush=True)
+        if result["returncode"]:
+            print(result["stderr_tail"], file=sys.stderr)
+
+    device = gpu_name() if args.gpus else "cpu"
+    doc = {
+        "benchmark": "startup",
+        "date": dt.date.today().isoformat(),
+        "command": " ".join([sys.executable, *sys.argv]) if argv is None else " ".join(["bench_startup.py", *argv]),
+        "device": device,
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform(), "loadavg_1m": os.getloadavg()[0]},
+        "model": args.arch or args.checkpoint,
+        "input": {"path": str(fasta), **data},
+        "gpus": args.gpus,
+        "targets": TARGETS,
+        "runs": runs,
+    }
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
+        f"{doc['date']}-startup-{device.replace(' ', '-').lower()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0 if all(r["returncode"] == 0 for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
