@@ -243,3 +243,86 @@ def test_directory_problems_name_what_is_wrong(tmp_path: Path, tiny_hf_esm2_dir:
     (noweights / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no weights: expected model.safetensors or pytorch_model.bin"):
         load_model(str(noweights))
+
+
+# --- GPU (python -m pytest -m gpu -s tests/test_esm2_hf.py) -----------------------------------------
+
+
+def _on_gpu(model: ESM2Embedder, compiled: bool = True) -> ESM2Embedder:
+    """The model as an embedding actor runs it: fp16 on the GPU, fastest attention, compiled layers, fused GELU."""
+    device = torch.device("cuda")
+    model = model.to(device=device, dtype=torch.float16)
+    model.select_attention(device)
+    model.use_compile(compiled)
+    model.fused_gelu = True  # embed's default on GPUs (--exact-gelu turns it off)
+    return model
+
+
+def _cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_fp16_packed_vs_transformers_fp32(tiny_hf_esm2_dir: Path, proteins: list[str]) -> None:
+    model = _on_gpu(load_model(str(tiny_hf_esm2_dir)))
+    tokens, positions, cu, max_len = pack(model, proteins)
+    hidden = model.forward_packed(*_cuda(tokens, positions, cu), max_len, -1)  # [T, D] fp16
+    pooled = pool_packed(hidden.float(), cu.cuda(), "mean", 1, 1).cpu()  # [B, D]
+    reference, _ = transformers_hidden_states(tiny_hf_esm2_dir, proteins)
+    pooled_ref = pool_packed(reference[-1], cu, "mean", 1, 1)  # [B, D]
+    cosine = F.cosine_similarity(pooled, pooled_ref)
+    print(f"\ntiny HF ESM-2, {model.attention_backend} fp16 packed vs transformers FP32: cosine mean "
+          f"{cosine.mean().item():.6f} min {cosine.min().item():.6f}, max abs diff "
+          f"{(pooled - pooled_ref).abs().max().item():.3e}")
+    assert model.attention_backend in ("flash_attn", "torch_varlen") and model.compiling
+    assert cosine.mean().item() >= 0.999 and cosine.min().item() >= 0.99
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_650m_from_transformers_runs_the_fair_esm_model_code(
+    tmp_path: Path, tiny_hf_esm2_script: ModuleType, proteins: list[str]
+) -> None:
+    """The 650M architecture (random weights) saved by transformers and the same weights as a fair-esm file:
+    one model class, the same kernels, bit-identical fp16 outputs, the same speed; and close to transformers'
+    own FP32 forward."""
+    import time
+
+    from transformers import EsmModel
+
+    hf_dir = tiny_hf_esm2_script.make_hf_esm2(tmp_path / "esm2_650M_hf", layers=33, dim=1280, heads=20, seed=0)
+    pt = tiny_hf_esm2_script.to_fair_esm(hf_dir, tmp_path / "esm2_650M.pt")
+    seqs = (proteins * 8)[:96]  # 96 real proteins, ~45k tokens: one packed batch
+    models = {"transformers dir": _on_gpu(load_model(str(hf_dir))), "fair-esm .pt": _on_gpu(load_esm2(str(pt)))}
+    tokens, positions, cu, max_len = pack(models["fair-esm .pt"], seqs)
+    tokens, positions, cu = _cuda(tokens, positions, cu)
+    outputs, speed = {}, {}
+    for name, model in models.items():
+        for _ in range(3):  # compile and warm up
+            outputs[name] = model.forward_packed(tokens, positions, cu, max_len, -1)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(10):
+            model.forward_packed(tokens, positions, cu, max_len, -1)
+        torch.cuda.synchronize()
+        speed[name] = 10 * tokens.numel() / (time.perf_counter() - start)
+    rates = ", ".join(f"{name} {tps / 1e3:.0f}k tok/s" for name, tps in speed.items())
+    hf, fair = models.values()
+    print(f"\n650M, one packed batch of {tokens.numel()} tokens, {hf.attention_backend}: {rates}")
+    assert type(hf) is type(fair) and hf.attention_backend == fair.attention_backend
+    assert hf.compiling and fair.compiling and hf.fused_gelu_in_use == fair.fused_gelu_in_use
+    assert torch.equal(outputs["transformers dir"], outputs["fair-esm .pt"])
+
+    reference = EsmModel.from_pretrained(hf_dir, add_pooling_layer=False).cuda().eval()
+    sample = proteins[:8]
+    tokens, positions, cu, max_len = pack(hf, sample)
+    tokens, positions, cu = _cuda(tokens, positions, cu)
+    with torch.no_grad():  # one sequence at a time: no padding in the reference
+        ref_hidden = [reference(tokens[a:b][None]).last_hidden_state[0] for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    pooled_ref = pool_packed(torch.cat(ref_hidden).float(), cu, "mean", 1, 1)  # [8, D]
+    pooled = pool_packed(hf.forward_packed(tokens, positions, cu, max_len, -1).float(), cu, "mean", 1, 1)  # [8, D]
+    cosine = F.cosine_similarity(pooled, pooled_ref)
+    print(f"650M random weights, fp16 packed vs transformers FP32: cosine mean {cosine.mean().item():.6f} "
+          f"min {cosine.min().item():.6f}")
+    assert cosine.mean().item() >= 0.999 and cosine.min().item() >= 0.99
