@@ -115,20 +115,19 @@ def _vectors(block: pa.Table, name: str) -> np.ndarray:
     return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), column.type.list_size)
 
 
-def _per_token_rows(results: Results, layer: int) -> Iterator[np.ndarray]:
-    """Every row's [length, D] per-token array at `layer`, input order."""
-    for block in _blocks(results, ["id", "length", "tokens_file", "tokens_row"]):
-        for sequence_id, length, tokens_file, tokens_row in zip(*(block.column(c).to_pylist() for c in block.column_names), strict=True):
+def _per_token_rows(results: Results, layer: int, lengths: np.ndarray) -> Iterator[np.ndarray]:
+    """Every row's [length, D] per-token array at `layer`, input order (`lengths`: per_token_lengths())."""
+    i = 0
+    for block in _blocks(results, ["id", "tokens_file", "tokens_row"]):
+        for sequence_id, tokens_file, tokens_row in zip(*(block.column(c).to_pylist() for c in block.column_names), strict=True):
             array = results.per_token_at(tokens_file, tokens_row, sequence_id, layer)
-            if len(array) != length:
+            if len(array) != lengths[i]:
                 raise RunnerError(
-                    f"{sequence_id!r} has {len(array)} per-token vectors but length {length}: the output is inconsistent"
+                    f"{sequence_id!r} has {len(array)} per-token vectors at layer {layer}, its token file says "
+                    f"{lengths[i]}: the output is inconsistent; rerun the job with --overwrite"
                 )
+            i += 1
             yield array
-
-
-def _lengths(results: Results) -> np.ndarray:
-    return results.rows.column("length").to_numpy().astype(np.int64)
 
 
 # --- parquet ---------------------------------------------------------------------------------------------
@@ -186,12 +185,13 @@ def _write_npz(results: Results, path: Path) -> list[str]:
                 for block in _blocks(results, [name]):
                     stream.write(_vectors(block, name))
         if results.has_per_token:
-            offsets = np.concatenate([[0], np.cumsum(_lengths(results))])
+            lengths = results.per_token_lengths()
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
             _npz_entry(archive, "per_token_offsets", offsets)
             for layer in results.per_token_layers:
                 shape = (int(offsets[-1]), results.dim)
                 with _NpyStream(archive, f"per_token_layer{layer}", results.per_token_dtype, shape) as stream:
-                    for array in _per_token_rows(results, layer):
+                    for array in _per_token_rows(results, layer, lengths):
                         stream.write(array)
         _npz_entry(archive, "description", np.asarray(json.dumps(description(results))))
     return []
@@ -247,14 +247,15 @@ def _write_hdf5(results: Results, path: Path) -> list[str]:
                 dataset[start : start + len(vectors)] = vectors
                 start += len(vectors)
         if results.has_per_token:
-            offsets = np.concatenate([[0], np.cumsum(_lengths(results))])
+            lengths = results.per_token_lengths()
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
             f.create_dataset("per_token_offsets", data=offsets)
             for layer in results.per_token_layers:
                 dataset = f.create_dataset(
                     f"per_token_layer{layer}", shape=(int(offsets[-1]), results.dim), dtype=results.per_token_dtype
                 )
                 buffered, nbytes, start = [], 0, 0
-                for array in _per_token_rows(results, layer):  # written in ~64 MiB slabs, not row by row
+                for array in _per_token_rows(results, layer, lengths):  # written in ~64 MiB slabs, not row by row
                     buffered.append(array)
                     nbytes += array.nbytes
                     if nbytes >= 64 << 20:

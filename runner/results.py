@@ -209,14 +209,32 @@ class Results:
 
     # --- pooled vectors ------------------------------------------------------------------------------
 
-    def pooled(self, layer: int | None = None, pooling: str | None = None, out: np.ndarray | None = None) -> np.ndarray:
+    def pooled(
+        self, layer: int | None = None, pooling: str | None = None, out: np.ndarray | None = None,
+        ids: list[str] | None = None,
+    ) -> np.ndarray:
         """float32 [N, D]: row i is the vector of `ids[i]` (input order).
 
         A zero-copy read-only view of the memory-mapped part when the job is one in-order stored chunk;
         otherwise one copy, filled part by part (memory: the result plus one part's rows). `out`: an
         array of shape [N, D] to fill instead (e.g. `np.lib.format.open_memmap` for a job larger than RAM).
+        `ids`: only these ids' vectors, [len(ids), D] in that order (read from the parts that hold them).
         """
         name = self.column(layer, pooling)
+        if ids is not None and not len(ids):
+            return np.zeros((0, self.dim), np.float32)
+        if ids is not None:
+            index = self._ids_index()
+            missing = [sequence_id for sequence_id in ids if sequence_id not in index]
+            if missing:
+                raise RunnerError(f"{len(missing)} id(s) not in {self.path}'s rows, e.g. {missing[0]!r}")
+            stored = self._order[np.fromiter((index[i] for i in ids), np.int64, len(ids))]
+            column = self._take(stored, [name]).column(name)
+            vectors = self._vectors(column.chunk(0)) if column.num_chunks else np.zeros((0, self.dim), np.float32)
+            if out is not None:
+                out[...] = vectors
+                return out
+            return vectors.copy()
         n = len(self)
         if out is None and n and self._one_chunk_in_order(name):
             return self._vectors(self._table(self._parts[0]).column(name).chunk(0))
@@ -288,23 +306,39 @@ class Results:
             ):
                 yield sequence_id, self._token_row(tokens_file, tokens_row, sequence_id, layer)
 
+    def per_token_lengths(self) -> np.ndarray:
+        """int64 [N], input order: rows of each id's per-token arrays (residues for ESM-2, BPE tokens for
+        DNABERT), from the token files' `length` column (no vector is read)."""
+        self._need_per_token()
+        files = self._column("tokens_file", stored=True)
+        rows = self._column("tokens_row", stored=True).astype(np.int64)
+        lengths = np.zeros(len(rows), dtype=np.int64)
+        names, which = np.unique(files, return_inverse=True) if len(files) else ([], np.zeros(0, np.int64))
+        for k, name in enumerate(names):
+            stored = np.flatnonzero(which == k)
+            lengths[stored] = self._table(self.path / "tokens" / str(name)).column("length").to_numpy()[rows[stored]]
+        return lengths[self._order]
+
     # --- input-order blocks (for exporters) -------------------------------------------------------------
 
     def iter_blocks(self, columns: list[str], block_rows: int = 8192) -> Iterator[pa.Table]:
         """The stored columns `columns` in input order, `block_rows` rows at a time. Memory: one block;
         each block takes its rows from the memory-mapped parts it touches."""
         for start in range(0, len(self), block_rows):
-            stored = self._order[start : start + block_rows]  # stored rows of this block, input order
-            part_of = np.searchsorted(self._starts, stored, side="right") - 1
-            by_part = np.argsort(part_of, kind="stable")
-            pieces = []
-            for p in np.unique(part_of):
-                local = stored[by_part][part_of[by_part] == p] - self._starts[p]
-                pieces.append(self._table(self._parts[p]).select(columns).take(pa.array(local)))
-            grouped = pa.concat_tables(pieces)  # rows grouped by part; `by_part` says where each belongs
-            back = np.empty_like(by_part)
-            back[by_part] = np.arange(len(by_part))
-            yield grouped.take(pa.array(back)).combine_chunks()
+            yield self._take(self._order[start : start + block_rows], columns)
+
+    def _take(self, stored: np.ndarray, columns: list[str]) -> pa.Table:
+        """`columns` of the stored rows `stored` (indices into the parts concatenated), in that order."""
+        part_of = np.searchsorted(self._starts, stored, side="right") - 1
+        by_part = np.argsort(part_of, kind="stable")
+        pieces = [self.schema.empty_table().select(columns)]
+        for p in np.unique(part_of):
+            local = stored[by_part][part_of[by_part] == p] - self._starts[p]
+            pieces.append(self._table(self._parts[p]).select(columns).take(pa.array(local)))
+        grouped = pa.concat_tables(pieces)  # rows grouped by part; `by_part` says where each belongs
+        back = np.empty_like(by_part)
+        back[by_part] = np.arange(len(by_part))
+        return grouped.take(pa.array(back, pa.int64())).combine_chunks()
 
     def per_token_at(self, tokens_file: str, tokens_row: int, sequence_id: str, layer: int) -> np.ndarray:
         """The per-token row a pooled row points at (its `tokens_file`, `tokens_row` columns), checked to

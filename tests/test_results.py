@@ -91,6 +91,10 @@ def test_open_reads_a_real_job_in_input_order(job: Path) -> None:
     for i, sid in enumerate(expected_ids):
         np.testing.assert_array_equal(streamed[sid], vectors[i])
     assert expected_ids[3] in results and "nope" not in results
+    some = [expected_ids[9], expected_ids[0], expected_ids[14], expected_ids[9]]
+    np.testing.assert_array_equal(results.pooled(ids=some), vectors[[9, 0, 14, 9]])  # any ids, in the order asked
+    with pytest.raises(RunnerError, match="1 id\\(s\\) not in .* e.g. 'nope'"):
+        results.pooled(ids=["nope"])
 
 
 def test_pooled_fills_a_given_array_and_checks_its_shape(job: Path, tmp_path: Path) -> None:

@@ -120,6 +120,7 @@ def test_every_layer_pooling_and_per_token_array(job: Path, reference: dict[str,
             assert got.dtype == dtype and got.shape == reference[sid]["representations"][layer].shape
             np.testing.assert_array_equal(got, reference[sid]["representations"][layer].numpy().astype(dtype))
     np.testing.assert_array_equal(results.pooled(-1, "bos"), results.pooled(2, "cls"))  # fair-esm's name, -1 = last
+    assert results.per_token_lengths().tolist() == [len(reference[sid]["representations"][0]) for sid in results.ids]
     streamed = list(results.iter_per_token(layer=1))
     assert sorted(sid for sid, _ in streamed) == sorted(reference)  # each id once, orphans never seen
     for sid, array in streamed:
