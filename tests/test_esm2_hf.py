@@ -138,6 +138,31 @@ def test_vocab_in_another_order_is_mapped(tmp_path: Path, tiny_hf_esm2_dir: Path
         load_codec(str(shuffled))
 
 
+def test_sharded_weights_with_an_index(
+    tmp_path: Path, tiny_hf_esm2_dir: Path, proteins: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path / "cache"))  # the hashes it remembers stay here
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_hf_esm2_dir, sharded)
+    weights = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: weights[k] for k in part}, sharded / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    single, split = load_model(str(tiny_hf_esm2_dir)), load_model(str(sharded))
+    tokens, positions, cu, max_len = pack(single, proteins[:3])
+    assert torch.equal(single.forward_packed(tokens, positions, cu, max_len, -1),
+                       split.forward_packed(tokens, positions, cu, max_len, -1))
+    assert len(model_info(str(sharded), compute_sha256=True).checkpoint_sha256) == 64
+    (sharded / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="lacks the shard"):
+        load_model(str(sharded))
+
+
 # --- the hub name, through the Hugging Face cache ----------------------------------------------------
 
 
@@ -158,6 +183,7 @@ def test_hub_name_loads_from_the_hugging_face_cache(
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # no network here: the cache must serve it
+    monkeypatch.setenv("RUNNER_CACHE_DIR", str(tmp_path / "cache"))  # runner's own hash cache stays here
     name = "facebook/esm2_t6_8M_UR50D"
     assert model_family(name) == "esm2"
     with pytest.raises(CheckpointError, match="cannot download facebook/esm2_t6_8M_UR50D"):

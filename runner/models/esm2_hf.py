@@ -279,14 +279,15 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
-def sha256_files(files: list[Path], chunk_bytes: int = 16 << 20) -> str:
-    """Hex SHA-256 over the bytes of `files` in order (one file: that file's usual hash)."""
-    digest = hashlib.sha256()
-    for path in files:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(chunk_bytes):
-                digest.update(chunk)
-    return digest.hexdigest()
+def sha256_files(files: list[Path]) -> str:
+    """The checkpoint's hex SHA-256: the weight file's own for one file; for shards, the SHA-256 of the lines
+    "<shard name> <shard sha256>" in order. Each file's hash is remembered across runs (runner.cache)."""
+    from runner.cache import cached_sha256
+
+    if len(files) == 1:
+        return cached_sha256(files[0])[0]
+    lines = "".join(f"{path.name} {cached_sha256(path)[0]}\n" for path in files)
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------
