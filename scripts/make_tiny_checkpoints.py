@@ -3,6 +3,7 @@
     python scripts/make_tiny_checkpoints.py models/
       -> models/esm2_tiny.pt (+ esm2_tiny-contact-regression.pt)   fair-esm ESM-2 format, random weights
       -> models/dnabert_tiny/                                     DNABERT-S HF layout + BPE tokenizer
+      -> models/esm2_hf_tiny/                                     transformers ESM-2 (EsmForMaskedLM) + vocab.txt
 
 The embeddings of random weights mean nothing; they exercise the real loading and packed forward code.
 """
@@ -28,7 +29,8 @@ def main(out_dir: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     esm_path = _load("tiny_esm2").make_esm2(out / "esm2_tiny.pt")
     dna_path = _load("tiny_dnabert").make_dnabert(out / "dnabert_tiny")
-    print(f"wrote {esm_path} and {dna_path}")
+    hf_path = _load("tiny_hf_esm2").make_hf_esm2(out / "esm2_hf_tiny")
+    print(f"wrote {esm_path}, {dna_path} and {hf_path}")
 
 
 if __name__ == "__main__":
