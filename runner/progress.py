@@ -125,7 +125,7 @@ class Progress:
         self._history: deque[Snapshot] = deque()
         self._last_plain = float("-inf")  # the first update writes a line
         self._line = ""
-        self._written = ""  # the last plain line written
+        self._written_records = -1  # records done in the last plain line written
         self._rich: RichProgress | None = None
         self._task: TaskID | None = None
         self._stream = stream
@@ -135,14 +135,13 @@ class Progress:
         console = Console(file=stream, stderr=stream is None, highlight=False)
         if console.is_terminal:
             self._rich = RichProgress(
-                TextColumn("{task.description}"),
-                BarColumn(bar_width=24),
+                BarColumn(bar_width=20),
                 TextColumn("{task.fields[line]}"),
                 console=console,
                 refresh_per_second=2,
                 redirect_stderr=True,  # runner's log lines print above the display
             )
-            self._task = self._rich.add_task("starting", total=None, line="Ray, actors and model loading")
+            self._task = self._rich.add_task("", total=None, line="starting: Ray, actors, model")
             self._rich.start()
 
     def _count(self, paths: list[Path]) -> None:
@@ -179,9 +178,9 @@ class Progress:
         self._line = self.describe(records, tokens, shadow)
         if self._rich is not None and self._task is not None:
             total = self.total_records
-            self._rich.update(self._task, description="embedding", total=total, completed=records, line=self._line)
-        elif (force and self._line != self._written) or now - self._last_plain >= self.interval:
-            self._write_plain(self._line)
+            self._rich.update(self._task, total=total, completed=records, line=self._line)
+        elif (force and records != self._written_records) or now - self._last_plain >= self.interval:
+            self._write_plain(self._line, records)
 
     def describe(self, records: int, tokens: int, shadow: tuple[int, int] | None) -> str:
         """One line: `1,234/5,000 seqs · 0.4M/1.6M tokens · 310,552 tok/s · ETA 1m05s · 7.9/8 GPUs busy · shadow ...`."""
@@ -214,9 +213,9 @@ class Progress:
         busy = min((last.busy_seconds - first.busy_seconds) / span, float(self.actors))
         return (last.tokens - first.tokens) / span, (last.records - first.records) / span, max(busy, 0.0)
 
-    def _write_plain(self, line: str) -> None:
+    def _write_plain(self, line: str, records: int) -> None:
         self._last_plain = time.monotonic()
-        self._written = line
+        self._written_records = records
         stream = self._stream or sys.stderr
         elapsed = time.monotonic() - self.start
         stream.write(f"[{_duration(elapsed)}] {line}\n")
@@ -229,8 +228,8 @@ class Progress:
         if self._rich is not None:
             self._rich.stop()
             self._rich = None
-        elif self._line and self._line != self._written:
-            self._write_plain(self._line)
+        elif self._line and self._history and self._history[-1].records != self._written_records:
+            self._write_plain(self._line, self._history[-1].records)
         self.enabled = False
 
 
