@@ -7,6 +7,10 @@ each retry and each copy larger, hence the cap.
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+
 CPU_TOKEN_BUDGET = 4096  # CPU actors: small batches keep latency and memory low
 GPU_TOKEN_BUDGET_CAP = 65536  # beyond this throughput is flat on an H200 (see benchmarks/)
 GPU_TOKEN_BUDGET_FLOOR = 4096  # never below: small batches starve the GPU
@@ -28,3 +32,35 @@ def probe_free_gpu_memory() -> int:
 
     free, _total = torch.cuda.mem_get_info()
     return int(free)
+
+
+def parse_nvidia_smi_free(text: str, visible: str | None) -> int | None:
+    """Least free bytes among the GPUs CUDA_VISIBLE_DEVICES (`visible`: indices or UUIDs; None = all) selects,
+    from `nvidia-smi --query-gpu=index,uuid,memory.free --format=csv,noheader,nounits` output (MiB)."""
+    rows = [[field.strip() for field in line.split(",")] for line in text.strip().splitlines() if line.strip()]
+    try:
+        free = {(row[0], row[1]): int(row[2]) << 20 for row in rows}
+    except (IndexError, ValueError):
+        return None
+    if visible is not None:
+        wanted = [v.strip() for v in visible.split(",") if v.strip()]
+        free = {key: value for key, value in free.items() if key[0] in wanted or key[1] in wanted}
+    return min(free.values()) if free else None
+
+
+def nvidia_smi_free_bytes() -> int | None:
+    """Least free bytes among this machine's visible GPUs, from nvidia-smi (None when it is unavailable): a
+    tenth of a second, where a Ray task holding a GPU costs a worker process, torch's import and a CUDA
+    context (seconds, on the start-up's critical path)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        done = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,uuid,memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if done.returncode != 0:
+        return None
+    return parse_nvidia_smi_free(done.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))

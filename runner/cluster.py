@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, probe_free_gpu_memory
+from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, nvidia_smi_free_bytes, probe_free_gpu_memory
 from runner.config import EmbedConfig
 from runner.embed_stage import EmbedStage, StageSettings
 from runner.errors import RunnerError
@@ -85,11 +85,22 @@ def resolve_gpus(requested: int | None, ray) -> int:
 
 
 def pick_token_budget(on_gpu: bool, info: ModelInfo, ray) -> int:
-    """CPU: a small fixed budget. GPU: sized from the free memory of one GPU, probed by a Ray task."""
+    """CPU: a small fixed budget. GPU: sized from the free memory of one GPU: read with nvidia-smi when every
+    GPU of the cluster is on this node, else probed by a Ray task holding a GPU."""
     if not on_gpu:
         return CPU_TOKEN_BUDGET
-    free = ray.get(ray.remote(num_gpus=1)(probe_free_gpu_memory).remote())
+    free = nvidia_smi_free_bytes() if gpus_all_here(ray) else None
+    if free is None:
+        free = ray.get(ray.remote(num_gpus=1)(probe_free_gpu_memory).remote())
     return auto_token_budget(free, weight_bytes=info.parameters * 2, embed_dim=info.embed_dim)
+
+
+def gpus_all_here(ray) -> bool:
+    """Whether the driver's node is the only live node with GPUs (a local Ray, or a one-node cluster joined
+    from that node)."""
+    here = ray.get_runtime_context().get_node_id()
+    gpu_nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU")]
+    return gpu_nodes == [here]
 
 
 def build_dataset(

@@ -264,3 +264,51 @@ def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
     assert worker == stage.worker
     assert before <= entry["init_at"] <= entry["ready_at"] <= entry["first_batch_done_at"] <= time.time()
     assert entry["load_seconds"] > 0 and entry["compile_seconds"] == 0.0 and entry["compile_cache"] is None
+
+
+def test_free_gpu_memory_from_nvidia_smi_respects_visible_devices() -> None:
+    from runner.budget import parse_nvidia_smi_free
+
+    text = "0, GPU-aaa, 140000\n1, GPU-bbb, 90000\n2, GPU-ccc, 120000\n"
+    assert parse_nvidia_smi_free(text, None) == 90000 << 20  # the least free of all
+    assert parse_nvidia_smi_free(text, "0,2") == 120000 << 20
+    assert parse_nvidia_smi_free(text, "GPU-aaa") == 140000 << 20
+    assert parse_nvidia_smi_free(text, "7") is None  # nothing visible matches: probe instead
+    assert parse_nvidia_smi_free("[N/A]\n", None) is None
+
+
+def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """All GPUs on the driver's node: nvidia-smi, no Ray task; a GPU on another node: the Ray probe."""
+    import runner.cluster
+    from runner.budget import auto_token_budget
+    from runner.models.base import ModelInfo
+
+    class FakeRay:
+        def __init__(self, gpu_nodes: list[str]) -> None:
+            self.gpu_nodes, self.probed = gpu_nodes, 0
+
+        def get_runtime_context(self):
+            return type("Ctx", (), {"get_node_id": lambda _: "here"})()
+
+        def nodes(self):
+            return [{"NodeID": n, "Alive": True, "Resources": {"GPU": 1.0}} for n in self.gpu_nodes] + [
+                {"NodeID": "cpu-only", "Alive": True, "Resources": {"CPU": 8.0}}]
+
+        def remote(self, **_):
+            def wrap(fn):
+                return type("Remote", (), {"remote": lambda _: "ref"})()
+            return wrap
+
+        def get(self, ref):
+            self.probed += 1
+            return 10 << 30
+
+    monkeypatch.setattr(runner.cluster, "nvidia_smi_free_bytes", lambda: 80 << 30)
+    info = ModelInfo(name="m", family="esm2", checkpoint="", checkpoint_sha256="", embed_dim=1280, num_layers=33,
+                     parameters=650_000_000)
+    local = FakeRay(["here"])
+    assert runner.cluster.pick_token_budget(True, info, local) == auto_token_budget(80 << 30, info.parameters * 2, 1280)
+    assert local.probed == 0
+    remote = FakeRay(["here", "other"])
+    assert runner.cluster.pick_token_budget(True, info, remote) == auto_token_budget(10 << 30, info.parameters * 2, 1280)
+    assert remote.probed == 1
