@@ -41,7 +41,8 @@ def model_options(fn: Callable | None = None, *, multiple_models: bool = False) 
     """Options shared by every command that runs a model (`multiple_models`: --model may repeat)."""
     if fn is None:
         return functools.partial(model_options, multiple_models=multiple_models)
-    model_help = "ESM-2 name (esm2_t33_650M_UR50D), DNABERT hub name, .pt file or HF dir."
+    model_help = ("ESM-2 name (esm2_t33_650M_UR50D or facebook/esm2_t33_650M_UR50D), DNABERT hub name, .pt file "
+                  "or HF dir.")
     if multiple_models:
         model_help += " Repeat to embed with several models (one DIR/<model>/ each)."
     decorators = [
@@ -161,6 +162,7 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
         runner embed proteins/*.fasta --model esm2_t33_650M_UR50D --out emb/ --gpus 8
         runner embed tests/data/some_proteins.fasta --model models/esm2_tiny.pt --out emb/ --gpus 0
         runner embed reads.parquet --seq-column dna --model zhihan1996/DNABERT-S --out dna/
+        runner embed proteins.fasta --model facebook/esm2_t33_650M_UR50D --out emb/   # transformers ESM-2
     """
     from runner.job import run_embed
 
@@ -194,7 +196,7 @@ def model_folder(model: str) -> str:
 
 @cli.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "-m", required=True, help="ESM-2 name, DNABERT hub name, .pt file or HF dir (as for embed).")
+@click.option("--model", "-m", required=True, help="ESM-2 name (fair-esm or facebook/esm2_*), DNABERT hub name, .pt file or HF dir (as for embed).")
 @click.option("--sample", type=int, default=1000, show_default=True, help="Sequences compared (reservoir sample).")
 @click.option("--precision", type=click.Choice(["fp16", "bf16"]), help="Precision checked against fp32 (default fp16 on GPU, bf16 on CPU).")
 @click.option("--fp32-layernorm", is_flag=True, help="Also run it with LayerNorm in fp32: does that recover it, at what cost?")
