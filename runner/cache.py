@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from runner.models.checkpoints import sha256_file
@@ -63,8 +64,12 @@ def cached_sha256(path: str | Path, cache: Path | None = None) -> tuple[str, boo
     entries = _read(cache_file)
     entry = entries.get(str(p))
     if isinstance(entry, dict) and all(entry.get(k) == v for k, v in key.items()) and entry.get("sha256"):
+        log.debug("checkpoint %s: SHA-256 remembered from %s (size and mtime unchanged)", p, cache_file)
         return str(entry["sha256"]), True
+    started = time.perf_counter()
     digest = sha256_file(p)
+    log.debug("checkpoint %s: hashed %.1f GB in %.1f s (remembered in %s)", p, stat.st_size / 1e9,
+             time.perf_counter() - started, cache_file)
     entries = _read(cache_file)  # another job may have added entries while this one hashed
     entries[str(p)] = {**key, "sha256": digest}
     _write(cache_file, entries)

@@ -92,7 +92,6 @@ class StartupClock:
             "command_started": origin,
             "to_first_output_seconds": round(first_output - origin, 3) if first_output else None,
             "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
-            "checkpoint_hash_cached": self.marks.get("checkpoint_hash_cached") is not None,
             "compile_cache": (actor or {}).get("compile_cache"),  # the first actor's TorchInductor cache dir
             "actors": self.actors,
         }

@@ -53,7 +53,6 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
         "wall_seconds": round(wall, 3),
         "to_first_output_seconds": startup.get("to_first_output_seconds"),
         "phases": startup.get("phases"),
-        "checkpoint_hash_cached": startup.get("checkpoint_hash_cached"),
         "compile_cache": startup.get("compile_cache"),
         "job_wall_seconds": (manifest.get("throughput") or {}).get("wall_seconds"),
         "rows": (manifest.get("counts") or {}).get("rows"),

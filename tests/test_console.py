@@ -312,3 +312,30 @@ def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.Mon
     remote = FakeRay(["here", "other"])
     assert runner.cluster.pick_token_budget(True, info, remote) == auto_token_budget(10 << 30, info.parameters * 2, 1280)
     assert remote.probed == 1
+
+
+@pytest.mark.gpu
+def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """On a GPU (compiled layers by default): the first run fills RUNNER_CACHE_DIR/torch-compile, the second
+    loads from it and compiles faster; the checkpoint hash is remembered (run on the GPU machine)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "cache"),
+           "TRITON_CACHE_DIR": str(tmp_path / "cache" / "triton")}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("RAY_ADDRESS", None)
+    startups = []
+    for run in ("cold", "warm"):
+        out = tmp_path / run
+        done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",
+                               str(tiny_esm2_path), "--out", str(out), "--gpus", "1", "--no-progress"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        startups.append(json.loads((out / "manifest.json").read_text())["startup"])
+    cold, warm = startups
+    assert cold["compile_cache"] == warm["compile_cache"] == str(tmp_path / "cache" / "torch-compile")
+    assert any((tmp_path / "cache" / "torch-compile").iterdir())
+    assert warm["phases"]["checkpoint_hash"] < cold["phases"]["checkpoint_hash"]
+    assert warm["phases"]["compile"] < cold["phases"]["compile"], (cold["phases"], warm["phases"])
