@@ -317,7 +317,7 @@ def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.Mon
 @pytest.mark.gpu
 def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_path: Path) -> None:
     """On a GPU (compiled layers by default): the first run fills RUNNER_CACHE_DIR/torch-compile, the second
-    loads from it and compiles faster; the checkpoint hash is remembered (run on the GPU machine)."""
+    loads from it and compiles faster (run on the GPU machine)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -337,5 +337,4 @@ def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_p
     cold, warm = startups
     assert cold["compile_cache"] == warm["compile_cache"] == str(tmp_path / "cache" / "torch-compile")
     assert any((tmp_path / "cache" / "torch-compile").iterdir())
-    assert warm["phases"]["checkpoint_hash"] < cold["phases"]["checkpoint_hash"]
     assert warm["phases"]["compile"] < cold["phases"]["compile"], (cold["phases"], warm["phases"])
