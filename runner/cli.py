@@ -150,6 +150,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
               help="Reuse torch.compile's caches across runs (~/.cache/runner/torch-compile; default on).")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
+@click.option("--dedup", is_flag=True, default=None,
+              help="Embed each distinct sequence once; its repeats get a copy of its row (same vector).")
 @run_command
 def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> None:
     """Embed every sequence of INPUT... (FASTA, Parquet, CSV; files, globs or directories).
@@ -163,6 +165,7 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
         runner embed tests/data/some_proteins.fasta --model models/esm2_tiny.pt --out emb/ --gpus 0
         runner embed reads.parquet --seq-column dna --model zhihan1996/DNABERT-S --out dna/
         runner embed proteins.fasta --model facebook/esm2_t33_650M_UR50D --out emb/   # transformers ESM-2
+        runner embed metagenome/*.fasta --dedup --model esm2_t33_650M_UR50D --out emb/
     """
     from runner.job import run_embed
 

@@ -21,6 +21,7 @@ from runner.errors import RunnerError
 from runner.metrics import DriverMetrics
 from runner.models.base import ModelInfo, SequenceCodec
 from runner.models.fp16x3 import half_gemm_available
+from runner.prepare import Preparer
 from runner.shadow import ShadowMonitor, ShadowSettings
 from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
 
@@ -132,6 +133,7 @@ def build_dataset(
         config.seq_column,
         config.records_per_block,
         done_bits if done_bits is not None else np.zeros(0, dtype=np.uint8),
+        Preparer(codec, config.max_residues, config.long, config.chunk_overlap) if config.dedup else None,
     )
 
     class InputRecords(Datasource):

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from runner.batch import Reject
 from runner.config import EmbedConfig
+from runner.dedup import CopyWriter
 from runner.errors import NonFiniteEmbedding, RunnerError
 from runner.metrics import DriverMetrics
 from runner.progress import Progress
@@ -37,10 +38,12 @@ def drain(
     metrics: DriverMetrics,
     written: OrdinalSet | None = None,
     signals: StopSignals | None = None,
+    copies: CopyWriter | None = None,
 ) -> None:
     """Pull embedded rows from the stream and write them; abort at the first non-finite embedding.
 
-    Returns early, with every table received written, once `signals` holds a stop request.
+    Returns early, with every table received written, once `signals` holds a stop request (--dedup: repeats
+    whose first record's part is not complete yet are left for the next run).
     """
     from ray.exceptions import RayError
 
@@ -60,7 +63,9 @@ def drain(
                 signals.waiting = False
             if table is None:
                 break
-            handle_table(table, writer, rejects, report, merger, config, precision, metrics, written)
+            handle_table(table, writer, rejects, report, merger, config, precision, metrics, written, copies)
+            if copies is not None:
+                count_copies(copies.flush(), report, metrics)
             if report.first_output_seconds is None and report.tokens:
                 report.first_output_seconds = time.monotonic() - progress.start
                 report.first_output_at = time.time()
@@ -83,6 +88,8 @@ def drain(
             stop_stream()
     if merger.pending:
         raise RunnerError(f"internal error: {merger.pending} chunked sequence(s) never completed")
+    if copies is not None:
+        count_copies(copies.finish(), report, metrics)
     show_progress(progress, report, shadow, force=True)
 
 
@@ -166,8 +173,10 @@ def handle_table(
     precision: str,
     metrics: DriverMetrics,
     written: OrdinalSet | None = None,
+    copies: CopyWriter | None = None,
 ) -> None:
-    """Route one table of stage output: rejects, block record counts, embeddings (merged if chunked).
+    """Route one table of stage output: rejects, block record counts, embeddings (merged if chunked), and with
+    --dedup the repeats, handed to `copies` (written by its `flush` once their first record's part is complete).
 
     `written` holds the ordinals already in parts: a row delivered twice (a retried batch) is dropped, so
     no id is ever written twice.
@@ -175,7 +184,8 @@ def handle_table(
     reason = table.column("reject_reason")
     is_reject = reason.is_valid().to_numpy(zero_copy_only=False)
     ids_valid = table.column("id").is_valid().to_numpy(zero_copy_only=False)
-    is_window = ids_valid & ~is_reject
+    is_copy = table.column("copy_of").is_valid().to_numpy(zero_copy_only=False)
+    is_window = ids_valid & ~is_reject & ~is_copy
     report.records_read += int(pa.compute.sum(table.column("records_in")).as_py() or 0)
     report.tokens += int(pa.compute.sum(table.column("batch_tokens")).as_py() or 0)
     budgets = table.column("batch_budget").to_numpy()
@@ -196,10 +206,14 @@ def handle_table(
             if count > 1 and not merger.fail(o):
                 continue
             found.append(Reject(i, src or "", r, o))
+        if copies is not None:
+            found += copies.rejected(found)  # a sequence that failed to embed fails its repeats too
         report.failed_records += sum(r.reason.startswith("embedding failed") for r in found)
         rejects.write(found)
         report.records_done += len(found)
         metrics.rejected(len(found))
+    if copies is not None:
+        take_copies(table, is_copy, copies, rejects, report, metrics)
     if not is_window.any():
         return
     win = table.filter(pa.array(is_window))
@@ -264,6 +278,30 @@ def handle_table(
     report.records_done += len(rows)
     writer.write(rows)
     metrics.written(len(rows))
+
+
+def take_copies(table: pa.Table, is_copy: np.ndarray, copies: CopyWriter, rejects: RejectWriter,
+                report: JobReport, metrics: DriverMetrics) -> None:
+    """--dedup: add the blocks' counts and hand the repeats to `copies` (repeats of a failed sequence are rejects)."""
+    for counts in table.column("dedup_counts").drop_null().to_pylist():
+        copies.counts.add(counts)
+    if not is_copy.any():
+        return
+    sub = table.filter(pa.array(is_copy))
+    failed = copies.request(sub.column("id").to_pylist(), sub.column("ordinal").to_numpy(),
+                            sub.column("source").to_pylist(), sub.column("copy_of").to_numpy())
+    if failed:
+        rejects.write(failed)
+        report.failed_records += len(failed)
+        report.records_done += len(failed)
+        metrics.rejected(len(failed))
+
+
+def count_copies(rows: int, report: JobReport, metrics: DriverMetrics) -> None:
+    """Rows `CopyWriter` just wrote (repeats), for progress and metrics."""
+    if rows:
+        report.records_done += rows
+        metrics.written(rows)
 
 
 def clock_batches(table: pa.Table, report: JobReport) -> None:

@@ -109,6 +109,8 @@ def output_schema(embed_dim: int) -> pa.Schema:
             # Seconds in embed_guarded (overlap with a concurrent call counted once: BusyClock), first window.
             ("batch_seconds", pa.float64()),
             ("batch_done", pa.float64()),  # time.time() when the batch's results were on the host (first window)
+            ("copy_of", pa.int64()),  # --dedup: this row is a repeat of that ordinal's sequence (no embedding)
+            ("dedup_counts", pa.list_(pa.int64())),  # --dedup: a block's counts (runner.stream), on its summary row
         ]
     )
 
@@ -437,6 +439,8 @@ class EmbedStage:
                 "actor_restarts": pa.array(np.zeros(n, dtype=np.int64)),
                 "batch_seconds": pa.array(batch_seconds),
                 "batch_done": pa.array(batch_done),
+                "copy_of": pa.nulls(n, pa.int64()),
+                "dedup_counts": pa.nulls(n, pa.list_(pa.int64())),
             },
             schema=self.schema,
         )
@@ -445,13 +449,17 @@ class EmbedStage:
         return table
 
     def _rejects_table(self, row: dict, records_in: int) -> pa.Table:
-        """Rejects of a block pass through; an extra empty-id row carries the block's record count."""
-        ids = list(row.get("reject_ids") or [])
+        """Rejects and --dedup repeats of a block pass through; an extra empty-id row carries the block's record
+        count (and dedup counts)."""
+        rejects = list(row.get("reject_ids") or [])
+        copies = list(row.get("copy_ids") or [])
+        ids = rejects + copies
         n = len(ids) + 1
         return pa.table(
             {
                 "id": pa.array([*ids, None], pa.string()),
-                "ordinal": pa.array([*(row.get("reject_ordinals") or []), -1], pa.int64()),
+                "ordinal": pa.array([*(row.get("reject_ordinals") or []), *(row.get("copy_ordinals") or []), -1],
+                                    pa.int64()),
                 "residues": pa.array([0] * n, pa.int32()),
                 "truncated": pa.array([False] * n, pa.bool_()),
                 "chunk_index": pa.array([0] * n, pa.int32()),
@@ -459,8 +467,10 @@ class EmbedStage:
                 "total_residues": pa.array([0] * n, pa.int32()),
                 "embedding": pa.nulls(n, pa.list_(pa.float32(), self.embed_dim)),
                 "finite": pa.array([True] * n, pa.bool_()),
-                "reject_reason": pa.array([*(row.get("reject_reasons") or []), None], pa.string()),
-                "source": pa.array([*(row.get("reject_sources") or []), None], pa.string()),
+                "reject_reason": pa.array([*(row.get("reject_reasons") or []), *[None] * len(copies), None],
+                                          pa.string()),
+                "source": pa.array([*(row.get("reject_sources") or []), *(row.get("copy_sources") or []), None],
+                                   pa.string()),
                 "worker": pa.array([self.worker] * n, pa.string()),
                 "attention": pa.array([self.kernels] * n, pa.string()),
                 "records_in": pa.array([0] * (n - 1) + [records_in], pa.int64()),
@@ -471,6 +481,8 @@ class EmbedStage:
                 "actor_restarts": pa.array([0] * n, pa.int64()),
                 "batch_seconds": pa.array([0.0] * n, pa.float64()),
                 "batch_done": pa.array([0.0] * n, pa.float64()),
+                "copy_of": pa.array([*[None] * len(rejects), *(row.get("copy_of") or []), None], pa.int64()),
+                "dedup_counts": pa.array([*[None] * (n - 1), row.get("dedup_counts")], pa.list_(pa.int64())),
             },
             schema=self.schema,
         )

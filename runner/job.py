@@ -28,6 +28,7 @@ from runner.cluster import (
 from runner.collect import drain
 from runner.config import EmbedConfig, resolve_precision
 from runner.console import JobLog
+from runner.dedup import CopyWriter
 from runner.embed_stage import StageSettings
 from runner.errors import RunnerError
 from runner.manifest import Manifest, input_fingerprint, job_fingerprint
@@ -159,6 +160,7 @@ def _run_locked(
             unit="GPU" if on_gpu else "CPU actor",
             tokens_per_residue=1.0 if info.family == "esm2" else None,
         )
+        copies = CopyWriter(writer, resume.done, resume.parts) if config.dedup else None
         hard_stop = False
         clock.mark("stream_started")
         try:
@@ -174,6 +176,7 @@ def _run_locked(
                 metrics,
                 resume.done,
                 signals,
+                copies,
             )
             if signals.signum is None:
                 if shadow is not None:
@@ -197,6 +200,9 @@ def _run_locked(
             raise
         finally:
             record_startup(manifest, report, clock)
+            if copies is not None:
+                manifest.extra["dedup"] = copies.counts.section(report.records_read)
+                report.duplicates_dropped += copies.duplicates_dropped
             finish_outputs(
                 writer,
                 rejects,

@@ -76,8 +76,8 @@ class Preparer:
             total_residues=total,
         )
 
-    def prepare(self, record: InputRecord) -> list[TokenizedRecord] | Reject:
-        """The windows of one record (usually one), or why it is rejected."""
+    def check(self, record: InputRecord) -> str | Reject:
+        """The cleaned sequence of an embeddable record, or why it is rejected (no tokenizing)."""
         if not record.id:
             return self._reject(record, "missing id (empty FASTA header or id column)")
         seq = self.codec.clean(record.sequence)
@@ -86,13 +86,27 @@ class Preparer:
         bad = self.codec.invalid_characters(seq)
         if bad:
             return self._reject(record, f"invalid characters for {self.codec.kind} model: {bad}")
+        if len(seq) > self.max_residues and self.long == "skip":
+            return self._reject(record, f"longer than {self.max_residues} residues ({len(seq)}); use --long truncate or chunk")
+        return seq
+
+    def window_residues(self, length: int) -> list[int]:
+        """Residues of each window a cleaned sequence of `length` residues is embedded as (`prepare`'s windows)."""
+        m = self.max_residues
+        if length <= m or self.long != "chunk":
+            return [min(length, m)]
+        return [m] * len(chunk_starts(length, m, self.chunk_overlap))
+
+    def prepare(self, record: InputRecord) -> list[TokenizedRecord] | Reject:
+        """The windows of one record (usually one), or why it is rejected."""
+        seq = self.check(record)
+        if isinstance(seq, Reject):
+            return seq
         n, m = len(seq), self.max_residues
         if n <= m:
             return [self._window(record, seq, False, 0, 1, n)]
         if self.long == "truncate":
             return [self._window(record, seq[:m], True, 0, 1, n)]
-        if self.long == "skip":
-            return self._reject(record, f"longer than {m} residues ({n}); use --long truncate or chunk")
         starts = chunk_starts(n, m, self.chunk_overlap)
         return [self._window(record, seq[s : s + m], False, i, len(starts), n) for i, s in enumerate(starts)]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,14 +83,23 @@ class PartWriter:
 
     def write(self, rows: EmbeddedRows) -> None:
         """Append rows; raise OutputWriteError (the open part deleted) when the disk refuses them."""
+        self._append(len(rows), lambda start, end: self._record_batch(rows, start, end))
+
+    def write_table(self, table: pa.Table) -> None:
+        """Append rows that already have the parts' schema (--dedup: copies of rows read back from parts)."""
+        table = table.combine_chunks()
+        self._append(table.num_rows, lambda start, end: table.slice(start, end - start).to_batches()[0])
+
+    def _append(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
+        """Write rows [0, count) as `batch(start, end)` record batches, starting a new part when one is full."""
         try:
             start = 0
-            while start < len(rows):
+            while start < count:
                 if self._writer is None:
                     self._open()
                 room = self.rows_per_part - self._rows_in_open_part
-                end = min(len(rows), start + room)
-                self._writer.write_batch(self._record_batch(rows, start, end))  # type: ignore[union-attr]
+                end = min(count, start + room)
+                self._writer.write_batch(batch(start, end))  # type: ignore[union-attr]
                 self._rows_in_open_part += end - start
                 start = end
                 if self._rows_in_open_part >= self.rows_per_part:
