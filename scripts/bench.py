@@ -3,6 +3,7 @@
     python scripts/bench.py gpu --models 650M,3B --gpus 1 --shadow-rates 0,0.01 \\
         --reference build/bench_ref/reference_bench.py --out benchmarks/results/
     python scripts/bench.py cpu-stages --records 1000000,10000000 --out benchmarks/results/
+    python scripts/bench.py dedup --model 650M --gpus 1 --seqs 40960 --repeat-fraction 0.4 --out benchmarks/results/
 
 `gpu`: per architecture, writes a synthetic FASTA (the reference script's generator: lognormal lengths,
 median 300, sigma 0.65, clipped to 30..1022, 20 amino acids, seed 0) and a random-weight fair-esm checkpoint
@@ -16,6 +17,9 @@ Steady tok/s comes from the actors' own clock in the manifest (`steady_candidate
 (parse + duplicate filter), tokenize/pack (`runner.stream.pack_records`, ESM-2 codec) and write
 (`PartWriter`, fake dim-32 embeddings) code in a fresh process per N; reports CPU seconds per million
 tokens per stage and RSS sampled along the way (flat in N except for the duplicate filter, by design).
+
+`dedup` (scripts/bench_dedup.py): a FASTA where a share of the records repeat earlier sequences, run without
+and with --dedup; the actors' busy seconds must fall in proportion to the tokens left out.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 
 from bench_cpu_stages import cmd_cpu_one, cmd_cpu_stages, cpu_check
 from bench_data import write_random_esm2, write_synth_fasta
+from bench_dedup import add_parser as add_dedup_parser
 from bench_monitor import child_env, gpu_name, log, run_logged, tail
 from bench_report import TARGETS, compute_ratios, markdown_table, merge_docs, summarize
 
@@ -440,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--workdir")
     c.add_argument("--timeout", type=float, default=3600)
     c.set_defaults(fn=cmd_cpu_stages)
+
+    add_dedup_parser(sub, run_runner)
 
     mg = sub.add_parser("merge", help="merge result files (later files win per model run), recompute ratios")
     mg.add_argument("files", nargs="+")

@@ -1,0 +1,235 @@
+"""What the driver and the CPU stages cost per row and per token, with embedding actors that return vectors at once.
+
+    python scripts/bench_driver.py --records 100000 --medians 60,300 --dims 1280,2560 \\
+        --out benchmarks/results/2026-11-30-driver-scale.json
+
+No Ray and no weights: the real code of each stage runs in this one process, on one core, timed with the
+process clock (CPU seconds, not wall seconds, so other load on the machine inflates them less):
+
+- read: `runner.stream.read_blocks` (FASTA parse, duplicate-id filter, Arrow blocks): the single read task;
+  `read_dedup` is the same with --dedup's cleaning and sequence table.
+- pack: `runner.stream.pack_records` per block (clean, tokenize, pack): the parallel pack tasks.
+- actor host work: `InstantEmbedStage`, a TEST-ONLY stand-in for `runner.embed_stage.EmbedStage` that runs the
+  real `_embed_row` (Arrow in, Arrow out) but returns a fixed random matrix instead of a forward. It lives in
+  this script only: nothing in runner can reach it. Its cost is spent on the actors' hosts, not the driver.
+- driver: `runner.collect.handle_table` on each stand-in output with a real `PartWriter` (Arrow parts of
+  D-wide float32 vectors, fsynced and renamed) and, for --dedup, `CopyWriter.flush`: what the one driver does
+  per row, minus Ray Data's own delivery (object fetch, executor), which comes on top.
+
+From the per-row and per-token costs it reports the rows/s and tokens/s one core sustains per stage and the
+cores each stage needs at 8, 64 and 256 H200s' rate (650M: ~330k tok/s per GPU on short reads, 324k on
+protein-length; 3B: ~91k), and whether the one driver (one core, one process) keeps up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+# Tokens/s one H200 embeds (runner, actor clock; benchmarks/results/2026-11-29-nvidia-h200*.json and issue 18).
+GPU_RATE = {(1280, 60): 330_000, (1280, 300): 324_000, (2560, 60): 91_000, (2560, 300): 91_000}
+GPU_COUNTS = (8, 64, 256)
+
+
+def instant_stage(dim: int):
+    """A TEST-ONLY EmbedStage whose forward is a fixed random matrix: the real Arrow in/out, no model."""
+    import numpy as np
+
+    from runner.embed_stage import BusyClock, EmbedStage, StageSettings, output_schema
+    from runner.metrics import ActorMetrics
+
+    class InstantEmbedStage(EmbedStage):
+        def __init__(self) -> None:  # deliberately not EmbedStage.__init__: no model is loaded
+            self.settings = StageSettings(model="instant", precision="fp16", layer=-1, pooling="mean", device="cpu")
+            self.embed_dim = dim
+            self.schema = output_schema(dim)
+            self.worker = "bench:instant:0"
+            self.backend = "instant"
+            self.metrics = ActorMetrics("instant", "fp16", self.worker)  # inert outside Ray
+            self.max_tokens = self.oom_splits = self._unreported_ooms = self._unreported_restart = self._batches = 0
+            self.busy = BusyClock()
+            self._vectors = np.random.default_rng(0).standard_normal((1 << 14, dim)).astype(np.float32)
+
+        @property
+        def kernels(self) -> str:
+            return "instant"
+
+        def embed_guarded(self, batch):
+            n = len(batch.ids)
+            vectors = self._vectors[np.arange(n) % len(self._vectors)]
+            return vectors, np.ones(n, dtype=bool), [None] * n
+
+    return InstantEmbedStage()
+
+
+def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_per_part: int, dedup: bool) -> dict:
+    """Every stage of one FASTA through the real code; CPU seconds per stage."""
+    import numpy as np
+
+    from runner.collect import handle_table
+    from runner.config import EmbedConfig
+    from runner.dedup import CopyWriter
+    from runner.metrics import DriverMetrics
+    from runner.models.esm2 import Esm2Codec
+    from runner.prepare import Preparer
+    from runner.report import JobReport
+    from runner.resume import OrdinalSet
+    from runner.sink import ChunkMerger, PartWriter, RejectWriter
+    from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+
+    pt = time.process_time
+    codec = Esm2Codec()
+    read = ReadSettings((str(fasta),), "id", "sequence", block, dedup=Preparer(codec) if dedup else None)
+    t = pt()
+    blocks = list(read_blocks(read))
+    cpu_read = pt() - t
+
+    pack = PackSettings(codec, None, "truncate", 128, budget)
+    t = pt()
+    packed = [pack_records(b, pack) for b in blocks]
+    cpu_pack = pt() - t
+    del blocks
+
+    stage = instant_stage(dim)
+    t = pt()
+    outputs = [stage(p.slice(i, 1)) for p in packed for i in range(p.num_rows)]  # Ray Data: batch_size=1
+    cpu_actor = pt() - t
+    tokens = sum(int(np.sum(np.diff(np.asarray(c)))) for p in packed for c in p.column("cu_seqlens").to_pylist())
+    del packed
+
+    shutil.rmtree(out_dir, ignore_errors=True)
+    writer = PartWriter(out_dir, dim, rows_per_part)
+    rejects = RejectWriter(out_dir)
+    report = JobReport(out_dir=out_dir)
+    written = OrdinalSet()
+    copies = CopyWriter(writer, written, []) if dedup else None
+    config = EmbedConfig(model="instant")
+    metrics = DriverMetrics("instant", "fp16")
+    merger = ChunkMerger()
+    # Ray Data hands the driver each actor output as one table (batch_size=None): one per packed batch here.
+    wall = time.perf_counter()
+    t = pt()
+    for table in outputs:
+        handle_table(table, writer, rejects, report, merger, config, "fp16", metrics, written, copies)
+        if copies is not None:
+            report.records_done += copies.flush()
+    if copies is not None:
+        report.records_done += copies.finish()
+    writer.close()
+    rejects.close()
+    cpu_driver = pt() - t
+    wall_driver = time.perf_counter() - wall
+    rows = writer.rows_written
+    assert rows + rejects.count == report.records_read, (rows, rejects.count, report.records_read)
+    part_bytes = sum(p.stat().st_size for p in (out_dir / "embeddings").glob("part-*.arrow"))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    result = {
+        "records": report.records_read,
+        "rows": rows,
+        "tokens_embedded": tokens,
+        "tokens_per_row": round(tokens / max(rows, 1), 1),
+        "cpu_seconds": {"read": round(cpu_read, 3), "pack": round(cpu_pack, 3), "actor_host": round(cpu_actor, 3),
+                        "driver": round(cpu_driver, 3)},
+        "driver_wall_seconds": round(wall_driver, 3),
+        "part_bytes_per_row": round(part_bytes / max(rows, 1), 1),
+    }
+    if copies is not None:
+        result["dedup"] = copies.counts.section(report.records_read)
+    return result
+
+
+def derive(res: dict, dim: int, median: int) -> dict:
+    """Per-row / per-token costs, one core's rates and the cores each stage needs at 8/64/256 H200s."""
+    rows, tokens = res["rows"], res["tokens_embedded"]
+    cpu = res["cpu_seconds"]
+    # read and pack see every record; the driver every row written; per token = per embedded token
+    per_row_us = {k: round(v / max(rows, 1) * 1e6, 2) for k, v in cpu.items()}
+    per_mtok_s = {k: round(v / max(tokens, 1) * 1e6, 3) for k, v in cpu.items()}
+    one_core = {k: {"rows_per_s": round(rows / v) if v else None, "tokens_per_s": round(tokens / v) if v else None}
+                for k, v in cpu.items()}
+    gpu_rate = GPU_RATE[(dim, 300 if median >= 200 else 60)]
+    need = {}
+    for g in GPU_COUNTS:
+        tok_s = g * gpu_rate
+        row_s = tok_s / res["tokens_per_row"]
+        need[f"{g}_h200"] = {
+            "tokens_per_s": tok_s,
+            "rows_per_s": round(row_s),
+            "cores": {k: round(v / max(tokens, 1) * tok_s, 2) for k, v in cpu.items()},
+            "disk_write_mb_per_s": round(row_s * res["part_bytes_per_row"] / 1e6, 1),
+        }
+    driver_rows = one_core["driver"]["rows_per_s"] or 0
+    read_rows = one_core["read"]["rows_per_s"] or 0
+    return {"per_row_us": per_row_us, "cpu_s_per_mtok": per_mtok_s, "one_core": one_core, "gpu_rate_per_h200": gpu_rate,
+            "at": need,
+            # The driver and the read task are one process each: a stage needing more than one core is the ceiling.
+            "one_driver_keeps_up_with_h200s": round(driver_rows * res["tokens_per_row"] / gpu_rate, 1),
+            "one_read_task_keeps_up_with_h200s": round(read_rows * res["tokens_per_row"] / gpu_rate, 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--records", type=int, default=100_000, help="records per input (each median)")
+    ap.add_argument("--medians", default="60,300", help="median residues of the synthetic proteins")
+    ap.add_argument("--dims", default="1280,2560", help="embedding widths (650M: 1280, 3B: 2560)")
+    ap.add_argument("--block", type=int, default=2048, help="records per block (runner's records_per_block)")
+    ap.add_argument("--budget", type=int, default=65536, help="token budget per packed batch (H200 650M: ~64k)")
+    ap.add_argument("--rows-per-part", type=int, default=16384)
+    ap.add_argument("--dedup", action="store_true", help="also measure read and driver with --dedup")
+    ap.add_argument("--workdir", help="where inputs and parts go (default: a temporary directory)")
+    ap.add_argument("--out", required=True, help="result JSON file")
+    args = ap.parse_args(argv)
+
+    from bench_data import write_short_fasta
+    from bench_dedup import write_repeated_fasta
+
+    doc: dict = {"date": dt.date.today().isoformat(), "host": platform.node(), "cpu": platform.processor(),
+                 "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                 "command": "python scripts/bench_driver.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                 "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "runs": {}}
+    with tempfile.TemporaryDirectory(prefix="runner-driver-bench-", dir=args.workdir) as work_s:
+        work = Path(work_s)
+        warm = work / "warm-up.fasta"  # first calls pay for imports and caches: not part of any figure
+        write_repeated_fasta(warm, 3000, 0.4, median=60, lo=10)
+        measure(warm, work / "out", 64, args.block, args.budget, args.rows_per_part, True)
+        for median in map(int, args.medians.split(",")):
+            fasta = work / f"m{median}.fasta"
+            info = write_short_fasta(fasta, args.records, median=median, lo=10)
+            variants = [("plain", fasta, False)]
+            if args.dedup:
+                repeated = work / f"m{median}-repeated.fasta"
+                write_repeated_fasta(repeated, args.records, 0.4, median=median, lo=10)
+                variants.append(("dedup40", repeated, True))
+            for dim in map(int, args.dims.split(",")):
+                for name, path, dedup in variants:
+                    key = f"median{median}_d{dim}_{name}"
+                    t = time.perf_counter()
+                    res = measure(path, work / "out", dim, args.block, args.budget, args.rows_per_part, dedup)
+                    res["input"] = info if name == "plain" else {"repeat_fraction": 0.4}
+                    res.update(derive(res, dim, median))
+                    doc["runs"][key] = res
+                    print(f"{key}: {res['rows']} rows, {res['tokens_per_row']} tok/row, us/row {res['per_row_us']}, "
+                          f"one driver keeps up with {res['one_driver_keeps_up_with_h200s']} H200s, one read task "
+                          f"with {res['one_read_task_keeps_up_with_h200s']} ({time.perf_counter() - t:.0f}s)",
+                          flush=True)
+    doc["load_average_at_end"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""scripts/bench_driver.py (the driver at scale, with instant stand-in actors) and scripts/bench_dedup.py (the
+repeated-sequence input of `bench.py dedup`). CPU only, no Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+
+REPO = Path(__file__).resolve().parents[1]
+for _path in (str(REPO), str(REPO / "scripts")):  # as `python scripts/bench_driver.py` sees them
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+import bench_driver  # noqa: E402
+from bench_dedup import write_repeated_fasta  # noqa: E402
+from conftest import read_fasta  # noqa: E402
+
+from runner.embed_stage import output_schema  # noqa: E402
+
+
+def test_repeated_fasta_has_the_asked_share_of_repeats(tmp_path: Path) -> None:
+    info = write_repeated_fasta(tmp_path / "r.fasta", 1000, 0.4, median=40, lo=10)
+    seqs = [s.upper() for _, s in read_fasta(tmp_path / "r.fasta")]
+    assert len(seqs) == 1000 and len(set(seqs)) == info["distinct"] == 600
+    assert info["tokens"] == sum(map(len, seqs)) + 2 * 1000
+
+
+def test_instant_stand_in_returns_the_embed_stage_schema() -> None:
+    """The stand-in runs EmbedStage's own row code: its output is what the driver gets from real actors."""
+    import numpy as np
+
+    from runner.batch import TokenizedRecord
+    from runner.packing import make_batch
+
+    stage = bench_driver.instant_stage(32)
+    windows = [TokenizedRecord(f"s{i}", i, np.arange(5, dtype=np.int32), 3, False) for i in range(4)]
+    row = make_batch(windows, 64).to_row()
+    out = stage(pa.Table.from_pylist([row]))
+    assert out.schema.equals(output_schema(32))
+    assert out.column("id").to_pylist() == ["s0", "s1", "s2", "s3"]
+
+
+def test_measure_accounts_every_record_and_derives_cores(tmp_path: Path) -> None:
+    """Plain and --dedup runs through the real read, pack, stand-in and driver code; rows + rejects = records."""
+    fasta = tmp_path / "r.fasta"
+    write_repeated_fasta(fasta, 600, 0.4, median=40, lo=10)
+    plain = bench_driver.measure(fasta, tmp_path / "out", 16, 128, 2048, 100, dedup=False)
+    dedup = bench_driver.measure(fasta, tmp_path / "out", 16, 128, 2048, 100, dedup=True)
+    assert plain["rows"] == dedup["rows"] == 600
+    assert dedup["dedup"]["repeats"] == 240 and dedup["dedup"]["copies_written"] == 240
+    assert dedup["tokens_embedded"] == plain["tokens_embedded"] - dedup["dedup"]["tokens_saved"]
+    derived = bench_driver.derive(plain, 1280, 60)
+    at8, at64 = derived["at"]["8_h200"], derived["at"]["64_h200"]
+    assert at64["tokens_per_s"] == 8 * at8["tokens_per_s"] == 64 * 330_000
+    assert at64["cores"]["driver"] > at8["cores"]["driver"] > 0
