@@ -330,6 +330,7 @@ class CopyWriter:
         written = 0
         for p in np.unique(found):
             sel = np.flatnonzero(found == p)
+            sel = sel[np.argsort(rows[sel], kind="stable")]  # the part's rows in file order: sequential reads
             table = self._open(self._names[p])[0].take(pa.array(rows[sel]))
             table = table.set_column(table.schema.get_field_index("id"), "id",
                                      pa.array([ready[i][0].id for i in sel], pa.string()))
