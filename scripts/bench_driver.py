@@ -43,35 +43,31 @@ GPU_RATE = {(1280, 60): 330_000, (1280, 300): 324_000, (2560, 60): 91_000, (2560
 GPU_COUNTS = (8, 64, 256)
 
 
-def instant_stage(dim: int):
-    """A TEST-ONLY EmbedStage whose forward is a fixed random matrix: the real Arrow in/out, no model."""
+def instant_stage(dim: int, work: Path):
+    """A TEST-ONLY EmbedStage whose forward is a fixed random matrix [B, dim]: the real constructor (on a tiny
+    checkpoint, so every attribute the row code uses exists) and the real Arrow in/out, no forward."""
     import numpy as np
+    from tiny_esm2 import make_esm2
 
-    from runner.embed_stage import BusyClock, EmbedStage, StageSettings, output_schema
-    from runner.metrics import ActorMetrics
+    from runner.embed_stage import EmbedStage, StageSettings, output_schema
 
     class InstantEmbedStage(EmbedStage):
-        def __init__(self) -> None:  # deliberately not EmbedStage.__init__: no model is loaded
-            self.settings = StageSettings(model="instant", precision="fp16", layer=-1, pooling="mean", device="cpu")
-            self.embed_dim = dim
+        def __init__(self, settings: StageSettings) -> None:
+            super().__init__(settings)
+            self.embed_dim = dim  # the width benchmarked, not the tiny model's
             self.schema = output_schema(dim)
-            self.worker = "bench:instant:0"
-            self.backend = "instant"
-            self.metrics = ActorMetrics("instant", "fp16", self.worker)  # inert outside Ray
-            self.max_tokens = self.oom_splits = self._unreported_ooms = self._unreported_restart = self._batches = 0
-            self.busy = BusyClock()
             self._vectors = np.random.default_rng(0).standard_normal((1 << 14, dim)).astype(np.float32)
-
-        @property
-        def kernels(self) -> str:
-            return "instant"
 
         def embed_guarded(self, batch):
             n = len(batch.ids)
             vectors = self._vectors[np.arange(n) % len(self._vectors)]
             return vectors, np.ones(n, dtype=bool), [None] * n
 
-    return InstantEmbedStage()
+    checkpoint = work / "instant-tiny.pt"
+    if not checkpoint.exists():
+        make_esm2(checkpoint)
+    return InstantEmbedStage(StageSettings(model=str(checkpoint), precision="fp32", layer=-1, pooling="mean",
+                                           device="cpu"))
 
 
 def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_per_part: int, dedup: bool) -> dict:
@@ -102,7 +98,7 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     cpu_pack = pt() - t
     del blocks
 
-    stage = instant_stage(dim)
+    stage = instant_stage(dim, out_dir.parent)
     t = pt()
     outputs = [stage(p.slice(i, 1)) for p in packed for i in range(p.num_rows)]  # Ray Data: batch_size=1
     cpu_actor = pt() - t
