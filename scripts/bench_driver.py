@@ -146,6 +146,21 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     return result
 
 
+def memcpy_gb_per_s(mib: int = 256, repeats: int = 5) -> float:
+    """This process's memory-copy bandwidth (best of `repeats`): the driver's per-row cost is mostly copies of
+    D-wide vectors, so this calibrates the figures against the machine they ran on (and its other load)."""
+    import numpy as np
+
+    src = np.ones(mib << 18, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()  # CPU time, as every stage figure: time waiting for a core does not count
+        np.copyto(dst, src)
+        best = min(best, time.process_time() - t)
+    return round(src.nbytes / best / 1e9, 2)
+
+
 def derive(res: dict, dim: int, median: int) -> dict:
     """Per-row / per-token costs, one core's rates and the cores each stage needs at 8/64/256 H200s."""
     rows, tokens = res["rows"], res["tokens_embedded"]
@@ -193,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     doc: dict = {"date": dt.date.today().isoformat(), "host": platform.node(), "cpu": platform.processor(),
                  "cpu_count": os.cpu_count(), "load_average_at_start": os.getloadavg(),
+                 "memcpy_gb_per_s_at_start": memcpy_gb_per_s(),
                  "command": "python scripts/bench_driver.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                  "settings": {k: v for k, v in vars(args).items() if k not in ("out", "workdir")}, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="runner-driver-bench-", dir=args.workdir) as work_s:
@@ -221,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"with {res['one_read_task_keeps_up_with_h200s']} ({time.perf_counter() - t:.0f}s)",
                           flush=True)
     doc["load_average_at_end"] = os.getloadavg()
+    doc["memcpy_gb_per_s_at_end"] = memcpy_gb_per_s()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"wrote {args.out}")
