@@ -205,7 +205,7 @@ def ray_address():
     """One local Ray for the module; the SIGKILLed subprocess driver joins it by address."""
     import ray
 
-    for attempt in range(3):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
+    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
         try:
             # address="local": a Ray of its own even when another one runs on this machine
             ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
@@ -213,7 +213,7 @@ def ray_address():
             break
         except Exception as e:
             ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 5:
                 raise
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
