@@ -4,6 +4,8 @@
       -> models/esm2_tiny.pt (+ esm2_tiny-contact-regression.pt)   fair-esm ESM-2 format, random weights
       -> models/dnabert_tiny/                                     DNABERT-S HF layout + BPE tokenizer
       -> models/esm2_hf_tiny/                                     transformers ESM-2 (EsmForMaskedLM) + vocab.txt
+      -> models/esmc_tiny/ and models/esmc_tiny.pth               ESM C: transformers layout + EsmcTokenizer, and
+                                                                  the same weights in EvolutionaryScale's .pth layout
 
 The embeddings of random weights mean nothing; they exercise the real loading and packed forward code.
 """
@@ -30,7 +32,8 @@ def main(out_dir: str) -> None:
     esm_path = _load("tiny_esm2").make_esm2(out / "esm2_tiny.pt")
     dna_path = _load("tiny_dnabert").make_dnabert(out / "dnabert_tiny")
     hf_path = _load("tiny_hf_esm2").make_hf_esm2(out / "esm2_hf_tiny")
-    print(f"wrote {esm_path}, {dna_path} and {hf_path}")
+    esmc_dir, esmc_pth = _load("tiny_esmc").make_esmc(out)
+    print(f"wrote {esm_path}, {dna_path}, {hf_path}, {esmc_dir} and {esmc_pth}")
 
 
 if __name__ == "__main__":

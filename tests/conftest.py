@@ -113,3 +113,25 @@ def tiny_dnabert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return load_script("tiny_dnabert").make_dnabert(
         tmp_path_factory.mktemp("dnabert") / "dnabert_tiny", layout="dnabert-s"
     )
+
+
+# --- ESM C -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_esmc_script() -> ModuleType:
+    """scripts/tiny_esmc.py, for tests that build their own variants (make_esmc)."""
+    return load_script("tiny_esmc")
+
+
+@pytest.fixture(scope="session")
+def tiny_esmc(tmp_path_factory: pytest.TempPathFactory, tiny_esmc_script: ModuleType) -> tuple[Path, Path]:
+    """A tiny random ESM C (2 layers, width 128, 2 heads of 64): the transformers directory (EsmcForMaskedLM
+    save_pretrained + EsmcTokenizer) and the same weights as an original-layout .pth."""
+    return tiny_esmc_script.make_esmc(tmp_path_factory.mktemp("esmc"))
+
+
+@pytest.fixture(scope="session")
+def overflow_esmc_dir(tmp_path_factory: pytest.TempPathFactory, tiny_esmc_script: ModuleType) -> Path:
+    """Like tiny_esmc's directory, but any sequence containing 'W' embeds to non-finite values in fp32."""
+    return tiny_esmc_script.make_esmc(tmp_path_factory.mktemp("esmc_overflow"), overflow_residue="W")[0]

@@ -1,0 +1,373 @@
+"""ESM C (EvolutionaryScale, now Biohub) behind the `runner` model interface, with a packed (varlen) forward.
+
+The architecture, as transformers' `EsmcModel` and EvolutionaryScale's `esm.models.esmc.ESMC` compute it:
+- token embedding (vocabulary of 64 rows, 33 of them used), no position embedding, no token dropout;
+- per block, pre-LayerNorm (with bias) -> one bias-free projection to q|k|v -> LayerNorm (no bias) over the
+  full width of q and of k -> rotary positions (rotate-half, base 10000) on 64-wide heads -> attention ->
+  bias-free output projection, added as `x + out / s`; then pre-LayerNorm (with bias) -> one bias-free
+  projection to gate|up -> SwiGLU silu(gate) * up -> bias-free down projection, added as `x + down / s`,
+  with the residual scaling s = sqrt(layers / 36);
+- a final LayerNorm without bias: transformers' `last_hidden_state`.
+
+Layer L here is transformers' `hidden_states[L]`: 0 the embeddings, 1..n-1 the blocks' outputs, n the output
+after the final LayerNorm. The weights come from a transformers directory or an original `.pth` state dict
+(runner.models.esmc_checkpoints); this module holds the tokenizer, the weights and the packed forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runner.attention import plan_attention, select_backend
+from runner.errors import RunnerError
+from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
+from runner.models.esm2_layers import compile_over_tokens, rotate, run_layers
+from runner.models.fp16x3 import SplitLinear, SplitWeight
+
+logger = logging.getLogger("runner")
+
+# ESM C's sequence vocabulary (EvolutionaryScale's `SEQUENCE_VOCAB`, transformers' EsmcTokenizer): token id =
+# index. The checkpoints' embedding has 64 rows; ids 33-63 are never produced.
+ESMC_VOCAB: tuple[str, ...] = (
+    "<cls>", "<pad>", "<eos>", "<unk>",
+    "L", "A", "G", "V", "S", "E", "R", "T", "I", "D", "P", "K", "Q", "N", "F", "Y", "M", "H", "W", "C",
+    "X", "B", "U", "Z", "O", ".", "-", "|", "<mask>",
+)
+BOS_ID, PAD_ID, EOS_ID, MASK_ID = 0, 1, 2, 32
+
+# Characters a sequence may hold: the 25 residue letters and `|`, the chain break of multi-chain inputs (one
+# token like a residue, as ESM C's own tokenizer makes it). The alignment symbols '.' and '-' are left out on
+# purpose: they are not residues of a sequence.
+ESMC_RESIDUES = "LAGVSERTIDPKQNFYMHWCXBUZO|"
+
+HEAD_DIM = 64  # every ESM C checkpoint has 64-wide heads (300M: 15 heads of 960, 600M: 18 of 1152, 6B: 40 of 2560)
+LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which both reference implementations use everywhere
+
+
+@dataclass(frozen=True)
+class EsmcArchitecture:
+    """The shape of an ESM C model: all a checkpoint must agree with."""
+
+    layers: int  # transformer blocks
+    dim: int  # model width (d_model / hidden_size)
+    heads: int  # attention heads, dim // heads wide
+    ffn_dim: int  # SwiGLU width: the gate and the up projection each make this many channels
+    vocab: int = 64  # rows of the token embedding
+    rope_theta: float = 10000.0  # rotary base
+    max_positions: int = 2048  # longest window in tokens the model was trained on (BOS and EOS included)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+    @property
+    def residual_scale(self) -> float:
+        """ESM3/ESM C's residual scaling: each branch is divided by sqrt(layers / 36) before it is added."""
+        return math.sqrt(self.layers / 36)
+
+    def problems(self) -> list[str]:
+        """What makes this shape impossible (empty when it is fine)."""
+        found = []
+        if min(self.layers, self.dim, self.heads, self.ffn_dim, self.vocab) <= 0:
+            found.append("every size must be positive")
+        elif self.dim % self.heads or self.head_dim % 2:
+            found.append(f"width {self.dim} does not split into {self.heads} heads of an even width")
+        if self.vocab < len(ESMC_VOCAB):
+            found.append(f"the embedding has {self.vocab} rows, fewer than ESM C's {len(ESMC_VOCAB)} tokens")
+        return found
+
+    def parameters(self) -> int:
+        """Weights of the encoder (embedding, blocks, final norm; no language-model head)."""
+        d, f = self.dim, self.ffn_dim
+        block = 2 * d + 3 * d * d + 2 * d + d * d + 2 * d + 2 * f * d + f * d
+        return self.vocab * d + self.layers * block + d
+
+
+# The released models: EvolutionaryScale's `esm.pretrained` builds them with these sizes, and the SwiGLU width
+# is 8/3 * dim rounded up to a multiple of 256 (`swiglu_correction_fn`).
+ESMC_ARCHITECTURES: dict[str, EsmcArchitecture] = {
+    "esmc_300m": EsmcArchitecture(layers=30, dim=960, heads=15, ffn_dim=2560),
+    "esmc_600m": EsmcArchitecture(layers=36, dim=1152, heads=18, ffn_dim=3072),
+}
+
+
+class EsmcCodec(SequenceCodec):
+    """Protein text -> ESM C token ids: <cls> residues <eos>, with `|` as the chain-break token."""
+
+    kind = "protein"
+    special_start = 1  # <cls>
+    special_end = 1  # <eos>
+    # Mean over the residues, <cls> and <eos> left out: what the ESM C maintainers advise for a sequence vector.
+    default_pooling = "mean"
+
+    def __init__(self, max_positions: int = 2048) -> None:
+        self.max_residues = max_positions - 2  # the training context minus <cls> and <eos>
+        self._valid = frozenset(ESMC_RESIDUES)
+        lut = np.full(256, -1, dtype=np.int32)  # byte -> token id, -1 for bytes the model cannot embed
+        for ch in ESMC_RESIDUES:
+            lut[ord(ch)] = ESMC_VOCAB.index(ch)
+        self._lut = lut
+
+    def clean(self, raw: str) -> str:
+        """Whitespace removed, uppercased, one trailing stop codon '*' dropped."""
+        seq = "".join(raw.split()).upper()
+        return seq[:-1] if seq.endswith("*") else seq
+
+    def invalid_characters(self, seq: str) -> str:
+        """Sorted distinct characters outside ESMC_RESIDUES ('' when the sequence is embeddable)."""
+        return "".join(sorted(set(seq) - self._valid))
+
+    def encode(self, seq: str) -> np.ndarray:
+        """int32 [n + 2]: <cls>, one token per residue (or chain break), <eos>."""
+        bad = self.invalid_characters(seq)
+        if bad:
+            raise RunnerError(f"sequence contains characters ESM C cannot embed: {bad}")
+        out = np.empty(len(seq) + 2, dtype=np.int32)  # [n + 2]
+        out[0] = BOS_ID
+        out[1:-1] = self._lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]  # [n]
+        out[-1] = EOS_ID
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The modules that hold the weights (names are runner's own: runner.models.esmc_checkpoints maps both
+# released layouts onto them in one table)
+
+
+class EsmcBlock(nn.Module):
+    """The weights of one ESM C block, q/k/v and gate/up each fused into one projection as in the original."""
+
+    def __init__(self, arch: EsmcArchitecture) -> None:
+        super().__init__()
+        d, f = arch.dim, arch.ffn_dim
+        self.attn_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)  # pre-attention LayerNorm, with bias
+        self.qkv = nn.Linear(d, 3 * d, bias=False)  # q | k | v
+        self.q_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS, bias=False)  # over the full width, before the heads split
+        self.k_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.ffn_norm = nn.LayerNorm(d, eps=LAYER_NORM_EPS)  # pre-MLP LayerNorm, with bias
+        self.gate_up = nn.Linear(d, 2 * f, bias=False)  # gate | up
+        self.down = nn.Linear(f, d, bias=False)
+
+
+class LayerWeights(NamedTuple):
+    """The tensors of one block, so the block's math is a plain function of tensors (compilable).
+
+    Under the shadow's FP16x3/BF16x3 maths the projection weights are `runner.models.fp16x3.SplitWeight`s.
+    """
+
+    attn_norm_weight: torch.Tensor  # [D]
+    attn_norm_bias: torch.Tensor  # [D]
+    qkv_weight: torch.Tensor | SplitWeight  # [3D, D]
+    q_norm_weight: torch.Tensor  # [D]
+    k_norm_weight: torch.Tensor  # [D]
+    out_weight: torch.Tensor | SplitWeight  # [D, D]
+    ffn_norm_weight: torch.Tensor  # [D]
+    ffn_norm_bias: torch.Tensor  # [D]
+    gate_up_weight: torch.Tensor | SplitWeight  # [2F, D]
+    down_weight: torch.Tensor | SplitWeight  # [D, F]
+    scaling: float  # head_dim ** -0.5, the softmax scale (read by esm2_layers.run_layers' attention)
+
+    @classmethod
+    def of(cls, block: EsmcBlock, split: Callable[[torch.Tensor], SplitWeight] | None = None) -> LayerWeights:
+        """The weights of `block`; with `split`, every projection passed through it (the shadow's split maths)."""
+        prepare = split or (lambda weight: weight)
+        return cls(
+            block.attn_norm.weight, block.attn_norm.bias, prepare(block.qkv.weight),
+            block.q_norm.weight, block.k_norm.weight, prepare(block.out.weight),
+            block.ffn_norm.weight, block.ffn_norm.bias, prepare(block.gate_up.weight), prepare(block.down.weight),
+            HEAD_DIM**-0.5,
+        )
+
+
+class LayerMath(NamedTuple):
+    """How every block computes, shared by all blocks of a forward (constants to torch.compile)."""
+
+    heads: int  # attention heads
+    residual_scale: float  # each residual branch is divided by this (sqrt(layers / 36))
+    fp32_layernorm: bool  # LayerNorm in float32 inside a half-precision model
+    linear: Callable[..., torch.Tensor]  # F.linear, or FP32-accurate emulation for the shadow
+
+
+# ---------------------------------------------------------------------------------------------------
+# The block math over packed tokens, cut around the attention kernel like ESM-2's (runner.models.esm2_layers):
+# compiled, the residual add of a block and the LayerNorms of the next become fused kernels.
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fp32: bool) -> torch.Tensor:
+    """LayerNorm over the last dim; in float32 when `fp32` (the variance of fp16 activations can overflow)."""
+    if not fp32 or x.dtype == torch.float32:
+        return F.layer_norm(x, weight.shape, weight, bias, LAYER_NORM_EPS)
+    b = None if bias is None else bias.float()
+    return F.layer_norm(x.float(), weight.shape, weight.float(), b, LAYER_NORM_EPS).to(x.dtype)
+
+
+def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary embedding at each token's own position: float32 [T, 1, hd] each."""
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim  # [hd/2]
+    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
+    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
+    angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: halves duplicated (rotate-half), not interleaved
+    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
+
+
+def attention_inputs(
+    x: torch.Tensor,  # [T, D] residual stream
+    w: LayerWeights,
+    cos: torch.Tensor,  # float32 [T, 1, hd]
+    sin: torch.Tensor,  # float32 [T, 1, hd]
+    math: LayerMath,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pre-LN, q/k/v projection, q/k LayerNorms and rotary positions of one block: q, k, v [T, H, hd]."""
+    h = layer_norm(x, w.attn_norm_weight, w.attn_norm_bias, math.fp32_layernorm)  # [T, D]
+    q, k, v = math.linear(h, w.qkv_weight, None).chunk(3, dim=-1)  # [T, D] each
+    q = layer_norm(q, w.q_norm_weight, None, math.fp32_layernorm).unflatten(-1, (math.heads, -1))  # [T, H, hd]
+    k = layer_norm(k, w.k_norm_weight, None, math.fp32_layernorm).unflatten(-1, (math.heads, -1))  # [T, H, hd]
+    return rotate(q, cos, sin), rotate(k, cos, sin), v.unflatten(-1, (math.heads, -1))
+
+
+def attention_output_and_mlp(
+    x: torch.Tensor,  # [T, D] residual stream
+    o: torch.Tensor,  # [T, H, hd] attention output
+    w: LayerWeights,
+    math: LayerMath,
+) -> torch.Tensor:
+    """Output projection and scaled residual, then the pre-LN SwiGLU MLP and scaled residual: the next x [T, D]."""
+    x = x + math.linear(o.flatten(1), w.out_weight, None) / math.residual_scale  # [T, D]
+    h = layer_norm(x, w.ffn_norm_weight, w.ffn_norm_bias, math.fp32_layernorm)  # [T, D]
+    gate, up = math.linear(h, w.gate_up_weight, None).chunk(2, dim=-1)  # [T, F] each
+    return x + math.linear(F.silu(gate) * up, w.down_weight, None) / math.residual_scale  # [T, D]
+
+
+def next_layer_inputs(
+    x: torch.Tensor,  # [T, D] residual stream
+    o: torch.Tensor,  # [T, H, hd] attention output of block i
+    w: LayerWeights,  # block i
+    w_next: LayerWeights,  # block i + 1
+    cos: torch.Tensor,  # float32 [T, 1, hd]
+    sin: torch.Tensor,  # float32 [T, 1, hd]
+    math: LayerMath,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The rest of block i, then the attention inputs of block i + 1: x [T, D] and q, k, v [T, H, hd]."""
+    x = attention_output_and_mlp(x, o, w, math)  # [T, D]
+    return x, *attention_inputs(x, w_next, cos, sin, math)
+
+
+# The compilable pieces between attention kernels, in the order esm2_layers.run_layers takes them.
+EAGER_PARTS = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
+
+
+class EsmcEmbedder(EmbeddingModel):
+    """ESM C weights plus a packed forward over concatenated sequences."""
+
+    fp32_layernorm: bool = False  # run every LayerNorm in float32 (then cast back) for fp16 robustness
+
+    def __init__(self, arch: EsmcArchitecture, info: ModelInfo) -> None:
+        super().__init__()
+        self.arch = arch
+        self.info = info
+        self.codec = EsmcCodec(arch.max_positions)
+        self.embed = nn.Embedding(arch.vocab, arch.dim)
+        self.layers = nn.ModuleList(EsmcBlock(arch) for _ in range(arch.layers))
+        self.final_norm = nn.LayerNorm(arch.dim, eps=LAYER_NORM_EPS, bias=False)
+        self.num_layers = arch.layers
+        self.num_heads = arch.heads
+        self.head_dim = arch.head_dim
+        self.attention_backend = "exact"
+        self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
+        self.compiled: tuple[Callable[..., Any], ...] | None = None  # torch.compile'd parts, or None (eager)
+        # Per block, the weights the forward reads (split under the shadow's maths), built on first use and again
+        # after the weights moved (device or dtype): see `layer_weights`.
+        self._layer_weights: list[LayerWeights] | None = None
+        self._weights_anchor = 0  # data_ptr of block 0's qkv weight when _layer_weights was built
+
+    def select_attention(self, device: torch.device) -> str:
+        """Fastest kernel for `device` and the current weight dtype (call after moving the model)."""
+        dtype = self.embed.weight.dtype
+        self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype, head_dim=self.head_dim)
+        return self.attention_backend
+
+    @property
+    def compiling(self) -> bool:
+        return self.compiled is not None
+
+    def emulate_fp32(self, math: str) -> None:
+        """As EmbeddingModel.emulate_fp32; for the split maths the projection weights are split once (on the
+        next forward), so the (compiled) blocks receive plain tensors instead of looking splits up per call."""
+        super().emulate_fp32(math)
+        self._layer_weights = None
+
+    def layer_weights(self) -> list[LayerWeights]:
+        """Per block, the tensors the forward reads, every projection split under the shadow's split maths.
+        Rebuilt when the weights moved."""
+        anchor = self.layers[0].qkv.weight.data_ptr() if self.num_layers else 0
+        if self._layer_weights is None or anchor != self._weights_anchor:
+            split = self.linear.split if isinstance(self.linear, SplitLinear) else None
+            self._layer_weights = [LayerWeights.of(block, split) for block in self.layers]
+            self._weights_anchor = anchor
+        return self._layer_weights
+
+    def use_compile(self, on: bool, backend: str | Callable[..., Any] = "inductor") -> bool:
+        """Run the block parts between attention kernels through `torch.compile` (LayerNorms, rotary, SwiGLU and
+        the scaled residual adds become fused kernels around the matmuls; one compile for every batch shape, see
+        `compile_over_tokens`). Falls back to eager, with a warning, if compiling fails."""
+        self.compiled = tuple(compile_over_tokens(part, backend) for part in EAGER_PARTS) if on else None
+        return on
+
+    @torch.no_grad()
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
+        positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
+        cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
+        max_seqlen: int,  # longest sequence in the batch, in tokens
+        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last (after the final norm)
+    ) -> torch.Tensor:
+        """Hidden states of `layer` for every token, [T, D] in the weights' dtype."""
+        target = self.resolve_layer(layer)
+        x = self.embed(tokens.long())  # [T, D]
+        if target == 0:
+            return x
+        cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim, self.arch.rope_theta)  # [T, 1, hd] each
+        cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
+        plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
+        math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
+        x = self._run_layers(x, self.layer_weights()[:target], cos, sin, cu, max_seqlen, plan, math)  # [T, D]
+        if target == self.num_layers:
+            x = layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]: last_hidden_state
+        return x
+
+    def _run_layers(
+        self,
+        x: torch.Tensor,  # [T, D]
+        layers: list[LayerWeights],
+        cos: torch.Tensor,  # float32 [T, 1, hd]
+        sin: torch.Tensor,  # float32 [T, 1, hd]
+        cu: torch.Tensor,  # int32 [B+1]
+        max_seqlen: int,
+        plan: Any,  # runner.attention.plan_attention's per-batch state
+        math: LayerMath,
+    ) -> torch.Tensor:
+        """The blocks, through the compiled parts when `compile` is on (eager otherwise)."""
+        args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
+        if self.compiled is None:
+            return run_layers(*args, parts=EAGER_PARTS)  # type: ignore[arg-type]
+        try:
+            return run_layers(*args, parts=self.compiled)  # type: ignore[arg-type]
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
+            out = run_layers(*args, parts=EAGER_PARTS)  # type: ignore[arg-type]  # a real input error raises here
+            logger.warning("torch.compile failed for the ESM C blocks (%s: %s): running eager from now on",
+                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+            self.compiled = None
+            return out
