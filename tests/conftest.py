@@ -98,6 +98,19 @@ def tiny_hf_esm2_script() -> ModuleType:
     return load_script("tiny_hf_esm2")
 
 
+def fake_hub_cache(cache: Path, repo: str, files_from: Path) -> Path:
+    """Lay out `files_from` as huggingface_hub's cache holds a download of hub model `repo` at `cache`
+    (models--org--name/refs/main + snapshots/<revision>/...); returns the snapshot directory."""
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text(revision)
+    shutil.copytree(files_from, root / "snapshots" / revision)
+    return root / "snapshots" / revision
+
+
 @pytest.fixture(scope="session")
 def tiny_hf_esm2_dir(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_script: ModuleType) -> Path:
     """A tiny random EsmForMaskedLM saved by transformers' save_pretrained (safetensors) with its tokenizer."""

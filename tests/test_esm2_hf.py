@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import fake_hub_cache
 from safetensors.torch import load_file, save_file
 
 from runner.errors import CheckpointError, RunnerError
@@ -166,16 +167,6 @@ def test_sharded_weights_with_an_index(
 # --- the hub name, through the Hugging Face cache ----------------------------------------------------
 
 
-def _fake_hub_cache(cache: Path, repo: str, files_from: Path) -> Path:
-    """The cache layout huggingface_hub itself writes: models--org--name/{refs/main, snapshots/<rev>/...}."""
-    revision = "0123456789abcdef0123456789abcdef01234567"
-    root = cache / f"models--{repo.replace('/', '--')}"
-    (root / "refs").mkdir(parents=True)
-    (root / "refs" / "main").write_text(revision)
-    shutil.copytree(files_from, root / "snapshots" / revision)
-    return root / "snapshots" / revision
-
-
 def test_hub_name_loads_from_the_hugging_face_cache(
     tmp_path: Path, tiny_hf_esm2_dir: Path, monkeypatch: pytest.MonkeyPatch, proteins: list[str]
 ) -> None:
@@ -191,7 +182,7 @@ def test_hub_name_loads_from_the_hugging_face_cache(
     published = model_info(name)  # not cached: the published architecture, nothing downloaded
     assert (published.embed_dim, published.num_layers, published.checkpoint) == (320, 6, "")
 
-    snapshot = _fake_hub_cache(tmp_path / "hub", name, tiny_hf_esm2_dir)
+    snapshot = fake_hub_cache(tmp_path / "hub", name, tiny_hf_esm2_dir)
     model = load_model(name)
     assert model.info.name == name and model.info.checkpoint == str(snapshot.resolve())
     local = load_model(str(tiny_hf_esm2_dir))

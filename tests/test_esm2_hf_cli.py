@@ -1,4 +1,5 @@
-"""A transformers ESM-2 directory through `runner embed` and `runner validate` on CPU, as a user runs them."""
+"""A transformers ESM-2 (a directory, and a hub name from the HF cache) through `runner embed` and `runner validate`
+on CPU, as a user runs them."""
 
 from __future__ import annotations
 
@@ -10,20 +11,46 @@ import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import fake_hub_cache, read_fasta
 
 from runner.cli import cli
 
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
+HUB_NAME = "facebook/esm2_t6_8M_UR50D"
 
-    # address="local": a Ray of this test's own, even when another `ray start` on the machine is the latest.
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_dir: Path):
+    """One local Ray for the module. It starts with a Hugging Face cache that holds the tiny transformers ESM-2
+    under HUB_NAME and with HF_HUB_OFFLINE=1 (no network here), so the driver and the actors resolve the hub
+    name as they would from a user's warm cache."""
+    import ray
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hf_hub")
+    fake_hub_cache(cache, HUB_NAME, tiny_hf_esm2_dir)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes (they inherit Ray's environment)
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setenv("RUNNER_CACHE_DIR", str(tmp_path_factory.mktemp("runner_cache")))
+    patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
+    patch.setattr(constants, "HF_HUB_OFFLINE", True)
+    # address="local": a Ray of this module's own, even when another `ray start` on the machine is the latest.
+    for attempt in range(3):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
+        try:
+            ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=300 * 2**20)
+            break
+        except Exception as e:
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 2:
+                patch.undo()
+                raise
     yield
     ray.shutdown()
+    patch.undo()
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -83,3 +110,20 @@ def test_embed_and_validate_a_transformers_directory(
     report = json.loads(report_path.read_text())
     assert report["passed"] is True and report["sample"]["used"] == 6
     assert 0.99 <= report["variants"][0]["overall"]["cosine_min"] < 1  # bf16 drifts, a little
+
+
+@pytest.mark.slow
+def test_embed_a_hub_name_from_the_hugging_face_cache(tmp_path: Path, tiny_hf_esm2_dir: Path) -> None:
+    out = tmp_path / "hub"
+    code, output = invoke("embed", str(DATA / "few_proteins.fasta"), "--model", HUB_NAME, "--out", str(out),
+                          "--gpus", "0", "--shadow-rate", "0")
+    assert code == 0, output
+    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
+    reference = transformers_means(tiny_hf_esm2_dir, read_fasta(DATA / "few_proteins.fasta"))
+    for sid, vec in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True):
+        got = np.asarray(vec, dtype=np.float32)
+        assert float(got @ reference[sid] / (np.linalg.norm(got) * np.linalg.norm(reference[sid]))) >= 0.9999
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model["name"] == HUB_NAME and "models--facebook--esm2_t6_8M_UR50D" in model["checkpoint"]
+    assert model["licence"]["name"] == "MIT" and model["licence"]["confirmed"] is True
+
