@@ -260,6 +260,10 @@ def test_directory_problems_name_what_is_wrong(tmp_path: Path, tiny_hf_esm2_dir:
     (noweights / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="has no weights: expected model.safetensors or pytorch_model.bin"):
         load_model(str(noweights))
+    # A .bin is unpickled with weights_only=True: a pickled object other than tensors is refused, not run.
+    torch.save({"esm.embeddings.word_embeddings.weight": argparse.Namespace(x=1)}, noweights / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="cannot read weights .*pytorch_model.bin"):
+        load_model(str(noweights))
 
 
 # --- GPU (python -m pytest -m gpu -s tests/test_esm2_hf.py) -----------------------------------------

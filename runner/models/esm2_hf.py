@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -267,7 +268,8 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 
                 part = load_file(str(path), device="cpu")
             else:
-                part = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap needs torch's zip format (torch >= 1.6); older pickles are read whole.
+                part = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
         except Exception as exc:  # safetensors and pickle errors share no base class
             raise CheckpointError(
                 f"cannot read weights {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated, "
