@@ -4,7 +4,8 @@ A healthy `runner embed` prints runner's own lines only: what is being done, one
 (`runner.progress`) and one summary. Everything Ray and Ray Data say goes to `DIR/runner.log`, beside the
 outputs: their Python loggers and, unless `-v`, whatever Ray's C++ core worker writes to
 the driver's stderr. `-v` shows all of it on the terminal too (and Python's deprecation warnings); runner's
-own warnings, Python warnings that are not deprecations, and every error stay on the terminal either way.
+own warnings, other libraries' warnings, Python warnings that are not deprecations, and every error (Ray's
+included) stay on the terminal either way.
 
 Why the native stderr is captured rather than fixed at its source: Ray Data creates its actor pool's workers
 with its DataContext and the stage's MapTransformer passed through the object store, and pool actors
@@ -105,15 +106,14 @@ class JobLog:
         to_file.setFormatter(logging.Formatter(FILE_FORMAT))
         to_file.setLevel(level)
         to_terminal = StderrHandler()
-        to_terminal.setFormatter(logging.Formatter("(ray) %(levelname)s %(name)s: %(message)s"))
-        to_terminal.setLevel(logging.INFO if self.verbose else logging.ERROR)
+        to_terminal.setFormatter(logging.Formatter("(%(name)s) %(levelname)s: %(message)s"))
+        to_terminal.setLevel(logging.INFO if self.verbose else logging.WARNING)
+        own_console = any(isinstance(h, StderrHandler) for h in logging.getLogger("runner").handlers)
+        to_terminal.addFilter(lambda record: self._for_terminal(record, own_console))
         root = logging.getLogger()
         self._set(root, min(root.level or logging.WARNING, level), root.propagate)
         self._add(root, to_file)
         self._add(root, to_terminal)
-        if any(isinstance(h, StderrHandler) for h in logging.getLogger("runner").handlers):
-            # The CLI's runner logger prints its own lines (configure_console): not twice.
-            to_terminal.addFilter(lambda record: not record.name.startswith("runner"))
         # Ray (at import) and Ray Data (likewise) give their loggers console handlers and propagate=False; and
         # ray.init(configure_logging=False) clears the "ray" logger's handlers, so nothing is attached there.
         for name in RAY_LOGGERS:
@@ -126,6 +126,15 @@ class JobLog:
         if not self.verbose:
             self._capture_native_stderr()
         return self
+
+    def _for_terminal(self, record: logging.LogRecord, runner_has_console: bool) -> bool:
+        """Which records the root logger shows: Ray's from ERROR (all with -v), other libraries' from WARNING,
+        runner's only when its logger has no console of its own (the CLI's has: not twice)."""
+        if record.name == "runner" or record.name.startswith("runner."):
+            return not runner_has_console
+        if record.name == "ray" or record.name.startswith("ray."):
+            return self.verbose > 0 or record.levelno >= logging.ERROR
+        return True
 
     def _set(self, logger: logging.Logger, level: int, propagate: bool) -> None:
         self._saved.append((logger, logger.level, logger.propagate))

@@ -109,6 +109,7 @@ def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFix
         os.write(2, b"[E core_worker.cc:2465] native line\n")
         print("runner's own stderr", file=sys.stderr)
         logging.getLogger("ray.data").error("a real Ray Data error")
+        logging.getLogger("some.library").warning("a library's warning")
     captured = capfd.readouterr()
     text = job_log.path.read_text()
     for line in ("Execution plan of Dataset x", "Token authentication is enabled", "native line",
@@ -117,6 +118,7 @@ def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFix
     assert "Execution plan" not in captured.err and "Token authentication" not in captured.err
     assert "native line" not in captured.err
     assert "runner's own stderr" in captured.err and "a real Ray Data error" in captured.err
+    assert "a library's warning" in captured.err and "a library's warning" in text
     # Put back on exit: native stderr and Ray's loggers as they were.
     os.write(2, b"after the job\n")
     assert "after the job" in capfd.readouterr().err
@@ -137,7 +139,7 @@ def test_job_log_verbose_shows_ray(tmp_path: Path, capfd: pytest.CaptureFixture[
 # A line Ray or Ray Data would print: their log format, a C++ log line, or one of their known messages.
 RAY_LINE = re.compile(
     r"(\t(INFO|WARNING|ERROR|DEBUG) \w+\.py:\d+ -- )|(^\[\d{4}-\d\d-\d\d [\d:,]+ [EWI] \d+ \d+\])|"
-    r"core_worker|Token authentication|ray/data/|streaming_executor|MapBatches|\(ray\)"
+    r"core_worker|Token authentication|ray/data/|streaming_executor|MapBatches|\(ray[.)]"
 )
 
 
