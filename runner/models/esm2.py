@@ -4,6 +4,9 @@ The weights live in fair-esm's own `esm.model.esm2.ESM2` module, loaded from fai
 `ESM2Embedder.forward_packed` re-runs the same computation over a 1-D stream of concatenated sequences
 (rotary positions restart at each sequence, attention never crosses sequences), so its hidden states
 match `ESM2.forward(tokens_padded, repr_layers=[L])` token for token, without any padding.
+
+Hugging Face transformers ESM-2 checkpoints (`facebook/esm2_*`, local `model_type: esm` directories) are renamed
+onto the same fair-esm module by `runner.models.esm2_hf` and run through this very class.
 """
 
 from __future__ import annotations
