@@ -1,14 +1,17 @@
-"""Throughput benchmark of `runner embed` against the reference ESM-2 anchors, and of its CPU stages.
+"""Throughput benchmark of `runner embed` against the reference ESM-2 / ESM C anchors, and of its CPU stages.
 
     python scripts/bench.py gpu --models 650M,3B --gpus 1 --shadow-rates 0,0.01 \\
+        --reference build/bench_ref/reference_bench.py --out benchmarks/results/
+    python scripts/bench.py gpu --models esmc300,esmc600 --gpus 1 --shadow-rates 0 \\
         --reference build/bench_ref/reference_bench.py --out benchmarks/results/
     python scripts/bench.py cpu-stages --records 1000000,10000000 --out benchmarks/results/
     python scripts/bench.py dedup --model 650M --gpus 1 --seqs 40960 --repeat-fraction 0.4 --out benchmarks/results/
 
 `gpu`: per architecture, writes a synthetic FASTA (the reference script's generator: lognormal lengths,
 median 300, sigma 0.65, clipped to 30..1022, 20 amino acids, seed 0) and a random-weight fair-esm checkpoint
-of the real architecture (fp16 weights), runs the reference script (fair-esm FP32/FP16 extract, minimal
-packed varlen FP16) and `python -m runner embed` (a subprocess: this process never imports Ray) once per GPU
+of the real architecture (fp16 weights; ESM C: an original-layout .pth), runs the reference script (fair-esm
+FP32/FP16 extract, minimal packed varlen FP16; for ESM C transformers' EsmcModel, SDPA, FP16, padded batches of
+4096 and 16384 tokens) and `python -m runner embed` (a subprocess: this process never imports Ray) once per GPU
 count and shadow rate, samples driver RSS (/proc) and GPU memory per process (nvidia-smi) meanwhile, and
 writes `<out>/<YYYY-MM-DD>-<gpu>.json` (merged into an existing file of the same name) plus a markdown table.
 Steady tok/s comes from the actors' own clock in the manifest (`steady_candidates` lists the fallbacks).
@@ -38,7 +41,7 @@ import time
 from pathlib import Path
 
 from bench_cpu_stages import cmd_cpu_one, cmd_cpu_stages, cpu_check
-from bench_data import write_random_esm2, write_synth_fasta
+from bench_data import write_random_esm2, write_random_esmc, write_synth_fasta
 from bench_dedup import add_parser as add_dedup_parser
 from bench_monitor import child_env, gpu_name, log, run_logged, tail
 from bench_report import TARGETS, compute_ratios, markdown_table, merge_docs, summarize
@@ -57,14 +60,34 @@ ARCH = {
     "150M": (30, 640, 20),
     "650M": (33, 1280, 20),
     "3B": (36, 2560, 40),
+    # ESM C (the reference script's names): 300M and 600M, 64-wide heads, SwiGLU; checkpoints in the original layout.
+    "esmc300": (30, 960, 15),
+    "esmc600": (36, 1152, 18),
 }
+ESMC_ARCHS = ("esmc300", "esmc600")
+# Steady tok/s per GPU the ESM C models should reach on one H200 (issue 16: by FLOPs 300M has about twice the
+# headroom of ESM-2 650M), and at least 3x transformers' best batch size (bench_report's vs_transformers_esmc).
+TOK_TARGETS = {"esmc300": 500_000, "esmc600": 300_000}
 
 # Defaults sized so that one H200 runs 650M + 3B, shadow 0 and 0.01, in about 8 minutes (see README).
 # Multiples of runner's 2048 records per block: the driver receives one block's embeddings at a time, and
 # the steady-state clock needs a few blocks after the first (650M: 10 blocks, 3B: 4 blocks).
-DEFAULT_SEQS = {"tiny": 4096, "8M": 20480, "35M": 20480, "150M": 20480, "650M": 20480, "3B": 8192}
-DEFAULT_REF_SEQS = {"tiny": 64, "8M": 4000, "35M": 4000, "150M": 3000, "650M": 2000, "3B": 600}
+DEFAULT_SEQS = {"tiny": 4096, "8M": 20480, "35M": 20480, "150M": 20480, "650M": 20480, "3B": 8192,
+                "esmc300": 30720, "esmc600": 20480}
+DEFAULT_REF_SEQS = {"tiny": 64, "8M": 4000, "35M": 4000, "150M": 3000, "650M": 2000, "3B": 600,
+                    "esmc300": 2000, "esmc600": 2000}
 REF_MODES = "extract32,extract16,packed16"
+ESMC_REF_MODES = "hfc16,hfc16_16384"  # transformers' EsmcModel at its default and its best batch size
+
+
+def ref_modes(args, model: str) -> str:
+    """The reference modes of a model: --ref-modes when given, else its family's (ESM-2 or ESM C)."""
+    return args.ref_modes or (ESMC_REF_MODES if model in ESMC_ARCHS else REF_MODES)
+
+
+def checkpoint_path(work: Path, model: str) -> Path:
+    """The random checkpoint of a model: fair-esm .pt for ESM-2, EvolutionaryScale's .pth layout for ESM C."""
+    return work / (f"esmc-{model}.pth" if model in ESMC_ARCHS else f"esm2-{model}.pt")
 
 
 def parse_per_model(spec: str | None, defaults: dict[str, int]) -> dict[str, int]:
@@ -272,14 +295,14 @@ def cmd_gpu(args) -> int:
             f"results -> {out_file}")
         for m in models:
             log(f"plan {m} {ARCH[m]}: FASTA of {seqs[m]} x GPUs synthetic proteins, fp16 random checkpoint, "
-                f"reference {ref_seqs[m]} seqs ({args.ref_modes}), runs {plan}")
+                f"reference {ref_seqs[m]} seqs ({ref_modes(args, m)}), runs {plan}")
         if args.dry_run:
             for m in models:
                 if ref:
-                    print(f"  {sys.executable} {ref} {m} {ref_seqs[m]} {args.ref_modes}")
+                    print(f"  {sys.executable} {ref} {m} {ref_seqs[m]} {ref_modes(args, m)}")
                 for g, r, k in runs_planned:
                     print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
-                          f"{work}/esm2-{m}.pt --out {work}/out-{m}-{run_name(g, r, k, '-')} --gpus {g} "
+                          f"{checkpoint_path(work, m)} --out {work}/out-{m}-{run_name(g, r, k, '-')} --gpus {g} "
                           f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part}")
             if not ref:
                 print("  (no --reference: reference figures skipped)")
@@ -328,19 +351,22 @@ def cmd_gpu(args) -> int:
             layers, dim, heads = ARCH[m]
             entry = doc["models"].setdefault(m, {})
             entry["architecture"] = {"layers": layers, "embed_dim": dim, "heads": heads}
+            if m in TOK_TARGETS:
+                entry["target_tok_per_s"] = TOK_TARGETS[m]
             t = time.perf_counter()
-            ckpt = work / f"esm2-{m}.pt"
+            ckpt = checkpoint_path(work, m)
             if not ckpt.is_file():
                 log(f"{m}: writing random fp16 checkpoint {ckpt}")
+                family = ["--family", "esmc"] if m in ESMC_ARCHS else []
                 rc, secs, _ = run_logged([sys.executable, str(Path(__file__).resolve()), "_make-ckpt", str(ckpt),
-                                          str(layers), str(dim), str(heads)], work / f"ckpt-{m}.log", args.timeout,
-                                         env=child_env())
+                                          str(layers), str(dim), str(heads), *family], work / f"ckpt-{m}.log",
+                                         args.timeout, env=child_env())
                 if rc != 0:
                     log(f"checkpoint failed:\n{tail(work / f'ckpt-{m}.log')}")
                     return 1
                 log(f"{m}: checkpoint {ckpt.stat().st_size / 2**30:.2f} GiB in {secs:.0f}s")
             if ref:
-                entry["reference"] = run_reference(ref, m, ref_seqs[m], args.ref_modes, work, args.timeout)
+                entry["reference"] = run_reference(ref, m, ref_seqs[m], ref_modes(args, m), work, args.timeout)
             runs = entry.setdefault("runs", {})
             for g, r, k in runs_planned:
                 n = seqs[m] * max(g, 1)
@@ -396,7 +422,8 @@ def cmd_merge(args) -> int:
 
 def cmd_make_ckpt(args) -> int:
     t = time.perf_counter()
-    write_random_esm2(Path(args.path), args.layers, args.dim, args.heads, args.seed, args.dtype)
+    write = write_random_esmc if args.family == "esmc" else write_random_esm2
+    write(Path(args.path), args.layers, args.dim, args.heads, args.seed, args.dtype)
     print(f"wrote {args.path} in {time.perf_counter() - t:.1f}s", flush=True)
     return 0
 
@@ -413,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--ref-seqs", help="sequences for the reference script (it reports tok/s, so fewer are "
                                       f"enough): N or 650M=2000,3B=600 (default {DEFAULT_REF_SEQS['650M']} / "
                                       f"{DEFAULT_REF_SEQS['3B']})")
-    g.add_argument("--ref-modes", default=REF_MODES)
+    g.add_argument("--ref-modes", help=f"reference modes (default: {REF_MODES} for ESM-2, {ESMC_REF_MODES} for ESM C)")
     g.add_argument("--reference", help="path of reference_bench.py (omit to skip the reference figures)")
     g.add_argument("--gpus", default="1", help="GPU counts, e.g. 1 or 1,4 (4 gives scaling_efficiency_4gpu)")
     g.add_argument("--shadow-rates", default="0,0.01", help="shadow rates run at the smallest GPU count")
@@ -471,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("heads", type=int)
     k.add_argument("--seed", type=int, default=0)
     k.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    k.add_argument("--family", default="esm2", choices=["esm2", "esmc"])
     k.set_defaults(fn=cmd_make_ckpt)
 
     args = ap.parse_args(argv)

@@ -135,3 +135,39 @@ def write_random_esm2(path: Path, layers: int, dim: int, heads: int, seed: int =
     torch.save({"cfg": {"model": cfg}, "model": saved}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def write_random_esmc(path: Path, layers: int, dim: int, heads: int, seed: int = 0, dtype: str = "fp16") -> Path:
+    """A random-weight ESM C state dict in EvolutionaryScale's original layout (what `data/weights/esmc_*.pth`
+    holds; names from runner's one table), the weight scales of scripts/tiny_esmc.py, stored in `dtype`. The
+    heads are 64 wide, as in every ESM C (the file carries no config: runner reads the shape from the tensors)."""
+    import torch
+
+    from runner.models.esmc import EsmcArchitecture
+    from runner.models.esmc_checkpoints import BLOCK_PREFIX, BLOCK_WEIGHT_NAMES, WEIGHT_NAMES, _meta_model
+
+    if dim != 64 * heads:
+        raise ValueError(f"ESM C heads are 64 wide: dim {dim} != 64 * {heads} heads")
+    arch = EsmcArchitecture(layers=layers, dim=dim, heads=heads, ffn_dim=int(((8 / 3 * dim) + 255) // 256 * 256))
+    shapes = {name: tuple(t.shape) for name, t in _meta_model(arch).state_dict().items()}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    torch_dtype = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
+    names = [(ours, original) for ours, original, _ in WEIGHT_NAMES]
+    for i in range(layers):
+        names += [(BLOCK_PREFIX["runner"].format(i=i) + ours, BLOCK_PREFIX["original"].format(i=i) + original)
+                  for ours, original, _ in BLOCK_WEIGHT_NAMES]
+    saved: dict[str, torch.Tensor] = {}
+    for ours, original in names:
+        shape = shapes[ours]
+        value = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        if len(shape) == 1:  # LayerNorm gains near 1, small biases
+            value = (1.0 if ours.endswith("weight") else 0.0) + 0.1 * value
+        elif not ours.startswith("embed"):
+            value = value / math.sqrt(shape[-1])  # keeps activations O(1)
+        saved[original] = value.to(torch_dtype).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(saved, tmp)
+    os.replace(tmp, path)
+    return path

@@ -14,6 +14,9 @@ TARGETS = {  # name -> (target, "min" = at least, "max" = at most)
     "vs_fair_esm_fp32": (10.0, "min"),
     "scaling_efficiency_4gpu": (0.9, "min"),
     "shadow_cost_0.01": (0.03, "max"),
+    # ESM C: against transformers' EsmcModel at its best batch size, and the per-GPU tok/s target of the model.
+    "vs_transformers_esmc": (3.0, "min"),
+    "vs_target_tok_per_s": (1.0, "min"),
 }
 
 
@@ -75,6 +78,11 @@ def compute_ratios(model: dict) -> dict:
     ref_fp16 = ref.get("extract16", {}).get("tok_per_s")
     ok = {k: r for k, r in runs.items() if r.get("exit_code") == 0 and r.get("tokens")}
     out: dict = {"reference_tok_per_s": {"extract32": ref_fp32, "extract16": ref_fp16, "packed16": ref_packed}}
+    # ESM C's reference: transformers' EsmcModel (modes hfc16, hfc16_<tokens per batch>); the best batch size counts.
+    ref_esmc = {mode: rec.get("tok_per_s") for mode, rec in ref.items() if mode.startswith("hfc16") and rec.get("tok_per_s")}
+    ref_esmc_best = max(ref_esmc.values(), default=None)
+    if ref_esmc:
+        out["reference_tok_per_s"] = {**ref_esmc, "best": ref_esmc_best}
     if not ok:
         return out
     base_g = min(r["gpus"] for r in ok.values())
@@ -108,6 +116,10 @@ def compute_ratios(model: dict) -> dict:
         out[f"vs_reference_packed_fp16{suffix}"] = _div(per_gpu, ref_packed)
         out[f"vs_fair_esm_fp32{suffix}"] = _div(per_gpu, ref_fp32)
         out[f"vs_fair_esm_fp16{suffix}"] = _div(per_gpu, ref_fp16)
+        if ref_esmc_best:
+            out[f"vs_transformers_esmc{suffix}"] = _div(per_gpu, ref_esmc_best)
+        if model.get("target_tok_per_s"):
+            out[f"vs_target_tok_per_s{suffix}"] = _div(per_gpu, model["target_tok_per_s"])
         with_shadow = get(base_g, 0.01, key)
         if with_shadow and get(base_g, 0, key):
             out[f"vs_reference_packed_fp16_shadow_0.01{suffix}"] = _div(with_shadow / max(base_g, 1), ref_packed)
@@ -160,8 +172,9 @@ def summarize(doc: dict) -> None:
 
 def markdown_table(doc: dict) -> str:
     lines = ["| model | fair-esm FP32 | fair-esm FP16 | packed FP16 (ref) | runner / GPU steady (wall) | "
-             "vs packed16 | vs FP32 | shadow 0.01 cost | 4-GPU scaling | actor GPU peak MiB | driver RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "vs packed16 | vs FP32 | shadow 0.01 cost | 4-GPU scaling | actor GPU peak MiB | driver RSS MiB | "
+             "transformers best (ESM C) | vs it | vs target |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, spec=",.0f"):
         return "—" if v is None else format(v, spec)
@@ -181,7 +194,8 @@ def markdown_table(doc: dict) -> str:
             f"{f(d.get('runner_tok_per_s_per_gpu'))} ({f(d.get('runner_tok_per_s_per_gpu_wall'))}) | "
             f"{f(d.get('vs_reference_packed_fp16'), '.2f')}x | {f(d.get('vs_fair_esm_fp32'), '.1f')}x | "
             f"{shadow_cell(d)} | {f(d.get('scaling_efficiency_4gpu'), '.2f')} | "
-            f"{f(gpu_peak)} | {f(rss)} |"
+            f"{f(gpu_peak)} | {f(rss)} | {f(ref.get('best'))} | {f(d.get('vs_transformers_esmc'), '.2f')}x | "
+            f"{f(d.get('vs_target_tok_per_s'), '.2f')}x |"
         )
     return "\n".join(lines)
 
