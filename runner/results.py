@@ -140,11 +140,9 @@ class Results:
         self._columns_cache: dict[str, np.ndarray] = {}
         self._id_index: dict[str, int] | None = None
         self._ids: list[str] | None = None
-        per_token = (self.manifest.get("outputs") or {}).get("per_token") or {}
-        self.per_token_layers: list[int] = self._per_token_layers(per_token)
-        self.per_token_dtype: np.dtype | None = (
-            np.dtype(per_token.get("dtype", "float32")) if self.per_token_layers else None
-        )
+        self.per_token_layers: list[int]
+        self.per_token_dtype: np.dtype | None
+        self.per_token_layers, self.per_token_dtype = self._per_token_info()
         if self.status != "complete":
             hint = (
                 "it is still running, or was killed before it could say so"
@@ -451,17 +449,22 @@ class Results:
             return self.schema.field(next(iter(self.columns.values()))).type.list_size
         return int((self.manifest.get("model") or {}).get("embed_dim") or 0)
 
-    def _per_token_layers(self, per_token: dict[str, Any]) -> list[int]:
+    def _per_token_info(self) -> tuple[list[int], np.dtype | None]:
+        """Per-token layers and dtype: from a token file the parts point at (what is stored), else from the
+        manifest (nothing committed yet)."""
         if self._parts and "tokens_file" not in self.schema.names:
-            return []
-        if per_token.get("layers"):
-            return [int(layer) for layer in per_token["layers"]]
+            return [], None
         if not self._parts:
-            return []
-        # No manifest entry (e.g. the job was killed before writing one): the first token file's columns.
+            per_token = (self.manifest.get("outputs") or {}).get("per_token") or {}
+            layers = [int(layer) for layer in per_token.get("layers") or []]
+            return layers, np.dtype(per_token.get("dtype", "float32")) if layers else None
         first = self._table(self._parts[0]).column("tokens_file")[0].as_py()
         schema = self._table(self.path / "tokens" / first).schema
-        return sorted(int(m.group(1)) for m in map(TOKEN_COLUMN.match, schema.names) if m)
+        layers = sorted(int(m.group(1)) for m in map(TOKEN_COLUMN.match, schema.names) if m)
+        if not layers:
+            raise RunnerError(f"tokens/{first} holds no layer column: rerun the job with --overwrite")
+        value_type = schema.field(f"layer{layers[0]}").type.value_type.value_type  # list<fixed_size_list<T>>
+        return layers, np.dtype(value_type.to_pandas_dtype())
 
     def _need_per_token(self) -> list[int]:
         if not self.per_token_layers:
