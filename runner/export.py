@@ -1,8 +1,8 @@
 """`runner export`: a job's results in the formats other tools read (the library behind the command).
 
-Every exporter streams: rows go out in input order, `BLOCK_ROWS` at a time, taken from the memory-mapped
-parts (`Results.iter_blocks`), so memory stays at one block (plus one sequence's per-token array) whatever
-the job's size. Single-file outputs are written under a temporary name and renamed when complete.
+Every exporter streams: rows go out in input order, a block (`BLOCK_BYTES` of vectors) at a time, gathered
+from the memory-mapped parts (`Results.iter_blocks`), so memory stays at a few blocks (plus one slab of
+per-token arrays) whatever the job's size. Single-file outputs are written under a temporary name and renamed when complete.
 
 Layouts (the same names in parquet, npz and hdf5):
 - `id`, `ordinal`, `length`, `truncated` (and `windows` where stored): one value per row, input order;
@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("runner")
 
 FORMATS: tuple[str, ...] = ("parquet", "npz", "hdf5", "fair-esm")
-BLOCK_ROWS = 8192  # rows per block read from the parts and written out
+BLOCK_BYTES = 16 << 20  # vectors per block read from the parts and written out (bounds an export's memory)
+MAX_BLOCK_ROWS = 65536  # rows per block when the block holds few or no vectors
 ROW_COLUMNS = ("id", "ordinal", "length", "truncated", "windows")  # per-row columns exported (not tokens_*)
 FAIR_ESM_WARN_ROWS = 100_000  # beyond this, one file per sequence is more than a file system likes
 
@@ -106,8 +107,10 @@ def _row_columns(results: Results) -> list[str]:
 
 
 def _blocks(results: Results, columns: list[str]) -> Iterator[pa.Table]:
-    """The stored `columns` in input order, BLOCK_ROWS rows at a time."""
-    return results.iter_blocks(columns, BLOCK_ROWS)
+    """The stored `columns` in input order, about BLOCK_BYTES of vectors (at most MAX_BLOCK_ROWS rows) at a time."""
+    vectors = sum(c in results.columns.values() for c in columns)
+    rows = BLOCK_BYTES // max(1, vectors * results.dim * 4)
+    return results.iter_blocks(columns, min(MAX_BLOCK_ROWS, max(64, rows)))
 
 
 def _vectors(block: pa.Table, name: str) -> np.ndarray:
@@ -216,7 +219,7 @@ class _NpyStream:
         return self
 
     def write(self, rows: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).tobytes())
+        self.fh.write(np.ascontiguousarray(rows, dtype=self.dtype).reshape(-1).view(np.uint8))  # no bytes copy
         self.rows += len(rows)
 
     def __exit__(self, *exc: object) -> None:

@@ -326,17 +326,35 @@ class Results:
             yield self._take(self._order[start : start + block_rows], columns)
 
     def _take(self, stored: np.ndarray, columns: list[str]) -> pa.Table:
-        """`columns` of the stored rows `stored` (indices into the parts concatenated), in that order."""
+        """`columns` of the stored rows `stored` (indices into the parts concatenated), in that order.
+
+        Vector columns are gathered with numpy straight from the memory-mapped parts into one block array
+        (one copy); the small per-row columns with Arrow's take."""
+        vector_names = set(self.columns.values())
         part_of = np.searchsorted(self._starts, stored, side="right") - 1
         by_part = np.argsort(part_of, kind="stable")
-        pieces = [self.schema.empty_table().select(columns)]
-        for p in np.unique(part_of):
-            local = stored[by_part][part_of[by_part] == p] - self._starts[p]
-            pieces.append(self._table(self._parts[p]).select(columns).take(pa.array(local)))
-        grouped = pa.concat_tables(pieces)  # rows grouped by part; `by_part` says where each belongs
         back = np.empty_like(by_part)
-        back[by_part] = np.arange(len(by_part))
-        return grouped.take(pa.array(back, pa.int64())).combine_chunks()
+        back[by_part] = np.arange(len(by_part))  # position in the block of each row, grouped by part
+        meta = [c for c in columns if c not in vector_names]
+        pieces = [self.schema.empty_table().select(meta)]
+        vectors = {c: np.empty((len(stored), self.dim), np.float32) for c in columns if c in vector_names}
+        for p in np.unique(part_of):
+            rows = by_part[part_of[by_part] == p]  # block positions of this part's rows
+            local = stored[rows] - self._starts[p]
+            table = self._table(self._parts[p])
+            pieces.append(table.select(meta).take(pa.array(local, pa.int64())))
+            for name, out in vectors.items():
+                chunk_starts = np.cumsum([0] + [len(c) for c in table.column(name).chunks])
+                chunk_of = np.searchsorted(chunk_starts, local, side="right") - 1
+                for k, chunk in enumerate(table.column(name).chunks):
+                    mine = chunk_of == k
+                    if mine.any():
+                        out[rows[mine]] = self._vectors(chunk)[local[mine] - chunk_starts[k]]
+        grouped = pa.concat_tables(pieces).combine_chunks()  # rows grouped by part
+        block = grouped.take(pa.array(back, pa.int64())) if len(meta) else pa.table({})
+        arrays = {c: block.column(c) for c in meta}
+        arrays.update({c: self._fixed_list(v) for c, v in vectors.items()})
+        return pa.table({c: arrays[c] for c in columns}) if columns else pa.table({})
 
     def per_token_at(self, tokens_file: str, tokens_row: int, sequence_id: str, layer: int) -> np.ndarray:
         """The per-token row a pooled row points at (its `tokens_file`, `tokens_row` columns), checked to
