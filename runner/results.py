@@ -140,6 +140,7 @@ class Results:
         self._columns_cache: dict[str, np.ndarray] = {}
         self._id_index: dict[str, int] | None = None
         self._ids: list[str] | None = None
+        self._dedup = bool((self.manifest.get("settings") or {}).get("dedup"))  # copies share a per-token row
         self.per_token_layers: list[int]
         self.per_token_dtype: np.dtype | None
         self.per_token_layers, self.per_token_dtype = self._per_token_info()
@@ -510,8 +511,12 @@ class Results:
 
     def _token_row(self, tokens_file: str, tokens_row: int, sequence_id: str, layer: int) -> np.ndarray:
         table = self._table(self.path / "tokens" / tokens_file)
-        if not 0 <= tokens_row < table.num_rows or table.column("id")[tokens_row].as_py() != sequence_id:
-            # The pooled part's reference is the commit record: a mismatch means the folder was edited.
+        inside = 0 <= tokens_row < table.num_rows
+        stored_id = table.column("id")[tokens_row].as_py() if inside else None
+        # With --dedup a repeated sequence shares its first record's row, stored under that record's id;
+        # otherwise the row must be the id's own (the pooled part's reference is the commit record: a
+        # mismatch means the folder was edited).
+        if not inside or (stored_id != sequence_id and not self._dedup):
             raise RunnerError(
                 f"tokens/{tokens_file} row {tokens_row} is not {sequence_id!r}: the per-token files do not match "
                 "the pooled parts; rerun the job with --overwrite"

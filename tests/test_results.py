@@ -253,3 +253,4 @@ def test_export_of_an_empty_interrupted_job(job: Path, tmp_path: Path) -> None:
             assert invoke("export", str(empty), "--format", fmt, "--to", str(tmp_path / f"e.{fmt}"))[0] == 0
     assert pq.read_table(tmp_path / "e.parquet").column_names == ["id", "ordinal", "length", "truncated", "embedding"]
     assert np.load(tmp_path / "e.npz")["embedding"].shape == (0, 64)
+

@@ -156,6 +156,12 @@ def test_a_stale_token_reference_is_an_error(job: Path, tmp_path: Path) -> None:
         writer.write_table(rotated)
     with pytest.raises(RunnerError, match=f"row .* is not '{sid}'"):
         runner.open(copy).per_token(sid, 0)
+    # With --dedup, a repeated sequence's row points at its first record's per-token row (another id): allowed.
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "settings": {"dedup": True}}))
+    row = results.rows.column("tokens_row")[0].as_py()
+    np.testing.assert_array_equal(runner.open(copy).per_token(sid, 0), results._vectors(
+        rotated.column("layer0").slice(row, 1).chunk(0).flatten()))
 
 
 def test_exports_hold_every_layer_pooling_and_per_token_array(job: Path, tmp_path: Path, reference: dict[str, dict]) -> None:
