@@ -17,7 +17,7 @@ import torch
 from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, nvidia_smi_free_bytes, probe_free_gpu_memory
 from runner.config import EmbedConfig
 from runner.embed_stage import EmbedStage, StageSettings
-from runner.errors import RunnerError
+from runner.errors import RunnerError, first_line
 from runner.metrics import DriverMetrics
 from runner.models.base import ModelInfo, SequenceCodec
 from runner.models.fp16x3 import half_gemm_available
@@ -59,6 +59,14 @@ def connect_ray(address: str | None, verbose: int = 0):
     except ConnectionError as e:
         raise RunnerError(
             f"cannot reach the Ray cluster at {target} ({e}): check --address / RAY_ADDRESS"
+        ) from None
+    except Exception as e:  # Ray raises a bare Exception when its processes do not come up in time
+        if target != "local":
+            raise
+        raise RunnerError(
+            f"could not start a local Ray ({first_line(e)}): Ray gives its processes 30 s, so a machine short of "
+            f"CPU or memory can miss it; retry when it is less busy, or start one with `ray start --head` and "
+            f"pass --address"
         ) from None
 
 

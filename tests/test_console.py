@@ -340,3 +340,21 @@ def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_p
     assert cold["compile_cache"] == warm["compile_cache"] == str(tmp_path / "cache" / "torch-compile")
     assert any((tmp_path / "cache" / "torch-compile").iterdir())
     assert warm["phases"]["compile"] < cold["phases"]["compile"], (cold["phases"], warm["phases"])
+
+
+def test_a_local_ray_that_does_not_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from runner.cluster import connect_ray
+    from runner.errors import RunnerError
+
+    def too_slow(**kwargs):
+        assert kwargs["address"] == "local"  # never some other cluster found on the machine
+        raise Exception("The current node timed out during startup. This could happen because ...")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", too_slow)
+    with pytest.raises(RunnerError, match=r"^could not start a local Ray \(The current node timed out during "
+                                          r"startup\. .*\): .*--address$"):
+        connect_ray(None)
