@@ -14,7 +14,7 @@ import pyarrow as pa
 from runner.batch import Reject
 from runner.config import EmbedConfig
 from runner.dedup import CopyWriter
-from runner.errors import NonFiniteEmbedding, RunnerError
+from runner.errors import NonFiniteEmbedding, RunnerError, first_line
 from runner.metrics import DriverMetrics
 from runner.progress import Progress
 from runner.report import JobReport
@@ -45,8 +45,6 @@ def drain(
     Returns early, with every table received written, once `signals` holds a stop request (--dedup: repeats
     whose first record's part is not complete yet are left for the next run).
     """
-    from ray.exceptions import RayError
-
     merger = ChunkMerger()
     written = written if written is not None else OrdinalSet()
     signals = signals if signals is not None else StopSignals()
@@ -59,6 +57,14 @@ def drain(
                 if signals.signum is not None:
                     return  # stop taking new work; what arrived is written
                 table = next(batches, None)
+            except Exception as e:  # raised by the stream: a Ray task or actor failed (our own code below is not here)
+                if signals.signum is not None:
+                    # A terminal's Ctrl-C reaches Ray's own processes too (same process group): the stream
+                    # failing after a stop request is part of stopping, not a job failure.
+                    log.info("the stream ended after the stop request: %s", type(e).__name__)
+                    return
+                log.debug("the stream failed:\n%s", e)  # the remote traceback, for -vv
+                raise stream_failure(e) from None
             finally:
                 signals.waiting = False
             if table is None:
@@ -74,15 +80,6 @@ def drain(
                 offer_to_shadow(table, shadow)
                 metrics.shadow_queue(shadow.queue_depth)
             show_progress(progress, report, shadow)
-    except RunnerError:
-        raise  # raised here on the driver (NaN/Inf, disk full, drift): already one clear line
-    except RayError as e:
-        if signals.signum is not None:
-            # A terminal's Ctrl-C reaches Ray's own processes too (same process group): the stream
-            # failing after a stop request is part of stopping, not a job failure.
-            log.info("the stream ended after the stop request: %s", type(e).__name__)
-            return
-        raise stream_failure(e) from None
     finally:
         if stop_stream is not None:
             stop_stream()
@@ -106,10 +103,12 @@ def show_progress(progress: Progress, report: JobReport, shadow: ShadowMonitor |
 
 
 def stream_failure(error: BaseException) -> RunnerError:
-    """One line for a failure inside the Ray stream (an actor out of retries, a broken model or device).
+    """One line for a failure inside the Ray stream: a bad input found part-way, an actor out of retries, a
+    broken model or device, any exception a Ray task or actor raised.
 
     Ray wraps a remote exception in layers (RayTaskError, UserCodeException); the innermost one says what
-    actually went wrong. Our own RunnerErrors raised remotely keep their message and exit code.
+    actually went wrong. A wrapped RunnerError (a bad input record, a broken checkpoint) already is one line
+    with its fix: it keeps its message and exit code. Anything else is named with the stage it came from.
     """
     cause = error
     seen: set[int] = set()
@@ -119,28 +118,39 @@ def stream_failure(error: BaseException) -> RunnerError:
         if not isinstance(inner, BaseException):
             break
         cause = inner
-    text = str(cause).strip().splitlines()
-    first = text[0] if text else "no message"
     if isinstance(cause, RunnerError):
-        wrapped = RunnerError(first)
-        wrapped.exit_code = cause.exit_code
-        return wrapped
-    detail = f"{type(cause).__name__}: {first}"
-    # The exception objects do not carry the remote chain, but the text does: the first "pkg.Type: message"
-    # line that is not Ray's own is the exception the remote code raised.
+        return _same_error(first_line(cause), type(cause).exit_code)
+    detail = f"{type(cause).__name__}: {first_line(cause)}"
+    # The exception objects do not always carry the remote chain, but the text does: the first
+    # "pkg.Type: message" line that is not Ray's own is the exception the remote code raised.
     remote = next((m for m in map(_EXCEPTION_LINE.match, str(error).splitlines()) if m), None)
     if remote is not None:
         # Only our own module names are looked up (importing names from error text could run anything).
         remote_type = pydoc.locate(remote.group(1)) if remote.group(1).startswith("runner.") else None
         if isinstance(remote_type, type) and issubclass(remote_type, RunnerError):  # e.g. a bad input record
-            wrapped = RunnerError(remote.group(2))
-            wrapped.exit_code = remote_type.exit_code
-            return wrapped
+            return _same_error(remote.group(2), remote_type.exit_code)
         detail = f"{remote.group(1).rsplit('.', 1)[-1]}: {remote.group(2)}"
     return RunnerError(
-        f"the embedding stream failed ({detail[:400]}): finished parts are kept; fix the cause and rerun the same "
-        "command to resume"
+        f"the embedding stream failed in {_stage_of(error)} ({detail[:400]}): finished parts are kept; fix the "
+        "cause and rerun the same command to resume (the full traceback: -vv)"
     )
+
+
+def _same_error(message: str, exit_code: int) -> RunnerError:
+    wrapped = RunnerError(message)
+    wrapped.exit_code = exit_code
+    return wrapped
+
+
+# Ray task / actor names of the stream's stages (runner.cluster.build_dataset) -> what a user calls them.
+_STAGES = {"ReadInputRecords": "reading the inputs", "pack_records": "tokenizing and packing",
+           "EmbedStage": "an embedding actor", "embed": "a shadow actor"}
+
+
+def _stage_of(error: BaseException) -> str:
+    """Which stage of the stream raised `error`, from the Ray task name in its text."""
+    text = f"{getattr(error, 'function_name', '')} {first_line(error)}"
+    return next((name for key, name in _STAGES.items() if key in text), "a Ray task")
 
 
 _EXCEPTION_LINE = re.compile(r"^(?!ray\.)((?:[A-Za-z_]\w*\.)*[A-Z]\w*): (.+)$")

@@ -30,7 +30,7 @@ from runner.config import EmbedConfig, resolve_precision
 from runner.console import JobLog
 from runner.dedup import CopyWriter
 from runner.embed_stage import StageSettings
-from runner.errors import RunnerError
+from runner.errors import RunnerError, first_line
 from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
 from runner.models.base import SequenceCodec
@@ -195,8 +195,12 @@ def _run_locked(
             report.status = "interrupted"
             hard_stop = True
             raise
-        except RunnerError:  # NaN/Inf, drift abort, disk full, a failed stream
+        except RunnerError as e:  # NaN/Inf, drift abort, disk full, a bad input or any failure in the stream
             report.status = "aborted"
+            report.error = str(e)
+            raise
+        except Exception as e:  # a bug of ours on the driver: the manifest says so, the traceback is shown
+            report.error = f"{type(e).__name__}: {first_line(e)}"
             raise
         finally:
             record_startup(manifest, report, clock)

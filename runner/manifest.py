@@ -132,6 +132,7 @@ class Manifest:
     def as_dict(self, report: JobReport) -> dict[str, Any]:
         return {
             "status": report.status,
+            "error": report.error,  # why it stopped when not complete: the one line printed on stderr
             "started": self.started,
             "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "model": {

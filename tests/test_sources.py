@@ -205,10 +205,72 @@ def test_corrupt_parquet_and_truncated_gzip(tmp_path: Path) -> None:
     rng = random.Random(0)
     body = "".join(rng.choice("ACGT") for _ in range(100_000)).encode()
     g.write_bytes(gzip.compress(b">a\n" + body)[:2000])
-    with pytest.raises(RunnerError, match="could not be read"):
+    with pytest.raises(RunnerError, match="gzip data ends early.*cut short"):
         list(read_records([g]))
 
 
 def test_sniff_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RunnerError, match="not found"):
         sniff_input(tmp_path / "gone.fa")
+
+
+# --- faults found part-way through a file: one line naming the file, the line, and the fix ----------------
+
+
+def _many_csv_lines(n: int) -> bytes:
+    return b"id,sequence\n" + b"".join(b"s%d,MKVLAAGG\n" % i for i in range(n))
+
+
+def _drain(path: Path) -> int:
+    sniff_input(path)
+    return sum(1 for _ in read_records([path]))
+
+
+def test_csv_row_of_wrong_width_and_undecodable_line_are_named(tmp_path: Path) -> None:
+    body = _many_csv_lines(50_000)  # several pyarrow blocks: its own row numbers are per block
+    lines = body.split(b"\n")
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes(b"\n".join([*lines[:30_000], b"x,y,z", *lines[30_000:]]))
+    with pytest.raises(RunnerError, match=r"wide\.csv line 30,001: 3 fields where the header has 2: fix or remove"):
+        _drain(wide)
+    bad_utf8 = tmp_path / "utf8.tsv"
+    bad_utf8.write_bytes(body.replace(b",", b"\t").replace(b"s4000\t", b"s4000\t\xff\xfe"))
+    with pytest.raises(RunnerError, match=r"utf8\.tsv line 4,002: undecodable text \(byte 0xff"):
+        _drain(bad_utf8)
+
+
+@pytest.mark.parametrize("name", ["cut.fa.gz", "cut.csv.gz"])
+def test_gzip_cut_or_corrupt_mid_file_names_the_line(tmp_path: Path, name: str) -> None:
+    text = _many_csv_lines(300_000) if "csv" in name else b"".join(b">r%d\nMKVLAAGG\n" % i for i in range(300_000))
+    packed = gzip.compress(text)
+    cut = tmp_path / name
+    cut.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(RunnerError, match=r"gzip data ends early, after line [1-9][\d,]+.*cut short"):
+        _drain(cut)
+    broken = bytearray(packed)
+    broken[len(packed) * 3 // 4 : len(packed) * 3 // 4 + 64] = bytes(64)
+    corrupt = tmp_path / f"corrupt-{name}"
+    corrupt.write_bytes(bytes(broken))
+    with pytest.raises(RunnerError, match=r"gzip data is corrupt after line [1-9][\d,]+.*re-create or re-download"):
+        _drain(corrupt)
+
+
+def test_binary_appended_to_fasta_names_the_line_it_starts(tmp_path: Path) -> None:
+    text = b"".join(b">r%d\nMKVLAAGG\n" % i for i in range(1000))
+    p = tmp_path / "tail.fa"
+    p.write_bytes(text + b"\x00\x17PK\x03\x04binary")
+    with pytest.raises(RunnerError, match=r"tail\.fa line 2,001: binary data .* FASTA only up to line 2,000"):
+        _drain(p)
+    # the same inside gzip data
+    g = tmp_path / "tail.fa.gz"
+    g.write_bytes(gzip.compress(text + b"\x7fELF"))
+    with pytest.raises(RunnerError, match=r"line 2,001: binary data \(byte 0x7f\)"):
+        _drain(g)
+
+
+def test_gz_name_without_gzip_data_says_so(tmp_path: Path) -> None:
+    p = tmp_path / "x.fasta.gz"
+    p.write_bytes(b"PK\x03\x04 a zip file, not gzip")
+    with pytest.raises(RunnerError, match=r"x\.fasta\.gz is named \.gz but is not gzip data") as info:
+        sniff_input(p)
+    assert "not a FASTA" not in str(info.value)
