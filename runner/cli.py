@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from runner import __version__
 from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, SHADOW_MATHS, EmbedConfig, load_config_file
 from runner.console import configure_console
 from runner.errors import RunnerError
+from runner.signals import JobInterrupted
 
 # runner.export.FORMATS, named here so that `runner --help` does not import numpy (a test keeps them equal).
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "npz", "hdf5", "fair-esm")
@@ -110,11 +112,15 @@ def run_command(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except RunnerError as e:
+            if isinstance(e, JobInterrupted):
+                # Objects a stop left half-built (Ray's sockets during start-up) are freed at exit: no warnings.
+                warnings.simplefilter("ignore", ResourceWarning)
             err = click.ClickException(str(e))
             err.exit_code = e.exit_code
             raise err from None
-        except KeyboardInterrupt:
-            click.echo("interrupted: finished parts are kept; manifest.json says interrupted", err=True)
+        except KeyboardInterrupt:  # before the job's own handler was installed (e.g. while importing torch)
+            warnings.simplefilter("ignore", ResourceWarning)
+            click.echo("interrupted: rerun the same command (complete parts, if any, are kept)", err=True)
             sys.exit(130)
 
     return wrapper

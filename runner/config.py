@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +107,10 @@ class EmbedConfig:
         if self.max_residues is not None and self.max_residues < 1:
             raise RunnerError("--max-residues must be at least 1")
         if self.max_residues is not None and self.long == "chunk" and self.chunk_overlap >= self.max_residues:
-            raise RunnerError("--chunk-overlap must be smaller than --max-residues")
+            raise RunnerError(
+                f"--chunk-overlap {self.chunk_overlap} must be smaller than --max-residues, {self.max_residues} "
+                "residues: lower --chunk-overlap (default 128)"
+            )
         if self.chunk_overlap < 0:
             raise RunnerError("--chunk-overlap must be 0 or more")
         if not 0 <= self.shadow_rate <= 1:
@@ -140,7 +145,77 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     settings = {str(k).replace("-", "_"): v for k, v in data.items()}
     if settings.get("token_budget") == "auto":
         settings["token_budget"] = None  # the default: sized from GPU memory
-    return settings
+    types = typing.get_type_hints(EmbedConfig)
+    unknown = sorted(set(settings) - set(types))
+    if unknown:
+        raise RunnerError(
+            f"config file {p}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(types))}"
+        )
+    return {key: parse_setting(key, value, types[key], f"config file {p}") for key, value in settings.items()}
+
+
+# Strings a boolean setting accepts, as click parses a BOOL flag value (case-insensitive).
+TRUE_STRINGS = ("1", "true", "t", "yes", "y", "on")
+FALSE_STRINGS = ("0", "false", "f", "no", "n", "off")
+
+
+def parse_setting(key: str, value: Any, kind: Any, where: str) -> Any:
+    """A config-file value checked and converted to its field's type, as click converts a flag's text.
+
+    YAML already gives numbers and booleans; a string where a number belongs is parsed as click would
+    ("12", "0.5"), a boolean takes YAML's true/false or the strings click accepts (true/false, yes/no, on/off,
+    1/0, t/f, y/n: so `strict: "false"` is False), and a choice must be one of its values. Anything else is one
+    RunnerError naming the setting, the value and what it takes. Ranges are checked by EmbedConfig.validate,
+    the same checks as the flags.
+    """
+    if value is None:
+        if type(None) in typing.get_args(kind):
+            return None
+        raise RunnerError(f"{where}: {key} needs a value, not null")
+    options = [t for t in typing.get_args(kind) if t is not type(None)] if typing.get_origin(kind) in (
+        typing.Union, types.UnionType) else [kind]
+    kind = options[0]
+    name = key.replace("_", "-")
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        if value not in choices:
+            raise RunnerError(f"{where}: {key}: {value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+        if text in TRUE_STRINGS or text in FALSE_STRINGS:
+            return text in TRUE_STRINGS
+        raise RunnerError(f"{where}: {key}: {value!r} is not a boolean: use true or false (like --{name})")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise RunnerError(f"{where}: {key}: {value!r} is not a whole number (like --{name})")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise RunnerError(f"{where}: {key}: {value!r} is not a number (like --{name})")
+    if kind is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise RunnerError(f"{where}: {key}: {value!r} is not a text value (like --{name})")
+    if typing.get_origin(kind) is list:  # inputs: one path or a list of paths
+        items = [value] if isinstance(value, str) else value
+        if isinstance(items, list) and all(isinstance(v, str) for v in items):
+            return list(items)
+        raise RunnerError(f"{where}: {key}: {value!r} is not a path or a list of paths")
+    return value
 
 
 def resolve_precision(requested: str | None, on_gpu: bool) -> Precision:

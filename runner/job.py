@@ -7,6 +7,7 @@ the manifest. Fault tolerance is described in the README ("Fault tolerance").
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -33,8 +34,8 @@ from runner.embed_stage import StageSettings
 from runner.errors import RunnerError, first_line
 from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
-from runner.models.base import SequenceCodec
-from runner.models.registry import load_codec, model_info
+from runner.models.base import ModelInfo, SequenceCodec
+from runner.models.registry import load_codec, model_info, preflight
 from runner.prepare import DuplicateFilter, Preparer, prepare_block
 from runner.progress import Progress
 from runner.report import JobReport
@@ -57,19 +58,50 @@ def run_embed(config: EmbedConfig) -> JobReport:
     cleanly with JobInterrupted (exit 130/143), a second signal stops it at once.
     """
     clock = StartupClock()
-    config.validate()
-    paths = expand_inputs(config.inputs)
-    for path in paths:
-        sniff_input(path, config.id_column, config.seq_column)
-    out_dir = prepare_out_dir(Path(config.out))
-    with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:  # two jobs writing one --out would interleave parts
-        return _run_locked(config, paths, out_dir, clock, job_log)
+    # Until the stream runs there is nothing to finish: a signal stops start-up at once (exit 130/143).
+    signals = StopSignals(waiting=True)
+    signals.install()
+    try:
+        config.validate()
+        paths = expand_inputs(config.inputs)
+        for path in paths:
+            sniff_input(path, config.id_column, config.seq_column)
+        # Everything that can fail before start-up fails here, in about a second, before Ray starts: the model's
+        # config and weight shapes (no weights loaded), and the settings that depend on the model.
+        info = preflight(config.model)
+        codec = load_codec(config.model)
+        check_settings_against_model(config, info, codec)
+        out_dir = prepare_out_dir(Path(config.out))
+        # two jobs writing one --out would interleave parts
+        with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:
+            return _run_locked(config, paths, out_dir, codec, signals, clock, job_log)
+    except _StopNow as stop:  # during start-up, before any embedding came back
+        raise JobInterrupted.during_startup(stop.signum) from None
+    finally:
+        signals.restore()
+
+
+def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> None:
+    """The settings whose valid range depends on the model: --layer, and --chunk-overlap against the
+    resolved --max-residues (the model's limit when not given)."""
+    if not -1 <= config.layer <= info.num_layers:
+        raise RunnerError(
+            f"--layer {config.layer} is out of range for {info.name} ({info.num_layers} layers): use 0 (embeddings) "
+            f"to {info.num_layers}, or -1 for the last layer"
+        )
+    max_residues = config.max_residues or codec.max_residues
+    if config.long == "chunk" and config.chunk_overlap >= max_residues:
+        given = "--max-residues" if config.max_residues else f"the model's window ({info.name})"
+        raise RunnerError(
+            f"--chunk-overlap {config.chunk_overlap} must be smaller than {given}, {max_residues} residues: "
+            f"lower --chunk-overlap (default 128)"
+        )
 
 
 def _run_locked(
-    config: EmbedConfig, paths: list[Path], out_dir: Path, clock: StartupClock, job_log: JobLog
+    config: EmbedConfig, paths: list[Path], out_dir: Path, codec: SequenceCodec, signals: StopSignals,
+    clock: StartupClock, job_log: JobLog,
 ) -> JobReport:
-    codec = load_codec(config.model)
     if config.strict:
         check_strict(paths, codec, config)
 
@@ -81,7 +113,13 @@ def _run_locked(
     with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
         info_future = pool.submit(timed, clock, "checkpoint_hash", model_info, config.model, compute_sha256=True)
         inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
-        context = connect_ray(config.address, config.verbose)
+        try:
+            context = connect_ray(config.address, config.verbose)
+        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) fired while Ray was starting
+            if e.code == signal.SIGTERM:
+                raise _StopNow(signal.SIGTERM, hard=True) from None
+            raise
+        signals.install()  # ray.init replaced our SIGTERM handler with its own: take it back
         clock.mark("ray_ready")
         info = info_future.result()
         input_prints = inputs_future.result()
@@ -144,11 +182,9 @@ def _run_locked(
         rows_written=resume.rows,
         parts=list(resume.parts),
     )
-    manifest.write(report)
     metrics = DriverMetrics(config.model, precision)
     started = time.monotonic()
-    signals = StopSignals()
-    signals.install()
+    manifest.write(report)
     try:
         shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics)
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part)
@@ -219,11 +255,13 @@ def _run_locked(
                 started,
                 hard_stop,
             )
-    except _StopNow as stop:  # a second signal while the outputs were being closed
+    except _StopNow as stop:  # a signal before the stream ran, or a second one while the outputs were closed
+        if report.status == "running":  # the outputs were not closed: say so in the manifest
+            report.status = "interrupted"
+            with contextlib.suppress(OSError):
+                manifest.write(report)
         report.status = "interrupted"
         raise JobInterrupted.after(stop.signum, out_dir, len(report.parts), hard=True) from None
-    finally:
-        signals.restore()
     if report.status == "interrupted":
         raise JobInterrupted.after(
             signals.signum or signal.SIGINT, out_dir, len(report.parts), hard=hard_stop

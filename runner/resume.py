@@ -158,6 +158,17 @@ def has_outputs(out_dir: Path) -> bool:
     return any((out_dir / name).exists() for name in ("manifest.json", "rejects.arrow", "drift.arrow"))
 
 
+def has_parts(out_dir: Path) -> bool:
+    """Whether `--out` holds a complete part (a row written by an earlier run)."""
+    emb = out_dir / "embeddings"
+    return emb.is_dir() and any(PART_NAME.match(p.name) for p in emb.iterdir())
+
+
+def is_ours(manifest: dict[str, Any] | None) -> bool:
+    """Whether a manifest was written by runner (it has our fingerprint), so its files are ours to replace."""
+    return manifest is not None and isinstance(manifest.get("fingerprint"), dict)
+
+
 def clear_outputs(out_dir: Path) -> None:
     """--overwrite: delete what earlier runs wrote (only our own file names; nothing else in --out)."""
     emb = out_dir / "embeddings"
@@ -199,6 +210,13 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, o
         log.warning("--overwrite: deleting the previous outputs in %s", out_dir)
         clear_outputs(out_dir)
     if not has_outputs(out_dir):
+        return ResumeState()
+    if not has_parts(out_dir) and is_ours(read_manifest(out_dir)):
+        # A run that stopped before writing a single row (a bad setting found after start-up, a failed stream,
+        # a stop during start-up) holds nothing to resume: it must not lock --out against the corrected command.
+        log.info("--out %s holds no embeddings from the earlier run (status %s): starting over", out_dir,
+                 (read_manifest(out_dir) or {}).get("status"))
+        clear_outputs(out_dir)
         return ResumeState()
     previous = read_manifest(out_dir)
     if previous is None or not isinstance(previous.get("fingerprint"), dict):

@@ -23,6 +23,15 @@ class JobInterrupted(RunnerError):
         self.exit_code = exit_code
 
     @classmethod
+    def during_startup(cls, signum: int) -> JobInterrupted:
+        name = signal.Signals(signum).name
+        return cls(
+            f"interrupted by {name} during start-up, before any embedding was written: rerun the same command "
+            "to start again",
+            128 + signum,
+        )
+
+    @classmethod
     def after(cls, signum: int, out_dir: Path, parts: int, hard: bool) -> JobInterrupted:
         name = signal.Signals(signum).name
         how = "stopped at once" if hard else "stopped after the finished batches"
@@ -60,7 +69,8 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)  # installed again (after ray.init): restore the first one
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

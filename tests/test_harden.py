@@ -4,6 +4,7 @@ corruption detected. Unit tests run without Ray; the end-to-end ones share one l
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,161 @@ def test_drain_turns_a_remote_runner_error_into_one_line(tmp_path: Path) -> None
               DriverMetrics("m", "fp32"))
     assert str(info.value) == "in.csv line 9: undecodable text: fix or remove that line"
     assert "ray::" not in str(info.value)
+
+
+# --- checks before start-up (no Ray: each of these must fail before it starts) ------------------------
+
+
+@pytest.fixture()
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the job gets as far as connecting to Ray."""
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("the job connected to Ray: this check should have failed before start-up")
+
+    monkeypatch.setattr("runner.job.connect_ray", refuse)
+
+
+def one_line_error(*args: str) -> str:
+    code, output = invoke(*args)
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), output
+    return lines[0]
+
+
+def few_proteins(tmp_path: Path) -> str:
+    path = tmp_path / "p.fasta"
+    path.write_text(">a\nMKVLAAGG\n>b\nMKKLLV\n")
+    return str(path)
+
+
+def test_layer_out_of_range_fails_before_start_up(no_ray: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(tiny_esm2_path), "--out",
+                          str(tmp_path / "o"), "--gpus", "0", "--layer", "5")
+    assert "--layer 5 is out of range" in line and "2 layers" in line and "-1 for the last layer" in line
+    assert not (tmp_path / "o").exists()  # nothing written, so nothing can lock --out
+
+
+def test_chunk_overlap_against_the_models_own_window(no_ray: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(tiny_esm2_path), "--out",
+                          str(tmp_path / "o"), "--gpus", "0", "--long", "chunk", "--chunk-overlap", "1022")
+    assert "--chunk-overlap 1022 must be smaller than the model's window" in line and "1022 residues" in line
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(tiny_esm2_path), "--out",
+                          str(tmp_path / "o"), "--gpus", "0", "--long", "chunk", "--max-residues", "100")
+    assert "--chunk-overlap 128 must be smaller than --max-residues, 100 residues" in line
+
+
+def test_checkpoint_with_wrong_missing_or_extra_weights_fails_before_start_up(
+    no_ray: None, tmp_path: Path, tiny_esm2_path: Path
+) -> None:
+    import torch
+
+    from runner.models.checkpoints import load_fair_esm_checkpoint
+
+    data = load_fair_esm_checkpoint(tiny_esm2_path)
+    name = next(k for k in data["model"] if k.endswith("layers.0.fc1.weight"))
+    variants = {
+        "shape": (lambda m: m.__setitem__(name, torch.zeros(3, 3)), r"fc1\.weight is \(3, 3\) but should be"),
+        "missing": (lambda m: m.pop(name), r"lacks 1 weight\(s\).*fc1\.weight"),
+        "extra": (lambda m: m.__setitem__("encoder.head.extra", torch.zeros(2)), r"has no place for: head\.extra"),
+    }
+    for label, (change, expected) in variants.items():
+        broken = {**data, "model": dict(data["model"])}
+        change(broken["model"])
+        path = tmp_path / f"{label}.pt"
+        torch.save(broken, path)
+        line = one_line_error("embed", few_proteins(tmp_path), "--model", str(path), "--out",
+                              str(tmp_path / "o"), "--gpus", "0")
+        assert re.search(expected, line), line
+
+
+def test_hf_directory_problems_are_named(no_ray: None, tmp_path: Path, tiny_dnabert_dir: Path) -> None:
+    import shutil
+
+    empty = tmp_path / "not_a_model"
+    empty.mkdir()
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(empty), "--out", str(tmp_path / "o"),
+                          "--gpus", "0")
+    assert "has no config.json" in line and "not found" not in line
+    no_tokenizer = tmp_path / "no_tok"
+    shutil.copytree(tiny_dnabert_dir, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(no_tokenizer), "--out",
+                          str(tmp_path / "o"), "--gpus", "0")
+    assert "has no tokenizer.json" in line
+
+
+class NotATensor:
+    """A class torch's safe loader refuses to unpickle."""
+
+
+def test_safe_loader_refusals_never_suggest_weights_only_false(tmp_path: Path, tiny_dnabert_dir: Path) -> None:
+    import shutil
+
+    import torch
+
+    from runner.models.dnabert import dnabert_preflight
+    from runner.models.esm2 import esm2_preflight
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "cfg": NotATensor()}, evil)
+    with pytest.raises(RunnerError) as info:
+        esm2_preflight(str(evil))
+    assert "NotATensor" in str(info.value) and "weights_only" not in str(info.value)
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_dnabert_dir, hf)
+    (hf / "model.safetensors").unlink()
+    torch.save({"w": NotATensor()}, hf / "pytorch_model.bin")
+    with pytest.raises(RunnerError) as info:
+        dnabert_preflight(str(hf))
+    assert "refused by the safe loader" in str(info.value) and "weights_only" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text, parsed",
+    [("strict: 'false'\n", {"strict": False}), ("strict: 'yes'\n", {"strict": True}), ("strict: off\n", {"strict": False}),
+     ("layer: '3'\n", {"layer": 3}), ("shadow-rate: '0.5'\n", {"shadow_rate": 0.5}), ("inputs: a.fa\n", {"inputs": ["a.fa"]})],
+)
+def test_config_values_are_parsed_like_flags(tmp_path: Path, text: str, parsed: dict) -> None:
+    from runner.config import load_config_file
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_config_file(path) == parsed
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("layer: two\n", "layer: 'two' is not a whole number"), ("shadow_rate: lots\n", "shadow_rate: 'lots' is not a number"),
+     ("strict: maybe\n", "strict: 'maybe' is not a boolean"), ("long: wrap\n", "long: 'wrap' is not one of truncate"),
+     ("rows_per_part: 0\n", "rows_per_part, records_per_block and cpu_actors must be at least 1"),
+     ("shadow_rate: 2\n", "--shadow-rate must be between 0 and 1")],
+)
+def test_bad_config_values_are_one_line(no_ray: None, tmp_path: Path, tiny_esm2_path: Path, text: str,
+                                        message: str) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    line = one_line_error("embed", few_proteins(tmp_path), "--model", str(tiny_esm2_path), "--out",
+                          str(tmp_path / "o"), "--gpus", "0", "--config", str(config))
+    assert message in line
+
+
+def test_a_run_that_wrote_no_row_does_not_lock_out(tmp_path: Path) -> None:
+    from runner.resume import prepare_resume
+
+    out = tmp_path / "o"
+    (out / "embeddings").mkdir(parents=True)
+    old = {"settings": {"layer": 5}, "model": {"family": "esm2"}, "inputs": []}
+    (out / "manifest.json").write_text(json.dumps({"status": "aborted", "fingerprint": old}))
+    (out / "rejects.arrow").write_bytes(b"")
+    state = prepare_resume(out, {**old, "settings": {"layer": 2}}, 4, overwrite=False)
+    assert state.rows == 0 and not (out / "manifest.json").exists()
+    # with a part written, a different run is still refused
+    (out / "manifest.json").write_text(json.dumps({"status": "aborted", "fingerprint": old}))
+    (out / "embeddings").mkdir(exist_ok=True)
+    (out / "embeddings" / "part-00000.arrow").write_bytes(b"x")
+    with pytest.raises(RunnerError, match="layer 5 -> 2"):
+        prepare_resume(out, {**old, "settings": {"layer": 2}}, 4, overwrite=False)
 
 
 # --- end to end through a local Ray -----------------------------------------------------------------

@@ -34,6 +34,21 @@ FAIR_ESM_MODEL_URL = "https://dl.fbaipublicfiles.com/fair-esm/models/{name}.pt"
 FAIR_ESM_REGRESSION_URL = "https://dl.fbaipublicfiles.com/fair-esm/regression/{name}-contact-regression.pt"
 
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def refusal_reason(error: BaseException) -> str:
+    """Why torch's safe loader (weights_only=True) refused a file, in a few words, without torch's advice to
+    load with weights_only=False (which can run arbitrary code: we never do, and never suggest it)."""
+    text = _ANSI.sub("", str(error))
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        return f"it holds Python class {found.group(1)}"
+    detail = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    reason = detail.group(1).split(". Please", 1)[0].strip() if detail else ""
+    if not reason or "weights_only" in reason or "can still be loaded" in reason:
+        return "it holds objects other than tensors and plain containers"
+    return reason
 
 
 def regression_path(checkpoint: Path) -> Path:
@@ -67,7 +82,8 @@ def load_fair_esm_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, 
                 f"esm2_*.pt file or re-save the state dict with plain types"
             ) from None
         raise CheckpointError(
-            f"{p} is not a readable torch checkpoint ({first_line(e)}): re-download it"
+            f"{p} is refused by the safe loader ({refusal_reason(e)}; only tensors and argparse.Namespace are "
+            f"loaded): use an official esm2_*.pt file or re-save the state dict with plain types"
         ) from None
     except (
         RuntimeError,

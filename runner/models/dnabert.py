@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.errors import CheckpointError
+from runner.errors import CheckpointError, first_line
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
+from runner.models.checkpoints import refusal_reason
 
 DNABERT_MODELS: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
 
@@ -423,18 +425,33 @@ def _weight_file(directory: Path) -> Path:
     for name in (_SAFETENSORS_FILE, _BIN_FILE):
         if (directory / name).is_file():
             return directory / name
-    raise CheckpointError(f"{directory} has neither {_SAFETENSORS_FILE} nor {_BIN_FILE}")
+    raise CheckpointError(
+        f"{directory} has neither {_SAFETENSORS_FILE} nor {_BIN_FILE}: copy the weights into it"
+    )
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+def _read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The weight file's tensors; with `shapes_only`, meta tensors of their shapes (safetensors: from the
+    header; .bin: memory-mapped, so no weight data is read). Only the safe loader is ever used."""
     try:
         if path.suffix == ".safetensors":
+            if shapes_only:
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
             from safetensors.torch import load_file
 
             return load_file(str(path), device="cpu")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors / pickle errors have no common base class
-        raise CheckpointError(f"cannot read weights {path}: {type(exc).__name__}: {exc}") from exc
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} is refused by the safe loader ({refusal_reason(exc)}; only tensors are loaded): re-save "
+            f"the weights as {_SAFETENSORS_FILE} or as a plain state dict"
+        ) from None
+    except Exception as exc:  # safetensors / zip / torch errors have no common base class
+        raise CheckpointError(f"cannot read weights {path} ({type(exc).__name__}: {first_line(exc)}): the file is "
+                              f"truncated or of another format; re-download it") from None
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} does not hold a state dict")
     return dict(state)
@@ -553,3 +570,30 @@ def dnabert_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
         num_layers=_config_int(config, "num_hidden_layers"),
         parameters=_parameter_count(config),
     )
+
+
+def dnabert_preflight(spec: str) -> ModelInfo:
+    """The cheap check before start-up (no Ray, no weights read): a local directory's config.json and
+    tokenizer.json, and every weight's name and shape (safetensors header, or a memory-mapped .bin) against
+    the MosaicBERT that config describes. A hub name not downloaded yet is checked when it is."""
+    if _is_hub_name(spec):
+        return dnabert_info(spec)
+    directory = _resolve_dir(spec, weights=False)
+    for name in (_CONFIG_FILE, _TOKENIZER_FILE):
+        if not (directory / name).is_file():
+            raise CheckpointError(
+                f"{directory} has no {name}: a DNABERT directory needs {_CONFIG_FILE}, {_TOKENIZER_FILE} and "
+                f"{_SAFETENSORS_FILE} (or {_BIN_FILE}); copy the missing file from the model's hub page"
+            )
+    config = read_config(directory)
+    codec = DnabertCodec.from_file(directory / _TOKENIZER_FILE, max_tokens=token_limit(config))
+    weights = _weight_file(directory)
+    with torch.device("meta"):
+        model = DnabertEmbedder(config, codec=codec, name=spec, checkpoint=str(directory))
+    if codec.vocab_size > model.embeddings.word_embeddings.num_embeddings:
+        raise CheckpointError(
+            f"tokenizer.json has {codec.vocab_size} tokens but the model embeds only "
+            f"{model.embeddings.word_embeddings.num_embeddings}"
+        )
+    _checkpoint_state(_read_weights(weights, shapes_only=True), model, weights)
+    return model.info

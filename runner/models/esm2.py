@@ -380,9 +380,9 @@ def _count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())  # parameters() counts the tied LM-head weight once
 
 
-def _assign_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
-    """Put checkpoint tensors into the meta-built module; CheckpointError naming anything missing or odd."""
-    expected = model.state_dict()  # meta tensors: names and shapes
+def check_esm2_weights(expected: dict[str, Any], state: dict[str, Any], path: Path) -> None:
+    """CheckpointError naming missing, unexpected or wrong-shaped weights. Only names and shapes are read, so
+    the state may be memory-mapped or meta tensors (the pre-flight check reads no weight data)."""
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{path} state dict holds non-tensor entries: {_name_list(not_tensors)}")
@@ -407,6 +407,12 @@ def _assign_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -
             f"{path}: {len(wrong_shape)} weight(s) do not match the architecture in its cfg, e.g. {first} is "
             f"{tuple(state[first].shape)} but should be {tuple(expected[first].shape)}: the cfg and weights disagree"
         )
+
+
+def _assign_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Put checkpoint tensors into the meta-built module; CheckpointError naming anything missing or odd."""
+    expected = model.state_dict()  # meta tensors: names and shapes
+    check_esm2_weights(expected, state, path)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     # assign=True replaces parameters one by one, which unties the LM head from the embedding; re-tie it.
     model.lm_head.weight = model.embed_tokens.weight
@@ -525,4 +531,31 @@ def esm2_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
         embed_dim=dim,
         num_layers=layers,
         parameters=parameters,
+    )
+
+
+def esm2_preflight(spec: str) -> ModelInfo:
+    """The cheap check before start-up (no Ray, no weights read): for a .pt file, its cfg and every weight's
+    name and shape (memory-mapped: torch reads the pickle, not the tensor data) against the ESM-2 that cfg
+    describes; for a known name, the published architecture (its weights are checked when downloaded).
+    A transformers ESM-2 (hub name or directory) is checked by runner.models.esm2_hf."""
+    from runner.models.esm2_hf import hf_esm2_preflight, is_hf_esm2_spec
+
+    if is_hf_esm2_spec(spec):
+        return hf_esm2_preflight(spec)
+    if spec in ESM2_MODELS:
+        return esm2_info(spec)
+    path = Path(spec).expanduser()
+    data = load_fair_esm_checkpoint(path, mmap=True)
+    layers, dim, heads, token_dropout = read_esm2_architecture(data, path)
+    model = _build_esm2(layers, dim, heads, token_dropout)
+    check_esm2_weights(model.state_dict(), _upgrade_state_dict(dict(data["model"])), path)
+    return ModelInfo(
+        name=spec,
+        family="esm2",
+        checkpoint=str(path.resolve()),
+        checkpoint_sha256="",
+        embed_dim=dim,
+        num_layers=layers,
+        parameters=_count_parameters(model),
     )

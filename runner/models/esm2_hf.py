@@ -281,6 +281,30 @@ def read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_weight_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The weights' names and shapes without their data, for the pre-flight check: meta tensors from the
+    safetensors headers (rotary inv_freq tables, tiny, are read: their values are compared), and a memory-mapped
+    .bin (torch reads its pickle, not the tensors)."""
+    state: dict[str, torch.Tensor] = {}
+    for path in files:
+        if not path.name.endswith(".safetensors"):
+            state.update(read_weights([path]))  # memory-mapped
+            continue
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for key in f.keys():  # noqa: SIM118 - a safe_open handle is not a mapping
+                    state[key] = f.get_tensor(key) if _INV_FREQ.match(_hf_name(key)) else torch.empty(
+                        f.get_slice(key).get_shape(), device="meta")
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"cannot read weights {path} ({type(exc).__name__}: {first_line(exc)}): the file is truncated or "
+                f"of another format"
+            ) from None
+    return state
+
+
 def sha256_files(files: list[Path]) -> str:
     """The checkpoint's hex SHA-256: the weight file's own for one file; for shards, the SHA-256 of the lines
     "<shard name> <shard sha256>" in order. Each file's hash is remembered across runs (runner.cache)."""
@@ -408,6 +432,19 @@ def load_hf_esm2(spec: str) -> ESM2Embedder:
     logger.info("loaded transformers ESM-2 %s from %s: %d layers, dim %d, %d heads", spec, directory,
                 config.layers, config.dim, config.heads)
     return ESM2Embedder(model, info)
+
+
+def hf_esm2_preflight(spec: str) -> ModelInfo:
+    """The cheap check before start-up: a directory's config.json, vocab.txt and every weight's name and shape
+    against the ESM-2 its config describes (no weight data read). A hub name not downloaded yet is checked
+    when it is."""
+    if spec in HF_ESM2_MODELS and _cached_dir(spec) is None:
+        return hf_esm2_info(spec)
+    directory = resolve_dir(spec, weights=False)
+    config = read_hf_config(directory)
+    vocab = read_vocab(directory)
+    fair_esm_state(read_weight_shapes(weight_files(directory)), config, vocab, directory)
+    return hf_esm2_info(spec)
 
 
 def hf_esm2_codec(spec: str) -> Esm2Codec:

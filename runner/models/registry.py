@@ -117,3 +117,17 @@ def model_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
     from runner.models.dnabert import dnabert_info
 
     return dnabert_info(spec, compute_sha256=compute_sha256)
+
+
+def preflight(spec: str) -> ModelInfo:
+    """The cheap check of a model before start-up (no Ray, about a second): each family reads its config and
+    its weights' names and shapes without loading the weights, and raises a CheckpointError naming what is
+    missing, unexpected or wrong-shaped. The ModelInfo returned (layers, width) checks --layer before Ray
+    starts. New model families add their own `<family>_preflight` here."""
+    if model_family(spec) == "esm2":
+        from runner.models.esm2 import esm2_preflight
+
+        return esm2_preflight(spec)
+    from runner.models.dnabert import dnabert_preflight
+
+    return dnabert_preflight(spec)
