@@ -31,6 +31,29 @@ class Reject:
     reason: str  # one line a user can act on, e.g. "invalid characters: BJ"
     ordinal: int = -1  # position in the input (-1 when unknown)
 
+    @property
+    def code(self) -> str:
+        """The reason's category (REJECT_CODES), for grouping: the detail text differs per record."""
+        return reject_code(self.reason)
+
+
+# Reject reason categories: (code, how the reason text starts). The texts are written in runner.prepare
+# (missing id, empty, invalid characters, too long), runner.prepare.DuplicateFilter (duplicate id) and
+# runner.embed_stage.failure_reason (a window that raised inside the model, CUDA OOM alone included).
+REJECT_CODES: tuple[tuple[str, str], ...] = (
+    ("missing_id", "missing id"),
+    ("empty_sequence", "empty sequence"),
+    ("invalid_characters", "invalid characters"),
+    ("too_long", "longer than"),
+    ("duplicate_id", "duplicate id"),
+    ("embedding_failed", "embedding failed"),
+)
+
+
+def reject_code(reason: str) -> str:
+    """The category code of a reject reason ("other" for a reason no category names)."""
+    return next((code for code, start in REJECT_CODES if reason.startswith(start)), "other")
+
 
 @dataclass
 class TokenizedRecord:

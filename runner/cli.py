@@ -149,6 +149,9 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @input_options
 @click.option("--chunk-overlap", type=int, help="Residues shared by neighbouring windows with --long chunk (default 128).")
 @click.option("--rows-per-part", type=int, help="Rows per Arrow part file (default 16384).")
+@click.option("--part-seconds", type=float,
+              help="Close a part once its first row is this old, even if not full (default 30): the most a "
+                   "finished embedding waits before it is on disk.")
 @shadow_options
 @click.option("--compile/--no-compile", "compile_layers", default=None,
               help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
@@ -187,6 +190,10 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
         jobs = [dataclasses.replace(config, model=m, out=str(Path(config.out) / model_folder(m))) for m in models]
     for job in jobs:
         report = run_embed(job)
+        if report.already_complete:
+            click.echo(f"already complete: {report.rows_written:,} embeddings in {report.out_dir} (nothing to do; "
+                       "--overwrite starts over)", err=True)
+            continue
         shadow = report.shadow or {}
         checked = f", shadow {shadow['compared']:,} compared, {shadow['violations']:,} violations" if shadow else ""
         click.echo(

@@ -52,6 +52,9 @@ class EmbedConfig:
     id_column: str = "id"  # id column of Parquet/CSV inputs
     seq_column: str = "sequence"  # sequence column of Parquet/CSV inputs
     rows_per_part: int = 16384  # rows per Arrow part file; bounds driver memory
+    # A part is closed (on disk, complete) once its first row has waited this long, even if not full: the
+    # bound on how long a finished embedding can wait before it is on disk (plus 1 s of clock resolution).
+    part_seconds: float = 30.0
     records_per_block: int = 2048  # records per stream block between CPU stages
     cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
     pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
@@ -125,6 +128,8 @@ class EmbedConfig:
             raise RunnerError(f"--on-drift must be warn or abort, not {self.on_drift!r}")
         if not -1 <= self.drift_min_cosine <= 1:
             raise RunnerError("--drift-min-cosine must be a cosine between -1 and 1")
+        if not self.part_seconds > 0:
+            raise RunnerError("--part-seconds must be more than 0 (seconds a part may stay open)")
         if self.rows_per_part < 1 or self.records_per_block < 1 or self.cpu_actors < 1:
             raise RunnerError("rows_per_part, records_per_block and cpu_actors must be at least 1")
         return self

@@ -15,6 +15,12 @@ class NonFiniteEmbedding(RunnerError):
     exit_code = 3
 
 
+class NothingEmbedded(RunnerError):
+    """Every record read was rejected: the job ran, but produced no embedding (rejects.arrow says why)."""
+
+    exit_code = 5
+
+
 class CheckpointError(RunnerError):
     """A checkpoint is missing, unreadable or does not match the architecture it claims."""
 

@@ -31,7 +31,7 @@ from runner.config import EmbedConfig, resolve_precision
 from runner.console import JobLog
 from runner.dedup import CopyWriter
 from runner.embed_stage import StageSettings
-from runner.errors import RunnerError, first_line
+from runner.errors import NothingEmbedded, RunnerError, first_line
 from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
 from runner.models.base import ModelInfo, SequenceCodec
@@ -39,6 +39,7 @@ from runner.models.registry import load_codec, model_info, preflight
 from runner.prepare import DuplicateFilter, Preparer, prepare_block
 from runner.progress import Progress
 from runner.report import JobReport
+from runner.rerun import already_complete
 from runner.resume import OutLock, prepare_resume
 from runner.shadow import ShadowMonitor
 from runner.signals import JobInterrupted, StopSignals, _StopNow
@@ -71,6 +72,9 @@ def run_embed(config: EmbedConfig) -> JobReport:
         info = preflight(config.model)
         codec = load_codec(config.model)
         check_settings_against_model(config, info, codec)
+        done = already_complete(config, paths, info, codec)
+        if done is not None:  # the same job, complete: nothing runs, nothing is rewritten
+            return done
         out_dir = prepare_out_dir(Path(config.out))
         # two jobs writing one --out would interleave parts
         with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:
@@ -79,6 +83,38 @@ def run_embed(config: EmbedConfig) -> JobReport:
         raise JobInterrupted.during_startup(stop.signum) from None
     finally:
         signals.restore()
+
+
+def budget_fits_longest_window(budget: int, config: EmbedConfig, codec: SequenceCodec) -> int:
+    """The token budget, raised (with a warning) to the longest window a batch can hold: a window over the
+    budget is packed alone into a batch of its own size, so the budget would not bound the batches and the
+    packing efficiency (tokens / budgeted tokens) would exceed 1."""
+    longest = (config.max_residues or codec.max_residues) + codec.special_start + codec.special_end
+    longest = min(longest, getattr(codec, "max_tokens", longest))  # BPE codecs cap a window in tokens
+    if budget >= longest:
+        return budget
+    log.warning(
+        "--token-budget %d is below the longest window (%d tokens: --max-residues plus the special tokens): "
+        "raised to %d (the manifest records both)", budget, longest, longest,
+    )
+    return longest
+
+
+def check_something_embedded(report: JobReport, paths: list[Path], rejects: RejectWriter, rows: int) -> None:
+    """Nothing to embed is not success: no record read is an error (exit 1), every record rejected is
+    NothingEmbedded (exit 5) with the reject summary."""
+    if report.records_read == 0:
+        names = ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        raise RunnerError(
+            f"no records read from {names}: the input is empty (FASTA without '>' records, a table without "
+            "rows); check the input files"
+        )
+    if rows == 0 and rejects.count:
+        summary = ", ".join(f"{count:,} {code}" for code, count in sorted(rejects.reasons.items(), key=lambda x: -x[1]))
+        raise NothingEmbedded(
+            f"nothing embedded: all {rejects.count:,} record(s) were rejected ({summary}); see "
+            f"{rejects.final} (columns code and reason) and fix the input or the settings"
+        )
 
 
 def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> None:
@@ -127,6 +163,8 @@ def _run_locked(
     on_gpu = gpus > 0
     precision = resolve_precision(config.precision, on_gpu)
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
+    requested_budget = budget
+    budget = budget_fits_longest_window(budget, config, codec)
     pooling = config.pooling or codec.default_pooling
     fingerprint = job_fingerprint(
         paths, info, config, precision, pooling, config.max_residues or codec.max_residues, inputs=input_prints
@@ -174,6 +212,7 @@ def _run_locked(
         out_dir, config, info, precision, pooling, budget, [str(p) for p in paths], fingerprint
     )
     manifest.dashboard_url = f"http://{dashboard}" if dashboard else None
+    manifest.token_budget_requested = requested_budget if requested_budget != budget else None
     manifest.resume = resume.summary()
     report = JobReport(
         out_dir=out_dir,
@@ -187,7 +226,8 @@ def _run_locked(
     manifest.write(report)
     try:
         shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics)
-        writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part)
+        writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part,
+                            part_seconds=config.part_seconds)
         rejects = RejectWriter(out_dir)
         progress = Progress(
             paths,
@@ -219,6 +259,7 @@ def _run_locked(
                     shadow.close()  # waits for the comparisons still running
                     record_shadow(report, shadow)
                     shadow = None
+                check_something_embedded(report, paths, rejects, resume.rows + writer.rows_written)
                 report.status = "complete"
                 record_startup(manifest, report, clock)
                 log.info("%s", clock.line())

@@ -69,6 +69,29 @@ def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, pre
     }
 
 
+def part_bytes(out_dir: Path, parts: list[str]) -> dict[str, int]:
+    """{part name: size in bytes} of the parts that exist."""
+    sizes = {}
+    for name in parts:
+        path = out_dir / "embeddings" / name
+        if path.is_file():
+            sizes[name] = path.stat().st_size
+    return sizes
+
+
+def checkpoint_files(checkpoint: str) -> list[dict[str, Any]]:
+    """Size and mtime of a checkpoint file, or of every file directly in a checkpoint directory."""
+    if not checkpoint:
+        return []
+    path = Path(checkpoint)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    stats = []
+    for f in files:
+        st = f.stat()
+        stats.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return stats
+
+
 def package_versions() -> dict[str, str | None]:
     """Versions of the packages whose numerics or behaviour the embeddings depend on."""
     versions: dict[str, str | None] = {"runner": __version__, "python": platform.python_version()}
@@ -123,6 +146,7 @@ class Manifest:
         self.token_budget = token_budget
         self.inputs = inputs
         self.fingerprint = fingerprint
+        self.token_budget_requested: int | None = None  # a --token-budget raised to the longest window
         self.resume: dict[str, Any] = {}  # the `resume` section (runs, resumed rows, redone parts)
         self.dashboard_url: str | None = None
         self.reject_reasons: dict[str, int] = {}
@@ -140,6 +164,9 @@ class Manifest:
                 "family": self.info.family,
                 "checkpoint": self.info.checkpoint,
                 "checkpoint_sha256": self.info.checkpoint_sha256,
+                # size and mtime of the checkpoint's files: a rerun of a complete job reuses the hash when
+                # they are unchanged (runner.rerun), instead of hashing gigabytes to answer "already complete"
+                "checkpoint_files": checkpoint_files(self.info.checkpoint),
                 "embed_dim": self.info.embed_dim,
                 "num_layers": self.info.num_layers,
                 "parameters": self.info.parameters,
@@ -151,8 +178,11 @@ class Manifest:
             "precision": self.precision,
             "attention_backend": sorted(report.attention),
             "token_budget": self.token_budget,
+            # what was asked for, when it was below the longest window and raised to it (else None)
+            "token_budget_requested": self.token_budget_requested,
             "long": self.config.long,
-            "max_residues": self.config.max_residues,
+            # resolved (the model's window when not given), as in the fingerprint
+            "max_residues": (self.fingerprint or {}).get("settings", {}).get("max_residues", self.config.max_residues),
             "inputs": self.inputs,
             "settings": dataclasses.asdict(self.config),
             "counts": {
@@ -185,6 +215,8 @@ class Manifest:
                 "actors": {worker: actor_section(clock) for worker, clock in sorted(report.actors.items())},
             },
             "parts": report.parts,
+            # bytes of each complete part this run wrote or kept, checked by a rerun of a complete job
+            "part_bytes": part_bytes(self.path.parent, report.parts),
             "fingerprint": self.fingerprint,
             "resume": self.resume,
             "versions": package_versions(),

@@ -151,6 +151,7 @@ class JobReport:
 
     out_dir: Path
     status: str = "running"  # running | complete | aborted | interrupted | failed (unexpected error)
+    already_complete: bool = False  # a rerun of a complete job: nothing ran (runner.rerun)
     error: str | None = None  # why the job stopped (aborted / failed / interrupted): the one line the user saw
     records_read: int = 0
     rows_written: int = 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,15 @@ import pyarrow as pa
 from runner.batch import Reject
 from runner.errors import RunnerError
 
-REJECT_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("reason", pa.string())])
+REJECT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("source", pa.string()),  # input file
+        ("ordinal", pa.int64()),  # position of the record in the input, 0-based (as in the parts)
+        ("code", pa.string()),  # the reason's category (runner.batch.REJECT_CODES): group by this
+        ("reason", pa.string()),  # the detail, one line a user can act on
+    ]
+)
 
 
 class OutputWriteError(RunnerError):
@@ -63,9 +73,18 @@ class EmbeddedRows:
 
 
 class PartWriter:
-    """Appends rows to `embeddings/part-NNNNN.arrow`, starting a new part every `rows_per_part` rows."""
+    """Appends rows to `embeddings/part-NNNNN.arrow`, starting a new part every `rows_per_part` rows.
 
-    def __init__(self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0) -> None:
+    With `part_seconds`, a part is also closed (renamed into place) once its first row has waited that long,
+    even if it is not full, by a clock thread that checks every second: a finished embedding is on disk at
+    most `part_seconds` + 1 s after the driver received it, so a kill loses seconds of work, not a slow
+    job's last hour. Writes and the clock take one lock, so a part is never closed half-written.
+    """
+
+    def __init__(
+        self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0,
+        part_seconds: float | None = None,
+    ) -> None:
         self.dir = out_dir / "embeddings"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -80,6 +99,26 @@ class PartWriter:
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._tmp: Path | None = None
         self._rows_in_open_part = 0
+        self.part_seconds = part_seconds
+        self._opened_at = 0.0  # time.monotonic() the open part got its first row
+        self._lock = threading.RLock()  # re-entrant: a failed write discards the part under the same lock
+        self._clock_error: OutputWriteError | None = None  # a failed timed close, raised by the next call
+        self._stop_clock = threading.Event()
+        if part_seconds is not None:
+            threading.Thread(target=self._clock, name="part-clock", daemon=True).start()
+
+    def _clock(self) -> None:
+        while not self._stop_clock.wait(min(1.0, self.part_seconds or 1.0)):
+            with self._lock:
+                if self._writer is None or self._clock_error is not None:
+                    continue
+                if time.monotonic() - self._opened_at >= (self.part_seconds or 0):
+                    try:
+                        self._close_part()
+                    except OSError as e:
+                        failed = self._tmp or self.dir
+                        self.discard_open_part()
+                        self._clock_error = write_error(failed, e)
 
     def write(self, rows: EmbeddedRows) -> None:
         """Append rows; raise OutputWriteError (the open part deleted) when the disk refuses them."""
@@ -92,6 +131,12 @@ class PartWriter:
 
     def _append(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
         """Write rows [0, count) as `batch(start, end)` record batches, starting a new part when one is full."""
+        with self._lock:  # the part clock closes parts from its own thread
+            if self._clock_error is not None:
+                raise self._clock_error
+            self._append_locked(count, batch)
+
+    def _append_locked(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
         try:
             start = 0
             while start < count:
@@ -110,7 +155,14 @@ class PartWriter:
             raise write_error(failed, e) from None
 
     def close(self) -> None:
-        """Finish the open part (if it holds any row)."""
+        """Finish the open part (if it holds any row) and stop the clock."""
+        self._stop_clock.set()
+        with self._lock:
+            if self._clock_error is not None:
+                raise self._clock_error
+            self._close_open_part()
+
+    def _close_open_part(self) -> None:
         if self._writer is not None:
             try:
                 self._close_part()
@@ -121,19 +173,22 @@ class PartWriter:
 
     def discard_open_part(self) -> None:
         """Drop the part being written (a hard stop, or a failed write): only complete parts stay visible."""
-        if self._writer is not None:
-            with contextlib.suppress(OSError):  # the file is being deleted anyway; the disk may be what failed
-                self._writer.close()
-        if self._tmp is not None:
-            with contextlib.suppress(OSError):  # e.g. --out went read-only: the next (resumed) run deletes it
-                self._tmp.unlink(missing_ok=True)
-        self._writer, self._tmp, self._rows_in_open_part = None, None, 0
+        self._stop_clock.set()
+        with self._lock:
+            if self._writer is not None:
+                with contextlib.suppress(OSError):  # the file is being deleted anyway; the disk may be what failed
+                    self._writer.close()
+            if self._tmp is not None:
+                with contextlib.suppress(OSError):  # e.g. --out went read-only: the next (resumed) run deletes it
+                    self._tmp.unlink(missing_ok=True)
+            self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
     def _open(self) -> None:
         name = f"part-{self.next_part:05d}.arrow"
         self._tmp = self.dir / f".{name}.tmp"
         self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
         self._rows_in_open_part = 0
+        self._opened_at = time.monotonic()
 
     def _close_part(self) -> None:
         assert self._writer is not None and self._tmp is not None  # internal invariant, not user input
@@ -171,7 +226,7 @@ class RejectWriter:
         except OSError as e:
             raise write_error(self._tmp, e) from None
         self.count = 0
-        self.reasons: dict[str, int] = {}  # reject count per reason kind (text before the first ':' / '(')
+        self.reasons: dict[str, int] = {}  # reject count per reason code (runner.batch.REJECT_CODES)
 
     def write(self, rejects: list[Reject]) -> None:
         if not rejects or self._writer is None:
@@ -182,6 +237,8 @@ class RejectWriter:
                     [
                         pa.array([r.id for r in rejects], pa.string()),
                         pa.array([r.source for r in rejects], pa.string()),
+                        pa.array([r.ordinal for r in rejects], pa.int64()),
+                        pa.array([r.code for r in rejects], pa.string()),
                         pa.array([r.reason for r in rejects], pa.string()),
                     ],
                     schema=REJECT_SCHEMA,
@@ -192,8 +249,7 @@ class RejectWriter:
             raise write_error(self._tmp, e) from None
         self.count += len(rejects)
         for r in rejects:
-            kind = r.reason.split(":")[0].split("(")[0].strip()
-            self.reasons[kind] = self.reasons.get(kind, 0) + 1
+            self.reasons[r.code] = self.reasons.get(r.code, 0) + 1
 
     def close(self) -> None:
         """Put rejects.arrow in place (rejects are recomputed by every run, so each run rewrites it whole)."""

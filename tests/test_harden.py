@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from click.testing import CliRunner
 
@@ -277,3 +278,87 @@ def test_bad_csv_row_mid_stream_is_one_line_and_aborts_with_the_reason(
     assert manifest["error"] == lines[0].removeprefix("Error: ")
     state = scan_parts(out, manifest["model"]["embed_dim"])
     assert state.redone_parts == [] and state.rows == manifest["counts"]["rows"]  # what was written is whole
+
+
+def test_honest_records_and_a_complete_rerun_without_ray(
+    local_ray: None, tmp_path: Path, tiny_esm2_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fasta = tmp_path / "in.fasta"
+    rng = np.random.default_rng(3)
+    body = [f">p{i}\n{''.join(rng.choice(list(AMINO), size=int(rng.integers(20, 300))))}\n" for i in range(40)]
+    body.insert(5, ">bad\nMK1J\n")
+    fasta.write_text("".join(body))
+    out = tmp_path / "out"
+    args = ["embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0", "--no-progress",
+            "--shadow-rate", "0.3", "--max-residues", "200", "--token-budget", "100", "--rows-per-part", "16"]
+    code, output = invoke(*args)
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    # a budget below the longest window (200 residues + BOS/EOS) is raised to it, and both are recorded
+    assert manifest["token_budget"] == 202 and manifest["token_budget_requested"] == 100
+    assert 0 < manifest["throughput"]["packing_efficiency"] <= 1
+    assert manifest["max_residues"] == 200 and manifest["layer"] == 2
+    rejects = pa.ipc.open_file(out / "rejects.arrow").read_all().to_pydict()
+    assert rejects["id"] == ["bad"] and rejects["ordinal"] == [5] and rejects["code"] == ["invalid_characters"]
+    assert manifest["counts"]["reject_reasons"] == {"invalid_characters": 1}
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert "drift.arrow" in before
+
+    # the same command again: answered from the manifest, without Ray, and nothing is rewritten
+    monkeypatch.setattr("runner.job.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
+    code, output = invoke(*args)
+    assert code == 0, output
+    assert f"already complete: 40 embeddings in {out}" in output
+    after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and not p.name.startswith(".")}
+    assert after == before  # manifest figures and drift files as the real run left them (no drift.run-1)
+
+    # a part gone: the rerun is a real run again (it resumes and redoes that part)
+    monkeypatch.undo()
+    first = sorted((out / "embeddings").glob("part-*.arrow"))[0]
+    first.unlink()
+    code, output = invoke(*args)
+    assert code == 0 and "already complete" not in output, output
+    assert json.loads((out / "manifest.json").read_text())["counts"]["rows"] == 40
+
+
+def test_nothing_to_embed_is_not_success(local_ray: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+    empty = tmp_path / "empty.fasta"
+    empty.write_text("\n")
+    code, output = invoke("embed", str(empty), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "e"),
+                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
+    assert code == 1 and "no records read from" in output and "empty.fasta" in output, output
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK1\n>b\n\n>a\nMKV\n")
+    code, output = invoke("embed", str(bad), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "b"),
+                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
+    assert code == 5, output
+    assert "nothing embedded: all 3 record(s) were rejected" in output
+    assert "invalid_characters" in output and "empty_sequence" in output and "duplicate_id" in output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "aborted"
+
+
+# --- parts reach disk as the job goes ------------------------------------------------------------------
+
+
+def test_a_part_is_closed_once_its_first_row_waited_part_seconds(tmp_path: Path) -> None:
+    import time
+
+    from runner.sink import EmbeddedRows
+
+    def rows(start: int, n: int) -> EmbeddedRows:
+        return EmbeddedRows([f"s{i}" for i in range(start, start + n)], np.full(n, 5, np.int32), np.zeros(n, bool),
+                            np.ones((n, 4), np.float32), np.arange(start, start + n, dtype=np.int64))
+
+    writer = PartWriter(tmp_path, 4, rows_per_part=1000, part_seconds=0.5)
+    writer.write(rows(0, 3))
+    parts = tmp_path / "embeddings"
+    assert not list(parts.glob("part-*.arrow"))  # far from full, and young
+    deadline = time.monotonic() + 5
+    while not list(parts.glob("part-*.arrow")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert [p.name for p in parts.glob("part-*.arrow")] == ["part-00000.arrow"]
+    assert writer.rows_written == 3
+    writer.write(rows(3, 2))  # the next rows open the next part
+    writer.close()
+    assert writer.parts == ["part-00000.arrow", "part-00001.arrow"]
+    assert scan_parts(tmp_path, 4).rows == 5

@@ -210,7 +210,7 @@ def test_actor_death_failing_records_and_oom(ray_address: str, job: dict[str, Pa
     assert counts["failed_records"] == 2
     assert counts["oom_splits"] >= 1
     assert counts["actor_restarts"] >= 1
-    assert counts["reject_reasons"] == {"embedding failed": 2}
+    assert counts["reject_reasons"] == {"embedding_failed": 2}
 
 
 def test_corrupt_part_and_leftover_tmp_are_redone(ray_address: str, job: dict[str, Path], baseline: dict) -> None:

@@ -50,12 +50,15 @@ def test_discard_open_part_leaves_only_complete_parts(tmp_path: Path) -> None:
 
 def test_rejects_file(tmp_path: Path) -> None:
     writer = RejectWriter(tmp_path)
-    writer.write([Reject("a", "x.fa", "empty sequence"), Reject("b", "x.fa", "invalid characters for protein: J")])
+    writer.write([Reject("a", "x.fa", "empty sequence", 3), Reject("b", "x.fa", "invalid characters for protein: J", 7),
+                  Reject("c", "y.fa", "duplicate id (first seen in x.fa)", 9)])
     writer.close()
     table = pa.ipc.open_file(tmp_path / "rejects.arrow").read_all()
-    assert table.column_names == ["id", "source", "reason"]
-    assert table.column("id").to_pylist() == ["a", "b"]
-    assert writer.reasons == {"empty sequence": 1, "invalid characters for protein": 1}
+    assert table.column_names == ["id", "source", "ordinal", "code", "reason"]
+    assert table.column("id").to_pylist() == ["a", "b", "c"]
+    assert table.column("ordinal").to_pylist() == [3, 7, 9]
+    assert table.column("code").to_pylist() == ["empty_sequence", "invalid_characters", "duplicate_id"]
+    assert writer.reasons == {"empty_sequence": 1, "invalid_characters": 1, "duplicate_id": 1}
 
 
 def test_chunk_merger_weights_by_residues_in_any_order() -> None:
