@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import __version__
+from runner.checksums import read_records as read_checksums
 from runner.config import EmbedConfig
 from runner.models.base import ModelInfo
 from runner.models.licences import licence_record
@@ -217,6 +218,8 @@ class Manifest:
             "parts": report.parts,
             # bytes of each complete part this run wrote or kept, checked by a rerun of a complete job
             "part_bytes": part_bytes(self.path.parent, report.parts),
+            # CRC-32 of every file in checksums.jsonl (path relative to --out), as its writer computed it
+            "checksums": {name: r["crc32"] for name, r in sorted(read_checksums(self.path.parent).items())},
             "fingerprint": self.fingerprint,
             "resume": self.resume,
             "versions": package_versions(),

@@ -7,7 +7,8 @@ consults to skip finished records. Nothing here holds ids, so driver memory stay
 
 A part is trusted only if it opens as an Arrow IPC file with a footer (a truncated file has none), has
 the expected schema, and its id/ordinal columns validate; anything else is deleted and its ordinals
-are embedded again. Parts are renamed into place only when complete, so a crash leaves at most a
+are embedded again; so is a part whose CRC-32 differs from the one its writer recorded (runner.checksums).
+Parts are renamed into place only when complete, so a crash leaves at most a
 hidden `.part-NNNNN.arrow.tmp`, which is deleted here too.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from runner.checksums import JOURNAL_NAME, check_file, drop_records, read_records
 from runner.errors import RunnerError
 from runner.sink import embedding_schema
 
@@ -179,7 +181,7 @@ def clear_outputs(out_dir: Path) -> None:
         if not any(emb.iterdir()):
             emb.rmdir()
     ours = {"manifest.json", "rejects.arrow", "drift.arrow", ".manifest.json.tmp", ".rejects.arrow.tmp",
-            ".drift.arrow.tmp", ".test-actor-crashed"}
+            ".drift.arrow.tmp", ".test-actor-crashed", JOURNAL_NAME, f".{JOURNAL_NAME}.tmp"}
     for p in out_dir.iterdir():
         if p.name in ours or re.match(r"^drift\.run-\d+\.arrow$", p.name):
             p.unlink()
@@ -260,6 +262,7 @@ def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
     schema = embedding_schema(embed_dim)
     highest = -1
     names = sorted(p.name for p in emb.iterdir())
+    checksums = read_records(out_dir)
     for name in names:
         tmp = TMP_PART_NAME.match(name)
         if tmp:
@@ -275,6 +278,9 @@ def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
         problem, ordinals = check_part(path, schema)
         if problem is None and (np.unique(ordinals).size != ordinals.size or state.done.contains(ordinals).any()):
             problem = "rows already present in another part"
+        record = checksums.get(f"embeddings/{name}")
+        if problem is None and record is not None:  # parts of runner versions before checksums have none
+            problem = check_file(path, record)
         if problem is not None:
             log.warning("part %s is unusable (%s): deleting it; its sequences are embedded again", path, problem)
             path.unlink()
@@ -284,6 +290,7 @@ def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
         state.rows += len(ordinals)
         state.parts.append(name)
     state.next_part = highest + 1
+    drop_records(out_dir, {f"embeddings/{name}" for name in state.redone_parts})
     return state
 
 
@@ -291,8 +298,8 @@ def check_part(path: Path, schema: pa.Schema) -> tuple[str | None, np.ndarray]:
     """(None, ordinals) for a sound part, else (what is wrong, empty). Reads ids and ordinals, not vectors.
 
     The footer (missing when a file is truncated), the schema and each record batch's structure are
-    checked; the id and ordinal columns are validated in full. Bit flips inside embedding values are not
-    detectable without checksums and are not looked for.
+    checked; the id and ordinal columns are validated in full. Bit flips inside embedding values are found
+    by the part's CRC-32 (scan_parts, runner verify), not here.
     """
     empty = np.zeros(0, dtype=np.int64)
     try:

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from runner.batch import Reject
+from runner.checksums import ChecksummedFile, append_record, crc_hex
 from runner.errors import RunnerError
 
 REJECT_SCHEMA = pa.schema(
@@ -176,8 +177,10 @@ class PartWriter:
         self._stop_clock.set()
         with self._lock:
             if self._writer is not None:
-                with contextlib.suppress(OSError):  # the file is being deleted anyway; the disk may be what failed
+                with contextlib.suppress(OSError, pa.ArrowException):  # being deleted; the disk may be what failed
                     self._writer.close()
+                with contextlib.suppress(OSError):
+                    self._file.close()
             if self._tmp is not None:
                 with contextlib.suppress(OSError):  # e.g. --out went read-only: the next (resumed) run deletes it
                     self._tmp.unlink(missing_ok=True)
@@ -186,7 +189,8 @@ class PartWriter:
     def _open(self) -> None:
         name = f"part-{self.next_part:05d}.arrow"
         self._tmp = self.dir / f".{name}.tmp"
-        self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
+        self._file = ChecksummedFile(self._tmp)  # CRC-32 as the bytes go out: no second read
+        self._writer = self._file.open_arrow_file(self.schema)
         self._rows_in_open_part = 0
         self._opened_at = time.monotonic()
 
@@ -194,7 +198,11 @@ class PartWriter:
         assert self._writer is not None and self._tmp is not None  # internal invariant, not user input
         self._writer.close()
         final = self.dir / f"part-{self.next_part:05d}.arrow"
-        _fsync(self._tmp)
+        self._file.fsync()
+        self._file.close()
+        # the checksum is on disk before the part is visible: every visible part has one
+        append_record(self.dir.parent, f"{self.dir.name}/{final.name}", self._rows_in_open_part, self._file.size,
+                      crc_hex(self._file.crc))
         os.replace(self._tmp, final)
         self.parts.append(final.name)
         self.rows_written += self._rows_in_open_part
