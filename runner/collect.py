@@ -253,6 +253,7 @@ def handle_table(
         [vectors[keep]],
         [ordinals[keep]],
     )
+    out_windows = [np.ones(len(keep), np.int32)]
     if not whole.all():
         chunk_index = win.column("chunk_index").to_numpy()
         total = win.column("total_residues").to_numpy()
@@ -272,6 +273,7 @@ def handle_table(
                 out_trunc.append(np.array([False]))
                 out_vec.append(merged[None, :])
                 out_ord.append(np.array([ordinals[i]], np.int64))
+                out_windows.append(np.array([chunk_count[i]], np.int32))
                 report.chunked += 1
     rows = EmbeddedRows(
         ids=out_ids,
@@ -279,6 +281,7 @@ def handle_table(
         truncated=np.concatenate(out_trunc).astype(bool),
         vectors=np.concatenate(out_vec).astype(np.float32),
         ordinals=np.concatenate(out_ord).astype(np.int64),
+        windows=np.concatenate(out_windows).astype(np.int32),
     )
     if written is not None:
         rows = drop_written(rows, written, report)
@@ -357,4 +360,5 @@ def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> 
         rows.truncated[idx],
         rows.vectors[idx],
         rows.ordinals[idx],
+        None if rows.windows is None else rows.windows[idx],
     )

@@ -5,7 +5,9 @@ A healthy `runner embed` prints runner's own lines only: what is being done, one
 outputs: their Python loggers and, unless `-v`, whatever Ray's C++ core worker writes to
 the driver's stderr. `-v` shows all of it on the terminal too (and Python's deprecation warnings); runner's
 own warnings, other libraries' warnings, Python warnings that are not deprecations, and every error (Ray's
-included) stay on the terminal either way.
+included) stay on the terminal either way, but Ray Data's: it logs a failed task with its whole traceback, which
+runner then reports as one line (runner.collect.stream_failure), so without -v Ray Data's records go to the
+file only.
 
 Why the native stderr is captured rather than fixed at its source: Ray Data creates its actor pool's workers
 with its DataContext and the stage's MapTransformer passed through the object store, and pool actors
@@ -128,10 +130,15 @@ class JobLog:
         return self
 
     def _for_terminal(self, record: logging.LogRecord, runner_has_console: bool) -> bool:
-        """Which records the root logger shows: Ray's from ERROR (all with -v), other libraries' from WARNING,
+        """Which records the root logger shows: Ray's from ERROR (all with -v; Ray Data's only with -v), other
+        libraries' from WARNING,
         runner's only when its logger has no console of its own (the CLI's has: not twice)."""
         if record.name == "runner" or record.name.startswith("runner."):
             return not runner_has_console
+        if record.name == "ray.data" or record.name.startswith("ray.data."):
+            # Ray Data logs a failed task at ERROR with its whole traceback (~180 lines) before the exception
+            # reaches the driver, which reports it as one line (runner.collect.stream_failure): file only.
+            return self.verbose > 0
         if record.name == "ray" or record.name.startswith("ray."):
             return self.verbose > 0 or record.levelno >= logging.ERROR
         return True

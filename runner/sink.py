@@ -53,6 +53,7 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
             ("id", pa.string()),
             ("length", pa.int32()),  # residues embedded (after truncation; all residues when chunked)
             ("truncated", pa.bool_()),
+            ("windows", pa.int32()),  # windows the sequence was embedded in: 1, or more when --long chunk split it
             ("embedding", pa.list_(pa.float32(), embed_dim)),  # stored FP32 whatever the compute dtype
             ("ordinal", pa.int64()),  # position of the record in the input, 0-based
         ]
@@ -68,6 +69,7 @@ class EmbeddedRows:
     truncated: np.ndarray  # bool [N]
     vectors: np.ndarray  # float32 [N, D]
     ordinals: np.ndarray  # int64 [N]
+    windows: np.ndarray | None = None  # int32 [N]: windows each sequence was embedded in (None: 1 each)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -216,6 +218,7 @@ class PartWriter:
                 pa.array(rows.ids[start:end], pa.string()),
                 pa.array(rows.lengths[start:end], pa.int32()),
                 pa.array(rows.truncated[start:end], pa.bool_()),
+                pa.array(np.ones(end - start, np.int32) if rows.windows is None else rows.windows[start:end], pa.int32()),
                 pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
                 pa.array(rows.ordinals[start:end], pa.int64()),
             ],

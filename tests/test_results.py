@@ -198,7 +198,7 @@ def test_export_round_trips(job: Path, tmp_path: Path) -> None:
         assert code == 0 and f"15 rows -> {tmp_path / name} ({fmt}" in output, output
         assert not list(tmp_path.glob(".*tmp"))
     table = pq.read_table(tmp_path / "e.parquet")
-    assert table.column_names == ["id", "ordinal", "length", "truncated", "embedding"]
+    assert table.column_names == ["id", "ordinal", "length", "truncated", "windows", "embedding"]
     assert table.column("id").to_pylist() == ids and table.column("length").to_pylist() == rows["length"]
     np.testing.assert_array_equal(np.stack(table.column("embedding").to_pylist()).astype(np.float32), vectors)
     assert json.loads(table.schema.metadata[b"runner"])["columns"] == {"embedding": {"layer": 2, "pooling": "mean"}}
