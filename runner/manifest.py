@@ -214,6 +214,13 @@ class Manifest:
                 "actor_busy_fraction": round(report.actor_busy_fraction, 4),
                 "with_shadow": with_shadow_section(report),
                 "actors": {worker: actor_section(clock) for worker, clock in sorted(report.actors.items())},
+                # Two clocks, two steady rates: they differ by how Ray delivers outputs, and neither is wrong.
+                "clocks": {
+                    "steady_tokens_per_second": "driver: tokens received after the first output / wall seconds "
+                                                "since it (includes Ray's delivery bursts and the end of the job)",
+                    "actor_steady_tokens_per_second": "actors: their own batch timestamps, tokens after each "
+                                                      "actor's first batch / earliest first to latest last batch",
+                },
             },
             "parts": report.parts,
             # bytes of each complete part this run wrote or kept, checked by a rerun of a complete job

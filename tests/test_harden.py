@@ -3,8 +3,14 @@ corruption detected. Unit tests run without Ray; the end-to-end ones share one l
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -438,3 +444,36 @@ def test_resume_deletes_a_part_whose_checksum_fails(tmp_path: Path) -> None:
     assert state.redone_parts == ["part-00000.arrow"] and not part.exists()
     assert state.rows == 6 and state.parts == ["part-00001.arrow", "part-00002.arrow"]
     assert "embeddings/part-00000.arrow" not in read_records(out)  # its record goes with it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_start_up_exits_cleanly(tmp_path: Path, tiny_esm2_path: Path, signum: int) -> None:
+    """A stop while Ray starts: exit 128+signal, one honest line, no ResourceWarning, no claim about parts."""
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKVLAAGG\n>b\nMKKLLV\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(
+        [sys.executable, "-X", "dev", "-m", "runner", "embed", str(fasta), "--model", str(tiny_esm2_path), "--out",
+         str(out), "--gpus", "0", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "runner.log").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)  # the job log opens after the pre-flight checks, right before Ray starts
+    time.sleep(0.5)
+    proc.send_signal(signum)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's processes, if the driver left any
+    assert proc.returncode == 128 + signum, err
+    assert "ResourceWarning" not in err and "Traceback" not in err, err
+    assert f"interrupted by {signal.Signals(signum).name}" in err, err
+    manifest = out / "manifest.json"
+    if "during start-up" in err:  # stopped before the manifest existed: it must not claim one
+        assert "manifest" not in err.splitlines()[-1]
+    else:  # Ray was up and the manifest written: it says interrupted
+        assert json.loads(manifest.read_text())["status"] == "interrupted"
