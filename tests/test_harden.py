@@ -238,6 +238,134 @@ def test_a_run_that_wrote_no_row_does_not_lock_out(tmp_path: Path) -> None:
         prepare_resume(out, {**old, "settings": {"layer": 2}}, 4, overwrite=False)
 
 
+# --- end to end without Ray: the real stages run in-process -------------------------------------------
+
+
+class InProcessStream:
+    """The job's stream without Ray: the real read, tokenize/pack and EmbedStage code, block by block, in this
+    process (what build_dataset wires into Ray Data). Exercises run_embed end to end in seconds."""
+
+    def __init__(self, paths, codec, config, budget, stage, done_bits) -> None:
+        from runner.stream import PackSettings, ReadSettings
+
+        self.read = ReadSettings(tuple(str(p) for p in paths), config.id_column, config.seq_column,
+                                 config.records_per_block, done_bits)
+        self.pack = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
+        self.stage = stage
+
+    def iter_batches(self, **_: object):
+        from runner.embed_stage import EmbedStage
+        from runner.stream import pack_records, read_blocks
+
+        embed = EmbedStage(self.stage)
+        for block in read_blocks(self.read):
+            packed = pack_records(block, self.pack)
+            for i in range(packed.num_rows):
+                yield embed(packed.slice(i, 1))
+
+
+@pytest.fixture()
+def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_embed with the stream run in-process (InProcessStream) and no Ray at all (CPU, no shadow)."""
+
+    def no_ray(*_: object, **__: object) -> None:
+        return None
+
+    monkeypatch.setattr("runner.job.connect_ray", no_ray)
+    monkeypatch.setattr("runner.job.resolve_gpus", lambda requested, ray: 0)
+    monkeypatch.setattr(
+        "runner.job.build_dataset",
+        lambda ray, paths, codec, config, budget, stage, gpus, share, done: InProcessStream(
+            paths, codec, config, budget, stage, done),
+    )
+
+
+def proteins_fasta(path: Path, count: int, seed: int = 3, longest: int = 300) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("".join(f">p{i}\n{''.join(rng.choice(list(AMINO), size=int(rng.integers(20, longest))))}\n"
+                            for i in range(count)))
+    return path
+
+
+def test_in_process_job_records_windows_rejects_checksums_and_a_raised_budget(
+    in_process: None, tmp_path: Path, tiny_esm2_path: Path
+) -> None:
+    from runner.verify import verify_dir
+
+    fasta = proteins_fasta(tmp_path / "in.fasta", 30, longest=190)  # one window each, but for "long"
+    fasta.write_text(fasta.read_text() + ">bad\nMK1J\n>p3\nMKV\n" + ">long\n" + "M" * 450 + "\n")
+    out = tmp_path / "out"
+    args = ["embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0", "--no-progress",
+            "--shadow-rate", "0", "--max-residues", "200", "--token-budget", "100", "--rows-per-part", "8",
+            "--long", "chunk", "--chunk-overlap", "20"]
+    code, output = invoke(*args)
+    assert code == 0, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["error"] is None
+    assert manifest["token_budget"] == 202 and manifest["token_budget_requested"] == 100
+    assert 0 < manifest["throughput"]["packing_efficiency"] <= 1
+    assert manifest["max_residues"] == 200 and manifest["layer"] == 2
+    assert manifest["counts"]["reject_reasons"] == {"invalid_characters": 1, "duplicate_id": 1}
+    rejects = pa.ipc.open_file(out / "rejects.arrow").read_all().to_pydict()
+    assert sorted(zip(rejects["id"], rejects["ordinal"], rejects["code"], strict=True)) == [
+        ("bad", 30, "invalid_characters"), ("p3", 31, "duplicate_id")]
+    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
+    windows = dict(zip(table.column("id").to_pylist(), table.column("windows").to_pylist(), strict=True))
+    assert windows["long"] == 3 and {w for i, w in windows.items() if i != "long"} == {1}  # 450 = 3 windows of 200
+    assert set(manifest["checksums"]) == {f"embeddings/{p}" for p in manifest["parts"]}
+    assert verify_dir(out).ok, verify_dir(out).problems
+
+
+def test_in_process_nothing_to_embed_is_not_success(in_process: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+    empty = tmp_path / "empty.fasta"
+    empty.write_text("\n")
+    code, output = invoke("embed", str(empty), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "e"),
+                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
+    assert code == 1 and "no records read from" in output and "empty.fasta" in output, output
+    bad = tmp_path / "bad.fasta"
+    bad.write_text(">a\nMK1\n>b\n\n>a\nMKV\n")
+    code, output = invoke("embed", str(bad), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "b"),
+                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
+    assert code == 5, output
+    assert "nothing embedded: all 3 record(s) were rejected" in output
+    assert "invalid_characters" in output and "empty_sequence" in output and "duplicate_id" in output
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "aborted"
+
+
+def test_in_process_complete_rerun_answers_without_running(
+    in_process: None, tmp_path: Path, tiny_esm2_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fasta = proteins_fasta(tmp_path / "in.fasta", 20)
+    out = tmp_path / "out"
+    args = ["embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0", "--no-progress",
+            "--shadow-rate", "0", "--rows-per-part", "8"]
+    assert invoke(*args)[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    monkeypatch.setattr("runner.job.build_dataset", lambda *_: (_ for _ in ()).throw(AssertionError("ran again")))
+    code, output = invoke(*args)
+    assert code == 0 and f"already complete: 20 embeddings in {out}" in output, output
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing rewritten
+    # a changed setting is a different job: refused as before (the fast path only answers the same job)
+    code, output = invoke(*args, "--layer", "1")
+    assert code == 1 and "layer 2 -> 1" in output, output
+
+
+def test_in_process_stream_error_aborts_with_the_reason(in_process: None, tmp_path: Path,
+                                                        tiny_esm2_path: Path) -> None:
+    csv = tmp_path / "in.csv"
+    lines = ["id,sequence"] + [f"s{i},MKVLAAGGKK" for i in range(3000)]
+    lines.insert(2901, "x,y,z")  # index 2901 is line 2,902 (the header is line 1)
+    csv.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    code, output = invoke("embed", str(csv), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0",
+                          "--no-progress", "--shadow-rate", "0", "--rows-per-part", "500")
+    assert code == 1
+    assert output.splitlines()[-1].startswith("Error: ") and "in.csv line 2,902: 3 fields" in output, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "aborted" and "in.csv line 2,902" in manifest["error"]
+    assert scan_parts(out, 64).redone_parts == []
+
+
 # --- end to end through a local Ray -----------------------------------------------------------------
 
 
