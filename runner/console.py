@@ -131,8 +131,8 @@ class JobLog:
 
     def _for_terminal(self, record: logging.LogRecord, runner_has_console: bool) -> bool:
         """Which records the root logger shows: Ray's from ERROR (all with -v; Ray Data's only with -v), other
-        libraries' from WARNING,
-        runner's only when its logger has no console of its own (the CLI's has: not twice)."""
+        libraries' from WARNING, runner's only when its logger has no console of its own (the CLI's has: not
+        twice)."""
         if record.name == "runner" or record.name.startswith("runner."):
             return not runner_has_console
         if record.name == "ray.data" or record.name.startswith("ray.data."):

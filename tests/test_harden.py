@@ -165,6 +165,40 @@ def test_hf_directory_problems_are_named(no_ray: None, tmp_path: Path, tiny_dnab
     assert "has no tokenizer.json" in line
 
 
+def _reshape_one_safetensors_weight(directory: Path, suffix: str) -> str:
+    """Rewrite one weight (its name ends with `suffix`) of a directory's model.safetensors to a wrong shape."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    state = load_file(str(path))
+    name = next(k for k in state if k.endswith(suffix))
+    state[name] = state[name][:-1].contiguous()  # one row short
+    save_file(state, str(path))
+    return name
+
+
+def test_preflight_of_transformers_esm2_and_esm_c_names_a_wrong_shape(
+    tmp_path: Path, tiny_hf_esm2_dir: Path, tiny_esmc: tuple[Path, Path]
+) -> None:
+    import shutil
+
+    from runner.models.registry import preflight
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_esm2_dir, hf)
+    assert preflight(str(hf)).num_layers >= 1  # a sound one passes
+    name = _reshape_one_safetensors_weight(hf, "intermediate.dense.weight")
+    with pytest.raises(RunnerError, match="wrong shape") as info:
+        preflight(str(hf))
+    assert name.removeprefix("esm.") in str(info.value)
+    esmc_dir = tmp_path / "esmc"
+    shutil.copytree(tiny_esmc[0], esmc_dir)
+    assert preflight(str(esmc_dir)).family == "esmc"
+    _reshape_one_safetensors_weight(esmc_dir, "weight")
+    with pytest.raises(RunnerError, match="wrongly shaped"):
+        preflight(str(esmc_dir))
+
+
 class NotATensor:
     """A class torch's safe loader refuses to unpickle."""
 

@@ -505,3 +505,22 @@ def esmc_info(spec: str, compute_sha256: bool = False) -> ModelInfo:
         num_layers=arch.layers,
         parameters=arch.parameters(),
     )
+
+
+def esmc_preflight(spec: str) -> ModelInfo:
+    """The cheap check before start-up (runner.models.registry.preflight): every weight's name and shape against
+    the ESM C its config (or state) describes, from safetensors headers or a memory-mapped torch file, no weight
+    data read. A hub name not downloaded yet is checked when it is."""
+    source = resolve(spec, download=False)
+    if source is not None:
+        shapes: dict[str, Any] = {}
+        for path in source.weights:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    shapes.update({k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()})  # noqa: SIM118
+            else:
+                shapes.update(_torch_state(path))  # memory-mapped
+        runner_state(shapes, source.layout, source.arch, str(source.directory or source.weights[0]))
+    return esmc_info(spec)

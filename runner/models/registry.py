@@ -19,7 +19,7 @@ from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 from runner.models.esm2 import ESM2_MODELS
 from runner.models.esm2_hf import HF_ESM2_MODELS
 from runner.models.esmc_checkpoints import HUB_MODELS as ESMC_NAMES
-from runner.models.esmc_checkpoints import esmc_codec, esmc_info, is_esmc, load_esmc
+from runner.models.esmc_checkpoints import esmc_codec, esmc_info, esmc_preflight, is_esmc, load_esmc
 
 # Hub names served by runner.models.dnabert (kept here so resolving a spec does not import transformers).
 DNABERT_NAMES: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
@@ -124,6 +124,8 @@ def preflight(spec: str) -> ModelInfo:
     its weights' names and shapes without loading the weights, and raises a CheckpointError naming what is
     missing, unexpected or wrong-shaped. The ModelInfo returned (layers, width) checks --layer before Ray
     starts. New model families add their own `<family>_preflight` here."""
+    if model_family(spec) == "esmc":
+        return esmc_preflight(spec)
     if model_family(spec) == "esm2":
         from runner.models.esm2 import esm2_preflight
 
