@@ -85,6 +85,15 @@ def test_packed_matches_transformers_fp32(
     assert cosine.min().item() >= 0.9999
 
 
+def test_several_layers_from_one_forward(embedder: EsmcEmbedder, proteins: list[str]) -> None:
+    """forward_layers keeps the residual stream of the layers asked for as it passes: the same tensors as one
+    forward per layer, in the order asked."""
+    tokens, positions, cu, max_len = pack(embedder.codec, proteins[:4])
+    together = embedder.forward_layers(tokens, positions, cu, max_len, [1, 0, -1])
+    alone = [embedder.forward_packed(tokens, positions, cu, max_len, layer) for layer in (1, 0, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+
+
 def test_original_pth_gives_the_same_vectors(tiny_esmc: tuple[Path, Path], embedder: EsmcEmbedder,
                                              proteins: list[str]) -> None:
     """The same weights in EvolutionaryScale's layout (written by the script's own renaming) load to the same model."""

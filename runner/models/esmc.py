@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.attention import plan_attention, select_backend
+from runner.attention import plan_attention, select_backend, varlen_attention
 from runner.errors import RunnerError
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
-from runner.models.esm2_layers import compile_over_tokens, rotate, run_layers
+from runner.models.esm2_layers import compile_over_tokens, rotate
 from runner.models.fp16x3 import SplitLinear, SplitWeight
 
 logger = logging.getLogger("runner")
@@ -175,7 +175,6 @@ class LayerWeights(NamedTuple):
     ffn_norm_bias: torch.Tensor  # [D]
     gate_up_weight: torch.Tensor | SplitWeight  # [2F, D]
     down_weight: torch.Tensor | SplitWeight  # [D, F]
-    scaling: float  # head_dim ** -0.5, the softmax scale (read by esm2_layers.run_layers' attention)
 
     @classmethod
     def of(cls, block: EsmcBlock, split: Callable[[torch.Tensor], SplitWeight] | None = None) -> LayerWeights:
@@ -185,7 +184,6 @@ class LayerWeights(NamedTuple):
             block.attn_norm.weight, block.attn_norm.bias, prepare(block.qkv.weight),
             block.q_norm.weight, block.k_norm.weight, prepare(block.out.weight),
             block.ffn_norm.weight, block.ffn_norm.bias, prepare(block.gate_up.weight), prepare(block.down.weight),
-            HEAD_DIM**-0.5,
         )
 
 
@@ -262,8 +260,38 @@ def next_layer_inputs(
     return x, *attention_inputs(x, w_next, cos, sin, math)
 
 
-# The compilable pieces between attention kernels, in the order esm2_layers.run_layers takes them.
+# The compilable pieces between attention kernels: the first block's inputs, the middle of each pair of blocks,
+# the last block's output. Attention stays outside: its int max_seqlen would otherwise specialise the graphs.
 EAGER_PARTS = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
+
+
+def run_blocks(
+    x: torch.Tensor,  # [T, D] embeddings
+    layers: list[LayerWeights],  # the blocks to run, in order (at least one)
+    cos: torch.Tensor,  # float32 [T, 1, hd]
+    sin: torch.Tensor,  # float32 [T, 1, hd]
+    cu: torch.Tensor,  # int32 [B+1]
+    max_seqlen: int,
+    backend: str,  # attention kernel (runner.attention.BACKENDS)
+    plan: Any,  # runner.attention.plan_attention's per-batch state
+    math: LayerMath,
+    parts: tuple[Callable[..., Any], ...] = EAGER_PARTS,
+    keep: Collection[int] = (),  # block numbers (1 = the first run) whose outputs to return too
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """ESM C blocks over packed tokens: the last block's output x [T, D] and, per number in `keep`, that block's
+    output [T, D] (the residual stream as it passes: a reference kept, nothing computed again)."""
+    first, middle, last = parts
+
+    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return varlen_attention(q, k, v, cu, max_seqlen, q.shape[-1] ** -0.5, backend, plan=plan)  # [T, H, hd]
+
+    kept: dict[int, torch.Tensor] = {}
+    q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
+    for number, (w, w_next) in enumerate(zip(layers[:-1], layers[1:], strict=True), start=1):
+        x, q, k, v = middle(x, attention(q, k, v), w, w_next, cos, sin, math)  # x: block `number`'s output
+        if number in keep:
+            kept[number] = x
+    return last(x, attention(q, k, v), layers[-1], math), kept  # [T, D]
 
 
 class EsmcEmbedder(EmbeddingModel):
@@ -324,29 +352,45 @@ class EsmcEmbedder(EmbeddingModel):
         return on
 
     @torch.no_grad()
-    def forward_packed(
+    def forward_layers(
         self,
         tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
         positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
         cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
         max_seqlen: int,  # longest sequence in the batch, in tokens
-        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last (after the final norm)
-    ) -> torch.Tensor:
-        """Hidden states of `layer` for every token, [T, D] in the weights' dtype."""
-        target = self.resolve_layer(layer)
+        layers: Sequence[int],  # representation layers: 0 = embeddings, num_layers or -1 = last (after the final norm)
+    ) -> list[torch.Tensor]:
+        """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
+        that runs no deeper than the deepest layer asked for (transformers' `hidden_states[layer]`)."""
+        targets = [self.resolve_layer(layer) for layer in layers]
+        deepest = max(targets)
         x = self.embed(tokens.long())  # [T, D]
-        if target == 0:
-            return x
-        cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim, self.arch.rope_theta)  # [T, 1, hd] each
-        cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
-        plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
-        math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
-        x = self._run_layers(x, self.layer_weights()[:target], cos, sin, cu, max_seqlen, plan, math)  # [T, D]
-        if target == self.num_layers:
-            x = layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]: last_hidden_state
-        return x
+        hidden = {0: x}
+        if deepest > 0:
+            cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim, self.arch.rope_theta)  # [T, 1, hd]
+            cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
+            plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
+            math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
+            keep = frozenset(t for t in targets if 0 < t < deepest)
+            x, kept = self._run_blocks(x, self.layer_weights()[:deepest], cos, sin, cu, max_seqlen, plan, math, keep)
+            if deepest == self.num_layers:
+                x = layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]: last_hidden_state
+            hidden.update(kept)
+            hidden[deepest] = x
+        return [hidden[t] for t in targets]
 
-    def _run_layers(
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,  # int64 [T]
+        positions: torch.Tensor,  # int64 [T]
+        cu_seqlens: torch.Tensor,  # int32 [B+1]
+        max_seqlen: int,
+        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
+    ) -> torch.Tensor:
+        """Hidden states of one `layer` for every token: [T, D] in the weights' dtype."""
+        return self.forward_layers(tokens, positions, cu_seqlens, max_seqlen, [layer])[0]
+
+    def _run_blocks(
         self,
         x: torch.Tensor,  # [T, D]
         layers: list[LayerWeights],
@@ -356,17 +400,18 @@ class EsmcEmbedder(EmbeddingModel):
         max_seqlen: int,
         plan: Any,  # runner.attention.plan_attention's per-batch state
         math: LayerMath,
-    ) -> torch.Tensor:
+        keep: frozenset[int],
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The blocks, through the compiled parts when `compile` is on (eager otherwise)."""
         args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
         if self.compiled is None:
-            return run_layers(*args, parts=EAGER_PARTS)  # type: ignore[arg-type]
+            return run_blocks(*args, keep=keep)
         try:
-            return run_layers(*args, parts=self.compiled)  # type: ignore[arg-type]
+            return run_blocks(*args, parts=self.compiled, keep=keep)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
-            out = run_layers(*args, parts=EAGER_PARTS)  # type: ignore[arg-type]  # a real input error raises here
+            out = run_blocks(*args, keep=keep)  # a real error of the inputs raises here too, and propagates
             logger.warning("torch.compile failed for the ESM C blocks (%s: %s): running eager from now on",
                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             self.compiled = None
