@@ -38,14 +38,14 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_dir: Path):
     patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
     patch.setattr(constants, "HF_HUB_OFFLINE", True)
     # address="local": a Ray of this module's own, even when another `ray start` on the machine is the latest.
-    for attempt in range(3):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
+    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
         try:
             ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
                      object_store_memory=300 * 2**20)
             break
         except Exception as e:
             ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 2:
+            if "timed out during startup" not in str(e) or attempt == 5:
                 patch.undo()
                 raise
     yield
@@ -126,4 +126,5 @@ def test_embed_a_hub_name_from_the_hugging_face_cache(tmp_path: Path, tiny_hf_es
     model = json.loads((out / "manifest.json").read_text())["model"]
     assert model["name"] == HUB_NAME and "models--facebook--esm2_t6_8M_UR50D" in model["checkpoint"]
     assert model["licence"]["name"] == "MIT" and model["licence"]["confirmed"] is True
+
 
