@@ -28,14 +28,28 @@ from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
 log = logging.getLogger("runner")
 
 
-ACTOR_TASK_RETRIES = 3  # retries of one batch whose actor died (each on a restarted/other actor)
-
-
 READ_CPUS = 0.25  # CPU reserved by the single read task
 
 
 def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
+
+
+def on_driver_node(ray) -> dict[str, Any]:
+    """Remote args that run the read task on the driver's node, with READ_CPUS where that node has CPUs.
+
+    The inputs are then read where the driver checked and fingerprinted them, so they need not be on a shared
+    filesystem; and losing another node never loses the reader (a re-run read task starts from the first
+    record). A head node started with --num-cpus 0 still runs it (as a zero-CPU task).
+    """
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node_id = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
+    return {
+        "num_cpus": READ_CPUS if cpus >= READ_CPUS else 0,
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
+    }
 
 
 def connect_ray(address: str | None, verbose: int = 0):
@@ -159,7 +173,7 @@ def build_dataset(
     pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
     # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine
     # (with a whole CPU each, read + actor took both cores and the pack tasks never ran).
-    ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, num_cpus=READ_CPUS)
+    ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, **on_driver_node(ray))
     # Ray Data coalesces what a read task yields into blocks of up to target_max_block_size (128 MiB):
     # cut them back to records_per_block records, so that each embedding task (and so each delivery to
     # the driver, each retry after an actor death and each stop on Ctrl-C) covers one such block.
@@ -193,10 +207,11 @@ def build_dataset(
                 size=actors, max_concurrent_calls_per_actor=2 if gpus > 0 else 1
             ),
             # An actor that dies (killed process, lost node, unusable GPU) is restarted by Ray without limit,
-            # and the batches it held are retried on a live actor up to ACTOR_TASK_RETRIES times: a batch
-            # that kills its actor every time ends the job instead of looping forever.
+            # and the batches it held are retried on it without limit: a lost node's batches burn retries while
+            # Ray does not yet know the node is gone. A batch that kills its actor every time still ends the
+            # job: the actor counts deaths per batch (embed_stage.DeathRetries, BATCH_DEATHS_ALLOWED).
             max_restarts=-1,
-            max_task_retries=ACTOR_TASK_RETRIES,
+            max_task_retries=-1,
         )
     return ds
 

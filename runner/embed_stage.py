@@ -67,11 +67,12 @@ class StageSettings:
     test_crash_after_batches: int = 0  # the first actor to claim test_crash_marker os._exit()s after N batches
     test_crash_marker: str = ""  # file created (O_EXCL) by the crashing actor, so only one actor crashes once
     test_batch_delay: float = 0.0  # seconds slept per packed batch (to make runs slow enough to interrupt)
+    test_crash_ids: tuple[str, ...] = ()  # the actor os._exit()s on every batch holding one of these ids
 
     def without_test_hooks(self) -> StageSettings:
         """The same settings with every fault injection off (for the shadow actors)."""
         return replace(self, test_fail_ids=(), test_oom_above_tokens=0, test_crash_after_batches=0,
-                       test_crash_marker="", test_batch_delay=0.0)
+                       test_crash_marker="", test_batch_delay=0.0, test_crash_ids=())
 
 
 # Errors a forward may raise that are worth isolating to one window: torch reports almost everything
@@ -81,6 +82,62 @@ FORWARD_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError, Ind
 
 class EmbedStageBroken(RuntimeError):
     """Every window of a batch failed on its own: the model or device is broken, not a record."""
+
+
+BATCH_DEATHS_ALLOWED = 3  # retries of one batch after its actor's process died; one more stops the job
+
+
+class BatchKilledActor(RuntimeError):
+    """One batch took its actor's process down more than BATCH_DEATHS_ALLOWED times: stop instead of looping."""
+
+
+class DeathRetries:
+    """Counts, per batch, the retries that follow its actor's death, so that a batch killing its actor every time
+    (a record that corrupts the CUDA context) ends the job instead of restarting actors forever.
+
+    Ray retries an embedding actor's batches without limit (`max_task_retries=-1`, see runner.cluster): a lost
+    node's batches are retried while Ray does not yet know the node is gone, each try failing at once as "actor
+    unavailable", and Ray's own bounded count (3) ran out within a second of a node loss, long before the node
+    was declared dead (tests/test_cluster.py). So the bound is kept here, on deaths only. Only a restarted actor
+    can run a retried batch, so only a restarted actor counts, per Ray task id (the same on every retry of a
+    batch), in Ray's GCS key-value store, which outlives the actor and its node; the key is deleted once the
+    batch is done. A fresh actor never touches the store.
+    """
+
+    NAMESPACE = "runner-batch-retries"
+
+    def __init__(self, restarted: bool, store=None) -> None:
+        self.restarted = restarted  # this process replaced one that died
+        self._store = store  # get/put/delete of bytes by key (tests); None: Ray's internal KV
+
+    def begin(self) -> str | None:
+        """Before a batch: count a retry when it is one; raise BatchKilledActor past the bound. The key to `end`."""
+        if not self.restarted:
+            return None
+        import ray
+
+        key = f"task-{ray.get_runtime_context().get_task_id()}"
+        get, put, _ = self._kv()
+        tries = int(get(key) or 0) + 1
+        if tries > BATCH_DEATHS_ALLOWED:
+            raise BatchKilledActor(f"a batch took its embedding actor's process down {tries} times (the model or "
+                                   "device fails on one of its records): see the actors' logs")
+        put(key, str(tries).encode())
+        return key
+
+    def end(self, key: str | None) -> None:
+        """After a batch succeeded: forget its count."""
+        if key is not None:
+            self._kv()[2](key)
+
+    def _kv(self):
+        if self._store is not None:
+            return self._store
+        from ray.experimental import internal_kv
+
+        return (lambda k: internal_kv._internal_kv_get(k, namespace=self.NAMESPACE),
+                lambda k, v: internal_kv._internal_kv_put(k, v, namespace=self.NAMESPACE),
+                lambda k: internal_kv._internal_kv_del(k, namespace=self.NAMESPACE))
 
 
 def output_schema(embed_dim: int) -> pa.Schema:
@@ -98,7 +155,7 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("finite", pa.bool_()),
             ("reject_reason", pa.string()),  # non-null: this row is a reject, not an embedding
             ("source", pa.string()),  # input file, set on rejects
-            ("worker", pa.string()),  # host:device of the actor that embedded the row
+            ("worker", pa.string()),  # host:device:pid@node of the actor that embedded the row (worker_name)
             ("attention", pa.string()),  # attention kernel the actor used
             ("records_in", pa.int64()),  # records read that this row accounts for (block summaries)
             ("batch_tokens", pa.int64()),  # tokens of the packed batch (set on its first window)
@@ -186,12 +243,13 @@ class EmbedStage:
         self.embed_dim = self.model.info.embed_dim
         self.schema = output_schema(self.embed_dim)
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
-        self.worker = f"{socket.gethostname()}:{'cuda' + gpu if settings.device != 'cpu' else 'cpu'}:{os.getpid()}"
+        self.worker = worker_name(settings.device, gpu)
         self.metrics = ActorMetrics(settings.model, settings.precision, self.worker)
         self.max_tokens = 0  # tokens per forward after an OOM (0 = no cap): this actor's lowered budget
         self.oom_splits = 0  # total OOM splits of this actor
         self._unreported_ooms = 0  # OOM splits not yet reported to the driver
         self._unreported_restart = int(_was_restarted())
+        self.death_retries = DeathRetries(bool(self._unreported_restart))
         self._batches = 0
         self.busy = BusyClock()
         if settings.compile_layers and settings.compile_threads:
@@ -239,7 +297,9 @@ class EmbedStage:
                 + ("+fused_gelu" if self.model.fused_gelu_in_use else ""))
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        retry = self.death_retries.begin()
         pieces = [self._embed_row(row) for row in _rows(table)]
+        self.death_retries.end(retry)
         out = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
         if out.num_rows and (self._unreported_ooms or self._unreported_restart):
             # Counters ride on the first row: the driver sums the columns, so each event counts once.
@@ -383,6 +443,9 @@ class EmbedStage:
         batch = PackedBatch.from_row(row)
         self._batches += 1
         self._maybe_crash()
+        if set(batch.ids) & set(self.settings.test_crash_ids):
+            log.warning("embed actor %s: test hook RUNNER_TEST_CRASH_IDS: exiting now", self.worker)
+            os._exit(1)
         if self.settings.test_batch_delay:
             time.sleep(self.settings.test_batch_delay)
         started = time.perf_counter()
@@ -534,6 +597,26 @@ def _release_cuda_cache() -> None:
     """Give cached blocks back after an OOM, so the halves start from a clean allocator."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def worker_name(device: str, cuda_visible: str) -> str:
+    """host:device:pid@node, e.g. `gpu-7:cuda3:41213@8f1c2a9e`: names this actor in the manifest and metrics.
+
+    The node is the first 8 hex digits of the Ray node id (absent outside Ray): several Ray nodes can share
+    a host name (containers, or a test cluster on one machine), and node loss is read off it.
+    """
+    name = f"{socket.gethostname()}:{'cuda' + cuda_visible if device != 'cpu' else 'cpu'}:{os.getpid()}"
+    node = _ray_node_id()
+    return f"{name}@{node[:8]}" if node else name
+
+
+def _ray_node_id() -> str:
+    """This process's Ray node id (hex), or "" outside a Ray worker."""
+    try:
+        import ray
+    except ImportError:
+        return ""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _was_restarted() -> bool:

@@ -36,6 +36,15 @@ from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
 from runner.models.base import ModelInfo, SequenceCodec
 from runner.models.registry import load_codec, model_info, preflight
+from runner.nodes import (
+    actor_model_spec,
+    actor_nodes,
+    actors_write_out,
+    check_out_on_nodes,
+    check_weights_on_nodes,
+    cluster_nodes,
+    cluster_section,
+)
 from runner.prepare import DuplicateFilter, Preparer, prepare_block
 from runner.progress import Progress
 from runner.report import JobReport
@@ -162,6 +171,13 @@ def _run_locked(
     gpus = resolve_gpus(config.gpus, ray)
     on_gpu = gpus > 0
     precision = resolve_precision(config.precision, on_gpu)
+    # Before any GPU work: every other node that may run an actor must read the same weights (and write --out
+    # when the actors write there); one line naming the node otherwise.
+    nodes_at_start = cluster_nodes(ray)
+    others = actor_nodes(ray, on_gpu)
+    checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
+    if actors_write_out(config):
+        checked["out"] = check_out_on_nodes(ray, out_dir, others)
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
@@ -190,7 +206,7 @@ def _run_locked(
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
     stage = StageSettings(
-        model=config.model,
+        model=actor_model_spec(config.model),
         precision=precision,
         layer=config.layer,
         pooling=pooling,
@@ -221,7 +237,7 @@ def _run_locked(
         rows_written=resume.rows,
         parts=list(resume.parts),
     )
-    metrics = DriverMetrics(config.model, precision)
+    metrics = DriverMetrics(stage.model, precision)  # the label the actors use (a local path made absolute)
     started = time.monotonic()
     manifest.write(report)
     try:
@@ -280,6 +296,7 @@ def _run_locked(
             report.error = f"{type(e).__name__}: {first_line(e)}"
             raise
         finally:
+            manifest.extra["cluster"] = cluster_section(ray, nodes_at_start, checked)
             record_startup(manifest, report, clock)
             if copies is not None:
                 manifest.extra["dedup"] = copies.counts.section(report.records_read)
@@ -396,7 +413,8 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
 
     RUNNER_TEST_FAIL_IDS=a,b (forwards containing these ids raise), RUNNER_TEST_OOM_ABOVE_TOKENS=N (forwards
     over N tokens raise CUDA OOM), RUNNER_TEST_CRASH_AFTER_BATCHES=N (one actor os._exit()s after N
-    batches, once per --out), RUNNER_TEST_BATCH_DELAY=seconds (sleep per batch). Never set them in production.
+    batches, once per --out), RUNNER_TEST_CRASH_IDS=a,b (the actor os._exit()s on every batch holding these ids),
+    RUNNER_TEST_BATCH_DELAY=seconds (sleep per batch). Never set them in production.
     """
     env = os.environ
     hooks: dict[str, Any] = {}
@@ -408,6 +426,8 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
         if env.get("RUNNER_TEST_CRASH_AFTER_BATCHES"):
             hooks["test_crash_after_batches"] = int(env["RUNNER_TEST_CRASH_AFTER_BATCHES"])
             hooks["test_crash_marker"] = str(out_dir / ".test-actor-crashed")
+        if env.get("RUNNER_TEST_CRASH_IDS"):
+            hooks["test_crash_ids"] = tuple(i for i in env["RUNNER_TEST_CRASH_IDS"].split(",") if i)
         if env.get("RUNNER_TEST_BATCH_DELAY"):
             hooks["test_batch_delay"] = float(env["RUNNER_TEST_BATCH_DELAY"])
     except ValueError as e:

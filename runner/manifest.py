@@ -7,7 +7,6 @@ It also holds the job's *fingerprint* (inputs, model, output-changing settings):
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -21,28 +20,20 @@ from runner.checksums import read_records as read_checksums
 from runner.config import EmbedConfig
 from runner.models.base import ModelInfo
 from runner.models.licences import licence_record
+from runner.nodes import edge_signature
 
 if TYPE_CHECKING:
     from runner.report import ActorClock, JobReport
 
 
-# Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB: unchanged by a copy or
-# `touch` (which mtimes would not survive), while appending, truncating or rewriting either end is caught.
-# 64 KiB rather than 1 MiB keeps the cost low for inputs of many small shards (reading 2 MiB of each of
-# 100k 1-MiB shards would read the whole input at every start). A same-size edit in the middle is not seen.
-FINGERPRINT_EDGE_BYTES = 64 << 10
-
-
+# Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB (runner.nodes.edge_signature,
+# which also compares checkpoints across nodes): unchanged by a copy or `touch` (which mtimes would not survive),
+# while appending, truncating or rewriting either end is caught. 64 KiB rather than 1 MiB keeps the cost low for
+# inputs of many small shards (reading 2 MiB of each of 100k 1-MiB shards would read the whole input at every
+# start). A same-size edit in the middle is not seen.
 def input_fingerprint(path: Path) -> dict[str, Any]:
     """{path, size, edges_sha256} of one input file."""
-    size = path.stat().st_size
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(FINGERPRINT_EDGE_BYTES))
-        if size > FINGERPRINT_EDGE_BYTES:
-            fh.seek(max(FINGERPRINT_EDGE_BYTES, size - FINGERPRINT_EDGE_BYTES))
-            digest.update(fh.read(FINGERPRINT_EDGE_BYTES))
-    return {"path": str(path.resolve()), "size": size, "edges_sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), **edge_signature(path)}
 
 
 def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, precision: str, pooling: str,

@@ -1,0 +1,186 @@
+"""A real multi-node Ray cluster on this machine: actors on several nodes, node loss, a re-added node, and the
+pre-flight checks that every node reads the driver's checkpoint (and shares --out).
+
+The cluster is `ray.cluster_utils.Cluster`: a head with no CPUs (so, as on a cluster whose head only runs the
+driver, no actor and no pack task lands there; the read task runs there as a zero-CPU task) and worker nodes
+of 2 CPUs each, every node its own raylet and object store. Three CPU actors of 1 CPU each cannot fit on one
+such node, so every job spreads over at least two.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from runner.cli import cli
+from runner.embed_stage import EmbedStage, StageSettings
+from runner.models.registry import load_codec
+from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+COUNT = 240  # proteins: 12 blocks of 20
+AMINO = list("ACDEFGHIKLMNPQRSTVWY")
+NODE_CPUS = 2  # per worker node: three 1-CPU actors need two nodes
+ACTORS = 3
+STORE = 80 << 20  # object store bytes per node
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                             "object_store_memory": STORE})
+    for _ in range(2):
+        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_path: Path) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("cluster")
+    rng = np.random.default_rng(18)
+    fasta = base / "in.fasta"
+    fasta.write_text("".join(f">s{i}\n{''.join(rng.choice(AMINO, size=int(rng.integers(20, 60))))}\n"
+                             for i in range(COUNT)))
+    config = base / "job.yaml"
+    config.write_text(f"model: {tiny_esm2_path}\ngpus: 0\ncpu_actors: {ACTORS}\nrecords_per_block: 20\n"
+                      "rows_per_part: 40\nshadow_rate: 0\nprogress: false\n")
+    return {"fasta": fasta, "config": config, "base": base, "model": tiny_esm2_path}
+
+
+@pytest.fixture(scope="module")
+def one_node(job: dict[str, Path]) -> dict[str, np.ndarray]:
+    """id -> vector as one process computes it: the same read, pack and embedding stages, without Ray."""
+    model = str(job["model"])
+    stage = EmbedStage(StageSettings(model, "fp32", -1, "mean", "cpu"))
+    pack = PackSettings(load_codec(model), None, "truncate", 128, 4096)
+    vectors: dict[str, np.ndarray] = {}
+    for block in read_blocks(ReadSettings((str(job["fasta"]),), "id", "sequence", 20)):
+        out = stage(pack_records(block, pack))
+        out = out.filter(out.column("id").is_valid())
+        dim = out.schema.field("embedding").type.list_size
+        rows = out.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+        vectors.update(zip(out.column("id").to_pylist(), rows, strict=True))
+    assert len(vectors) == COUNT
+    return vectors
+
+
+def embed_args(job: dict[str, Path], out: Path, address: str) -> list[str]:
+    return ["embed", str(job["fasta"]), "--config", str(job["config"]), "--out", str(out), "--address", address]
+
+
+def parts(out: Path) -> list[Path]:
+    return sorted((out / "embeddings").glob("part-*.arrow"))
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+def assert_same_as_one_node(out: Path, one_node: dict[str, np.ndarray]) -> None:
+    """Every id exactly once, with the one-process vector; the manifest agrees."""
+    table = pa.concat_tables([pa.ipc.open_file(p).read_all() for p in parts(out)])
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == COUNT and set(ids) == set(one_node)
+    dim = table.schema.field("embedding").type.list_size
+    vectors = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    for sid, vector in zip(ids, vectors, strict=True):
+        np.testing.assert_allclose(vector, one_node[sid], rtol=0, atol=1e-6, err_msg=sid)
+    m = manifest(out)
+    assert m["status"] == "complete"
+    assert m["counts"]["rows"] == COUNT and m["counts"]["rejects"] == 0
+
+
+def actor_node_ids(out: Path) -> set[str]:
+    """Short node ids (worker names end in @node) of the actors that embedded this job's batches."""
+    return {worker.rsplit("@", 1)[1] for worker in manifest(out)["throughput"]["actors"]}
+
+
+def worker_nodes(cluster) -> dict[str, object]:
+    """Short node id -> cluster_utils node, for the worker nodes still alive."""
+    return {node.node_id[:8]: node for node in cluster.worker_nodes}
+
+
+def embed_actor_nodes() -> set[str]:
+    """Short node ids of the embedding actors alive now (from Ray's actor table)."""
+    import ray._private.state as state
+
+    return {a["Address"]["NodeID"][:8] for a in state.actors().values()
+            if "EmbedStage" in a["ActorClassName"] and a["State"] == "ALIVE"}
+
+
+def test_actors_on_several_nodes_match_one_node(cluster, job: dict[str, Path], one_node: dict) -> None:
+    out = job["base"] / "spread"
+    result = CliRunner().invoke(cli, embed_args(job, out, cluster.address), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert_same_as_one_node(out, one_node)
+    used = actor_node_ids(out)
+    assert len(used) >= 2, used  # three 1-CPU actors cannot share one 2-CPU node
+    assert used <= set(worker_nodes(cluster))  # none on the CPU-less head
+    m = manifest(out)
+    assert len(m["throughput"]["actors"]) == ACTORS
+    assert m["cluster"]["nodes_lost"] == [] and len(m["cluster"]["nodes"]) == 3
+    assert m["cluster"]["checked_nodes"] == {"weights": 2}  # both workers read the checkpoint the driver hashed
+
+
+def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path], one_node: dict) -> None:
+    """A worker node holding an actor dies mid-job: the job ends on the others, each id once, the restart and the
+    lost node counted. Then a node added to the cluster runs actors of the next job."""
+    cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+    cluster.wait_for_nodes()
+    out = job["base"] / "node-loss"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_BATCH_DELAY="1.0")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, cluster.address)], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not parts(out):
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no part written in time"
+            time.sleep(0.2)
+        busy = embed_actor_nodes() & set(worker_nodes(cluster))
+        assert busy, "no embedding actor alive on a worker node"
+        victim = sorted(busy)[0]
+        cluster.remove_node(worker_nodes(cluster)[victim], allow_graceful=False)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, output
+    assert_same_as_one_node(out, one_node)
+    m = manifest(out)
+    assert m["counts"]["actor_restarts"] >= 1
+    assert [name.split()[0] for name in m["cluster"]["nodes_lost"]] == [victim]
+    assert victim not in embed_actor_nodes()
+
+    # One worker left: remove it too, add a new one; three actors then need the new node as well.
+    (survivor,) = [n for n in worker_nodes(cluster) if n != victim][:1]  # noqa: RUF015 - exactly one is expected
+    for short, node in worker_nodes(cluster).items():
+        if short != survivor:
+            cluster.remove_node(node)
+    new = cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+    cluster.wait_for_nodes()
+    again = job["base"] / "re-added"
+    result = CliRunner().invoke(cli, embed_args(job, again, cluster.address), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert_same_as_one_node(again, one_node)
+    assert new.node_id[:8] in actor_node_ids(again)
+    assert victim not in actor_node_ids(again)
