@@ -73,12 +73,16 @@ def local_weight_files(spec: str) -> list[Path]:
 
 
 def cluster_nodes(ray) -> list[Node]:
-    """Every alive node."""
+    """Every alive node (none when this process is not connected to Ray: the stages run in-process)."""
+    if not ray.is_initialized():
+        return []
     return [Node(n["NodeID"], n["NodeManagerAddress"]) for n in ray.nodes() if n["Alive"]]
 
 
 def actor_nodes(ray, on_gpu: bool) -> list[Node]:
     """The alive nodes other than the driver's that can host an embedding actor: a GPU, or (CPU runs) a whole CPU."""
+    if not ray.is_initialized():
+        return []
     here = ray.get_runtime_context().get_node_id()
     need = "GPU" if on_gpu else "CPU"
     return [
