@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import warnings
@@ -16,6 +17,7 @@ from conftest import DATA, fair_esm_extract, read_fasta
 
 import runner
 from runner.cli import EXPORT_FORMATS, cli
+from runner.config import EmbedConfig
 from runner.errors import RunnerError
 from runner.export import FORMATS
 from runner.results import IncompleteResultsWarning
@@ -254,3 +256,59 @@ def test_export_of_an_empty_interrupted_job(job: Path, tmp_path: Path) -> None:
     assert pq.read_table(tmp_path / "e.parquet").column_names == ["id", "ordinal", "length", "truncated", "embedding"]
     assert np.load(tmp_path / "e.npz")["embedding"].shape == (0, 64)
 
+
+@pytest.mark.slow  # one embedding job with three layers, three poolings and per-token output
+@pytest.mark.skipif(not any(f.name == "per_token" for f in dataclasses.fields(EmbedConfig)),
+                    reason="runner embed --layers/--pooling lists/--per-token not on this branch yet (issue 15)")
+def test_layers_poolings_and_per_token_of_a_real_job(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """`runner embed --layers 0,1,2 --pooling mean,cls,max --per-token`, read back and exported as fair-esm,
+    against what fair-esm's extract.py computes (`--repr_layers 0 1 2 --include mean per_tok bos`)."""
+    out = tmp_path / "emb"
+    code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_esm2_path), "--out", str(out),
+                          "--gpus", "0", "--layers", "0,1,2", "--pooling", "mean,cls,max", "--per-token",
+                          "--rows-per-part", "4", "--no-progress")
+    assert code == 0, output
+    reference = fair_esm_extract(tiny_esm2_path, DATA / "some_proteins.fasta", [0, 1, 2])
+    results = runner.open(out)
+    assert results.ids == list(reference)
+    assert (results.layers, results.poolings, results.per_token_layers) == ([0, 1, 2], ["mean", "cls", "max"], [0, 1, 2])
+    assert results.per_token_dtype == np.float32
+    worst = 0.0
+    for layer in (0, 1, 2):
+        tokens = {sid: reference[sid]["representations"][layer].numpy() for sid in results.ids}
+        expected = {
+            "mean": np.stack([reference[sid]["mean_representations"][layer].numpy() for sid in results.ids]),
+            "cls": np.stack([reference[sid]["bos_representations"][layer].numpy() for sid in results.ids]),
+            "max": np.stack([tokens[sid].max(0) for sid in results.ids]),
+        }
+        for pooling, want in expected.items():
+            got = results.pooled(layer, pooling)
+            assert min(cosine(a, b) for a, b in zip(got, want, strict=True)) >= 0.9999, (layer, pooling)
+            worst = max(worst, float(np.abs(got - want).max()))
+        for sid in results.ids:
+            got = results.per_token(sid, layer)
+            assert got.shape == tokens[sid].shape
+            worst = max(worst, float(np.abs(got - tokens[sid]).max()))
+    assert worst < 1e-4  # measured 1.6e-6
+    code, output = invoke("export", str(out), "--format", "fair-esm", "--to", str(tmp_path / "esm"))
+    assert code == 0 and "pooling max left out" in output, output
+    for label, expected in reference.items():
+        got = torch.load(tmp_path / "esm" / f"{label}.pt", weights_only=True)
+        assert list(got) == list(expected) == ["label", "representations", "mean_representations", "bos_representations"]
+        assert got["label"] == label
+        for key in ("representations", "mean_representations", "bos_representations"):
+            assert list(got[key]) == [0, 1, 2]
+            for layer in (0, 1, 2):
+                a, b = got[key][layer], expected[key][layer]
+                assert a.dtype == torch.float32 and a.shape == b.shape
+                assert cosine(a.reshape(-1).numpy(), b.reshape(-1).numpy()) >= 0.9999
+                assert float((a - b).abs().max()) < 1e-4
+    code, output = invoke("export", str(out), "--format", "hdf5", "--to", str(tmp_path / "e.h5"))
+    assert code == 0, output
+    import h5py
+
+    with h5py.File(tmp_path / "e.h5") as f:
+        offsets = f["per_token_offsets"][:]
+        for i, sid in enumerate(results.ids):
+            np.testing.assert_array_equal(f["per_token_layer2"][offsets[i] : offsets[i + 1]], results.per_token(sid, 2))
+        np.testing.assert_array_equal(f["layer1_max"][:], results.pooled(1, "max"))
