@@ -156,7 +156,7 @@ def _run_locked(
     # side by side, the start-up pays for the longer of them only.
     clock.mark("ray_start_begin")
     with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
-        info_future = pool.submit(timed, clock, "checkpoint_hash", model_info, config.model, compute_sha256=True)
+        info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
         inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
         try:
             context = connect_ray(config.address, config.verbose)

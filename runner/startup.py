@@ -69,7 +69,7 @@ class StartupClock:
             # checks, the output dir and its lock, the log, the model's codec (and --strict's full read)
             "inputs_and_checks": ray_begin - self.job_at if ray_begin else None,
             "ray_start": ray_ready - ray_begin if ray_begin and ray_ready else None,
-            "checkpoint_hash": self.seconds.get("checkpoint_hash"),  # beside ray_start
+            "checkpoint_read_and_hash": self.seconds.get("checkpoint_read_and_hash"),  # beside ray_start
             "input_fingerprint": self.seconds.get("input_fingerprint"),  # beside ray_start
             # Ray up -> the stream starts: the rest of the hash if longer than Ray's start, a GPU memory probe
             # (auto token budget), resume checks, building the stream.
@@ -107,7 +107,7 @@ class StartupClock:
             ("compile", "compile"), ("first_batch", "first batch"), ("delivery", "delivery"),
         ]
         parts = [f"{label} {p[key]:.1f} s" for key, label in names if p.get(key) is not None]
-        beside = [f"{label} {p[key]:.1f} s" for key, label in (("checkpoint_hash", "checkpoint hash"),
+        beside = [f"{label} {p[key]:.1f} s" for key, label in (("checkpoint_read_and_hash", "checkpoint"),
                                                                 ("input_fingerprint", "input scan"))
                   if p.get(key) is not None]
         head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"

@@ -42,6 +42,7 @@ TARGETS = {"gpu_first_output_warm_s": 20, "gpu_first_output_cold_s": 35, "gpu_15
 
 def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
     """One `runner embed` run: wall seconds from here, its manifest's startup section, its exit code."""
+    load = os.getloadavg()[0]
     started = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     wall = time.time() - started
@@ -49,6 +50,7 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     startup = manifest.get("startup") or {}
     return {
+        "loadavg_1m_before": round(load, 2),  # other work on the machine (a shared box distorts every figure)
         "returncode": done.returncode,
         "wall_seconds": round(wall, 3),
         "to_first_output_seconds": startup.get("to_first_output_seconds"),

@@ -172,7 +172,7 @@ def test_quickstart_is_quiet_and_verbose_brings_ray_back(tmp_path: Path) -> None
     startup = json.loads((tmp_path / "emb" / "manifest.json").read_text())["startup"]
     phases = startup["phases"]
     assert all(value is not None and value >= 0 for value in phases.values()), phases
-    consecutive = sum(v for k, v in phases.items() if k not in ("checkpoint_hash", "input_fingerprint"))
+    consecutive = sum(v for k, v in phases.items() if k not in ("checkpoint_read_and_hash", "input_fingerprint"))
     assert consecutive == pytest.approx(startup["to_first_output_seconds"], abs=0.05)
     assert len(startup["actors"]) == 1 and startup["compile_cache"] is None  # CPU: eager, nothing compiled
 
@@ -219,7 +219,7 @@ def test_startup_section_and_line() -> None:
     from runner.startup import StartupClock
 
     clock = StartupClock(command_at=100.0, job_at=101.0)
-    clock.seconds.update(checkpoint_hash=1.5, input_fingerprint=0.2)
+    clock.seconds.update(checkpoint_read_and_hash=1.5, input_fingerprint=0.2)
     clock.marks.update(ray_start_begin=101.1, ray_ready=103.1, stream_started=103.5, first_output=108.0)
     clock.actors = {
         "h:cpu:2": {"init_at": 106.0, "load_seconds": 0.5, "compile_seconds": 0.0, "ready_at": 106.6,
@@ -230,16 +230,16 @@ def test_startup_section_and_line() -> None:
     section = clock.section()
     assert section["to_first_output_seconds"] == 8.0
     assert section["phases"] == {
-        "python_and_imports": 1.0, "inputs_and_checks": 0.1, "ray_start": 2.0, "checkpoint_hash": 1.5,
+        "python_and_imports": 1.0, "inputs_and_checks": 0.1, "ray_start": 2.0, "checkpoint_read_and_hash": 1.5,
         "input_fingerprint": 0.2, "stream_setup": 0.4, "actor_start": 1.5, "weights_to_device": 0.5,
         "compile": 1.0, "first_batch": 1.0, "delivery": 0.5,
     }
-    consecutive = [v for k, v in section["phases"].items() if k not in ("checkpoint_hash", "input_fingerprint")]
+    consecutive = [v for k, v in section["phases"].items() if k not in ("checkpoint_read_and_hash", "input_fingerprint")]
     assert sum(consecutive) == pytest.approx(section["to_first_output_seconds"])
     assert section["compile_cache"] == "/c"
     line = clock.line()
     assert line.startswith("start-up 8.0 s to the first embedding: python 1.0 s, inputs 0.1 s, Ray 2.0 s, ")
-    assert line.endswith("(checkpoint hash 1.5 s and input scan 0.2 s beside Ray's start)")
+    assert line.endswith("(checkpoint 1.5 s and input scan 0.2 s beside Ray's start)")
 
 
 def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
