@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", help="keep inputs, checkpoint, caches and outputs here")
     ap.add_argument("--out", help="result JSON (default benchmarks/results/<date>-startup-<gpu>.json)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--note", help="a remark stored with the results (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
     if not args.arch and not args.checkpoint:
         ap.error("give --arch or --checkpoint")
@@ -131,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         "targets": TARGETS,
         "runs": runs,
     }
+    if args.note:
+        doc["note"] = args.note
     out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / (
         f"{doc['date']}-startup-{device.replace(' ', '-').lower()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
