@@ -39,6 +39,21 @@ class TokenBudget(click.ParamType):
             self.fail(f"{value!r} is neither 'auto' nor a number of tokens", param, ctx)
 
 
+class PoolingList(click.ParamType):
+    """Comma-separated poolings, each one of POOLINGS."""
+
+    name = "P[,P...]"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not isinstance(value, str):
+            return value
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in items if v not in POOLINGS]
+        if bad or not items:
+            self.fail(f"{value!r}: choose from {', '.join(POOLINGS)}, comma-separated (e.g. mean,cls)", param, ctx)
+        return items
+
+
 def model_options(fn: Callable | None = None, *, multiple_models: bool = False) -> Callable:
     """Options shared by every command that runs a model (`multiple_models`: --model may repeat)."""
     if fn is None:
@@ -53,8 +68,12 @@ def model_options(fn: Callable | None = None, *, multiple_models: bool = False) 
         click.option("--address", help="Ray cluster to join (default: RAY_ADDRESS, else start a local Ray)."),
         click.option("--precision", type=click.Choice(PRECISIONS), help="Compute dtype (default fp16 on GPU, fp32 on CPU)."),
         click.option("--token-budget", type=TokenBudget(), help="Tokens per packed batch, or 'auto' (from GPU memory)."),
-        click.option("--layer", type=int, help="Representation layer (default -1: last)."),
-        click.option("--pooling", type=click.Choice(POOLINGS), help="mean (residues), mean_all (all tokens) or cls."),
+        click.option("--layer", type=int, help="Representation layer (default -1: last; 0 = embeddings)."),
+        click.option("--layers", metavar="L[,L...]",
+                     help="Several layers from one forward, e.g. 0,17,33 or -1,-2 (negatives count from the end)."),
+        click.option("--pooling", metavar="P[,P...]", type=PoolingList(),
+                     help="mean (residues), mean_all (all tokens), cls (BOS) or max (per-channel over residues); "
+                     "several comma-separated, e.g. mean,cls,max."),
         click.option("--max-residues", type=int, help="Longest window embedded at once (default: the model's limit, 1022 for ESM-2)."),
         click.option("--long", type=click.Choice(LONG_POLICIES), help="Longer sequences: truncate (default), chunk, or skip."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of settings; flags win."),
@@ -152,6 +171,10 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--part-seconds", type=float,
               help="Close a part once its first row is this old, even if not full (default 30): the most a "
                    "finished embedding waits before it is on disk.")
+@click.option("--per-token", is_flag=True, default=None,
+              help="Also store every residue's vector for each layer (DIR/tokens/; BOS/EOS excluded; large).")
+@click.option("--per-token-dtype", type=click.Choice(["float32", "float16"]),
+              help="dtype of the per-token vectors (default float32; float16 halves the bytes).")
 @shadow_options
 @click.option("--compile/--no-compile", "compile_layers", default=None,
               help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
@@ -165,8 +188,9 @@ def cli(ctx: click.Context, verbose: int) -> None:
 def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> None:
     """Embed every sequence of INPUT... (FASTA, Parquet, CSV; files, globs or directories).
 
-    Writes DIR/embeddings/part-NNNNN.arrow (id, length, truncated, embedding as float32),
-    DIR/rejects.arrow (id, source, reason) and DIR/manifest.json.
+    Writes DIR/embeddings/part-NNNNN.arrow (id, length, truncated, embedding as float32; with several
+    --layers/--pooling one column per pair, e.g. layer33_mean), DIR/rejects.arrow (id, source, reason),
+    DIR/manifest.json, and with --per-token DIR/tokens/ (see docs/outputs.md).
 
     \b
     Examples:
@@ -175,6 +199,7 @@ def embed(inputs: tuple[str, ...], config_file: str | None, **flags: Any) -> Non
         runner embed reads.parquet --seq-column dna --model zhihan1996/DNABERT-S --out dna/
         runner embed proteins.fasta --model facebook/esm2_t33_650M_UR50D --out emb/   # transformers ESM-2
         runner embed metagenome/*.fasta --dedup --model esm2_t33_650M_UR50D --out emb/
+        runner embed p.fasta -m esm2_t33_650M_UR50D -o emb/ --layers 0,32,33 --pooling mean,cls --per-token
     """
     from runner.job import run_embed
 

@@ -7,7 +7,7 @@ import itertools
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -168,7 +168,8 @@ def build_dataset(
             )
             return [ReadTask(lambda: read_blocks(read_settings), meta)]
 
-    pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
+    pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget,
+                                 keep_chunks_together=config.per_token)
     # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine
     # (with a whole CPU each, read + actor took both cores and the pack tasks never ran).
     ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, num_cpus=read_cpus(ray))
@@ -230,8 +231,10 @@ def start_shadow(
     out_dir: Path,
     precision: str,
     metrics: DriverMetrics,
+    columns: Sequence[str] = ("embedding",),
 ) -> ShadowMonitor | None:
-    """FP32 shadow actors (the same EmbedStage, in fp32) and the driver-side monitor feeding them."""
+    """FP32 shadow actors (the same EmbedStage, in fp32) and the driver-side monitor feeding them; every stored
+    pooled column (`columns`, runner.sink.vector_columns) is compared with its FP32 twin."""
     if config.shadow_rate <= 0:
         return None
     count = config.shadow_actors or (gpus if share > 0 else 1)
@@ -244,6 +247,7 @@ def start_shadow(
         stage.without_test_hooks(),
         precision="fp32",
         shadow_rate=0.0,
+        per_token=None,  # the shadow compares pooled columns; the main actors alone write per-token files
         fp32_layernorm=False,
         fused_gelu=False,
         # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
@@ -289,6 +293,7 @@ def start_shadow(
         config.shadow_rate, config.drift_min_cosine, config.on_drift, config.shadow_queue * count, precision,
         batch_tokens=config.shadow_batch_tokens,
         fp32_math=math if share > 0 else "ieee",
+        columns=tuple(columns),
     )
     return ShadowMonitor(
         settings,

@@ -21,7 +21,7 @@ from runner.report import JobReport
 from runner.resume import OrdinalSet
 from runner.shadow import ShadowMonitor
 from runner.signals import StopSignals
-from runner.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
+from runner.sink import ChunkMerger, EmbeddedRows, OutputSpec, PartWriter, RejectWriter
 
 log = logging.getLogger("runner")
 
@@ -39,13 +39,15 @@ def drain(
     written: OrdinalSet | None = None,
     signals: StopSignals | None = None,
     copies: CopyWriter | None = None,
+    spec: OutputSpec | None = None,
 ) -> None:
     """Pull embedded rows from the stream and write them; abort at the first non-finite embedding.
 
     Returns early, with every table received written, once `signals` holds a stop request (--dedup: repeats
-    whose first record's part is not complete yet are left for the next run).
+    whose first record's part is not complete yet are left for the next run). `spec` says how the windows of a
+    chunked sequence merge (by column); None: one `mean`-like column.
     """
-    merger = ChunkMerger()
+    merger = ChunkMerger(spec.poolings, len(spec.layers)) if spec is not None else ChunkMerger()
     written = written if written is not None else OrdinalSet()
     signals = signals if signals is not None else StopSignals()
     batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
@@ -157,7 +159,7 @@ _EXCEPTION_LINE = re.compile(r"^(?!ray\.)((?:[A-Za-z_]\w*\.)*[A-Z]\w*): (.+)$")
 
 
 def embedding_matrix(table: pa.Table) -> np.ndarray:
-    """The fixed-size-list `embedding` column as a float32 [N, D] array (no per-row Python objects)."""
+    """The fixed-size-list `embedding` column as a float32 [N, C*D] array (no per-row Python objects)."""
     dim = table.schema.field("embedding").type.list_size
     return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)  # [N, D]
 
@@ -168,7 +170,7 @@ def offer_to_shadow(table: pa.Table, shadow: ShadowMonitor) -> None:
     if not sampled.any():
         return
     sub = table.filter(pa.array(sampled))
-    main = embedding_matrix(sub)  # [N, D]
+    main = embedding_matrix(sub)  # [N, C*D]
     tokens = [np.asarray(t, dtype=np.int32) for t in sub.column("shadow_tokens").to_pylist()]
     shadow.offer(sub.column("id").to_pylist(), sub.column("residues").to_numpy(), main, tokens)
 
@@ -203,6 +205,10 @@ def handle_table(
     report.batches += int((budgets > 0).sum())
     report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
     report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
+    token_bytes = table.column("tokens_bytes").to_numpy()
+    report.token_files_written += int((token_bytes > 0).sum())
+    report.token_bytes_written += int(token_bytes.sum())
+    report.token_write_seconds += float(pa.compute.sum(table.column("tokens_seconds")).as_py() or 0.0)
     clock_batches(table, report)
     collect_startup(table, report)
 
@@ -238,13 +244,18 @@ def handle_table(
     for worker in win.column("worker").to_pylist():
         report.workers[worker] = report.workers.get(worker, 0) + 1
     report.attention.update(win.column("attention").unique().to_pylist())
-    vectors = embedding_matrix(win)  # [N, D]
+    vectors = embedding_matrix(win)  # [N, C*D]
     chunk_count = win.column("chunk_count").to_numpy()
     whole = chunk_count <= 1
     ids = win.column("id").to_pylist()
     residues = win.column("residues").to_numpy()
     truncated = win.column("truncated").to_numpy(zero_copy_only=False)
     ordinals = win.column("ordinal").to_numpy()
+    per_token = writer.per_token
+    # --per-token: where the actor put each window's sequence (every window of a chunked sequence points at
+    # the one stitched row of its sequence).
+    tok_files = win.column("tokens_file").to_pylist() if per_token else []
+    tok_rows = win.column("tokens_row").fill_null(-1).to_numpy() if per_token else np.zeros(0, np.int32)
     keep = np.flatnonzero(whole)
     out_ids = [ids[i] for i in keep]
     out_len, out_trunc, out_vec, out_ord = (
@@ -254,6 +265,8 @@ def handle_table(
         [ordinals[keep]],
     )
     out_windows = [np.ones(len(keep), np.int32)]
+    out_tok_files = [tok_files[i] for i in keep] if per_token else []
+    out_tok_rows = [tok_rows[keep]] if per_token else []
     if not whole.all():
         chunk_index = win.column("chunk_index").to_numpy()
         total = win.column("total_residues").to_numpy()
@@ -274,6 +287,9 @@ def handle_table(
                 out_vec.append(merged[None, :])
                 out_ord.append(np.array([ordinals[i]], np.int64))
                 out_windows.append(np.array([chunk_count[i]], np.int32))
+                if per_token:
+                    out_tok_files.append(tok_files[i])
+                    out_tok_rows.append(tok_rows[i : i + 1])
                 report.chunked += 1
     rows = EmbeddedRows(
         ids=out_ids,
@@ -282,7 +298,12 @@ def handle_table(
         vectors=np.concatenate(out_vec).astype(np.float32),
         ordinals=np.concatenate(out_ord).astype(np.int64),
         windows=np.concatenate(out_windows).astype(np.int32),
+        tokens_file=out_tok_files if per_token else None,
+        tokens_row=np.concatenate(out_tok_rows).astype(np.int32) if per_token else None,
     )
+    if per_token and (rows.tokens_row < 0).any():
+        missing = [rows.ids[i] for i in np.flatnonzero(rows.tokens_row < 0)[:5]]
+        raise RunnerError(f"internal error: no per-token row for {', '.join(missing)}; please report this")
     if written is not None:
         rows = drop_written(rows, written, report)
         if not len(rows):
@@ -353,12 +374,4 @@ def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> 
     dropped = int((~keep).sum())
     report.duplicates_dropped += dropped
     log.warning("dropped %d row(s) delivered twice (a retried batch): each sequence is written once", dropped)
-    idx = np.flatnonzero(keep)
-    return EmbeddedRows(
-        [rows.ids[i] for i in idx],
-        rows.lengths[idx],
-        rows.truncated[idx],
-        rows.vectors[idx],
-        rows.ordinals[idx],
-        None if rows.windows is None else rows.windows[idx],
-    )
+    return rows.take(np.flatnonzero(keep))

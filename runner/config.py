@@ -21,7 +21,7 @@ from runner.errors import RunnerError
 
 Precision = Literal["fp16", "bf16", "fp32"]
 LongPolicy = Literal["truncate", "chunk", "skip"]
-Pooling = Literal["mean", "mean_all", "cls"]
+Pooling = Literal["mean", "mean_all", "cls", "max"]
 # How the FP32 shadow's matmuls run on a GPU (runner.models.base.fp32_linear). fp16x3 and tf32x3 are
 # FP32-accurate (~2^-22) from tensor cores; bf16x3 is coarser (~2^-16); ieee is plain FP32 on CUDA cores.
 ShadowMath = Literal["fp16x3", "bf16x3", "tf32x3", "ieee"]
@@ -29,7 +29,8 @@ SHADOW_MATHS: tuple[str, ...] = ("fp16x3", "bf16x3", "tf32x3", "ieee")
 
 PRECISIONS: tuple[str, ...] = ("fp16", "bf16", "fp32")
 LONG_POLICIES: tuple[str, ...] = ("truncate", "chunk", "skip")
-POOLINGS: tuple[str, ...] = ("mean", "mean_all", "cls")
+# mean: residues (specials excluded); mean_all: all tokens; cls: the BOS/[CLS] vector; max: per-channel max over residues
+POOLINGS: tuple[str, ...] = ("mean", "mean_all", "cls", "max")
 
 
 @dataclass
@@ -44,7 +45,12 @@ class EmbedConfig:
     precision: Precision | None = None  # compute dtype; None = fp16 on GPU, fp32 on CPU
     token_budget: int | None = None  # tokens per packed batch; None = sized from free GPU memory
     layer: int = -1  # representation layer; -1 = last (after the final LayerNorm, as fair-esm)
-    pooling: Pooling | None = None  # None = the model's default (ESM-2: mean, DNABERT: mean_all)
+    # several representation layers from one forward (0 = embeddings, negatives from the end); None = [layer]
+    layers: list[int] | None = None
+    # poolings stored per layer (POOLINGS); None = the model's default (ESM-2: mean, DNABERT: mean_all)
+    pooling: list[Pooling] | None = None
+    per_token: bool = False  # also store every residue's vector per layer (DIR/tokens/, written by the actors)
+    per_token_dtype: Literal["float32", "float16"] = "float32"  # dtype of the stored per-token vectors
     max_residues: int | None = None  # longest window one forward sees; None = the model's limit
     long: LongPolicy = "truncate"  # what to do with sequences longer than max_residues
     chunk_overlap: int = 128  # residues shared by neighbouring windows when long == "chunk"
@@ -80,6 +86,21 @@ class EmbedConfig:
     # Embed each distinct cleaned sequence once; later records of it get a copy of its row (runner.dedup).
     dedup: bool = False
 
+    def __post_init__(self) -> None:
+        # YAML and flags give "0,17,33" / "mean,cls" or a single value; the config always holds lists.
+        self.layers = _int_list(self.layers, "layers")
+        if self.pooling is not None:
+            items = self.pooling.split(",") if isinstance(self.pooling, str) else list(self.pooling)
+            self.pooling = [str(p).strip() for p in items if str(p).strip()] or None  # type: ignore[misc]
+
+    def layer_list(self) -> list[int]:
+        """The requested layers as given (unresolved): --layers, else [--layer]."""
+        return list(self.layers) if self.layers else [self.layer]
+
+    def pooling_list(self, default: str) -> list[str]:
+        """The requested poolings: --pooling, else the model's `default`."""
+        return list(self.pooling) if self.pooling else [default]
+
     def with_overrides(self, overrides: dict[str, Any]) -> EmbedConfig:
         """A copy with every non-None override applied (flags win over the config file)."""
         known = {f.name for f in dataclasses.fields(self)}
@@ -101,8 +122,15 @@ class EmbedConfig:
             raise RunnerError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
         if self.long not in LONG_POLICIES:
             raise RunnerError(f"--long must be one of {', '.join(LONG_POLICIES)}, not {self.long!r}")
-        if self.pooling is not None and self.pooling not in POOLINGS:
-            raise RunnerError(f"--pooling must be one of {', '.join(POOLINGS)}, not {self.pooling!r}")
+        for pooling in self.pooling or []:
+            if pooling not in POOLINGS:
+                raise RunnerError(f"--pooling takes {', '.join(POOLINGS)} (comma-separated), not {pooling!r}")
+        if self.pooling and len(set(self.pooling)) != len(self.pooling):
+            raise RunnerError(f"--pooling {','.join(self.pooling)} lists a pooling twice: list each once")
+        if self.per_token_dtype not in ("float32", "float16"):
+            raise RunnerError(f"--per-token-dtype must be float32 or float16, not {self.per_token_dtype!r}")
+        if self.layers is not None and self.layer != -1:
+            raise RunnerError("--layer and --layers both given: use --layers L[,L...] alone")
         if self.gpus is not None and self.gpus < 0:
             raise RunnerError("--gpus must be 0 (CPU) or more")
         if self.token_budget is not None and self.token_budget < 8:
@@ -133,6 +161,20 @@ class EmbedConfig:
         if self.rows_per_part < 1 or self.records_per_block < 1 or self.cpu_actors < 1:
             raise RunnerError("rows_per_part, records_per_block and cpu_actors must be at least 1")
         return self
+
+
+def _int_list(value: Any, name: str) -> list[int] | None:
+    """None, an int, "0,17,33" or a list of ints as a list of ints; RunnerError naming the setting otherwise."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = [int(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        raise RunnerError(f"--{name} takes whole numbers separated by commas, e.g. 0,17,33 or -1; not {value!r}") from None
+    if not out:
+        raise RunnerError(f"--{name} is empty: give at least one layer, e.g. --{name} -1")
+    return out
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -23,8 +23,9 @@ import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +33,13 @@ import torch
 
 from runner.batch import PackedBatch
 from runner.cache import use_compile_cache
+from runner.errors import RunnerError
 from runner.metrics import ActorMetrics
-from runner.models.base import EmbeddingModel
+from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
-from runner.pooling import pool_packed
+from runner.pooling import pool_layers
 from runner.shadow import shadow_sample
+from runner.tokens import shard_name, stitch_windows, token_schema, token_table, write_token_file
 
 log = logging.getLogger("runner")
 
@@ -49,8 +52,8 @@ class StageSettings:
 
     model: str  # model spec (name or path), loaded by the actor itself
     precision: str  # "fp16" | "bf16" | "fp32"
-    layer: int  # representation layer
-    pooling: str  # "mean" | "mean_all" | "cls"
+    layers: tuple[int, ...]  # representation layers, as given (an int means one layer)
+    poolings: tuple[str, ...]  # runner.pooling.POOLINGS per layer (a str means one pooling)
     device: str  # "cuda" or "cpu"
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
@@ -61,6 +64,10 @@ class StageSettings:
     compile_threads: int = 0
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
     shadow_rate: float = 0.0  # fraction of ids whose tokens are returned for the FP32 shadow
+    # --per-token: the dtype of the per-token files this actor writes ("float32" | "float16"); None = pooled only
+    per_token: str | None = None
+    tokens_dir: str = ""  # DIR/tokens: this actor writes its token files into a folder of its own there
+    chunk_overlap: int = 0  # residues shared by neighbouring windows of a chunked sequence (to stitch them)
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
     test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
     test_oom_above_tokens: int = 0  # a forward of more tokens raises torch.cuda.OutOfMemoryError (0 = off)
@@ -68,6 +75,19 @@ class StageSettings:
     test_crash_marker: str = ""  # file created (O_EXCL) by the crashing actor, so only one actor crashes once
     test_batch_delay: float = 0.0  # seconds slept per packed batch (to make runs slow enough to interrupt)
     test_crash_ids: tuple[str, ...] = ()  # the actor os._exit()s on every batch holding one of these ids
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, int):
+            object.__setattr__(self, "layers", (self.layers,))
+        if isinstance(self.poolings, str):
+            object.__setattr__(self, "poolings", (self.poolings,))
+        object.__setattr__(self, "layers", tuple(self.layers))
+        object.__setattr__(self, "poolings", tuple(self.poolings))
+
+    @property
+    def columns(self) -> int:
+        """Pooled vectors per window: one per layer x pooling (layer-major, as runner.pooling.pool_layers)."""
+        return len(self.layers) * len(self.poolings)
 
     def without_test_hooks(self) -> StageSettings:
         """The same settings with every fault injection off (for the shadow actors)."""
@@ -140,8 +160,11 @@ class DeathRetries:
                 lambda k: internal_kv._internal_kv_del(k, namespace=self.NAMESPACE))
 
 
-def output_schema(embed_dim: int) -> pa.Schema:
-    """Rows the stage returns: embedded windows and, with null embeddings, rejects passed through."""
+def output_schema(embed_dim: int, columns: int = 1) -> pa.Schema:
+    """Rows the stage returns: embedded windows and, with null embeddings, rejects passed through.
+
+    `embedding` holds a window's `columns` pooled vectors back to back (layer-major, as pool_layers): the
+    driver cuts them into the part's named columns."""
     return pa.schema(
         [
             ("id", pa.string()),
@@ -151,7 +174,7 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("chunk_index", pa.int32()),
             ("chunk_count", pa.int32()),
             ("total_residues", pa.int32()),
-            ("embedding", pa.list_(pa.float32(), embed_dim)),
+            ("embedding", pa.list_(pa.float32(), embed_dim * columns)),
             ("finite", pa.bool_()),
             ("reject_reason", pa.string()),  # non-null: this row is a reject, not an embedding
             ("source", pa.string()),  # input file, set on rejects
@@ -168,6 +191,11 @@ def output_schema(embed_dim: int) -> pa.Schema:
             ("batch_done", pa.float64()),  # time.time() when the batch's results were on the host (first window)
             ("copy_of", pa.int64()),  # --dedup: this row is a repeat of that ordinal's sequence (no embedding)
             ("dedup_counts", pa.list_(pa.int64())),  # --dedup: a block's counts (runner.stream), on its summary row
+            # --per-token: the token file holding this window's sequence (relative to DIR/tokens) and its row there
+            ("tokens_file", pa.string()),
+            ("tokens_row", pa.int32()),
+            ("tokens_bytes", pa.int64()),  # size of the batch's token file (first window)
+            ("tokens_seconds", pa.float64()),  # seconds spent building and writing it (first window)
         ]
     )
 
@@ -241,7 +269,8 @@ class EmbedStage:
         self._startup_reported = False  # sent to the driver with the first embedded batch (`startup` column)
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
-        self.schema = output_schema(self.embed_dim)
+        self.layers = tuple(resolve_layers(settings.layers, self.model.num_layers, settings.model))
+        self.schema = output_schema(self.embed_dim, settings.columns)
         gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         self.worker = worker_name(settings.device, gpu)
         self.metrics = ActorMetrics(settings.model, settings.precision, self.worker)
@@ -252,6 +281,11 @@ class EmbedStage:
         self.death_retries = DeathRetries(bool(self._unreported_restart))
         self._batches = 0
         self.busy = BusyClock()
+        self.tokens_dir: Path | None = None
+        if settings.per_token:
+            self.token_schema = token_schema(self.layers, self.embed_dim, settings.per_token)
+            self.token_shard = shard_name(self.worker)
+            self.tokens_dir = open_token_shard(Path(settings.tokens_dir) / self.token_shard)
         if settings.compile_layers and settings.compile_threads:
             import torch._inductor.config as inductor_config  # this actor's process only
 
@@ -279,7 +313,7 @@ class EmbedStage:
         tokens = torch.zeros(24, dtype=torch.int64, device=self.device)  # [T]: id 0 exists in every vocabulary
         positions = torch.arange(12, device=self.device).repeat(2)  # [T]
         cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=self.device)  # [B+1]
-        self.model.forward_packed(tokens, positions, cu_seqlens, 12, self.settings.layer)
+        self.model.forward_layers(tokens, positions, cu_seqlens, 12, self.layers)
         self.startup["compile_seconds"] = round(time.perf_counter() - started, 3)
         log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
                  "" if self.model.compiling else " (failed: eager)")
@@ -321,24 +355,59 @@ class EmbedStage:
 
     @torch.inference_mode()
     def embed(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
-        """Pooled float32 embeddings [B, D] and a finite flag per window, with one device sync."""
-        pooled = pooled_forward(self.model, batch, self.device, self.settings.layer, self.settings.pooling)  # [B, D]
-        finite = torch.isfinite(pooled).all(dim=1)  # [B]
-        # One transfer back (and so one sync) for the embeddings and their finite flags together.
-        both = torch.cat([pooled, finite[:, None].to(pooled.dtype)], dim=1).cpu().numpy()  # [B, D+1]
-        return both[:, :-1], both[:, -1].astype(bool)
+        """Pooled float32 embeddings [B, C*D] (C = layers x poolings) and a finite flag per window, with one
+        device sync."""
+        vectors, finite, _ = self.embed_outputs(batch, per_token=False)
+        return vectors, finite
 
-    def embed_guarded(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
+    @torch.inference_mode()
+    def embed_outputs(self, batch: PackedBatch, per_token: bool) -> tuple[np.ndarray, np.ndarray, list[np.ndarray] | None]:
+        """Pooled float32 embeddings [B, C*D], a finite flag per window and, with `per_token`, each layer's
+        vectors of the residue tokens (specials excluded) of all windows back to back ([R, D] in the per-token
+        dtype; a window's residue vectors count toward its finite flag). One device sync for all of it."""
+        device = self.device
+        pin = device.type == "cuda"
+        tokens = _to_device(batch.tokens, torch.int64, device, pin)  # [T]
+        positions = _to_device(batch.positions, torch.int64, device, pin)  # [T]
+        cu_seqlens = _to_device(batch.cu_seqlens, torch.int32, device, pin)  # [B+1]
+        hiddens = self.model.forward_layers(tokens, positions, cu_seqlens, batch.max_seqlen, self.layers)  # [T, D] each
+        codec = self.codec
+        pooled = pool_layers(hiddens, cu_seqlens, self.settings.poolings, codec.special_start, codec.special_end)
+        pooled = pooled.flatten(1)  # [B, C*D]
+        finite = torch.isfinite(pooled).all(dim=1)  # [B]
+        host_tokens = None
+        if per_token:
+            counts = residue_counts(batch.cu_seqlens, codec.special_start, codec.special_end)  # [B]
+            index = _to_device(residue_index(batch.cu_seqlens, codec.special_start, codec.special_end), torch.int64,
+                               device, pin)  # [R]
+            dtype = TOKEN_DTYPES[self.settings.per_token or "float32"]
+            residues = torch.stack([h.index_select(0, index) for h in hiddens]).to(dtype)  # [L, R, D]
+            bad = (~torch.isfinite(residues)).any(dim=2).any(dim=0)  # [R]: what is stored, checked after the cast
+            window = _to_device(np.repeat(np.arange(len(counts)), counts), torch.int64, device, pin)  # [R]
+            bad_count = torch.zeros(len(counts), device=device).index_add_(0, window, bad.float())  # [B]
+            finite &= bad_count == 0
+            # Queued before the blocking transfer below, on the same stream: that one sync covers both copies.
+            host_tokens = torch.empty(residues.shape, dtype=dtype, pin_memory=pin)
+            host_tokens.copy_(residues, non_blocking=pin)
+        # One transfer back (and so one sync) for the embeddings and their finite flags together.
+        both = torch.cat([pooled, finite[:, None].to(pooled.dtype)], dim=1).cpu().numpy()  # [B, C*D+1]
+        arrays = None if host_tokens is None else list(host_tokens.numpy())  # per layer [R, D]
+        return both[:, :-1], both[:, -1].astype(bool), arrays
+
+    def embed_guarded(
+        self, batch: PackedBatch, pieces: list[TokenPiece] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, list[str | None]]:
         """Like `embed`, but surviving OOM (split, lower the cap) and failing windows (bisect, isolate).
 
-        Returns vectors [B, D], finite [B] and, per window, None or the reason it could not be embedded.
+        Returns vectors [B, C*D], finite [B] and, per window, None or the reason it could not be embedded.
+        With `pieces` (a list to fill), the per-token vectors of every window range embedded are appended to it.
         """
         n = len(batch.ids)
-        vectors = np.zeros((n, self.embed_dim), dtype=np.float32)
+        vectors = np.zeros((n, self.embed_dim * self.settings.columns), dtype=np.float32)
         finite = np.ones(n, dtype=bool)
         errors: list[str | None] = [None] * n
         for start, end in self._sub_batches(batch):
-            self._embed_range(batch, start, end, vectors, finite, errors)
+            self._embed_range(batch, start, end, vectors, finite, errors, pieces)
         failed = sum(e is not None for e in errors)
         if n > 1 and failed == n and not all(e.startswith("embedding failed: OutOfMemoryError") for e in errors if e):
             raise EmbedStageBroken(
@@ -361,11 +430,11 @@ class EmbedStage:
         return ranges
 
     def _embed_range(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
-                     errors: list[str | None]) -> None:
+                     errors: list[str | None], pieces: list[TokenPiece] | None = None) -> None:
         """Embed windows [start, end) into the output arrays, splitting on failure (depth <= log2 B)."""
         sub = batch if (start, end) == (0, len(batch.ids)) else select_windows(batch, start, end)
         try:
-            v, f = self._forward(sub)
+            v, f, tok = self._forward(sub, pieces is not None)
         except torch.cuda.OutOfMemoryError as e:
             _release_cuda_cache()
             if end - start == 1:
@@ -378,7 +447,7 @@ class EmbedStage:
             self.max_tokens = min(self.max_tokens, cap) if self.max_tokens else cap
             log.warning("embed actor %s: out of memory on %d tokens: splitting; at most %d tokens per forward "
                         "from now on", self.worker, sub.num_tokens, self.max_tokens)
-            self._split(batch, start, end, vectors, finite, errors)
+            self._split(batch, start, end, vectors, finite, errors, pieces)
             return
         except FORWARD_ERRORS as e:
             if not self._device_usable():
@@ -389,18 +458,20 @@ class EmbedStage:
                 errors[start] = failure_reason(e)
                 log.warning("embed actor %s: %s: %s", self.worker, batch.ids[start], errors[start])
                 return
-            self._split(batch, start, end, vectors, finite, errors)
+            self._split(batch, start, end, vectors, finite, errors, pieces)
             return
         vectors[start:end], finite[start:end] = v, f
+        if pieces is not None and tok is not None:
+            pieces.append(TokenPiece(start, end, tok))
 
     def _split(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
-               errors: list[str | None]) -> None:
+               errors: list[str | None], pieces: list[TokenPiece] | None = None) -> None:
         mid = (start + end) // 2
-        self._embed_range(batch, start, mid, vectors, finite, errors)
-        self._embed_range(batch, mid, end, vectors, finite, errors)
+        self._embed_range(batch, start, mid, vectors, finite, errors, pieces)
+        self._embed_range(batch, mid, end, vectors, finite, errors, pieces)
 
-    def _forward(self, batch: PackedBatch) -> tuple[np.ndarray, np.ndarray]:
-        """`embed`, behind the test-only fault injection of the settings."""
+    def _forward(self, batch: PackedBatch, per_token: bool = False) -> tuple[np.ndarray, np.ndarray, list | None]:
+        """`embed_outputs`, behind the test-only fault injection of the settings."""
         s = self.settings
         if s.test_oom_above_tokens and batch.num_tokens > s.test_oom_above_tokens:
             raise torch.cuda.OutOfMemoryError(
@@ -410,7 +481,7 @@ class EmbedStage:
             bad = sorted(set(batch.ids) & set(s.test_fail_ids))
             if bad:
                 raise RuntimeError(f"test hook: injected failure for {', '.join(bad)}")
-        return self.embed(batch)
+        return self.embed_outputs(batch, per_token)
 
     def _device_usable(self) -> bool:
         """After an error: can this device still run a kernel? (A device-side assert poisons the context.)"""
@@ -449,14 +520,29 @@ class EmbedStage:
         if self.settings.test_batch_delay:
             time.sleep(self.settings.test_batch_delay)
         started = time.perf_counter()
+        pieces: list[TokenPiece] | None = [] if self.tokens_dir is not None else None
         self.busy.start()
         try:
-            vectors, finite, errors = self.embed_guarded(batch)
+            vectors, finite, errors = self.embed_guarded(batch, pieces)
         finally:
             busy_seconds = self.busy.finish()
         done = time.time()  # wall clock, not perf_counter: the driver compares it across an actor's batches
         self.startup.setdefault("first_batch_done_at", done)
         n = len(batch.ids)
+        tokens_file: list[str | None] = [None] * n
+        tokens_row = np.full(n, -1, dtype=np.int32)
+        tokens_bytes = np.zeros(n, dtype=np.int64)
+        tokens_seconds = np.zeros(n, dtype=np.float64)
+        if pieces is not None:
+            # Written (temp name, fsync, rename) before this batch's rows leave: a row the driver gets always
+            # points at a complete file.
+            write_started = time.perf_counter()
+            name, rows, size = self._write_tokens(batch, finite, errors, pieces)
+            if name is not None:
+                tokens_file = [name if r >= 0 else None for r in rows]
+                tokens_row = rows
+                tokens_bytes[0] = size
+            tokens_seconds[0] = time.perf_counter() - write_started
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
                            int((~finite).sum()), busy_seconds)
         shadow_tokens: list[np.ndarray | None] = [None] * n
@@ -488,7 +574,7 @@ class EmbedStage:
                 "chunk_index": pa.array(batch.chunk_index, pa.int32()),
                 "chunk_count": pa.array(batch.chunk_count, pa.int32()),
                 "total_residues": pa.array(batch.total_residues, pa.int32()),
-                "embedding": pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
+                "embedding": pa.FixedSizeListArray.from_arrays(flat, self.embed_dim * self.settings.columns),
                 "finite": pa.array(finite, pa.bool_()),
                 "reject_reason": reasons,
                 "source": failed_sources,
@@ -504,6 +590,10 @@ class EmbedStage:
                 "batch_done": pa.array(batch_done),
                 "copy_of": pa.nulls(n, pa.int64()),
                 "dedup_counts": pa.nulls(n, pa.list_(pa.int64())),
+                "tokens_file": pa.array(tokens_file, pa.string()),
+                "tokens_row": pa.array(np.where(tokens_row >= 0, tokens_row, 0), pa.int32(), mask=tokens_row < 0),
+                "tokens_bytes": pa.array(tokens_bytes),
+                "tokens_seconds": pa.array(tokens_seconds),
             },
             schema=self.schema,
         )
@@ -528,7 +618,7 @@ class EmbedStage:
                 "chunk_index": pa.array([0] * n, pa.int32()),
                 "chunk_count": pa.array([1] * n, pa.int32()),
                 "total_residues": pa.array([0] * n, pa.int32()),
-                "embedding": pa.nulls(n, pa.list_(pa.float32(), self.embed_dim)),
+                "embedding": pa.nulls(n, pa.list_(pa.float32(), self.embed_dim * self.settings.columns)),
                 "finite": pa.array([True] * n, pa.bool_()),
                 "reject_reason": pa.array([*(row.get("reject_reasons") or []), *[None] * len(copies), None],
                                           pa.string()),
@@ -546,25 +636,148 @@ class EmbedStage:
                 "batch_done": pa.array([0.0] * n, pa.float64()),
                 "copy_of": pa.array([*[None] * len(rejects), *(row.get("copy_of") or []), None], pa.int64()),
                 "dedup_counts": pa.array([*[None] * (n - 1), row.get("dedup_counts")], pa.list_(pa.int64())),
+                "tokens_file": pa.nulls(n, pa.string()),
+                "tokens_row": pa.nulls(n, pa.int32()),
+                "tokens_bytes": pa.array([0] * n, pa.int64()),
+                "tokens_seconds": pa.array([0.0] * n, pa.float64()),
             },
             schema=self.schema,
         )
 
+    def _write_tokens(self, batch: PackedBatch, finite: np.ndarray, errors: list[str | None],
+                      pieces: list[TokenPiece]) -> tuple[str | None, np.ndarray, int]:
+        """Write this batch's per-token file: one row per sequence that embedded cleanly (every window finite and
+        without error), chunked sequences stitched. Returns (its name relative to DIR/tokens, or None when no
+        sequence qualified; the row of each window's sequence, -1 for none; its size in bytes)."""
+        assert self.tokens_dir is not None  # only called with --per-token
+        n = len(batch.ids)
+        counts = residue_counts(batch.cu_seqlens, self.codec.special_start, self.codec.special_end)  # [B]
+        per_window: list[list[np.ndarray] | None] = [None] * n  # per window: per layer [r, D] views
+        for piece in pieces:
+            offsets = np.concatenate([[0], np.cumsum(counts[piece.start : piece.end])])
+            for k, w in enumerate(range(piece.start, piece.end)):
+                per_window[w] = [a[offsets[k] : offsets[k + 1]] for a in piece.arrays]
+        rows = np.full(n, -1, dtype=np.int32)
+        sequences = group_windows(batch)  # [window indices of one sequence, in chunk order]
+        ids: list[str] = []
+        ordinals: list[int] = []
+        lengths: list[int] = []
+        arrays: list[list[np.ndarray]] = [[] for _ in self.layers]
+        for windows in sequences:
+            if any(errors[w] is not None or not finite[w] or per_window[w] is None for w in windows):
+                continue  # a reject, or a non-finite sequence the driver aborts on: nothing stored
+            first = windows[0]
+            if len(windows) == 1:
+                layers = per_window[first]
+            else:
+                layers = [
+                    stitch_windows([per_window[w][li] for w in windows], int(batch.total_residues[first]),
+                                   int(batch.residues[first]), self.settings.chunk_overlap)
+                    for li in range(len(self.layers))
+                ]
+            assert layers is not None
+            rows[windows] = len(ids)
+            ids.append(batch.ids[first])
+            ordinals.append(int(batch.ordinals[first]))
+            lengths.append(layers[0].shape[0])
+            for li, a in enumerate(layers):
+                arrays[li].append(a)
+        if not ids:
+            return None, rows, 0
+        table = token_table(ids, np.array(ordinals, np.int64), [np.concatenate(a) for a in arrays],
+                            np.array(lengths, np.int32), self.token_schema)
+        try:
+            name, size = write_token_file(self.tokens_dir, table)
+        except OSError as e:
+            raise RunnerError(
+                f"embedding actor {self.worker} cannot write per-token file in {self.tokens_dir} "
+                f"({e.strerror or e}): free disk space or make --out writable from every node, then rerun to resume"
+            ) from None
+        return f"{self.token_shard}/{name}", rows, size
+
 
 def pooled_forward(
-    model: EmbeddingModel, batch: PackedBatch, device: torch.device, layer: int, pooling: str
+    model: EmbeddingModel,
+    batch: PackedBatch,
+    device: torch.device,
+    layers: Sequence[int] | int,
+    poolings: Sequence[str] | str,
 ) -> torch.Tensor:
-    """One packed batch through the model and pooled, left on the device: float32 [B, D], no sync.
+    """One packed batch through the model and pooled, left on the device, no sync: float32 [B, C, D] with
+    C = len(layers) * len(poolings) (layer-major); [B, D] when `layers` and `poolings` are single values.
 
     The one forward path of `runner embed` (EmbedStage) and `runner validate`.
     """
+    single = isinstance(layers, int) and isinstance(poolings, str)
+    layer_list = [layers] if isinstance(layers, int) else list(layers)
+    pooling_list = [poolings] if isinstance(poolings, str) else list(poolings)
     pin = device.type == "cuda"
     tokens = _to_device(batch.tokens, torch.int64, device, pin)  # [T]
     positions = _to_device(batch.positions, torch.int64, device, pin)  # [T]
     cu_seqlens = _to_device(batch.cu_seqlens, torch.int32, device, pin)  # [B+1]
-    hidden = model.forward_packed(tokens, positions, cu_seqlens, batch.max_seqlen, layer)  # [T, D]
+    hiddens = model.forward_layers(tokens, positions, cu_seqlens, batch.max_seqlen, layer_list)  # [T, D] each
     codec = model.codec
-    return pool_packed(hidden, cu_seqlens, pooling, codec.special_start, codec.special_end)  # [B, D] float32
+    pooled = pool_layers(hiddens, cu_seqlens, pooling_list, codec.special_start, codec.special_end)  # [B, C, D]
+    return pooled[:, 0] if single else pooled
+
+
+TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class TokenPiece:
+    """Per-token vectors of windows [start, end) of a batch, from one forward (runner.embed_stage, --per-token)."""
+
+    start: int
+    end: int
+    arrays: list[np.ndarray]  # per layer [R, D]: the residue-token vectors of those windows back to back
+
+
+def residue_counts(cu_seqlens: np.ndarray, special_start: int, special_end: int) -> np.ndarray:
+    """int64 [B]: tokens of each window between its specials (residues for ESM-2, BPE tokens for DNABERT)."""
+    return np.maximum(np.diff(np.asarray(cu_seqlens, dtype=np.int64)) - special_start - special_end, 0)
+
+
+def residue_index(cu_seqlens: np.ndarray, special_start: int, special_end: int) -> np.ndarray:
+    """int64 [R]: positions in the packed token stream of every window's residue tokens, in order."""
+    cu = np.asarray(cu_seqlens, dtype=np.int64)
+    counts = residue_counts(cu, special_start, special_end)  # [B]
+    firsts = np.repeat(cu[:-1] + special_start, counts)  # [R] the window's first residue token
+    within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)  # [R]
+    return firsts + within
+
+
+def group_windows(batch: PackedBatch) -> list[list[int]]:
+    """Window indices per sequence, in batch order; a chunked sequence's windows in chunk order."""
+    groups: dict[int, list[int]] = {}
+    for w in range(len(batch.ids)):
+        groups.setdefault(int(batch.ordinals[w]), []).append(w)
+    out = []
+    for windows in groups.values():
+        windows.sort(key=lambda w: int(batch.chunk_index[w]))
+        count = int(batch.chunk_count[windows[0]])
+        if len(windows) != count:
+            raise RuntimeError(
+                f"internal error: {len(windows)} of the {count} windows of {batch.ids[windows[0]]} are in this batch; "
+                "with --per-token a chunked sequence's windows are packed together"
+            )
+        out.append(windows)
+    return out
+
+
+def open_token_shard(directory: Path) -> Path:
+    """Create this actor's token folder and prove it writable from this node, or raise one clear RunnerError."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunnerError(
+            f"embedding actor on {socket.gethostname()} cannot write per-token files to {directory} "
+            f"({e.strerror or e}): --per-token needs --out on a filesystem every node can write (a shared one)"
+        ) from None
+    return directory
 
 
 def select_windows(batch: PackedBatch, start: int, end: int) -> PackedBatch:

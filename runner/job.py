@@ -34,7 +34,7 @@ from runner.embed_stage import StageSettings
 from runner.errors import NothingEmbedded, RunnerError, first_line
 from runner.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.metrics import DriverMetrics
-from runner.models.base import ModelInfo, SequenceCodec
+from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
 from runner.models.registry import load_codec, model_info, preflight
 from runner.nodes import (
     actor_model_spec,
@@ -52,9 +52,10 @@ from runner.rerun import already_complete
 from runner.resume import OutLock, prepare_resume
 from runner.shadow import ShadowMonitor
 from runner.signals import JobInterrupted, StopSignals, _StopNow
-from runner.sink import OutputWriteError, PartWriter, RejectWriter, write_error
+from runner.sink import OutputSpec, OutputWriteError, PartWriter, RejectWriter, write_error
 from runner.sources import expand_inputs, read_records, sniff_input
 from runner.startup import StartupClock
+from runner.tokens import TOKENS_DIR, ReconcileReport, reconcile
 
 log = logging.getLogger("runner")
 
@@ -127,12 +128,14 @@ def check_something_embedded(report: JobReport, paths: list[Path], rejects: Reje
 
 
 def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> None:
-    """The settings whose valid range depends on the model: --layer, and --chunk-overlap against the
+    """The settings whose valid range depends on the model: --layer/--layers, --per-token with --long chunk
+    (one token per residue), and --chunk-overlap against the
     resolved --max-residues (the model's limit when not given)."""
-    if not -1 <= config.layer <= info.num_layers:
+    resolve_layers(config.layer_list(), info.num_layers, info.name)  # one RunnerError naming the valid range
+    if config.per_token and config.long == "chunk" and not codec.one_token_per_residue:
         raise RunnerError(
-            f"--layer {config.layer} is out of range for {info.name} ({info.num_layers} layers): use 0 (embeddings) "
-            f"to {info.num_layers}, or -1 for the last layer"
+            f"--per-token with --long chunk needs one token per residue to stitch overlapping windows; {config.model} "
+            "tokenizes by BPE, so windows do not line up: use --long truncate or skip, or drop --per-token"
         )
     max_residues = config.max_residues or codec.max_residues
     if config.long == "chunk" and config.chunk_overlap >= max_residues:
@@ -181,11 +184,14 @@ def _run_locked(
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
-    pooling = config.pooling or codec.default_pooling
+    layers = tuple(resolve_layers(config.layer_list(), info.num_layers, config.model))  # checked before Ray already
+    spec = OutputSpec(layers, tuple(config.pooling_list(codec.default_pooling)), info.embed_dim,
+                      per_token=config.per_token_dtype if config.per_token else None)
     fingerprint = job_fingerprint(
-        paths, info, config, precision, pooling, config.max_residues or codec.max_residues, inputs=input_prints
+        paths, info, config, precision, spec, config.max_residues or codec.max_residues, inputs=input_prints
     )
-    resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite)
+    resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite, spec.schema(),
+                            per_token=spec.per_token is not None)
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
     actors = gpus if on_gpu else config.cpu_actors
     log.info(
@@ -208,8 +214,8 @@ def _run_locked(
     stage = StageSettings(
         model=actor_model_spec(config.model),
         precision=precision,
-        layer=config.layer,
-        pooling=pooling,
+        layers=spec.layers,
+        poolings=spec.poolings,
         device="cuda" if on_gpu else "cpu",
         cpu_threads=1,
         fp32_layernorm=config.fp32_layernorm,
@@ -217,6 +223,9 @@ def _run_locked(
         compile_layers=on_gpu if config.compile_layers is None else config.compile_layers,
         compile_cache=config.compile_cache,
         shadow_rate=config.shadow_rate,
+        per_token=spec.per_token,
+        tokens_dir=str((out_dir / TOKENS_DIR).resolve()),
+        chunk_overlap=config.chunk_overlap,
         **test_hooks_from_env(out_dir),
     )
     # The read task gets its own copy of the bitmap: the driver keeps adding to `resume.done` as it writes.
@@ -224,12 +233,12 @@ def _run_locked(
         ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy()
     )
 
-    manifest = Manifest(
-        out_dir, config, info, precision, pooling, budget, [str(p) for p in paths], fingerprint
-    )
+    manifest = Manifest(out_dir, config, info, precision, spec, budget, [str(p) for p in paths], fingerprint)
     manifest.dashboard_url = f"http://{dashboard}" if dashboard else None
     manifest.token_budget_requested = requested_budget if requested_budget != budget else None
     manifest.resume = resume.summary()
+    if spec.per_token is not None:
+        manifest.per_token = per_token_section(spec, resume.tokens, None)
     report = JobReport(
         out_dir=out_dir,
         resumed_rows=resume.rows,
@@ -241,9 +250,10 @@ def _run_locked(
     started = time.monotonic()
     manifest.write(report)
     try:
-        shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics)
+        shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part,
-                            part_seconds=config.part_seconds)
+                            part_seconds=config.part_seconds, columns=spec.columns,
+                            per_token=spec.per_token is not None)
         rejects = RejectWriter(out_dir)
         progress = Progress(
             paths,
@@ -269,6 +279,7 @@ def _run_locked(
                 resume.done,
                 signals,
                 copies,
+                spec,
             )
             if signals.signum is None:
                 if shadow is not None:
@@ -369,6 +380,13 @@ def finish_outputs(
         error = error or e
     progress.finish()
     report.parts = list(resumed_parts) + writer.parts
+    if writer.per_token and not hard_stop:
+        # Token files no complete part points at (duplicates of retried batches, rows of a discarded part) go;
+        # after a hard stop the next run does this (actors may still be writing now).
+        try:
+            manifest.per_token = per_token_section(manifest.spec, reconcile(manifest.path.parent, report.parts), report)
+        except (OSError, RuntimeError) as e:
+            log.error("could not reconcile the per-token files (%s): the next run of this job does it", e)
     report.rows_written = resumed_rows + writer.rows_written
     report.rejects = rejects.count
     report.wall_seconds = time.monotonic() - started
@@ -399,6 +417,25 @@ def record_startup(manifest: Manifest, report: JobReport, clock: StartupClock) -
         clock.mark("first_output", report.first_output_at)
     clock.actors.update(report.actor_startup)
     manifest.extra["startup"] = clock.section()
+
+
+def per_token_section(spec: OutputSpec, files: ReconcileReport | None, report: JobReport | None) -> dict[str, Any]:
+    """The manifest's `outputs.per_token`: what is on disk (after reconciling) and what this run wrote."""
+    section: dict[str, Any] = {
+        "dtype": spec.per_token,
+        "layers": list(spec.layers),
+        "files": files.files if files is not None else None,  # token files kept, each row pointed at once
+        "bytes": files.bytes if files is not None else None,
+    }
+    if report is not None:
+        section.update(
+            written_files=report.token_files_written,  # this run, duplicates of retried batches included
+            written_bytes=report.token_bytes_written,
+            write_seconds=round(report.token_write_seconds, 3),  # actors' seconds building and writing them
+            deleted_files=files.deleted if files is not None else None,
+            rewritten_files=files.rewritten if files is not None else None,
+        )
+    return section
 
 
 def record_shadow(report: JobReport, shadow: ShadowMonitor) -> None:

@@ -24,6 +24,7 @@ from runner.nodes import edge_signature
 
 if TYPE_CHECKING:
     from runner.report import ActorClock, JobReport
+    from runner.sink import OutputSpec
 
 
 # Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB (runner.nodes.edge_signature,
@@ -36,19 +37,28 @@ def input_fingerprint(path: Path) -> dict[str, Any]:
     return {"path": str(path.resolve()), **edge_signature(path)}
 
 
-def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, precision: str, pooling: str,
+def job_fingerprint(paths: list[Path], info: ModelInfo, config: EmbedConfig, precision: str, spec: OutputSpec,
                     max_residues: int, inputs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What decides the output rows: the inputs (in order: ordinals depend on it), the model and every
     setting that changes an embedding or which records are embedded. Throughput knobs are left out.
-    `inputs`: the paths' input_fingerprint()s when already computed (runner.job does it beside Ray's start)."""
+    `inputs`: the paths' input_fingerprint()s when already computed (runner.job does it beside Ray's start).
+
+    Layers are recorded resolved (-1 and 33 are the same job for a 33-layer model); a one-layer, one-pooling
+    job keeps the scalar `layer`/`pooling` of earlier versions, so their outputs still resume."""
+    single = len(spec.layers) == 1 and len(spec.poolings) == 1
+    outputs: dict[str, Any] = (
+        {"layer": spec.layers[0], "pooling": spec.poolings[0]}
+        if single else {"layer": list(spec.layers), "pooling": list(spec.poolings)}
+    )
+    if spec.per_token is not None:
+        outputs["per_token"] = spec.per_token
     return {
         "inputs": inputs if inputs is not None else [input_fingerprint(p) for p in paths],
         # The weights' hash when known (so `models/x.pt` and `/abs/models/x.pt` match), else the name.
         "model": {"family": info.family, "checkpoint_sha256": info.checkpoint_sha256}
         if info.checkpoint_sha256 else {"family": info.family, "name": info.name},
         "settings": {
-            "layer": config.layer if config.layer >= 0 else info.num_layers,
-            "pooling": pooling,
+            **outputs,
             "precision": precision,
             "fp32_layernorm": config.fp32_layernorm,
             "exact_gelu": config.exact_gelu,
@@ -82,6 +92,12 @@ def checkpoint_files(checkpoint: str) -> list[dict[str, Any]]:
         st = f.stat()
         stats.append({"path": str(f.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return stats
+
+
+def column_map(spec: OutputSpec) -> dict[str, dict[str, str]]:
+    """{layer: {pooling: column name}} of a job's pooled parts (JSON keys are strings)."""
+    names = iter(spec.columns)
+    return {str(layer): {pooling: next(names) for pooling in spec.poolings} for layer in spec.layers}
 
 
 def package_versions() -> dict[str, str | None]:
@@ -128,13 +144,14 @@ def with_shadow_section(report: JobReport) -> dict[str, Any] | None:
 class Manifest:
     """Collects a job's description; `write(report)` dumps it with the report's counts."""
 
-    def __init__(self, out_dir: Path, config: EmbedConfig, info: ModelInfo, precision: str, pooling: str,
+    def __init__(self, out_dir: Path, config: EmbedConfig, info: ModelInfo, precision: str, spec: OutputSpec,
                  token_budget: int, inputs: list[str], fingerprint: dict[str, Any] | None = None) -> None:
         self.path = out_dir / "manifest.json"
         self.config = config
         self.info = info
         self.precision = precision
-        self.pooling = pooling
+        self.spec = spec
+        self.per_token: dict[str, Any] | None = None  # the `outputs.per_token` section (files, bytes), if any
         self.token_budget = token_budget
         self.inputs = inputs
         self.fingerprint = fingerprint
@@ -165,8 +182,16 @@ class Manifest:
                 # The licence of the weights when the name is a known published model (runner.models.licences).
                 "licence": licence_record(self.info.name),
             },
-            "layer": self.config.layer if self.config.layer >= 0 else self.info.num_layers,
-            "pooling": self.pooling,
+            # `layer`/`pooling`: the first layer and pooling (the only ones of most jobs); `outputs` has them all.
+            "layer": self.spec.layers[0],
+            "pooling": self.spec.poolings[0],
+            "outputs": {
+                "layers": list(self.spec.layers),
+                "poolings": list(self.spec.poolings),
+                # column name per layer x pooling: {"33": {"mean": "layer33_mean"}} ("embedding" when single)
+                "columns": column_map(self.spec),
+                "per_token": self.per_token,
+            },
             "precision": self.precision,
             "attention_backend": sorted(report.attention),
             "token_budget": self.token_budget,

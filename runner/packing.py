@@ -66,18 +66,34 @@ def pack(records: Iterable[TokenizedRecord], token_budget: int) -> Iterator[Pack
         yield make_batch(current, budget)
 
 
-def pack_block(records: Sequence[TokenizedRecord], token_budget: int) -> list[PackedBatch]:
+def pack_block(
+    records: Sequence[TokenizedRecord], token_budget: int, keep_chunks_together: bool = False
+) -> list[PackedBatch]:
     """Pack a block first-fit-decreasing: longest windows first, each into the first batch it fits.
 
     Every window lands in exactly one batch; inside a batch windows keep their input order. Batches come
-    out in the order they were opened (the one holding the longest window first).
+    out in the order they were opened (the one holding the longest window first). With `keep_chunks_together`
+    (--per-token, where the actor stitches a chunked sequence's windows into one array) all windows of a
+    sequence are packed as one unit: into one batch, a batch of their own when together they exceed the budget.
     """
     budget = _check_budget(token_budget)
     records = list(records)
-    n = len(records)
-    if n == 0:
+    if not records:
         return []
-    lens = [len(w.tokens) for w in records]
+    units: list[list[int]] | None = None  # indices of records packed as one (None: every record alone)
+    if keep_chunks_together and any(w.chunk_count > 1 for w in records):
+        units = []
+        unit_of: dict[int, int] = {}
+        for i, w in enumerate(records):
+            if w.chunk_count > 1 and w.ordinal in unit_of:
+                units[unit_of[w.ordinal]].append(i)
+                continue
+            unit_of[w.ordinal] = len(units)
+            units.append([i])
+    n = len(records) if units is None else len(units)
+    lens = [len(w.tokens) for w in records] if units is None else [
+        sum(len(records[i].tokens) for i in unit) for unit in units
+    ]
     order = sorted(range(n), key=lambda i: -lens[i])  # stable: equal lengths keep input order
     members: list[list[int]] = []
     # A max tree over the free tokens of each batch (leaf b = batch b, -1 = not opened) finds the first
@@ -110,6 +126,8 @@ def pack_block(records: Sequence[TokenizedRecord], token_budget: int) -> list[Pa
             left, right = tree[2 * node], tree[2 * node + 1]
             tree[node] = left if left >= right else right
             node >>= 1
+    if units is not None:
+        members = [[r for u in m for r in units[u]] for m in members]
     return [make_batch([records[i] for i in sorted(m)], budget) for m in members]
 
 

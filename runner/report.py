@@ -181,6 +181,11 @@ class JobReport:
     oom_splits: int = 0  # batches split after CUDA out-of-memory
     actor_restarts: int = 0  # embedding actors Ray restarted after their process died
     duplicates_dropped: int = 0  # rows delivered twice by a retried batch and not written again
+    # --per-token: what the actors wrote this run (every file, kept or later deleted as a duplicate), and the
+    # seconds they spent building and writing those files (after the forward, before returning the batch).
+    token_files_written: int = 0
+    token_bytes_written: int = 0
+    token_write_seconds: float = 0.0
 
     @property
     def steady_tokens_per_second(self) -> float:

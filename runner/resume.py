@@ -29,6 +29,16 @@ import pyarrow as pa
 from runner.checksums import JOURNAL_NAME, check_file, drop_records, read_records
 from runner.errors import RunnerError
 from runner.sink import embedding_schema
+from runner.tokens import (
+    TOKENS_DIR,
+    ReconcileReport,
+    clear_token_files,
+    count_rows,
+    part_pointers,
+    reconcile,
+    remove_temporaries,
+    token_files,
+)
 
 log = logging.getLogger("runner")
 
@@ -97,6 +107,8 @@ class ResumeState:
     removed_tmp: int = 0  # hidden half-written parts deleted
     runs: int = 1  # how many runs wrote into this --out, this one included
     previous_drift: list[str] = field(default_factory=list)  # drift files of earlier runs, renamed
+    tokens: ReconcileReport | None = None  # --per-token: the token files after cleaning up (None: not per-token)
+    tokens_tmp_removed: int = 0  # half-written token files deleted
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `resume` section."""
@@ -108,6 +120,11 @@ class ResumeState:
             "removed_tmp_parts": self.removed_tmp,
             "previous_drift": self.previous_drift,
             "bitmap_bytes": self.done.nbytes,
+            **(
+                {"token_files_deleted": self.tokens.deleted, "token_files_rewritten": self.tokens.rewritten,
+                 "token_tmp_removed": self.tokens_tmp_removed}
+                if self.tokens is not None else {}
+            ),
         }
 
 
@@ -157,6 +174,8 @@ def has_outputs(out_dir: Path) -> bool:
     emb = out_dir / "embeddings"
     if emb.is_dir() and any(PART_NAME.match(p.name) or TMP_PART_NAME.match(p.name) for p in emb.iterdir()):
         return True
+    if (out_dir / TOKENS_DIR).is_dir() and any(shard.is_dir() for shard in (out_dir / TOKENS_DIR).iterdir()):
+        return True
     return any((out_dir / name).exists() for name in ("manifest.json", "rejects.arrow", "drift.arrow"))
 
 
@@ -180,6 +199,7 @@ def clear_outputs(out_dir: Path) -> None:
                 p.unlink()
         if not any(emb.iterdir()):
             emb.rmdir()
+    clear_token_files(out_dir)
     ours = {"manifest.json", "rejects.arrow", "drift.arrow", ".manifest.json.tmp", ".rejects.arrow.tmp",
             ".drift.arrow.tmp", ".test-actor-crashed", JOURNAL_NAME, f".{JOURNAL_NAME}.tmp"}
     for p in out_dir.iterdir():
@@ -206,8 +226,13 @@ def fingerprint_differences(old: dict[str, Any], new: dict[str, Any]) -> list[st
     return diffs
 
 
-def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, overwrite: bool) -> ResumeState:
-    """Decide fresh / resume / refuse for `--out`, clean up leftovers and scan the complete parts."""
+def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, overwrite: bool,
+                   schema: pa.Schema | None = None, per_token: bool = False) -> ResumeState:
+    """Decide fresh / resume / refuse for `--out`, clean up leftovers and scan the complete parts (which must
+    have `schema`; default: the one-`embedding`-column schema of `embed_dim`).
+
+    With `per_token`, a part pointing at a missing or short token file is redone like a corrupt one, and
+    token files no complete part points at (or only in part) are deleted (rewritten): runner.tokens.reconcile."""
     if overwrite and has_outputs(out_dir):
         log.warning("--overwrite: deleting the previous outputs in %s", out_dir)
         clear_outputs(out_dir)
@@ -232,7 +257,10 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, o
             f"--out {out_dir} holds a run with different inputs, model or settings ({'; '.join(diffs[:4])}): "
             "rerun with the same ones to resume, pass --overwrite to replace it, or choose another --out"
         )
-    state = scan_parts(out_dir, embed_dim)
+    state = scan_parts(out_dir, embed_dim, schema, per_token)
+    if per_token:
+        state.tokens_tmp_removed = remove_temporaries(out_dir)
+        state.tokens = reconcile(out_dir, state.parts)
     state.runs = int(previous.get("resume", {}).get("runs", 1)) + 1
     state.previous_drift = keep_previous_drift(out_dir)
     log.info("resuming in %s: %d row(s) in %d complete part(s) already done; %d corrupt part(s) to redo",
@@ -253,13 +281,17 @@ def keep_previous_drift(out_dir: Path) -> list[str]:
     return kept
 
 
-def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
-    """Validate every complete part, delete half-written and corrupt ones, and collect the done ordinals."""
+def scan_parts(out_dir: Path, embed_dim: int = 0, schema: pa.Schema | None = None, per_token: bool = False) -> ResumeState:
+    """Validate every complete part, delete half-written and corrupt ones, and collect the done ordinals.
+
+    With `per_token` a part must also point only at token rows that exist (else it is redone)."""
     state = ResumeState()
+    files = token_files(out_dir) if per_token else {}
+    rows_of: dict[str, int | None] = {}  # rows of each token file pointed at, read once from its footer
     emb = out_dir / "embeddings"
     if not emb.is_dir():
         return state
-    schema = embedding_schema(embed_dim)
+    schema = schema if schema is not None else embedding_schema(embed_dim)
     highest = -1
     names = sorted(p.name for p in emb.iterdir())
     checksums = read_records(out_dir)
@@ -276,6 +308,8 @@ def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
         highest = max(highest, int(match.group(1)))
         path = emb / name
         problem, ordinals = check_part(path, schema)
+        if problem is None and per_token:
+            problem = check_pointers(path, files, rows_of)
         if problem is None and (np.unique(ordinals).size != ordinals.size or state.done.contains(ordinals).any()):
             problem = "rows already present in another part"
         record = checksums.get(f"embeddings/{name}")
@@ -292,6 +326,26 @@ def scan_parts(out_dir: Path, embed_dim: int) -> ResumeState:
     state.next_part = highest + 1
     drop_records(out_dir, {f"embeddings/{name}" for name in state.redone_parts})
     return state
+
+
+def check_pointers(path: Path, files: dict[str, Path], rows_of: dict[str, int | None]) -> str | None:
+    """None when every row of part `path` points at an existing row of a complete token file, else what is wrong."""
+    try:
+        names, rows = part_pointers(path)
+    except (pa.ArrowException, OSError, ValueError, KeyError) as e:
+        return f"unreadable per-token pointers ({type(e).__name__})"
+    highest: dict[str | None, int] = {}
+    for name, row in zip(names, rows.tolist(), strict=True):
+        highest[name] = max(highest.get(name, -1), row)
+    for name, row in highest.items():
+        if name is None or row < 0:
+            return "a row without per-token data"
+        if name not in rows_of:
+            rows_of[name] = count_rows(files[name]) if name in files else None
+        available = rows_of[name]
+        if available is None or row >= available:
+            return f"per-token file {name} is missing or shorter than its rows"
+    return None
 
 
 def check_part(path: Path, schema: pa.Schema) -> tuple[str | None, np.ndarray]:

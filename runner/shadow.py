@@ -33,6 +33,8 @@ DRIFT_SCHEMA = pa.schema(
         ("norm_ratio", pa.float64()),  # |main| / |fp32|
         ("precision", pa.string()),
         ("time", pa.timestamp("ms")),
+        # The stored column compared (the job's lowest-cosine column for this sequence when it stores several).
+        ("column", pa.string()),
     ]
 )
 
@@ -68,6 +70,17 @@ def compare(main: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, np.nda
     return cosine, max_abs, main_norm / np.maximum(ref_norm, 1e-300)
 
 
+def compare_columns(main: np.ndarray, reference: np.ndarray, columns: int) -> tuple[np.ndarray, ...]:
+    """`compare` for rows of `columns` vectors back to back ([N, C*D] each), column by column; per row the
+    column with the lowest cosine (NaN counts as lowest) is reported: (cosine, max |diff|, norm ratio, column)."""
+    n = main.shape[0]
+    flat = compare(main.reshape(n * columns, -1), reference.reshape(n * columns, -1))  # [N*C] each
+    cosine, max_abs, norm_ratio = (a.reshape(n, columns) for a in flat)  # [N, C] each
+    worst = np.argmin(np.where(np.isnan(cosine), -np.inf, cosine), axis=1)  # [N]
+    rows = np.arange(n)
+    return cosine[rows, worst], max_abs[rows, worst], norm_ratio[rows, worst], worst
+
+
 def pack_for_shadow(token_lists: list[np.ndarray]) -> PackedBatch:
     """Sampled windows (token ids) as one packed batch for the FP32 actor."""
     lengths = np.array([len(t) for t in token_lists], dtype=np.int32)
@@ -101,6 +114,8 @@ class ShadowSettings:
     precision: str  # the main path's precision, recorded with each comparison
     batch_tokens: int = 1  # gather sampled windows until this many tokens, then submit them as one batch
     fp32_math: str = "ieee"  # how the shadow's FP32 matmuls run on a GPU (runner.config.SHADOW_MATHS)
+    # The job's stored pooled columns (runner.sink.vector_columns), each compared with its FP32 twin.
+    columns: tuple[str, ...] = ("embedding",)
 
 
 @dataclass
@@ -254,7 +269,8 @@ class ShadowMonitor:
 
     def _record(self, p: _Pending, reference: np.ndarray) -> str | None:
         """Write one finished batch's comparisons; return a violation message (None when all pass)."""
-        cosine, max_abs, norm_ratio = compare(p.main, reference)
+        names = self.settings.columns
+        cosine, max_abs, norm_ratio, worst = compare_columns(p.main, reference, len(names))
         now = pa.scalar(int(time.time() * 1000), pa.timestamp("ms"))
         n = len(p.ids)
         self._writer.write_batch(
@@ -267,6 +283,7 @@ class ShadowMonitor:
                     pa.array(norm_ratio),
                     pa.array([self.settings.precision] * n, pa.string()),
                     pa.array([now.value] * n, pa.timestamp("ms")),
+                    pa.array([names[c] for c in worst], pa.string()),
                 ],
                 schema=DRIFT_SCHEMA,
             )
@@ -286,7 +303,8 @@ class ShadowMonitor:
             self.metrics.shadow_compared(cosine, len(bad))
         if not len(bad):
             return None
-        detail = ", ".join(f"{p.ids[i]} (cosine {cosine[i]:.7f})" for i in bad[:10])
+        where = (lambda i: f", {names[worst[i]]}") if len(names) > 1 else (lambda i: "")
+        detail = ", ".join(f"{p.ids[i]} (cosine {cosine[i]:.7f}{where(i)})" for i in bad[:10])
         more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
         return (
             f"FP32 shadow: {len(bad)} sequence(s) drifted below --drift-min-cosine {self.settings.min_cosine}: "

@@ -11,7 +11,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,16 +46,52 @@ def write_error(path: Path, e: OSError) -> OutputWriteError:
     )
 
 
-def embedding_schema(embed_dim: int) -> pa.Schema:
-    """The schema of `embeddings/part-NNNNN.arrow`."""
+def vector_columns(layers: Sequence[int], poolings: Sequence[str]) -> list[str]:
+    """Names of the pooled-vector columns of a part, layer-major (the order of runner.pooling.pool_layers):
+    `embedding` for one layer and one pooling (as ever), else `layer{L}_{pooling}` with L the resolved layer."""
+    if len(layers) == 1 and len(poolings) == 1:
+        return ["embedding"]
+    return [f"layer{layer}_{pooling}" for layer in layers for pooling in poolings]
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What a job stores per sequence: pooled vectors of `layers` x `poolings`, and per-token arrays or not."""
+
+    layers: tuple[int, ...]  # resolved representation layers (0..num_layers), in the order asked for
+    poolings: tuple[str, ...]  # runner.pooling.POOLINGS, in the order asked for
+    embed_dim: int  # width of one vector
+    per_token: str | None = None  # per-token dtype ("float32" | "float16"), None = pooled vectors only
+
+    @property
+    def columns(self) -> list[str]:
+        """Pooled-vector column names (vector_columns)."""
+        return vector_columns(self.layers, self.poolings)
+
+    def schema(self) -> pa.Schema:
+        """The schema of this job's pooled parts."""
+        return embedding_schema(self.embed_dim, self.columns, per_token=self.per_token is not None)
+
+
+def embedding_schema(embed_dim: int, columns: Sequence[str] = ("embedding",), per_token: bool = False) -> pa.Schema:
+    """The schema of `embeddings/part-NNNNN.arrow`: one fixed-size float32 list column per name in `columns`;
+    with `per_token`, where each row's per-token arrays are (runner.tokens)."""
     return pa.schema(
         [
             ("id", pa.string()),
             ("length", pa.int32()),  # residues embedded (after truncation; all residues when chunked)
             ("truncated", pa.bool_()),
             ("windows", pa.int32()),  # windows the sequence was embedded in: 1, or more when --long chunk split it
-            ("embedding", pa.list_(pa.float32(), embed_dim)),  # stored FP32 whatever the compute dtype
+            # stored FP32 whatever the compute dtype
+            *[(name, pa.list_(pa.float32(), embed_dim)) for name in columns],
             ("ordinal", pa.int64()),  # position of the record in the input, 0-based
+            *(
+                [
+                    ("tokens_file", pa.string()),  # per-token file, relative to DIR/tokens/ (`shard/tok-<uuid>.arrow`)
+                    ("tokens_row", pa.int32()),  # this sequence's row in it
+                ]
+                if per_token else []
+            ),
         ]
     )
 
@@ -67,12 +103,24 @@ class EmbeddedRows:
     ids: list[str]
     lengths: np.ndarray  # int32 [N]
     truncated: np.ndarray  # bool [N]
-    vectors: np.ndarray  # float32 [N, D]
+    vectors: np.ndarray  # float32 [N, C*D]: the C pooled vectors of each row back to back (vector_columns order)
     ordinals: np.ndarray  # int64 [N]
     windows: np.ndarray | None = None  # int32 [N]: windows each sequence was embedded in (None: 1 each)
+    tokens_file: list[str | None] | None = None  # per-token file of each row (--per-token), else None
+    tokens_row: np.ndarray | None = None  # int32 [N]: the row in that file
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def take(self, index: np.ndarray) -> EmbeddedRows:
+        """The rows at `index` (int array), in that order."""
+        return EmbeddedRows(
+            [self.ids[i] for i in index], self.lengths[index], self.truncated[index], self.vectors[index],
+            self.ordinals[index],
+            windows=None if self.windows is None else self.windows[index],
+            tokens_file=None if self.tokens_file is None else [self.tokens_file[i] for i in index],
+            tokens_row=None if self.tokens_row is None else self.tokens_row[index],
+        )
 
 
 class PartWriter:
@@ -86,14 +134,16 @@ class PartWriter:
 
     def __init__(
         self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0,
-        part_seconds: float | None = None,
+        part_seconds: float | None = None, columns: Sequence[str] = ("embedding",), per_token: bool = False,
     ) -> None:
         self.dir = out_dir / "embeddings"
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_error(self.dir, e) from None
-        self.schema = embedding_schema(embed_dim)
+        self.columns = list(columns)
+        self.per_token = per_token
+        self.schema = embedding_schema(embed_dim, self.columns, per_token)
         self.embed_dim = embed_dim
         self.rows_per_part = rows_per_part
         self.next_part = first_part
@@ -212,15 +262,23 @@ class PartWriter:
         self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
     def _record_batch(self, rows: EmbeddedRows, start: int, end: int) -> pa.RecordBatch:
-        flat = pa.array(np.ascontiguousarray(rows.vectors[start:end], dtype=np.float32).ravel(), pa.float32())
+        vectors = rows.vectors[start:end].reshape(end - start, len(self.columns), self.embed_dim)  # [n, C, D]
+        columns = []
+        for c in range(len(self.columns)):
+            flat = pa.array(np.ascontiguousarray(vectors[:, c], dtype=np.float32).ravel(), pa.float32())
+            columns.append(pa.FixedSizeListArray.from_arrays(flat, self.embed_dim))
         return pa.record_batch(
             [
                 pa.array(rows.ids[start:end], pa.string()),
                 pa.array(rows.lengths[start:end], pa.int32()),
                 pa.array(rows.truncated[start:end], pa.bool_()),
                 pa.array(np.ones(end - start, np.int32) if rows.windows is None else rows.windows[start:end], pa.int32()),
-                pa.FixedSizeListArray.from_arrays(flat, self.embed_dim),
+                *columns,
                 pa.array(rows.ordinals[start:end], pa.int64()),
+                *(
+                    [pa.array(rows.tokens_file[start:end], pa.string()), pa.array(rows.tokens_row[start:end], pa.int32())]
+                    if self.per_token and rows.tokens_file is not None and rows.tokens_row is not None else []
+                ),
             ],
             schema=self.schema,
         )
@@ -277,13 +335,18 @@ class RejectWriter:
 
 
 class ChunkMerger:
-    """Combines the windows of chunked sequences into one residue-weighted mean per sequence.
+    """Combines the pooled vectors of a chunked sequence's windows into one per column.
 
-    Windows of one sequence may come back from different actors in any order; only sequences with
+    `max` columns: the per-channel max over the windows (= the max over every residue of the windows' own
+    forwards). Every other column (`mean`, `mean_all`, `cls`): the mean of the windows' vectors weighted by their
+    residues (for `cls`: a residue-weighted mean of each window's BOS vector, since no single BOS saw the whole
+    sequence). Windows of one sequence may come back from different actors in any order; only sequences with
     windows still missing are held, so memory is bounded by the long sequences in flight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, poolings: Sequence[str] = ("mean",), layers: int = 1) -> None:
+        # Per column (layer-major, as vector_columns): whether it merges by max (else by weighted mean).
+        self._is_max = np.array([p == "max" for _ in range(layers) for p in poolings], dtype=bool)  # [C]
         self._pending: dict[int, _PartialSequence] = {}  # by input ordinal
         self._failed: set[int] = set()  # ordinals with a window that failed: the sequence is a reject
 
@@ -307,17 +370,22 @@ class ChunkMerger:
         if ordinal in self._failed:
             return None  # another window of this sequence failed: it is a reject, not a row
         part = self._pending.get(ordinal)
+        columns = len(self._is_max)
         if part is None:
             part = self._pending[ordinal] = _PartialSequence(sequence_id, window_count, total, vector.shape[0])
         if window_index in part.seen:
             return None  # a retried batch delivered this window twice: keep the first
         part.seen.add(window_index)
-        part.weighted_sum += vector.astype(np.float64) * residues
+        v = vector.astype(np.float64).reshape(columns, -1)  # [C, D]
+        part.weighted_sum += (v * residues).ravel()
+        part.maximum = np.maximum(part.maximum, v.ravel())  # NaN propagates (the actor flags it anyway)
         part.weight += residues
         if len(part.seen) < part.window_count:
             return None
         del self._pending[ordinal]
-        return (part.weighted_sum / max(part.weight, 1)).astype(np.float32)
+        mean = (part.weighted_sum / max(part.weight, 1)).reshape(columns, -1)  # [C, D]
+        merged = np.where(self._is_max[:, None], part.maximum.reshape(columns, -1), mean)  # [C, D]
+        return merged.astype(np.float32).ravel()
 
 
 @dataclass
@@ -329,7 +397,8 @@ class _PartialSequence:
 
     def __post_init__(self) -> None:
         self.seen: set[int] = set()
-        self.weighted_sum = np.zeros(self.dim, dtype=np.float64)
+        self.weighted_sum = np.zeros(self.dim, dtype=np.float64)  # [C*D]
+        self.maximum = np.full(self.dim, -np.inf, dtype=np.float64)  # [C*D]
         self.weight = 0
 
 

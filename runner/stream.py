@@ -154,6 +154,7 @@ class PackSettings:
     long: str  # "truncate" | "chunk" | "skip"
     chunk_overlap: int  # residues shared by neighbouring windows
     token_budget: int  # tokens per packed batch
+    keep_chunks_together: bool = False  # --per-token: a chunked sequence's windows share one batch (to be stitched)
 
 
 def pack_records(block: pa.Table, settings: PackSettings) -> pa.Table:
@@ -192,7 +193,7 @@ def pack_records(block: pa.Table, settings: PackSettings) -> pa.Table:
             reject_ordinals.append(ordinal)
     # Each batch carries its windows' input files, so a window that fails to embed is a reject with a source.
     rows = [b.to_row() | _NO_REJECTS | {"sources": [source_of[int(o)] for o in b.ordinals]}
-            for b in pack_block(windows, settings.token_budget)]
+            for b in pack_block(windows, settings.token_budget, settings.keep_chunks_together)]
     rows.append(
         _EMPTY_BATCH
         | {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,8 +32,30 @@ class ModelInfo:
     checkpoint: str  # resolved local file or directory the weights came from ("" before download)
     checkpoint_sha256: str  # hash of the weight file(s); "" when not computed
     embed_dim: int  # width of one embedding
-    num_layers: int  # transformer layers; --layer takes 0..num_layers or -1
+    num_layers: int  # transformer layers; --layers take 0..num_layers, or negatives from the end
     parameters: int  # number of weights
+
+
+def resolve_layers(layers: Sequence[int], num_layers: int, model: str) -> list[int]:
+    """Representation layers as indices 0..num_layers, in the order given: 0 is the embeddings, num_layers the
+    last layer (after the final LayerNorm, as fair-esm), negatives count from the end (-1 is the last). One
+    RunnerError naming the valid range for anything else, or for a layer asked for twice."""
+    resolved: list[int] = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -num_layers - 1 <= layer <= num_layers:
+            raise RunnerError(
+                f"layer {layer} (--layer/--layers) is out of range for {model}: use 0 (embeddings) to {num_layers} "
+                f"(the last), "
+                f"or -1 to -{num_layers + 1} counting from the end"
+            )
+        index = int(layer) if layer >= 0 else num_layers + 1 + int(layer)
+        if index in resolved:
+            given = ",".join(str(g) for g in layers)
+            raise RunnerError(f"layer {index} is asked for twice (--layers {given}): list each layer once")
+        resolved.append(index)
+    if not resolved:
+        raise RunnerError("no layer given: pass --layers L[,L...] (e.g. --layers -1)")
+    return resolved
 
 
 class SequenceCodec(ABC):
@@ -44,6 +66,9 @@ class SequenceCodec(ABC):
     special_start: int  # special tokens before the residues of each sequence (BOS / [CLS])
     special_end: int  # special tokens after them (EOS / [SEP])
     default_pooling: str  # "mean" (residue tokens), "mean_all" (all tokens) or "cls"
+    # Each residue is one token (ESM-2): per-token rows are residues, and overlapping windows of a chunked
+    # sequence line up residue by residue (so they can be stitched). False for BPE (DNABERT).
+    one_token_per_residue: bool = False
 
     @abstractmethod
     def clean(self, raw: str) -> str:
@@ -115,27 +140,36 @@ class EmbeddingModel(torch.nn.Module, ABC):
     attention_backend: str  # which kernel the forward uses: "flash_attn", "torch_varlen", "flex", "exact"
 
     @abstractmethod
-    def forward_packed(
+    def forward_layers(
         self,
         tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
         positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
         cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
         max_seqlen: int,  # longest sequence in the batch, in tokens
+        layers: Sequence[int],  # representation layers (see `resolve_layer`), at least one
+    ) -> list[torch.Tensor]:
+        """Hidden states of each of `layers`, in that order, from ONE forward: [T, D] each, in the model's dtype.
+
+        Layers below the deepest one requested are kept as the forward passes them (no extra compute, no host
+        sync); the forward never runs deeper than the deepest layer asked for. No padding anywhere."""
+
+    def forward_packed(
+        self,
+        tokens: torch.Tensor,  # int64 [T]
+        positions: torch.Tensor,  # int64 [T]
+        cu_seqlens: torch.Tensor,  # int32 [B+1]
+        max_seqlen: int,
         layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
     ) -> torch.Tensor:
-        """Hidden states of `layer` for every token: [T, D] in the model's dtype. No padding anywhere."""
+        """Hidden states of one `layer` for every token: [T, D] in the model's dtype."""
+        return self.forward_layers(tokens, positions, cu_seqlens, max_seqlen, [layer])[0]
 
     num_layers: int  # transformer layers
     head_dim: int  # channels per attention head
 
     def resolve_layer(self, layer: int) -> int:
-        """`layer` as 0..num_layers (-1 -> num_layers); RunnerError naming the valid range otherwise."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not -1 <= layer <= self.num_layers:
-            raise RunnerError(
-                f"--layer {layer} is out of range for {self.info.name or self.info.family}: use 0 (embeddings) "
-                f"to {self.num_layers}, or -1 for the last layer"
-            )
-        return self.num_layers if layer == -1 else layer
+        """`layer` as 0..num_layers (negatives count from the end: -1 -> num_layers); RunnerError otherwise."""
+        return resolve_layers([layer], self.num_layers, self.info.name or self.info.family)[0]
 
     @abstractmethod
     def select_attention(self, device: torch.device) -> str:

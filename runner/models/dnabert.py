@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import CheckpointError, first_line
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
+from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
 from runner.models.checkpoints import refusal_reason
 
 DNABERT_MODELS: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
@@ -330,27 +330,30 @@ class DnabertEmbedder(EmbeddingModel):
             self._slopes[device] = slopes
         return slopes
 
-    def forward_packed(
+    def forward_layers(
         self,
         tokens: torch.Tensor,  # int64 [T]
         positions: torch.Tensor,  # int64 [T]; unused: ALiBi distances come from cu_seqlens
         cu_seqlens: torch.Tensor,  # int32 [B+1]
         max_seqlen: int,
-        layer: int,
-    ) -> torch.Tensor:
-        """Hidden states after `layer` (0 = embeddings, -1 or num_layers = last layer): [T, D]."""
+        layers: Sequence[int],
+    ) -> list[torch.Tensor]:
+        """Hidden states after each of `layers` (0 = the embeddings after their LayerNorm, as Hugging Face's
+        hidden_states[0]; num_layers or -1 = the last layer): [T, D] each, from one forward."""
         from runner.attention import plan_attention, varlen_attention
 
-        stop = self.resolve_layer(layer)
+        targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
+        stop = max(targets)
         emb = self.embeddings
         # Every token is segment A (type 0), so the type embedding is one row broadcast over all tokens.
         x = emb.word_embeddings(tokens) + emb.token_type_embeddings.weight[0]  # [T, D]
         x = emb.LayerNorm(x)  # [T, D]
+        hidden = {0: x}  # layer -> [T, D]
         n_tok = x.shape[0]
         slopes = self.alibi_slopes(x.device)  # [H]
         scale = 1.0 / math.sqrt(self.head_dim)
         plan = plan_attention(cu_seqlens, n_tok, self.attention_backend, x.device)  # once for all layers
-        for blk in self.encoder.layer[:stop]:
+        for number, blk in enumerate(self.encoder.layer[:stop], start=1):
             att = blk.attention
             wqkv = att.self.Wqkv
             qkv = self.linear(x, wqkv.weight, wqkv.bias).view(n_tok, 3, self.num_heads, self.head_dim)  # [T, 3, H, hd]
@@ -364,7 +367,9 @@ class DnabertEmbedder(EmbeddingModel):
             h = self.linear(x, mlp.gated_layers.weight, None)  # [T, 2I]
             gate, value = h[:, : mlp.inner], h[:, mlp.inner :]  # [T, I] each
             x = mlp.layernorm(self.linear(F.gelu(gate) * value, mlp.wo.weight, mlp.wo.bias) + x)  # [T, D]
-        return x
+            if number in targets:
+                hidden[number] = x  # a reference to the residual stream as it passes: nothing recomputed
+        return [hidden[t] for t in targets]
 
 
 # --------------------------------------------------------------------------------------------------

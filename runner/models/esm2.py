@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from runner.attention import plan_attention, select_backend
 from runner.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
+from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
 from runner.models.checkpoints import (
     download_esm2,
     hub_checkpoint_dir,
@@ -90,6 +90,7 @@ class Esm2Codec(SequenceCodec):
     special_start = 1  # <cls>
     special_end = 1  # <eos>
     default_pooling = "mean"
+    one_token_per_residue = True
 
     def __init__(self) -> None:
         alphabet = _alphabet()
@@ -199,16 +200,18 @@ class ESM2Embedder(EmbeddingModel):
         return on
 
     @torch.no_grad()
-    def forward_packed(
+    def forward_layers(
         self,
         tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
         positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
         cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
         max_seqlen: int,  # longest sequence in the batch, in tokens
-        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
-    ) -> torch.Tensor:
-        """Hidden states of `layer` for every token, [T, D] in the weights' dtype (fair-esm's numerics)."""
-        target = self.resolve_layer(layer)
+        layers: Sequence[int],  # representation layers: 0 = embeddings, num_layers or -1 = last
+    ) -> list[torch.Tensor]:
+        """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
+        (fair-esm's `representations[layer]`: the last layer after the final LayerNorm, the others before it)."""
+        targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
+        deepest = max(targets)
         esm_model = self.esm
         tokens = tokens.long()
 
@@ -227,20 +230,22 @@ class ESM2Embedder(EmbeddingModel):
             masked.index_add_(0, seq_of_token, is_mask.to(x.dtype))
             observed = masked / lengths.to(x.dtype)  # [B]
             x = x * (1 - _MASK_RATIO_TRAIN) / (1 - observed)[seq_of_token][:, None]  # [T, D]
-        if target == 0:
-            return x
-
-        cos, sin = rotary_tables(positions.to(tokens.device), self.inv_freq_on(tokens.device))  # [T, 1, hd] each
-        cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
-        plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
-        layers = self.layer_weights()[:target]
-        math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
-        x = self._run_layers(x, layers, cos, sin, cu, max_seqlen, plan, math)  # [T, D]
-        if target == self.num_layers:
-            # fair-esm reports the last layer after the final LayerNorm.
-            norm = esm_model.emb_layer_norm_after
-            x = layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
-        return x
+        hidden = {0: x}  # layer -> [T, D]
+        if deepest > 0:
+            cos, sin = rotary_tables(positions.to(tokens.device), self.inv_freq_on(tokens.device))  # [T, 1, hd] each
+            cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
+            plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
+            weights = self.layer_weights()[:deepest]
+            math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
+            keep = frozenset(t for t in targets if 0 < t < deepest)
+            x, kept = self._run_layers(x, weights, cos, sin, cu, max_seqlen, plan, math, keep)  # [T, D]
+            if deepest == self.num_layers:
+                # fair-esm reports the last layer after the final LayerNorm.
+                norm = esm_model.emb_layer_norm_after
+                x = layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
+            hidden.update(kept)
+            hidden[deepest] = x
+        return [hidden[t] for t in targets]
 
     def inv_freq_on(self, device: torch.device) -> torch.Tensor:
         """`rotary_inv_freq` on `device` (float32 [hd/2]), copied there once."""
@@ -259,17 +264,18 @@ class ESM2Embedder(EmbeddingModel):
         max_seqlen: int,
         plan: Any,  # runner.attention.plan_attention's per-batch state
         math: LayerMath,
-    ) -> torch.Tensor:
+        keep: frozenset[int] = frozenset(),  # layer numbers whose outputs to return too (see run_layers)
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The layers, through the compiled parts when `compile` is on (eager otherwise)."""
         args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
         if self.compiled is None:
-            return run_layers(*args)
+            return run_layers(*args, keep=keep)
         try:
-            return run_layers(*args, parts=self.compiled)
+            return run_layers(*args, parts=self.compiled, keep=keep)
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
-            out = run_layers(*args)  # a real error of the inputs raises here too, and propagates
+            out = run_layers(*args, keep=keep)  # a real error of the inputs raises here too, and propagates
             logger.warning("torch.compile failed for the ESM-2 layers (%s: %s): running eager from now on",
                            type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
             self.compiled = None

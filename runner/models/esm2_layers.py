@@ -8,7 +8,7 @@ and the LayerNorm of the next become one fused kernel, and there is one compiled
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, NamedTuple
 
 import torch
@@ -197,8 +197,12 @@ def run_layers(
     plan: Any,  # runner.attention.plan_attention's per-batch state
     math: LayerMath,
     parts: LayerParts = EAGER_PARTS,
-) -> torch.Tensor:
-    """fair-esm TransformerLayers (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens: x [T, D]."""
+    keep: Collection[int] = (),
+) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """fair-esm TransformerLayers (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens.
+
+    Returns the last layer's output x [T, D] and, for each layer number in `keep` (1 = the first layer run),
+    that layer's output [T, D]: the residual stream as it passes, a reference kept, nothing computed again."""
     if not layers:
         raise ValueError("run_layers needs at least one layer (layer 0 is the embeddings: no layer runs)")
     first, middle, last = parts
@@ -208,10 +212,13 @@ def run_layers(
         # kernel (in fp32) is the same computation with one rounding fewer.
         return varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend, plan=plan)  # [T, H, hd]
 
+    kept: dict[int, torch.Tensor] = {}
     q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
-    for w, w_next in zip(layers[:-1], layers[1:], strict=True):
-        x, q, k, v = middle(x, attention(q, k, v, w), w, w_next, cos, sin, math)
-    return last(x, attention(q, k, v, layers[-1]), layers[-1], math)  # [T, D]
+    for number, (w, w_next) in enumerate(zip(layers[:-1], layers[1:], strict=True), start=1):
+        x, q, k, v = middle(x, attention(q, k, v, w), w, w_next, cos, sin, math)  # x: layer `number`'s output
+        if number in keep:
+            kept[number] = x
+    return last(x, attention(q, k, v, layers[-1]), layers[-1], math), kept  # [T, D]
 
 
 def compile_over_tokens(part: Callable[..., Any], backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
