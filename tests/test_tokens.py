@@ -1,0 +1,124 @@
+"""Per-token files without Ray: the stitch rule, packing a chunked sequence's windows together, and keeping token
+files exactly-once (reconcile on resume and at the end of a run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from runner.batch import TokenizedRecord
+from runner.embed_stage import residue_index
+from runner.packing import pack_block
+from runner.prepare import chunk_starts
+from runner.resume import scan_parts
+from runner.sink import EmbeddedRows, OutputSpec, PartWriter
+from runner.tokens import (
+    reconcile,
+    remove_temporaries,
+    stitch_cuts,
+    stitch_windows,
+    token_schema,
+    token_table,
+    write_token_file,
+)
+
+
+@pytest.mark.parametrize(("total", "width", "overlap"), [(25, 10, 3), (2500, 1022, 128), (50, 10, 9), (31, 10, 0), (7, 10, 2)])
+def test_stitch_takes_each_residue_from_the_window_whose_centre_is_nearest(total: int, width: int, overlap: int) -> None:
+    starts = chunk_starts(total, width, overlap)
+    window = min(width, total)
+    windows = [np.arange(s, s + window, dtype=np.float64)[:, None] * 1000 + i for i, s in enumerate(starts)]  # [w, 1]
+    stitched = stitch_windows(windows, total, window, overlap)[:, 0]
+    positions, source = np.divmod(stitched, 1000)
+    assert positions.tolist() == list(range(total))  # every residue once, in order
+    for p, i in zip(positions.astype(int), source.astype(int), strict=True):
+        holding = [k for k, s in enumerate(starts) if s <= p < s + window]
+        best = min(holding, key=lambda k: (abs(p - (starts[k] + (window - 1) / 2)), -k))
+        assert i == best, (p, i, best)
+    assert stitch_cuts(total, window, overlap)[0] == 0 and stitch_cuts(total, window, overlap)[-1] == total
+
+
+def test_residue_index_skips_the_specials() -> None:
+    cu = np.array([0, 4, 6, 11], dtype=np.int32)  # windows of 4, 2 (no residue) and 5 tokens
+    assert residue_index(cu, 1, 1).tolist() == [1, 2, 7, 8, 9]
+
+
+def window(ordinal: int, index: int, count: int, tokens: int) -> TokenizedRecord:
+    return TokenizedRecord(f"s{ordinal}", ordinal, np.zeros(tokens, np.int32), tokens - 2, False, index, count, 0)
+
+
+def test_pack_block_keeps_a_chunked_sequences_windows_together() -> None:
+    records = [window(0, 0, 1, 30), *[window(1, i, 3, 40) for i in range(3)], window(2, 0, 1, 50),
+               *[window(3, i, 2, 20) for i in range(2)]]
+    apart = pack_block(records, 60)
+    assert any(len({int(c) for c, o in zip(b.chunk_index, b.ordinals, strict=True) if o == 1}) < 3 for b in apart)
+    together = pack_block(records, 60, keep_chunks_together=True)
+    for ordinal, count in ((1, 3), (3, 2)):
+        holding = [b for b in together if ordinal in b.ordinals.tolist()]
+        assert len(holding) == 1 and holding[0].ordinals.tolist().count(ordinal) == count
+    oversized = next(b for b in together if 1 in b.ordinals.tolist())
+    assert oversized.num_tokens == 120 > 60 and oversized.chunk_index.tolist() == [0, 1, 2]  # its own batch
+    assert sorted(o for b in together for o in b.ordinals.tolist()) == sorted(r.ordinal for r in records)
+
+
+SPEC = OutputSpec((2,), ("mean",), 3, per_token="float32")
+
+
+def token_file(out: Path, ids: list[str], ordinals: list[int]) -> str:
+    shard = out / "tokens" / "host-cpu-1"
+    shard.mkdir(parents=True, exist_ok=True)
+    lengths = np.array([2] * len(ids), np.int32)
+    arrays = [np.arange(6 * len(ids), dtype=np.float32).reshape(-1, 3) + 100 * ordinals[0]]
+    name, _ = write_token_file(shard, token_table(ids, np.array(ordinals), arrays, lengths, token_schema((2,), 3, "float32")))
+    return f"host-cpu-1/{name}"
+
+
+def write_part(out: Path, number: int, ids: list[str], ordinals: list[int], files: list[str], rows: list[int]) -> str:
+    writer = PartWriter(out, 3, 100, first_part=number, per_token=True)
+    n = len(ids)
+    writer.write(EmbeddedRows(ids, np.full(n, 2, np.int32), np.zeros(n, bool), np.zeros((n, 3), np.float32),
+                              np.array(ordinals, np.int64), files, np.array(rows, np.int32)))
+    writer.close()
+    return writer.parts[0]
+
+
+def read_row(out: Path, name: str, row: int) -> tuple[str, np.ndarray]:
+    table = pa.ipc.open_file(out / "tokens" / name).read_all()
+    return table["id"][row].as_py(), table["layer2"][row].values.flatten().to_numpy()
+
+
+def test_reconcile_deletes_unreferenced_and_rewrites_partly_referenced_files(tmp_path: Path) -> None:
+    full = token_file(tmp_path, ["a", "b"], [0, 1])
+    partial = token_file(tmp_path, ["c", "d", "e"], [2, 3, 4])  # a retried batch's copy, or a lost part's rows
+    orphan = token_file(tmp_path, ["f"], [5])  # written by an actor whose batch never reached a part
+    (tmp_path / "tokens" / "host-cpu-1" / ".tok-0123456789abcdef0123456789abcdef.arrow.tmp").write_bytes(b"half")
+    e_before = read_row(tmp_path, partial, 2)[1]
+    p0 = write_part(tmp_path, 0, ["a", "b", "c"], [0, 1, 2], [full, full, partial], [0, 1, 0])
+    p1 = write_part(tmp_path, 1, ["e"], [4], [partial], [2])
+    assert remove_temporaries(tmp_path) == 1
+    report = reconcile(tmp_path, [p0, p1])
+    assert (report.deleted, report.rewritten, report.files) == (1, 1, 2)
+    names = {f"{p.parent.name}/{p.name}" for p in (tmp_path / "tokens").glob("*/tok-*.arrow")}
+    assert full in names and orphan not in names and partial not in names
+    pooled = pa.concat_tables([pa.ipc.open_file(tmp_path / "embeddings" / p).read_all() for p in (p0, p1)])
+    for sid, name, row in zip(pooled["id"].to_pylist(), pooled["tokens_file"].to_pylist(), pooled["tokens_row"].to_pylist(),
+                              strict=True):
+        assert read_row(tmp_path, name, row)[0] == sid
+    new = pooled["tokens_file"].to_pylist()[3]
+    assert pa.ipc.open_file(tmp_path / "tokens" / new).read_all()["id"].to_pylist() == ["c", "e"]
+    np.testing.assert_array_equal(read_row(tmp_path, new, 1)[1], e_before)  # the values moved unchanged
+    assert reconcile(tmp_path, [p0, p1]).deleted == 0  # idempotent
+
+
+def test_resume_redoes_a_part_pointing_at_a_missing_token_file(tmp_path: Path) -> None:
+    kept = token_file(tmp_path, ["a"], [0])
+    lost = token_file(tmp_path, ["b"], [1])
+    write_part(tmp_path, 0, ["a"], [0], [kept], [0])
+    write_part(tmp_path, 1, ["b"], [1], [lost], [0])
+    (tmp_path / "tokens" / lost).unlink()
+    state = scan_parts(tmp_path, schema=SPEC.schema(), per_token=True)
+    assert state.parts == ["part-00000.arrow"] and state.redone_parts == ["part-00001.arrow"]
+    assert state.done.contains(np.array([0, 1])).tolist() == [True, False]
