@@ -4,6 +4,7 @@
         --reference build/bench_ref/reference_bench.py --out benchmarks/results/
     python scripts/bench.py gpu --models esmc300,esmc600 --gpus 1 --shadow-rates 0 \\
         --reference build/bench_ref/reference_bench.py --out benchmarks/results/
+    python scripts/bench.py gpu --models 650M --gpus 1 --shadow-rates 0 --outputs per_token_fp16,layers3
     python scripts/bench.py cpu-stages --records 1000000,10000000 --out benchmarks/results/
     python scripts/bench.py dedup --model 650M --gpus 1 --seqs 40960 --repeat-fraction 0.4 --out benchmarks/results/
 
@@ -88,6 +89,16 @@ def ref_modes(args, model: str) -> str:
 def checkpoint_path(work: Path, model: str) -> Path:
     """The random checkpoint of a model: fair-esm .pt for ESM-2, EvolutionaryScale's .pth layout for ESM C."""
     return work / (f"esmc-{model}.pth" if model in ESMC_ARCHS else f"esm2-{model}.pt")
+
+# Output variants (issue 15), each run beside the plain shadow-0 run at the smallest GPU count (and repeat):
+# name -> extra `runner embed` arguments for a model of L layers. bench_report compares each with the plain run
+# (`<variant>_vs_pooled`); per-token runs also report the bytes/s the actors wrote.
+OUTPUT_VARIANTS = {
+    "per_token_fp16": lambda layers: ("--per-token", "--per-token-dtype", "float16"),
+    "per_token": lambda layers: ("--per-token",),
+    # 650M: --layers 0,17,33 (embeddings, middle, last) x three poolings, pooled only
+    "layers3": lambda layers: ("--layers", f"0,{(layers + 1) // 2},{layers}", "--pooling", "mean,cls,max"),
+}
 
 
 def parse_per_model(spec: str | None, defaults: dict[str, int]) -> dict[str, int]:
@@ -233,6 +244,8 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
         # the GPU (busy fraction near 1) or the pipeline feeding it (well below 1) set the pace.
         "forward_tokens_per_second": thr.get("forward_tokens_per_second"),
         "actor_busy_fraction": thr.get("actor_busy_fraction"),
+        # What the job stored (issue 15): layers, poolings, columns, and the per-token files written.
+        "outputs": manifest.get("outputs"),
     })
     # Whatever steady-state / memory figures the manifest offers (added by other work), verbatim.
     extra = find_keys(manifest, re.compile(r"steady|peak|memory|rss", re.I))
@@ -248,6 +261,15 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
         result["shadow"] = manifest["shadow"]
     if "with_shadow" in thr:  # the actor clock while the shadow ran; manifests before it lack the key
         result["with_shadow"] = thr["with_shadow"]
+    per_token = (manifest.get("outputs") or {}).get("per_token") or {}
+    if per_token.get("written_bytes") and result["tokens"] and result["tokens_per_second_steady"]:
+        # Bytes the actors wrote per token, at the steady token rate: the per-token write rate the job sustained.
+        result["per_token_bytes_per_token"] = round(per_token["written_bytes"] / result["tokens"], 1)
+        result["per_token_bytes_per_second"] = round(
+            per_token["written_bytes"] / result["tokens"] * result["tokens_per_second_steady"], 1)
+        log(f"per-token: {per_token['written_bytes'] / 2**30:.2f} GiB in {per_token.get('written_files')} files, "
+            f"{result['per_token_bytes_per_second'] / 2**30:.2f} GiB/s at the steady rate; actors spent "
+            f"{per_token.get('write_seconds')} s writing")
     log(f"runner done in {secs:.0f}s: {result['tokens']} tokens, wall {result['tokens_per_second_wall']} tok/s, "
         f"steady {result['tokens_per_second_steady']} tok/s ({result['steady_source']}), "
         f"forward {result['forward_tokens_per_second']} tok/s, busy {result['actor_busy_fraction']}, "
@@ -258,6 +280,11 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
             f"{window['tokens']} tokens): {window['tokens_per_second']} tok/s")
     return result
 
+
+
+def variant_args(variants: list[str], layers: int) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, extra runner embed arguments) of each requested output variant for a model of `layers` layers."""
+    return [(v, OUTPUT_VARIANTS[v](layers)) for v in variants]
 
 
 def run_name(gpus: int, rate: float, repeat: int = 1, sep: str = "_") -> str:
@@ -285,6 +312,10 @@ def cmd_gpu(args) -> int:
     # few percent is below the run-to-run noise of one pair (~5 % on an H200), so it is read from medians
     # and from back-to-back pairs. Repeat k >= 2 is named g<G>_s<R>_r<k>.
     runs_planned = [(g, r, k) for k in range(1, args.repeats + 1) for g, r in plan]
+    variants = [v.strip() for v in (args.outputs or "").split(",") if v.strip()]
+    unknown_variants = [v for v in variants if v not in OUTPUT_VARIANTS]
+    if unknown_variants:
+        sys.exit(f"unknown --outputs {unknown_variants}: choose from {', '.join(OUTPUT_VARIANTS)}")
 
     work_ctx = (contextlib.nullcontext(args.workdir) if args.workdir
                 else tempfile.TemporaryDirectory(prefix="runner-bench-"))
@@ -301,9 +332,11 @@ def cmd_gpu(args) -> int:
                 if ref:
                     print(f"  {sys.executable} {ref} {m} {ref_seqs[m]} {ref_modes(args, m)}")
                 for g, r, k in runs_planned:
-                    print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
-                          f"{checkpoint_path(work, m)} --out {work}/out-{m}-{run_name(g, r, k, '-')} --gpus {g} "
-                          f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part}")
+                    for variant, extra in [("", ())] + (variant_args(variants, ARCH[m][0]) if (g, r) == plan[0] else []):
+                        name = run_name(g, r, k, "-") + (f"-{variant}" if variant else "")
+                        print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
+                              f"{checkpoint_path(work, m)} --out {work}/out-{m}-{name} --gpus {g} "
+                              f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part} {' '.join(extra)}")
             if not ref:
                 print("  (no --reference: reference figures skipped)")
             if name == "cpu":
@@ -380,6 +413,18 @@ def cmd_gpu(args) -> int:
                 if not args.keep:
                     shutil.rmtree(out, ignore_errors=True)
                 save(entry)
+                if (g, r) != plan[0]:
+                    continue
+                # The output variants right after the plain run they are compared with (same GPU, same input).
+                for variant, extra in variant_args(variants, layers):
+                    name = f"{run_name(g, r, k)}_{variant}"
+                    out = work / f"out-{m}-{run_name(g, r, k, '-')}-{variant}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    runs[name] = run_runner(fasta, ckpt, out, g, r, args, work, extra)
+                    runs[name]["variant"] = variant
+                    if not args.keep:
+                        shutil.rmtree(out, ignore_errors=True)
+                    save(entry)
             if args.eager_baseline:  # what torch.compile buys: the same run with eager layers
                 g = gpus[0]
                 fasta = work / f"{m}-{seqs[m] * max(g, 1)}.fasta"
@@ -449,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run shadow 0 with --no-compile at the smallest GPU count (gives compile_speedup)")
     g.add_argument("--rows-per-part", type=int, default=2048, help="small parts give the steady-state clock")
     g.add_argument("--runner-arg", action="append", help="extra argument for runner embed (repeatable)")
+    g.add_argument("--outputs", help="output variants run beside the plain shadow-0 run and compared with it: "
+                                     f"comma list of {', '.join(OUTPUT_VARIANTS)} (e.g. per_token_fp16,layers3)")
     g.add_argument("--repeats", type=int, default=1,
                    help="run the plan N times, interleaved; ratios use medians, shadow costs also per repeat")
     g.add_argument("--out", default=str(RESULTS))

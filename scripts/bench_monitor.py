@@ -30,6 +30,16 @@ def _proc_status_kb(pid: int, key: str) -> int | None:
     return None
 
 
+def _proc_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat fields 14 and 15), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -68,6 +78,9 @@ class Monitor:
         self.pid, self.interval = pid, interval
         self.driver_rss_kb = 0
         self.driver_hwm_kb = 0
+        self.driver_cpu_seconds = 0.0  # user + system CPU of the driver process, last sample (/proc/<pid>/stat)
+        self._started = time.monotonic()
+        self._last_sample = self._started
         self.tree_rss_kb = 0
         self.gpu_used_mib: dict[str, int] = {}
         self.util_samples: list[tuple[float, int]] = []  # (time, highest utilization.gpu % of any GPU)
@@ -94,6 +107,9 @@ class Monitor:
                 self.driver_rss_kb = max(self.driver_rss_kb, rss)
             if hwm:
                 self.driver_hwm_kb = max(self.driver_hwm_kb, hwm)
+            cpu = _proc_cpu_seconds(self.pid)
+            if cpu is not None:
+                self.driver_cpu_seconds, self._last_sample = cpu, time.monotonic()
             if tick % 2 == 0:
                 total = 0
                 for pid in _descendants(self.pid):
@@ -134,6 +150,9 @@ class Monitor:
         return {
             "driver_rss_peak_mib": round(max(self.driver_rss_kb, self.driver_hwm_kb) / 1024, 1),
             "process_tree_rss_peak_mib": round(self.tree_rss_kb / 1024, 1),
+            # The driver's CPU over its life (seconds, and cores on average): it must not bound the job.
+            "driver_cpu_seconds": round(self.driver_cpu_seconds, 1),
+            "driver_cpu_fraction": round(self.driver_cpu_seconds / max(self._last_sample - self._started, 1e-9), 3),
             "gpu_used_peak_mib": self.gpu_used_mib,
             "gpu_process_peak_mib": procs,  # one entry per GPU process (embedding and shadow actors)
             "gpu_actor_peak_mib_max": procs[0] if procs else None,

@@ -382,6 +382,28 @@ def test_compute_ratios_per_gpu_at_the_smallest_count() -> None:
     assert "scaling_efficiency_4gpu" not in got  # needs a 1-GPU run
 
 
+def test_output_variants_are_planned_beside_the_plain_run_and_compared_with_it(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    res = run_bench("gpu", "--models", "650M", "--gpus", "1", "--shadow-rates", "0,0.01", "--seqs", "650M=64",
+                    "--outputs", "per_token_fp16,layers3", "--cpu-check", "0", "--dry-run", "--workdir", str(work))
+    assert res.returncode == 0, res.stderr
+    cmds = runner_commands(res.stdout)
+    assert [option(c, "--out").rsplit("out-650M-", 1)[1] for c in cmds] == [
+        "g1-s0", "g1-s0-per_token_fp16", "g1-s0-layers3", "g1-s0.01"]
+    assert cmds[1][-3:] == ["--per-token", "--per-token-dtype", "float16"]
+    assert cmds[2][-4:] == ["--layers", "0,17,33", "--pooling", "mean,cls,max"]
+    per_token = run(1, 0.0, 180_000.0, 90_000.0) | {"variant": "per_token_fp16", "per_token_bytes_per_second": 4.6e8,
+                                                    "driver_rss_peak_mib": 900.0, "driver_cpu_fraction": 0.3}
+    layers = run(1, 0.0, 196_000.0, 99_000.0) | {"variant": "layers3"}
+    got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 200_000.0, 100_000.0),
+                                                     "g1_s0_per_token_fp16": per_token, "g1_s0_layers3": layers}})
+    assert got["per_token_fp16_vs_pooled"] == pytest.approx(0.9, abs=1e-4)
+    assert got["layers3_vs_pooled"] == pytest.approx(0.98, abs=1e-4)
+    assert got["per_token_fp16_bytes_per_second"] == 4.6e8
+    assert got["per_token_fp16_driver"] == {"rss_peak_mib": 900.0, "cpu_fraction": 0.3}
+    assert got["runner_tok_per_s_per_gpu"] == 200_000.0  # the variants are not plain runs
+
+
 def test_compute_ratios_without_successful_runs() -> None:
     got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 1.0, 1.0, exit_code=124)}})
     assert set(got) == {"reference_tok_per_s"}
@@ -396,8 +418,9 @@ def test_summarize_keeps_the_worst_model_per_target() -> None:
     assert doc["vs_reference_packed_fp16"] == 0.95 and doc["vs_fair_esm_fp32"] == 11.0
     assert doc["shadow_cost_0.01"] == 0.05  # a cost: the largest is the worst
     targets = doc["targets"]
-    # no model has a 4-GPU figure, nor an ESM C reference or tok/s target
-    assert set(targets) == set(TARGETS) - {"scaling_efficiency_4gpu", "vs_transformers_esmc", "vs_target_tok_per_s"}
+    # no model has a 4-GPU figure, an ESM C reference or tok/s target, nor output-variant runs
+    assert set(targets) == set(TARGETS) - {"scaling_efficiency_4gpu", "vs_transformers_esmc", "vs_target_tok_per_s",
+                                           "per_token_fp16_vs_pooled", "layers3_vs_pooled"}
     assert targets["vs_reference_packed_fp16"]["pass"] is False
     assert targets["vs_fair_esm_fp32"]["pass"] is True
     assert targets["shadow_cost_0.01"] == {"target": "<= 0.03", "worst": 0.05, "pass": False,
