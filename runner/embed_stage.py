@@ -684,8 +684,13 @@ class EmbedStage:
                 arrays[li].append(a)
         if not ids:
             return None, rows, 0
-        table = token_table(ids, np.array(ordinals, np.int64), [np.concatenate(a) for a in arrays],
-                            np.array(lengths, np.int32), self.token_schema)
+        if len(pieces) == 1 and len(ids) == n and pieces[0].start == 0 and (batch.chunk_count <= 1).all():
+            # The common case: every window is a whole sequence, embedded in one forward and kept. The vectors
+            # are already back to back in sequence order: write them without another copy.
+            joined = pieces[0].arrays
+        else:
+            joined = [np.concatenate(a) for a in arrays]
+        table = token_table(ids, np.array(ordinals, np.int64), joined, np.array(lengths, np.int32), self.token_schema)
         try:
             name, size = write_token_file(self.tokens_dir, table)
         except OSError as e:
