@@ -52,9 +52,9 @@ def pool_layers(
             if mode == "max":
                 # -inf outside the residues: a special never wins; a NaN residue propagates (and is caught).
                 values = torch.where(residue[:, None], hidden32, float("-inf"))  # [T, D]
-                best = torch.full((num_windows, hidden.shape[1]), float("-inf"), device=hidden.device)  # [B, D]
-                index = window_of_token[:, None].expand(-1, hidden.shape[1])  # [T, D] view, no copy
-                out.append(best.scatter_reduce_(0, index, values, "amax"))  # [B, D]
+                # A segmented reduction over the windows' contiguous token ranges: no atomics (scatter_reduce's
+                # amax contends on every window's row), and `unsafe` skips the length checks that sync the host.
+                out.append(torch.segment_reduce(values, "max", lengths=lengths, unsafe=True))  # [B, D]
                 continue
             mean_all = mode == "mean_all"
             sums = torch.zeros(num_windows, hidden.shape[1], device=hidden.device, dtype=torch.float32)  # [B, D]
