@@ -122,3 +122,16 @@ def test_resume_redoes_a_part_pointing_at_a_missing_token_file(tmp_path: Path) -
     state = scan_parts(tmp_path, schema=SPEC.schema(), per_token=True)
     assert state.parts == ["part-00000.arrow"] and state.redone_parts == ["part-00001.arrow"]
     assert state.done.contains(np.array([0, 1])).tolist() == [True, False]
+
+
+def test_reconcile_keeps_a_row_that_dedup_copies_share(tmp_path: Path) -> None:
+    """--dedup writes a repeated sequence's row as a copy of its first record's, token pointer included."""
+    shared = token_file(tmp_path, ["a", "b"], [0, 1])
+    part = write_part(tmp_path, 0, ["a", "b", "a-copy", "a-copy2"], [0, 1, 2, 3], [shared] * 4, [0, 1, 0, 0])
+    report = reconcile(tmp_path, [part])
+    assert (report.deleted, report.rewritten, report.files, report.broken_parts) == (0, 0, 1, [])
+    half = token_file(tmp_path, ["c", "d"], [4, 5])
+    part2 = write_part(tmp_path, 1, ["c", "c-copy"], [4, 6], [half, half], [0, 0])  # d's row is not pointed at
+    assert reconcile(tmp_path, [part, part2]).rewritten == 1
+    table = pa.ipc.open_file(tmp_path / "embeddings" / part2).read_all()
+    assert len(set(table["tokens_file"].to_pylist())) == 1 and table["tokens_row"].to_pylist() == [0, 0]
