@@ -108,6 +108,7 @@ class EsmcCodec(SequenceCodec):
     special_end = 1  # <eos>
     # Mean over the residues, <cls> and <eos> left out: what the ESM C maintainers advise for a sequence vector.
     default_pooling = "mean"
+    one_token_per_residue = True  # one token per residue (or chain break): chunked windows can be stitched
 
     def __init__(self, max_positions: int = 2048) -> None:
         self.max_residues = max_positions - 2  # the training context minus <cls> and <eos>
