@@ -80,7 +80,7 @@ def write_part(out: Path, number: int, ids: list[str], ordinals: list[int], file
     writer = PartWriter(out, 3, 100, first_part=number, per_token=True)
     n = len(ids)
     writer.write(EmbeddedRows(ids, np.full(n, 2, np.int32), np.zeros(n, bool), np.zeros((n, 3), np.float32),
-                              np.array(ordinals, np.int64), files, np.array(rows, np.int32)))
+                              np.array(ordinals, np.int64), tokens_file=files, tokens_row=np.array(rows, np.int32)))
     writer.close()
     return writer.parts[0]
 
@@ -135,3 +135,13 @@ def test_reconcile_keeps_a_row_that_dedup_copies_share(tmp_path: Path) -> None:
     assert reconcile(tmp_path, [part, part2]).rewritten == 1
     table = pa.ipc.open_file(tmp_path / "embeddings" / part2).read_all()
     assert len(set(table["tokens_file"].to_pylist())) == 1 and table["tokens_row"].to_pylist() == [0, 0]
+
+
+def test_a_rewritten_part_keeps_a_valid_checksum(tmp_path: Path) -> None:
+    from runner.checksums import check_file, read_records
+
+    partial = token_file(tmp_path, ["c", "d"], [0, 1])
+    part = write_part(tmp_path, 0, ["c"], [0], [partial], [0])
+    assert reconcile(tmp_path, [part]).rewritten == 1
+    record = read_records(tmp_path)[f"embeddings/{part}"]
+    assert check_file(tmp_path / "embeddings" / part, record) is None
