@@ -232,7 +232,7 @@ def handle_table(
         take_copies(table, is_copy, copies, rejects, report, metrics)
     if not is_window.any():
         return
-    win = table.filter(pa.array(is_window))
+    win = table if is_window.all() else table.filter(pa.array(is_window))  # most tables are windows only: no copy
     finite = win.column("finite").to_numpy(zero_copy_only=False)
     if not finite.all():
         bad = [win.column("id")[i].as_py() for i in np.flatnonzero(~finite)]
@@ -261,7 +261,7 @@ def handle_table(
     out_len, out_trunc, out_vec, out_ord = (
         [residues[keep]],
         [truncated[keep]],
-        [vectors[keep]],
+        [vectors if len(keep) == len(vectors) else vectors[keep]],  # no copy when nothing is chunked
         [ordinals[keep]],
     )
     out_windows = [np.ones(len(keep), np.int32)]
@@ -295,7 +295,7 @@ def handle_table(
         ids=out_ids,
         lengths=np.concatenate(out_len).astype(np.int32),
         truncated=np.concatenate(out_trunc).astype(bool),
-        vectors=np.concatenate(out_vec).astype(np.float32),
+        vectors=(out_vec[0] if len(out_vec) == 1 else np.concatenate(out_vec)).astype(np.float32, copy=False),
         ordinals=np.concatenate(out_ord).astype(np.int64),
         windows=np.concatenate(out_windows).astype(np.int32),
         tokens_file=out_tok_files if per_token else None,
