@@ -56,3 +56,31 @@ def test_measure_accounts_every_record_and_derives_cores(tmp_path: Path) -> None
     at8, at64 = derived["at"]["8_h200"], derived["at"]["64_h200"]
     assert at64["tokens_per_s"] == 8 * at8["tokens_per_s"] == 64 * 330_000
     assert at64["cores"]["driver"] > at8["cores"]["driver"] > 0
+
+
+def test_dedup_bench_compares_repeats_and_the_plain_run(tmp_path: Path) -> None:
+    """bench.py dedup's checks on two hand-made outputs: repeats equal to their first record, ids, cosines."""
+    import numpy as np
+    from bench_dedup import busy_seconds, compare_vectors
+
+    fasta = tmp_path / "r.fasta"
+    fasta.write_text(">a\nMKV\n>b\nmkv\n>c\nWW\nW\n")  # b repeats a (case), c is its own sequence over two lines
+
+    def out(name: str, vectors: dict[str, list[float]]) -> Path:
+        (tmp_path / name / "embeddings").mkdir(parents=True)
+        ids = list(vectors)
+        flat = pa.array(np.array([vectors[i] for i in ids], np.float32).ravel())
+        table = pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(flat, 2)})
+        with pa.ipc.new_file(str(tmp_path / name / "embeddings" / "part-00000.arrow"), table.schema) as w:
+            w.write_table(table)
+        return tmp_path / name
+
+    plain = out("plain", {"a": [1, 0], "b": [1, 0.1], "c": [0, 1]})
+    dedup = out("dedup", {"a": [1, 0], "b": [1, 0], "c": [0, 1]})
+    got = compare_vectors(plain, dedup, fasta)
+    assert got["same_ids"] and got["repeats_equal_first_record"]
+    assert got["max_abs_diff_vs_plain"] == np.float32(0.1)
+    assert got["min_cosine_vs_plain"] == round(1 / np.sqrt(1.01), 6)  # b: (1, 0.1) against (1, 0)
+    broken = out("broken", {"a": [1, 0], "b": [0, 1], "c": [0, 1]})
+    assert not compare_vectors(plain, broken, fasta)["repeats_equal_first_record"]
+    assert busy_seconds({"throughput": {"actors": {"x": {"busy_seconds": 1.5}, "y": {"busy_seconds": 2}}}}) == 3.5
