@@ -58,7 +58,7 @@ def instant_stage(dim: int, work: Path):
             self.schema = output_schema(dim)
             self._vectors = np.random.default_rng(0).standard_normal((1 << 14, dim)).astype(np.float32)
 
-        def embed_guarded(self, batch):
+        def embed_guarded(self, batch, pieces=None):
             n = len(batch.ids)
             vectors = self._vectors[np.arange(n) % len(self._vectors)]
             return vectors, np.ones(n, dtype=bool), [None] * n
@@ -66,7 +66,7 @@ def instant_stage(dim: int, work: Path):
     checkpoint = work / "instant-tiny.pt"
     if not checkpoint.exists():
         make_esm2(checkpoint)
-    return InstantEmbedStage(StageSettings(model=str(checkpoint), precision="fp32", layer=-1, pooling="mean",
+    return InstantEmbedStage(StageSettings(model=str(checkpoint), precision="fp32", layers=(-1,), poolings=("mean",),
                                            device="cpu"))
 
 
