@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -81,6 +82,7 @@ def main() -> None:
     rows = EmbeddedRows([f"UniRef50_{i:09d}" for i in range(n)], rng.integers(50, 1000, n).astype(np.int32),
                         np.zeros(n, bool), rng.standard_normal((n, args.dim)).astype(np.float32),
                         np.arange(n, dtype=np.int64))
+    load_before = round(os.getloadavg()[0], 1)
     plain, summed = [], []
     for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
         plain.append(write_seconds(PlainPartWriter, rows, args.dim, args.rows_per_part)[0])
@@ -96,7 +98,9 @@ def main() -> None:
     result = {
         "command": "python scripts/bench_checksum.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, CPU only; other jobs shared its 2 cores",
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
+        # other jobs on the machine slow both writers alike (interleaved), but the absolute rates with them
+        "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 1)],
         "rows": n, "dim": args.dim, "rows_per_part": args.rows_per_part, "bytes_written": size,
         "crc32_gb_per_s": round(len(data) / min(crc_times) / 1e9, 2),
         "write_seconds_plain_best": round(best_plain, 3),

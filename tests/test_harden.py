@@ -409,7 +409,15 @@ def local_ray():
     import ray
 
     # address="local": a new Ray of our own even when other Ray instances run on this machine
-    ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
+    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed start-up deadlines
+        try:
+            ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=300 * 2**20)
+            break
+        except Exception:  # Ray raises a bare Exception when its node times out during start-up
+            ray.shutdown()
+            if attempt == 5:
+                raise
     yield
     ray.shutdown()
 
