@@ -112,7 +112,7 @@ def few_proteins(tmp_path: Path) -> str:
 def test_layer_out_of_range_fails_before_start_up(no_ray: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
     line = one_line_error("embed", few_proteins(tmp_path), "--model", str(tiny_esm2_path), "--out",
                           str(tmp_path / "o"), "--gpus", "0", "--layer", "5")
-    assert "--layer 5 is out of range" in line and "2 layers" in line and "-1 for the last layer" in line
+    assert "layer 5 (--layer/--layers) is out of range" in line and "to 2 (the last)" in line
     assert not (tmp_path / "o").exists()  # nothing written, so nothing can lock --out
 
 
