@@ -48,7 +48,7 @@ from runner.nodes import (
 from runner.prepare import DuplicateFilter, Preparer, prepare_block
 from runner.progress import Progress
 from runner.report import JobReport
-from runner.rerun import already_complete
+from runner.rerun import already_complete, output_spec
 from runner.resume import OutLock, prepare_resume
 from runner.shadow import ShadowMonitor
 from runner.signals import JobInterrupted, StopSignals, _StopNow
@@ -184,9 +184,7 @@ def _run_locked(
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
-    layers = tuple(resolve_layers(config.layer_list(), info.num_layers, config.model))  # checked before Ray already
-    spec = OutputSpec(layers, tuple(config.pooling_list(codec.default_pooling)), info.embed_dim,
-                      per_token=config.per_token_dtype if config.per_token else None)
+    spec = output_spec(config, info, codec)  # its layers were checked before Ray already
     fingerprint = job_fingerprint(
         paths, info, config, precision, spec, config.max_residues or codec.max_residues, inputs=input_prints
     )

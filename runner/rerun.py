@@ -16,9 +16,18 @@ from pathlib import Path
 
 from runner.config import EmbedConfig, resolve_precision
 from runner.manifest import checkpoint_files, job_fingerprint
-from runner.models.base import ModelInfo, SequenceCodec
+from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
 from runner.report import JobReport
 from runner.resume import fingerprint_differences, read_manifest
+from runner.sink import OutputSpec
+
+
+def output_spec(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> OutputSpec:
+    """What the job stores per sequence (resolved layers x poolings, per-token or not): the same for the run
+    (runner.job) and for this check, so that both compute the same fingerprint."""
+    layers = tuple(resolve_layers(config.layer_list(), info.num_layers, config.model))
+    return OutputSpec(layers, tuple(config.pooling_list(codec.default_pooling)), info.embed_dim,
+                      per_token=config.per_token_dtype if config.per_token else None)
 
 
 def already_complete(config: EmbedConfig, paths: list[Path], info: ModelInfo, codec: SequenceCodec) -> JobReport | None:
@@ -41,8 +50,7 @@ def already_complete(config: EmbedConfig, paths: list[Path], info: ModelInfo, co
     else:
         precision = resolve_precision(config.precision, on_gpu=bool(config.gpus))
     fingerprint = job_fingerprint(
-        paths, info, config, precision, config.pooling or codec.default_pooling,
-        config.max_residues or codec.max_residues,
+        paths, info, config, precision, output_spec(config, info, codec), config.max_residues or codec.max_residues
     )
     if fingerprint_differences(previous["fingerprint"], fingerprint):
         return None
