@@ -324,7 +324,8 @@ def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_p
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "cache"),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "RUNNER_CACHE_DIR": str(tmp_path / "cache"),
            "TRITON_CACHE_DIR": str(tmp_path / "cache" / "triton")}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("RAY_ADDRESS", None)
