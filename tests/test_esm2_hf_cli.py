@@ -128,3 +128,35 @@ def test_embed_a_hub_name_from_the_hugging_face_cache(tmp_path: Path, tiny_hf_es
     assert model["licence"]["name"] == "MIT" and model["licence"]["confirmed"] is True
 
 
+
+@pytest.mark.slow
+def test_layers_and_per_token_vectors_follow_transformers_hidden_states(tmp_path: Path, tiny_hf_esm2_dir: Path) -> None:
+    """--layers 0,1,-1 --pooling mean,cls --per-token on the directory: every stored vector equals transformers'
+    EsmModel(output_hidden_states=True).hidden_states[layer] (FP32) for the same residue or <cls>."""
+    from transformers import AutoTokenizer, EsmModel
+
+    import runner
+
+    out = tmp_path / "tok"
+    code, output = invoke("embed", str(DATA / "few_proteins.fasta"), "--model", str(tiny_hf_esm2_dir), "--out",
+                          str(out), "--gpus", "0", "--shadow-rate", "0", "--layers", "0,1,-1", "--pooling",
+                          "mean,cls", "--per-token")
+    assert code == 0, output
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf_esm2_dir)
+    model = EsmModel.from_pretrained(tiny_hf_esm2_dir, add_pooling_layer=False).eval()
+    results = runner.open(out)
+    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
+    rows = {sid: i for i, sid in enumerate(table.column("id").to_pylist())}
+    worst = 0.0
+    for sid, seq in read_fasta(DATA / "few_proteins.fasta"):
+        with torch.no_grad():
+            hidden = model(**tokenizer([seq], return_tensors="pt"), output_hidden_states=True).hidden_states
+        for layer in (0, 1, 2):  # -1 resolves to 2, after emb_layer_norm_after
+            ref = hidden[layer][0].numpy()  # [n + 2, D]
+            per_token = np.asarray(results.per_token(sid, layer), dtype=np.float32)  # [n, D]
+            cls = np.asarray(table.column(f"layer{layer}_cls")[rows[sid]].as_py(), dtype=np.float32)
+            mean = np.asarray(table.column(f"layer{layer}_mean")[rows[sid]].as_py(), dtype=np.float32)
+            assert per_token.shape == ref[1:-1].shape
+            worst = max(worst, float(np.abs(per_token - ref[1:-1]).max()), float(np.abs(cls - ref[0]).max()),
+                        float(np.abs(mean - ref[1:-1].mean(0)).max()))
+    assert worst < 1e-4, f"max abs diff {worst:.2e}"
