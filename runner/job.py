@@ -284,7 +284,8 @@ def _run_locked(
                     shadow.close()  # waits for the comparisons still running
                     record_shadow(report, shadow)
                     shadow = None
-                check_something_embedded(report, paths, rejects, resume.rows + writer.rows_written)
+                # the open part's rows count too: a small job's only part closes after this check
+                check_something_embedded(report, paths, rejects, resume.rows + writer.rows_written + writer.rows_open)
                 report.status = "complete"
                 record_startup(manifest, report, clock)
                 log.info("%s", clock.line())

@@ -261,6 +261,11 @@ class PartWriter:
         self.next_part += 1
         self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
+    @property
+    def rows_open(self) -> int:
+        """Rows in the part still open: written, not yet closed and renamed into place (close() does that)."""
+        return self._rows_in_open_part
+
     def _record_batch(self, rows: EmbeddedRows, start: int, end: int) -> pa.RecordBatch:
         vectors = rows.vectors[start:end].reshape(end - start, len(self.columns), self.embed_dim)  # [n, C, D]
         columns = []
