@@ -17,23 +17,39 @@ from runner.cli import cli
 DATA = Path(__file__).parent / "data"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
+HUB_NAME = "biohub/ESMC-300M"
 
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_esmc: tuple[Path, Path]):
+    """One local Ray for the module, started with a Hugging Face cache that holds the tiny ESM C under HUB_NAME and
+    HF_HUB_OFFLINE=1 (no network here): the driver and the actors resolve the hub name as from a user's warm cache."""
+    import ray
+    from conftest import fake_hub_cache
+    from huggingface_hub import constants
+
+    cache = tmp_path_factory.mktemp("hf_hub")
+    fake_hub_cache(cache, HUB_NAME, tiny_esmc[0])
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes (they inherit Ray's environment)
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
+    patch.setattr(constants, "HF_HUB_OFFLINE", True)
     # address="local": a Ray of our own, even while other test runs on this machine have theirs. Ray gives its
-    # raylet a fixed 30 s to register, which a heavily loaded machine can miss: up to two more tries then.
-    for attempt in (1, 2, 3):
+    # raylet a fixed 30 s to register, which a heavily loaded 2-core machine can miss: retried then.
+    for attempt in range(6):
         try:
             ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
                      object_store_memory=300 * 2**20)
             break
-        except Exception:  # Ray raises a bare Exception for the timeout
+        except Exception as e:  # Ray raises a bare Exception for the timeout
             ray.shutdown()
-            if attempt == 3:
+            if "timed out during startup" not in str(e) or attempt == 5:
+                patch.undo()
                 raise
     yield
     ray.shutdown()
+    patch.undo()
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -161,3 +177,24 @@ def test_validate_bf16_against_fp32(tmp_path: Path, tiny_esmc: tuple[Path, Path]
     overall = report["variants"][0]["overall"]
     assert report["passed"] is True and report["sample"]["used"] == 9
     assert 0.99 <= overall["cosine_min"] <= overall["cosine_max"] < 1  # bf16 really drifts, a little
+
+
+def test_hub_name_from_an_offline_cache_records_the_licence(tmp_path: Path, tiny_esmc: tuple[Path, Path]) -> None:
+    """`--model biohub/ESMC-300M` served from the Hugging Face cache (as after a first download): the same vectors
+    as the directory, and the manifest records the hub name's licence from runner's licence table."""
+    from runner.models.licences import licence_record
+
+    seqs = proteins()[:4]
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{sid}\n{seq}\n" for sid, seq in seqs))
+    out = tmp_path / "hub"
+    code, output = invoke("embed", str(fasta), "--model", HUB_NAME, "--out", str(out), "--gpus", "0",
+                          "--shadow-rate", "0")
+    assert code == 0, output
+    got = read_out(out)
+    expected = transformers_mean(tiny_esmc[0], seqs)
+    assert min(cosine(got[sid], expected[sid]) for sid in expected) >= 0.9999
+    model = json.loads((out / "manifest.json").read_text())["model"]
+    assert model["name"] == HUB_NAME and model["family"] == "esmc" and "models--biohub--ESMC-300M" in model["checkpoint"]
+    assert model["licence"] == licence_record(HUB_NAME) and model["licence"]["name"] == "MIT"
+    assert len(model["checkpoint_sha256"]) == 64
