@@ -200,10 +200,15 @@ def build_dataset(
             # With a shadow beside each embedder, the embedder leaves that share of its GPU free.
             num_gpus=(1 - shadow_share) if gpus > 0 else 0,
             num_cpus=1,
-            # Two calls in flight per GPU actor: one batch's host work (Arrow in/out, copies) overlaps the
-            # other's kernels, so the GPU does not idle between batches.
+            # Two calls in flight per GPU actor: one batch's host work (Arrow in/out, the --per-token file's
+            # build, write and fsync) overlaps the other's forward, so the GPU does not idle between batches.
+            # Ray Data runs a class UDF's calls one at a time unless enable_true_multi_threading is set
+            # (without it only input batching and output conversion overlapped, and the per-token write ran
+            # serially with the forward: 0.60x of pooled-only on an H200); EmbedStage itself keeps one forward
+            # at a time on the device (its _device_lock), so memory per GPU stays that of one forward.
             compute=ray.data.ActorPoolStrategy(
-                size=actors, max_concurrent_calls_per_actor=2 if gpus > 0 else 1
+                size=actors, max_concurrent_calls_per_actor=2 if gpus > 0 else 1,
+                enable_true_multi_threading=gpus > 0,
             ),
             # An actor that dies (killed process, lost node, unusable GPU) is restarted by Ray without limit,
             # and the batches it held are retried on it without limit: a lost node's batches burn retries while

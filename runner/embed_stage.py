@@ -281,6 +281,11 @@ class EmbedStage:
         self.death_retries = DeathRetries(bool(self._unreported_restart))
         self._batches = 0
         self.busy = BusyClock()
+        # Ray runs two calls of a GPU actor at once (runner.cluster: true multi-threading): this lock lets one
+        # forward at a time on the device (a batch's token budget was sized for one forward's memory), so
+        # one call's host work (per-token file write, fsync, Arrow output) overlaps the other's forward.
+        self._device_lock = threading.Lock()
+        self._counters_lock = threading.Lock()  # the counters both calls update (batches, OOMs, startup report)
         self.tokens_dir: Path | None = None
         if settings.per_token:
             self.token_schema = token_schema(self.layers, self.embed_dim, settings.per_token)
@@ -335,22 +340,26 @@ class EmbedStage:
         pieces = [self._embed_row(row) for row in _rows(table)]
         self.death_retries.end(retry)
         out = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
-        if out.num_rows and (self._unreported_ooms or self._unreported_restart):
+        with self._counters_lock:  # taken and reset at once: the other call may be counting an OOM split
+            ooms, restarts = (self._unreported_ooms, self._unreported_restart) if out.num_rows else (0, 0)
+            if ooms or restarts:
+                self._unreported_ooms = self._unreported_restart = 0
+        if ooms or restarts:
             # Counters ride on the first row: the driver sums the columns, so each event counts once.
-            for name, value in (("oom_splits", self._unreported_ooms), ("actor_restarts", self._unreported_restart)):
+            for name, value in (("oom_splits", ooms), ("actor_restarts", restarts)):
                 column = np.zeros(out.num_rows, dtype=np.int64)
                 column[0] = value
                 out = out.set_column(out.schema.get_field_index(name), name, pa.array(column))
-            self._unreported_ooms = self._unreported_restart = 0
         return self._with_startup(out)
 
     def _with_startup(self, out: pa.Table) -> pa.Table:
         """`out` plus a `startup` column: this actor's startup_report (JSON) on the first row of its first
         output holding an embedded batch, null elsewhere (runner.startup puts it in the manifest)."""
         report = [None] * out.num_rows
-        if out.num_rows and not self._startup_reported and self.startup.get("first_batch_done_at"):
-            report[0] = json.dumps({**self.startup_report(), "worker": self.worker})
-            self._startup_reported = True
+        with self._counters_lock:  # exactly one output carries it, whichever of two concurrent calls ends first
+            if out.num_rows and not self._startup_reported and self.startup.get("first_batch_done_at"):
+                report[0] = json.dumps({**self.startup_report(), "worker": self.worker})
+                self._startup_reported = True
         return out.append_column("startup", pa.array(report, pa.string()))
 
     @torch.inference_mode()
@@ -441,8 +450,9 @@ class EmbedStage:
                 errors[start] = failure_reason(e)
                 log.warning("embed actor %s: %s alone does not fit in memory: rejected", self.worker, batch.ids[start])
                 return
-            self.oom_splits += 1
-            self._unreported_ooms += 1
+            with self._counters_lock:
+                self.oom_splits += 1
+                self._unreported_ooms += 1
             cap = max(1, sub.num_tokens // 2)
             self.max_tokens = min(self.max_tokens, cap) if self.max_tokens else cap
             log.warning("embed actor %s: out of memory on %d tokens: splitting; at most %d tokens per forward "
@@ -512,7 +522,8 @@ class EmbedStage:
         if not row["ids"]:
             return self._rejects_table(row, records_in)
         batch = PackedBatch.from_row(row)
-        self._batches += 1
+        with self._counters_lock:
+            self._batches += 1
         self._maybe_crash()
         if set(batch.ids) & set(self.settings.test_crash_ids):
             log.warning("embed actor %s: test hook RUNNER_TEST_CRASH_IDS: exiting now", self.worker)
@@ -521,13 +532,17 @@ class EmbedStage:
             time.sleep(self.settings.test_batch_delay)
         started = time.perf_counter()
         pieces: list[TokenPiece] | None = [] if self.tokens_dir is not None else None
-        self.busy.start()
-        try:
-            vectors, finite, errors = self.embed_guarded(batch, pieces)
-        finally:
-            busy_seconds = self.busy.finish()
+        # One forward at a time on the device; everything after it (the per-token write, the output table)
+        # runs outside the lock, overlapping the other call's forward.
+        with self._device_lock:
+            self.busy.start()
+            try:
+                vectors, finite, errors = self.embed_guarded(batch, pieces)
+            finally:
+                busy_seconds = self.busy.finish()
         done = time.time()  # wall clock, not perf_counter: the driver compares it across an actor's batches
-        self.startup.setdefault("first_batch_done_at", done)
+        with self._counters_lock:
+            self.startup.setdefault("first_batch_done_at", done)
         n = len(batch.ids)
         tokens_file: list[str | None] = [None] * n
         tokens_row = np.full(n, -1, dtype=np.int32)
