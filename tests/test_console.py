@@ -100,7 +100,8 @@ def test_no_progress_writes_nothing() -> None:
 
 
 def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    """Ray's and Ray Data's records and native stderr go to DIR/runner.log; errors still reach the terminal."""
+    """Ray's and Ray Data's records and native stderr go to DIR/runner.log; runner's own lines, Ray core's errors and
+    other libraries' warnings still reach the terminal."""
     import ray.data  # noqa: F401  (sets up Ray Data's logger, as in a job)
 
     with JobLog(tmp_path, verbose=0) as job_log:
@@ -117,7 +118,10 @@ def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFix
         assert line in text
     assert "Execution plan" not in captured.err and "Token authentication" not in captured.err
     assert "native line" not in captured.err
-    assert "runner's own stderr" in captured.err and "a real Ray Data error" in captured.err
+    assert "runner's own stderr" in captured.err
+    # Ray Data logs a failed task at ERROR with its whole traceback before the driver reports the failure as one
+    # line (runner.collect.stream_failure): its records stay in the file; a Ray core ERROR still shows.
+    assert "a real Ray Data error" not in captured.err
     assert "a library's warning" in captured.err and "a library's warning" in text
     # Put back on exit: native stderr and Ray's loggers as they were.
     os.write(2, b"after the job\n")
