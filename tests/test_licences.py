@@ -12,6 +12,7 @@ from runner.models.esm2 import ESM2_MODELS
 from runner.models.licences import KNOWN_LICENCES, licence_of
 from runner.models.registry import DNABERT_NAMES
 from runner.report import JobReport
+from runner.sink import OutputSpec
 
 
 def test_every_known_name_has_a_licence_with_a_source() -> None:
@@ -31,7 +32,7 @@ def _manifest(tmp_path: Path, name: str) -> dict:
     info = ModelInfo(name=name, family="esm2", checkpoint="", checkpoint_sha256="", embed_dim=320,
                      num_layers=6, parameters=7_000_000)
     config = EmbedConfig(inputs=["x.fasta"], out=str(tmp_path), model=name)
-    manifest = Manifest(tmp_path, config, info, "fp32", "mean", 1024, ["x.fasta"])
+    manifest = Manifest(tmp_path, config, info, "fp32", OutputSpec((6,), ("mean",), 320), 1024, ["x.fasta"])
     manifest.write(JobReport(tmp_path))
     return json.loads((tmp_path / "manifest.json").read_text())
 
