@@ -22,6 +22,22 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+def start_local_ray(num_cpus: int) -> None:
+    """A Ray of this test process's own (address="local": even when another Ray runs on this machine), retried:
+    a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline, which Ray reports as a bare Exception."""
+    import ray
+
+    for attempt in range(6):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                     object_store_memory=300 * 2**20)
+            return
+        except Exception as e:
+            ray.shutdown()
+            if "timed out during startup" not in str(e) or attempt == 5:
+                raise
+
+
 def read_fasta(path: Path) -> list[tuple[str, str]]:
     """(id, sequence) pairs of a small FASTA file."""
     records: list[tuple[str, str]] = []

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import fake_hub_cache, read_fasta
+from conftest import fake_hub_cache, read_fasta, start_local_ray
 
 from runner.cli import cli
 
@@ -38,16 +38,11 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_dir: Path):
     patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
     patch.setattr(constants, "HF_HUB_OFFLINE", True)
     # address="local": a Ray of this module's own, even when another `ray start` on the machine is the latest.
-    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
-        try:
-            ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=300 * 2**20)
-            break
-        except Exception as e:
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 5:
-                patch.undo()
-                raise
+    try:
+        start_local_ray(num_cpus=4)
+    except Exception:
+        patch.undo()
+        raise
     yield
     ray.shutdown()
     patch.undo()

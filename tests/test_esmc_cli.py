@@ -25,7 +25,7 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_esmc: tuple[Path, P
     """One local Ray for the module, started with a Hugging Face cache that holds the tiny ESM C under HUB_NAME and
     HF_HUB_OFFLINE=1 (no network here): the driver and the actors resolve the hub name as from a user's warm cache."""
     import ray
-    from conftest import fake_hub_cache
+    from conftest import fake_hub_cache, start_local_ray
     from huggingface_hub import constants
 
     cache = tmp_path_factory.mktemp("hf_hub")
@@ -37,16 +37,11 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_esmc: tuple[Path, P
     patch.setattr(constants, "HF_HUB_OFFLINE", True)
     # address="local": a Ray of our own, even while other test runs on this machine have theirs. Ray gives its
     # raylet a fixed 30 s to register, which a heavily loaded 2-core machine can miss: retried then.
-    for attempt in range(6):
-        try:
-            ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=300 * 2**20)
-            break
-        except Exception as e:  # Ray raises a bare Exception for the timeout
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 5:
-                patch.undo()
-                raise
+    try:
+        start_local_ray(num_cpus=4)
+    except Exception:
+        patch.undo()
+        raise
     yield
     ray.shutdown()
     patch.undo()

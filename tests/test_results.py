@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import DATA, fair_esm_extract, read_fasta
+from conftest import DATA, fair_esm_extract, read_fasta, start_local_ray
 
 import runner
 from runner.cli import EXPORT_FORMATS, cli
@@ -28,15 +28,7 @@ def local_ray():
     """One local Ray for the module: `runner embed` reuses a Ray this process already started."""
     import ray
 
-    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
-        try:
-            ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=300 * 2**20)
-            break
-        except Exception as e:
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 5:
-                raise
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 

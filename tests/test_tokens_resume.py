@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from conftest import start_local_ray
 
 from runner.cli import cli
 
@@ -31,16 +32,7 @@ AMINO = list("ACDEFGHIKLMNPQRSTVWY")
 def ray_address():
     import ray
 
-    for attempt in range(6):  # a loaded 2-core machine can miss Ray's fixed 30 s start-up deadline
-        try:
-            # address="local": a Ray of its own even when another one runs on this machine
-            ray.init(address="local", num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                     object_store_memory=300 * 2**20)
-            break
-        except Exception as e:
-            ray.shutdown()
-            if "timed out during startup" not in str(e) or attempt == 5:
-                raise
+    start_local_ray(num_cpus=4)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
