@@ -6,17 +6,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from runner.results import Results
+    from runner.output.results import Results
 
 __version__ = "0.1.0"
 
 
 def open(path: str | Path, model: str | None = None) -> Results:  # noqa: A001 (as zarr.open, h5py.File)
-    """Open the output folder of `runner embed --out DIR` for reading: see `runner.results.Results`.
+    """Open the output folder of `runner embed --out DIR` for reading: see `runner.output.results.Results`.
 
     For a multi-model job, `model` names one (as given to --model, or its sub-folder), or pass DIR/<model>.
     Imported lazily so that `import runner` (and the CLI's start) stays light.
     """
-    from runner.results import open_results
+    from runner.output.results import open_results
 
     return open_results(path, model)

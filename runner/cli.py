@@ -17,11 +17,11 @@ import click
 
 from runner import __version__
 from runner.config import LONG_POLICIES, POOLINGS, PRECISIONS, SHADOW_MATHS, EmbedConfig, load_config_file
-from runner.console import configure_console
+from runner.driver.console import configure_console
+from runner.driver.signals import JobInterrupted
 from runner.errors import RunnerError
-from runner.signals import JobInterrupted
 
-# runner.export.FORMATS, named here so that `runner --help` does not import numpy (a test keeps them equal).
+# runner.output.export.FORMATS, named here so that `runner --help` does not import numpy (a test keeps them equal).
 EXPORT_FORMATS: tuple[str, ...] = ("parquet", "npz", "hdf5", "fair-esm")
 
 
@@ -309,7 +309,7 @@ def export_command(directory: str, fmt: str, to: str, model: str | None, overwri
         runner export multi/ --model esm2_t33_650M_UR50D --format npz --to 650m.npz
     """
     import runner
-    from runner.export import export, human_bytes
+    from runner.output.export import export, human_bytes
 
     results = runner.open(directory, model)
     summary = export(results, fmt, to, overwrite)
@@ -334,7 +334,7 @@ def verify(directory: str) -> None:
         runner verify emb/
         runner verify both/      # each DIR/<model>/ of a multi-model job
     """
-    from runner.verify import VerifyFailed, output_dirs, verify_dir
+    from runner.output.verify import VerifyFailed, output_dirs, verify_dir
 
     problems = 0
     for out_dir in output_dirs(Path(directory)):

@@ -83,7 +83,7 @@ class EmbedConfig:
     drift_min_cosine: float = 0.99  # a sampled sequence below this cosine vs FP32 is a drift violation
     on_drift: Literal["warn", "abort"] = "warn"  # what a drift violation does
     overwrite: bool = False  # clear --out's previous outputs instead of resuming them
-    # Embed each distinct cleaned sequence once; later records of it get a copy of its row (runner.dedup).
+    # Embed each distinct cleaned sequence once; later records of it get a copy of its row (runner.input.dedup).
     dedup: bool = False
 
     def __post_init__(self) -> None:

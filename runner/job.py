@@ -18,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from runner.cluster import (
+from runner.config import EmbedConfig, resolve_precision
+from runner.driver.cluster import (
     build_dataset,
     connect_ray,
     pick_token_budget,
@@ -26,17 +27,10 @@ from runner.cluster import (
     resolve_shadow_share,
     start_shadow,
 )
-from runner.collect import drain
-from runner.config import EmbedConfig, resolve_precision
-from runner.console import JobLog
-from runner.dedup import CopyWriter
-from runner.embed_stage import StageSettings
-from runner.errors import NothingEmbedded, RunnerError, first_line
-from runner.manifest import Manifest, input_fingerprint, job_fingerprint
-from runner.metrics import DriverMetrics
-from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
-from runner.models.registry import load_codec, model_info, preflight
-from runner.nodes import (
+from runner.driver.collect import drain
+from runner.driver.console import JobLog
+from runner.driver.metrics import DriverMetrics
+from runner.driver.nodes import (
     actor_model_spec,
     actor_nodes,
     actors_write_out,
@@ -45,17 +39,23 @@ from runner.nodes import (
     cluster_nodes,
     cluster_section,
 )
-from runner.prepare import DuplicateFilter, Preparer, prepare_block
-from runner.progress import Progress
-from runner.report import JobReport
-from runner.rerun import already_complete, output_spec
-from runner.resume import OutLock, prepare_resume
-from runner.shadow import ShadowMonitor
-from runner.signals import JobInterrupted, StopSignals, _StopNow
-from runner.sink import OutputSpec, OutputWriteError, PartWriter, RejectWriter, write_error
-from runner.sources import expand_inputs, read_records, sniff_input
-from runner.startup import StartupClock
-from runner.tokens import TOKENS_DIR, ReconcileReport, reconcile
+from runner.driver.progress import Progress
+from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
+from runner.driver.startup import StartupClock
+from runner.errors import NothingEmbedded, RunnerError, first_line
+from runner.input.dedup import CopyWriter
+from runner.input.prepare import DuplicateFilter, Preparer, prepare_block
+from runner.input.sources import expand_inputs, read_records, sniff_input
+from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
+from runner.models.registry import load_codec, model_info, preflight
+from runner.output.manifest import Manifest, input_fingerprint, job_fingerprint
+from runner.output.report import JobReport
+from runner.output.rerun import already_complete, output_spec
+from runner.output.resume import OutLock, prepare_resume
+from runner.output.sink import OutputSpec, OutputWriteError, PartWriter, RejectWriter, write_error
+from runner.output.tokens import TOKENS_DIR, ReconcileReport, reconcile
+from runner.stages.embed_stage import StageSettings
+from runner.stages.shadow import ShadowMonitor
 
 log = logging.getLogger("runner")
 
@@ -65,7 +65,7 @@ T = TypeVar("T")
 def run_embed(config: EmbedConfig) -> JobReport:
     """Embed every input sequence; raise RunnerError (one clear line) on expected failures.
 
-    Rerunning the same job on the same --out resumes it (see `runner.resume`); SIGINT/SIGTERM stop it
+    Rerunning the same job on the same --out resumes it (see `runner.output.resume`); SIGINT/SIGTERM stop it
     cleanly with JobInterrupted (exit 130/143), a second signal stops it at once.
     """
     clock = StartupClock()

@@ -28,16 +28,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.batch import TokenizedRecord
-from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget
-from runner.embed_stage import DTYPES, pooled_forward
+from runner.driver.budget import CPU_TOKEN_BUDGET, auto_token_budget
 from runner.errors import RunnerError
+from runner.input.batch import TokenizedRecord
+from runner.input.packing import pack_block
+from runner.input.prepare import Preparer
+from runner.input.sources import expand_inputs, read_records, sniff_input
 from runner.models.base import EmbeddingModel, SequenceCodec
 from runner.models.registry import load_codec, load_model, model_info
-from runner.packing import pack_block
-from runner.prepare import Preparer
-from runner.shadow import compare
-from runner.sources import expand_inputs, read_records, sniff_input
+from runner.stages.embed_stage import DTYPES, pooled_forward
+from runner.stages.shadow import compare
 
 log = logging.getLogger("runner")
 

@@ -18,7 +18,7 @@ writes `<out>/<YYYY-MM-DD>-<gpu>.json` (merged into an existing file of the same
 Steady tok/s comes from the actors' own clock in the manifest (`steady_candidates` lists the fallbacks).
 
 `cpu-stages`: CPU only, no Ray, no weights: writes an N-record FASTA and runs the real read
-(parse + duplicate filter), tokenize/pack (`runner.stream.pack_records`, ESM-2 codec) and write
+(parse + duplicate filter), tokenize/pack (`runner.input.stream.pack_records`, ESM-2 codec) and write
 (`PartWriter`, fake dim-32 embeddings) code in a fresh process per N; reports CPU seconds per million
 tokens per stage and RSS sampled along the way (flat in N except for the duplicate filter, by design).
 

@@ -6,7 +6,7 @@ One packed batch of the reference's synthetic protein lengths (`bench_data.synth
 - "fp16 torch_varlen": the main path's FlashAttention-2 kernel in FP16 (the unit the shadow is paid in);
 - "fp32 nested": IEEE FP32, PyTorch's memory-efficient kernel over jagged tensors (the shadow before fp16x3);
 - "fp32 flex": flex_attention with 3xTF32 products;
-- "fp32 fp16x3 BMxBN/wW/sS": runner.fp16x3_attention under each launch configuration of `--configs`.
+- "fp32 fp16x3 BMxBN/wW/sS": runner.kernels.fp16x3_attention under each launch configuration of `--configs`.
 
 Accuracy is the max |error| relative to the largest |output|, against float64 attention computed one sequence
 at a time. One JSON line per kernel; `--out FILE` also writes them all as one JSON document.
@@ -51,8 +51,8 @@ def timed(fn: Callable[[], torch.Tensor], reps: int) -> float:
 
 def bench_shape(shape: str, cu: torch.Tensor, max_len: int, args: argparse.Namespace) -> list[dict]:
     """Every kernel on one layer's q, k, v of `shape` over the packed lengths `cu`: one row per kernel."""
-    from runner.attention import _exact, plan_attention, varlen_attention
-    from runner.fp16x3_attention import block_sizes, fp16x3_attention
+    from runner.kernels.attention import _exact, plan_attention, varlen_attention
+    from runner.kernels.fp16x3_attention import block_sizes, fp16x3_attention
 
     device = cu.device
     heads, head_dim = SHAPES[shape]

@@ -25,8 +25,8 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from runner import sink  # noqa: E402
-from runner.sink import EmbeddedRows, PartWriter  # noqa: E402
+from runner.output import sink  # noqa: E402
+from runner.output.sink import EmbeddedRows, PartWriter  # noqa: E402
 
 
 class PlainPartWriter(PartWriter):

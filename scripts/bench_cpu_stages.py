@@ -30,21 +30,21 @@ def cpu_stage_run(fasta: Path, out_dir: Path, block: int = 2048, budget: int = 6
                   breakdown_every: int = 8) -> dict:
     """The real CPU-stage code on one FASTA, one core, no Ray: per-stage process time and RSS samples.
 
-    read = `runner.stream.read_blocks` (FASTA parse + duplicate filter + Arrow blocks: the single read
+    read = `runner.input.stream.read_blocks` (FASTA parse + duplicate filter + Arrow blocks: the single read
     task), its duplicate-filter share timed inside `DuplicateFilter.check`; tokenize+pack =
-    `runner.stream.pack_records` (what each pack task runs), split into tokenize / pack by re-timing
+    `runner.input.stream.pack_records` (what each pack task runs), split into tokenize / pack by re-timing
     `Preparer.prepare` and `pack_block` on every `breakdown_every`-th block; write = fake embeddings
     (width `dim`) through `PartWriter`, as the driver writes them.
     """
     import numpy as np
     import pyarrow.compute as pc
 
-    import runner.stream as stream
-    from runner.batch import InputRecord
+    import runner.input.stream as stream
+    from runner.input.batch import InputRecord
+    from runner.input.packing import pack_block
+    from runner.input.prepare import DuplicateFilter, Preparer
     from runner.models.esm2 import Esm2Codec
-    from runner.packing import pack_block
-    from runner.prepare import DuplicateFilter, Preparer
-    from runner.sink import EmbeddedRows, PartWriter
+    from runner.output.sink import EmbeddedRows, PartWriter
 
     pt = time.process_time
 

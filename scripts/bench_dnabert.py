@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from runner.models.dnabert import RELEASED_CONFIG, DnabertEmbedder, _checkpoint_state  # noqa: E402
-from runner.pooling import pool_packed  # noqa: E402
+from runner.stages.pooling import pool_packed  # noqa: E402
 
 CLS_ID, SEP_ID, FIRST_BPE_ID = 1, 2, 5  # the released tokenizer: [UNK] [CLS] [SEP] [PAD] [MASK], then BPE
 NT_PER_TOKEN = 4.5

@@ -6,13 +6,13 @@
 No Ray and no weights: the real code of each stage runs in this one process, on one core, timed with the
 process clock (CPU seconds, not wall seconds, so other load on the machine inflates them less):
 
-- read: `runner.stream.read_blocks` (FASTA parse, duplicate-id filter, Arrow blocks): the single read task;
+- read: `runner.input.stream.read_blocks` (FASTA parse, duplicate-id filter, Arrow blocks): the single read task;
   `read_dedup` is the same with --dedup's cleaning and sequence table.
-- pack: `runner.stream.pack_records` per block (clean, tokenize, pack): the parallel pack tasks.
-- actor host work: `InstantEmbedStage`, a TEST-ONLY stand-in for `runner.embed_stage.EmbedStage` that runs the
+- pack: `runner.input.stream.pack_records` per block (clean, tokenize, pack): the parallel pack tasks.
+- actor host work: `InstantEmbedStage`, a TEST-ONLY stand-in for `runner.stages.embed_stage.EmbedStage` that runs the
   real `_embed_row` (Arrow in, Arrow out) but returns a fixed random matrix instead of a forward. It lives in
   this script only: nothing in runner can reach it. Its cost is spent on the actors' hosts, not the driver.
-- driver: `runner.collect.handle_table` on each stand-in output with a real `PartWriter` (Arrow parts of
+- driver: `runner.driver.collect.handle_table` on each stand-in output with a real `PartWriter` (Arrow parts of
   D-wide float32 vectors, fsynced and renamed) and, for --dedup, `CopyWriter.flush`: what the one driver does
   per row, minus Ray Data's own delivery (object fetch, executor), which comes on top.
 
@@ -49,7 +49,7 @@ def instant_stage(dim: int, work: Path):
     import numpy as np
     from tiny_esm2 import make_esm2
 
-    from runner.embed_stage import EmbedStage, StageSettings, output_schema
+    from runner.stages.embed_stage import EmbedStage, StageSettings, output_schema
 
     class InstantEmbedStage(EmbedStage):
         def __init__(self, settings: StageSettings) -> None:
@@ -74,16 +74,16 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     """Every stage of one FASTA through the real code; CPU seconds per stage."""
     import numpy as np
 
-    from runner.collect import handle_table
     from runner.config import EmbedConfig
-    from runner.dedup import CopyWriter
-    from runner.metrics import DriverMetrics
+    from runner.driver.collect import handle_table
+    from runner.driver.metrics import DriverMetrics
+    from runner.input.dedup import CopyWriter
+    from runner.input.prepare import Preparer
+    from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
     from runner.models.esm2 import Esm2Codec
-    from runner.prepare import Preparer
-    from runner.report import JobReport
-    from runner.resume import OrdinalSet
-    from runner.sink import ChunkMerger, PartWriter, RejectWriter
-    from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+    from runner.output.report import JobReport
+    from runner.output.resume import OrdinalSet
+    from runner.output.sink import ChunkMerger, PartWriter, RejectWriter
 
     pt = time.process_time
     codec = Esm2Codec()

@@ -113,8 +113,8 @@ def run_one(op: str, job: Path, work: Path) -> dict:
     import torch  # noqa: F401
 
     import runner
-    import runner.results  # noqa: F401
-    from runner.export import export
+    import runner.output.results  # noqa: F401
+    from runner.output.export import export
 
     threading.Thread(target=sample, daemon=True).start()
     time.sleep(0.05)

@@ -14,8 +14,8 @@ shadow-sized batch. Each mode runs runner's packed forward (`ESM2Embedder.forwar
   FP16x3 flash kernel; "ieee": one IEEE varlen kernel per layer) unless "+fp16x3", "+flex" (3xTF32
   tensor cores), "+nested" (IEEE varlen) or "+exact" is added;
 - "tf32": plain TF32 tensor cores for every FP32 matmul (10-bit mantissa: not an FP32 reference);
-- "tf32x3": `runner.models.tf32x3`, three TF32 products per projection (FP32-accurate; eager only);
-- "bf16x3", "fp16x3": `runner.models.fp16x3`, one half GEMM over hi/lo pairs, eager and "+compile".
+- "tf32x3": `runner.kernels.tf32x3`, three TF32 products per projection (FP32-accurate; eager only);
+- "bf16x3", "fp16x3": `runner.kernels.fp16x3`, one half GEMM over hi/lo pairs, eager and "+compile".
 
 Prints one JSON line per mode: tok_per_s, cost_per_token_vs_fp16 (the shadow's price per sampled token in
 main-path tokens: rate x this bounds the shadow's share of a GPU), and max relative difference / 1 - cosine
@@ -66,10 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="append", default=[], help="mode to profile (repeatable)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
-    from runner.attention import BACKENDS
+    from runner.kernels.attention import BACKENDS
+    from runner.kernels.tf32x3 import tf32_matmuls
     from runner.models.esm2 import load_esm2
-    from runner.models.tf32x3 import tf32_matmuls
-    from runner.pooling import pool_packed
+    from runner.stages.pooling import pool_packed
 
     layers, dim, heads = ARCH[args.arch]
     device = torch.device(args.device)

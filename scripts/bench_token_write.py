@@ -1,4 +1,4 @@
-"""CPU micro-benchmark of the --per-token write path (runner.tokens.token_table + write_token_file) and of how
+"""CPU micro-benchmark of the --per-token write path (runner.output.tokens.token_table + write_token_file) and of how
 much of it holds the GIL, i.e. how much it can overlap another thread's forward (kernel launches need the GIL).
 
     python scripts/bench_token_write.py --tokens 32768 --dim 1280 --dtype float16 --repeats 5 --dir /tmp/tokbench
@@ -7,7 +7,7 @@ Prints, per step, the median seconds: table build, IPC write + fsync + rename, a
 pure-Python counter thread makes during the write, relative to its progress alone). Then a simulated actor:
 batches of a `--forward` seconds "forward" (a GIL-free wait, as a GPU sync is, plus GIL-bound launch work)
 followed by the write, run one call at a time (Ray Data's default for a class UDF) and two calls with one forward
-at a time (runner.embed_stage's _device_lock): batches per second each way.
+at a time (runner.stages.embed_stage's _device_lock): batches per second each way.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runner.tokens import token_schema, token_table, write_token_file
+from runner.output.tokens import token_schema, token_table, write_token_file
 
 
 def make_batch(tokens: int, dim: int, dtype: str, per_seq: int = 340):

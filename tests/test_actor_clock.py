@@ -12,12 +12,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from runner.collect import clock_batches
-from runner.embed_stage import BusyClock, EmbedStage, StageSettings
-from runner.manifest import actor_section, with_shadow_section
+from runner.driver.collect import clock_batches
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.models.registry import load_codec
-from runner.report import CLOCK_BINS_PER_ACTOR, ActorClock, JobReport
-from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.output.manifest import actor_section, with_shadow_section
+from runner.output.report import CLOCK_BINS_PER_ACTOR, ActorClock, JobReport
+from runner.stages.embed_stage import BusyClock, EmbedStage, StageSettings
 
 DATA = Path(__file__).parent / "data"
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.attention import (
+from runner.kernels.attention import (
     alibi_slopes,
     available_backends,
     plan_attention,

@@ -17,7 +17,7 @@ import bench_driver  # noqa: E402
 from bench_dedup import write_repeated_fasta  # noqa: E402
 from conftest import read_fasta  # noqa: E402
 
-from runner.embed_stage import output_schema  # noqa: E402
+from runner.stages.embed_stage import output_schema  # noqa: E402
 
 
 def test_repeated_fasta_has_the_asked_share_of_repeats(tmp_path: Path) -> None:
@@ -31,8 +31,8 @@ def test_instant_stand_in_returns_the_embed_stage_schema(tmp_path: Path) -> None
     """The stand-in runs EmbedStage's own row code: its output is what the driver gets from real actors."""
     import numpy as np
 
-    from runner.batch import TokenizedRecord
-    from runner.packing import make_batch
+    from runner.input.batch import TokenizedRecord
+    from runner.input.packing import make_batch
 
     stage = bench_driver.instant_stage(32, tmp_path)
     windows = [TokenizedRecord(f"s{i}", i, np.arange(5, dtype=np.int32), 3, False) for i in range(4)]

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from conftest import DATA, REPO, read_fasta
 
-from runner.console import JobLog
-from runner.progress import Progress, count_inputs
+from runner.driver.console import JobLog
+from runner.driver.progress import Progress, count_inputs
 
 # --- the progress display -------------------------------------------------------------------------------
 
@@ -120,7 +120,7 @@ def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFix
     assert "native line" not in captured.err
     assert "runner's own stderr" in captured.err
     # Ray Data logs a failed task at ERROR with its whole traceback before the driver reports the failure as one
-    # line (runner.collect.stream_failure): its records stay in the file; a Ray core ERROR still shows.
+    # line (runner.driver.collect.stream_failure): its records stay in the file; a Ray core ERROR still shows.
     assert "a real Ray Data error" not in captured.err
     assert "a library's warning" in captured.err and "a library's warning" in text
     # Put back on exit: native stderr and Ray's loggers as they were.
@@ -195,7 +195,7 @@ def test_checkpoint_hash_cache_hits_until_the_file_changes(tmp_path: Path) -> No
     """Hashed once, then remembered while size and mtime hold; a change of either is hashed again."""
     import hashlib
 
-    from runner.cache import cached_sha256
+    from runner.driver.cache import cached_sha256
 
     cache = tmp_path / "cache" / "checkpoint-sha256.json"
     weights = tmp_path / "w.pt"
@@ -220,7 +220,7 @@ def test_checkpoint_hash_cache_hits_until_the_file_changes(tmp_path: Path) -> No
 
 def test_startup_section_and_line() -> None:
     """The breakdown on one timeline: actor phases from the first ready actor's report, durations >= 0."""
-    from runner.startup import StartupClock
+    from runner.driver.startup import StartupClock
 
     clock = StartupClock(command_at=100.0, job_at=101.0)
     clock.seconds.update(checkpoint_read_and_hash=1.5, input_fingerprint=0.2)
@@ -250,11 +250,11 @@ def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
     """The actor's start-up report rides on the first row of its first embedded output, then never again."""
     import pyarrow as pa
 
-    from runner.collect import collect_startup
-    from runner.embed_stage import EmbedStage, StageSettings
+    from runner.driver.collect import collect_startup
+    from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
     from runner.models.registry import load_codec
-    from runner.report import JobReport
-    from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+    from runner.output.report import JobReport
+    from runner.stages.embed_stage import EmbedStage, StageSettings
 
     records = next(read_blocks(ReadSettings((str(DATA / "some_proteins.fasta"),), "id", "sequence", 50)))
     packed = pack_records(records, PackSettings(load_codec(str(tiny_esm2_path)), None, "truncate", 128, 2048))
@@ -273,7 +273,7 @@ def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
 
 
 def test_free_gpu_memory_from_nvidia_smi_respects_visible_devices() -> None:
-    from runner.budget import parse_nvidia_smi_free
+    from runner.driver.budget import parse_nvidia_smi_free
 
     text = "0, GPU-aaa, 140000\n1, GPU-bbb, 90000\n2, GPU-ccc, 120000\n"
     assert parse_nvidia_smi_free(text, None) == 90000 << 20  # the least free of all
@@ -285,8 +285,8 @@ def test_free_gpu_memory_from_nvidia_smi_respects_visible_devices() -> None:
 
 def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
     """All GPUs on the driver's node: nvidia-smi, no Ray task; a GPU on another node: the Ray probe."""
-    import runner.cluster
-    from runner.budget import auto_token_budget
+    import runner.driver.cluster
+    from runner.driver.budget import auto_token_budget
     from runner.models.base import ModelInfo
 
     class FakeRay:
@@ -309,14 +309,14 @@ def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.Mon
             self.probed += 1
             return 10 << 30
 
-    monkeypatch.setattr(runner.cluster, "nvidia_smi_free_bytes", lambda: 80 << 30)
+    monkeypatch.setattr(runner.driver.cluster, "nvidia_smi_free_bytes", lambda: 80 << 30)
     info = ModelInfo(name="m", family="esm2", checkpoint="", checkpoint_sha256="", embed_dim=1280, num_layers=33,
                      parameters=650_000_000)
     local = FakeRay(["here"])
-    assert runner.cluster.pick_token_budget(True, info, local) == auto_token_budget(80 << 30, info.parameters * 2, 1280)
+    assert runner.driver.cluster.pick_token_budget(True, info, local) == auto_token_budget(80 << 30, info.parameters * 2, 1280)
     assert local.probed == 0
     remote = FakeRay(["here", "other"])
-    assert runner.cluster.pick_token_budget(True, info, remote) == auto_token_budget(10 << 30, info.parameters * 2, 1280)
+    assert runner.driver.cluster.pick_token_budget(True, info, remote) == auto_token_budget(10 << 30, info.parameters * 2, 1280)
     assert remote.probed == 1
 
 
@@ -350,7 +350,7 @@ def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_p
 def test_a_local_ray_that_does_not_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from runner.cluster import connect_ray
+    from runner.driver.cluster import connect_ray
     from runner.errors import RunnerError
 
     def too_slow(**kwargs):

@@ -19,14 +19,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import start_local_ray
 
-from runner.batch import InputRecord, Reject
 from runner.cli import cli
-from runner.dedup import CopyWriter, SequenceTable, sequence_hashes
+from runner.input.batch import InputRecord, Reject
+from runner.input.dedup import CopyWriter, SequenceTable, sequence_hashes
+from runner.input.prepare import Preparer
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.models.esm2 import Esm2Codec
-from runner.prepare import Preparer
-from runner.resume import OrdinalSet
-from runner.sink import EmbeddedRows, PartWriter
-from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.output.resume import OrdinalSet
+from runner.output.sink import EmbeddedRows, PartWriter
 
 REPO = Path(__file__).resolve().parents[1]
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from runner.errors import CheckpointError, RunnerError
 from runner.models.dnabert import DnabertCodec, DnabertEmbedder, dnabert_codec, dnabert_info, load_dnabert
-from runner.pooling import pool_packed
+from runner.stages.pooling import pool_packed
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from runner.cli import cli
 from runner.models.dnabert import load_dnabert
-from runner.pooling import pool_packed
+from runner.stages.pooling import pool_packed
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from runner.errors import CheckpointError, RunnerError
+from runner.kernels.fp16x3 import SplitWeight
 from runner.models import checkpoints
 from runner.models.checkpoints import download_esm2, load_fair_esm_checkpoint, sha256_file
 from runner.models.esm2 import ESM2_MODELS, Esm2Codec, ESM2Embedder, esm2_codec, esm2_info, load_esm2
 from runner.models.esm2_layers import linear_tanh_gelu
-from runner.models.fp16x3 import SplitWeight
 from runner.models.registry import load_codec, load_model, model_family
-from runner.pooling import pool_packed
+from runner.stages.pooling import pool_packed
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from runner.errors import CheckpointError, RunnerError
 from runner.models.esm2 import ESM2Embedder, load_esm2
 from runner.models.registry import load_codec, load_model, model_family, model_info
-from runner.pooling import pool_packed
+from runner.stages.pooling import pool_packed
 
 
 def pack(model: ESM2Embedder, seqs: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from runner.errors import CheckpointError, RunnerError
+from runner.kernels.fp16x3 import SplitWeight
 from runner.models import esmc_checkpoints
 from runner.models.esmc import ESMC_ARCHITECTURES, EsmcCodec, EsmcEmbedder
 from runner.models.esmc_checkpoints import esmc_info, load_esmc
-from runner.models.fp16x3 import SplitWeight
 from runner.models.registry import load_codec, model_family
-from runner.pooling import pool_packed
+from runner.stages.pooling import pool_packed
 
 Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 

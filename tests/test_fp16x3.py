@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.models.base import fp32_linear
-from runner.models.fp16x3 import (
+from runner.kernels.emulated import fp32_linear
+from runner.kernels.fp16x3 import (
     SplitLinear,
     SplitWeight,
     half_gemm_available,

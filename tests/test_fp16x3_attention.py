@@ -1,4 +1,4 @@
-"""The FP16x3 flash-attention kernel (runner.fp16x3_attention): FP32-accurate over packed sequences.
+"""The FP16x3 flash-attention kernel (runner.kernels.fp16x3_attention): FP32-accurate over packed sequences.
 
 On the CPU the Triton program runs in Triton's interpreter (TRITON_INTERPRET=1: the same program evaluated with
 NumPy, FP16 operands and FP32 sums as on tensor cores), so the splitting, scaling, online softmax and the
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.attention import _exact, alibi_slopes, varlen_attention
-from runner.fp16x3_attention import column_scale, fp16x3_attention, fp16x3_attention_available
+from runner.kernels.attention import _exact, alibi_slopes, varlen_attention
+from runner.kernels.fp16x3_attention import column_scale, fp16x3_attention, fp16x3_attention_available
 
 
 def _packed(lengths: list[int], heads: int, head_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
@@ -37,7 +37,7 @@ def _relative_error(out: torch.Tensor, truth: torch.Tensor) -> float:
 _CHILD = """
 import sys
 import torch
-from runner.fp16x3_attention import fp16x3_attention
+from runner.kernels.fp16x3_attention import fp16x3_attention
 cases = torch.load(sys.argv[1])
 torch.save([fp16x3_attention(*case[:-1], config=case[-1]) for case in cases], sys.argv[2])
 """
@@ -113,7 +113,7 @@ def test_column_scale_is_a_power_of_two_per_head_and_channel() -> None:
 
 def test_split_maths_take_the_split_attention_along(tiny_esm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """emulate_fp32 swaps an IEEE FP32 kernel for fp16x3 where it runs; "ieee" and other kernels stay."""
-    import runner.fp16x3_attention as attention_module
+    import runner.kernels.fp16x3_attention as attention_module
     from runner.models.esm2 import load_esm2
 
     model = load_esm2(str(tiny_esm2_path))
@@ -198,7 +198,7 @@ def test_a_kernel_that_fails_or_miscomputes_leaves_the_ieee_attention(
 ) -> None:
     """Where Triton cannot compile (no C compiler, an old GPU) or the kernel computes wrong numbers, the shadow
     keeps its IEEE FP32 attention and says why, instead of failing or checking the job with a wrong reference."""
-    import runner.fp16x3_attention as attention_module
+    import runner.kernels.fp16x3_attention as attention_module
     from runner.models.esm2 import load_esm2
 
     def broken(*args, **kwargs):

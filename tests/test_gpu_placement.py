@@ -2,7 +2,7 @@
 
 Checked with Ray's own scheduler and logical GPUs (no CUDA needed): two 0.25-GPU actors created first
 land on the same GPU, and then only one of two 0.75-GPU actors can start; created after the
-embedders, they land one per GPU. `runner.cluster.start_shadow` relies on the second order
+embedders, they land one per GPU. `runner.driver.cluster.start_shadow` relies on the second order
 (tests/test_shadow.py checks that it creates its actors only at the first shadow submission).
 """
 

@@ -19,14 +19,14 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from runner.collect import drain, stream_failure
 from runner.config import EmbedConfig
+from runner.driver.collect import drain, stream_failure
+from runner.driver.metrics import DriverMetrics
+from runner.driver.progress import Progress
 from runner.errors import NonFiniteEmbedding, RunnerError
-from runner.metrics import DriverMetrics
-from runner.progress import Progress
-from runner.report import JobReport
-from runner.resume import scan_parts
-from runner.sink import PartWriter, RejectWriter
+from runner.output.report import JobReport
+from runner.output.resume import scan_parts
+from runner.output.sink import PartWriter, RejectWriter
 
 AMINO = "ACDEFGHIKLMNPQRSTVWY"
 
@@ -255,7 +255,7 @@ def test_bad_config_values_are_one_line(no_ray: None, tmp_path: Path, tiny_esm2_
 
 
 def test_a_run_that_wrote_no_row_does_not_lock_out(tmp_path: Path) -> None:
-    from runner.resume import prepare_resume
+    from runner.output.resume import prepare_resume
 
     out = tmp_path / "o"
     (out / "embeddings").mkdir(parents=True)
@@ -280,7 +280,7 @@ class InProcessStream:
     process (what build_dataset wires into Ray Data). Exercises run_embed end to end in seconds."""
 
     def __init__(self, paths, codec, config, budget, stage, done_bits) -> None:
-        from runner.stream import PackSettings, ReadSettings
+        from runner.input.stream import PackSettings, ReadSettings
 
         self.read = ReadSettings(tuple(str(p) for p in paths), config.id_column, config.seq_column,
                                  config.records_per_block, done_bits)
@@ -288,8 +288,8 @@ class InProcessStream:
         self.stage = stage
 
     def iter_batches(self, **_: object):
-        from runner.embed_stage import EmbedStage
-        from runner.stream import pack_records, read_blocks
+        from runner.input.stream import pack_records, read_blocks
+        from runner.stages.embed_stage import EmbedStage
 
         embed = EmbedStage(self.stage)
         for block in read_blocks(self.read):
@@ -324,7 +324,7 @@ def proteins_fasta(path: Path, count: int, seed: int = 3, longest: int = 300) ->
 def test_in_process_job_records_windows_rejects_checksums_and_a_raised_budget(
     in_process: None, tmp_path: Path, tiny_esm2_path: Path
 ) -> None:
-    from runner.verify import verify_dir
+    from runner.output.verify import verify_dir
 
     fasta = proteins_fasta(tmp_path / "in.fasta", 30, longest=190)  # one window each, but for "long"
     fasta.write_text(fasta.read_text() + ">bad\nMK1J\n>p3\nMKV\n" + ">long\n" + "M" * 450 + "\n")
@@ -522,7 +522,7 @@ def test_nothing_to_embed_is_not_success(local_ray: None, tmp_path: Path, tiny_e
 def test_a_part_is_closed_once_its_first_row_waited_part_seconds(tmp_path: Path) -> None:
     import time
 
-    from runner.sink import EmbeddedRows
+    from runner.output.sink import EmbeddedRows
 
     def rows(start: int, n: int) -> EmbeddedRows:
         return EmbeddedRows([f"s{i}" for i in range(start, start + n)], np.full(n, 5, np.int32), np.zeros(n, bool),
@@ -548,8 +548,8 @@ def test_a_part_is_closed_once_its_first_row_waited_part_seconds(tmp_path: Path)
 
 def small_output(out: Path, rows_per_part: int = 4, count: int = 10, dup_ordinal: int | None = None) -> dict:
     """An output directory written by the real writers (parts, rejects) with a matching manifest."""
-    from runner.batch import Reject
-    from runner.sink import EmbeddedRows
+    from runner.input.batch import Reject
+    from runner.output.sink import EmbeddedRows
 
     writer = PartWriter(out, 4, rows_per_part)
     ordinals = np.arange(count, dtype=np.int64)
@@ -569,7 +569,7 @@ def small_output(out: Path, rows_per_part: int = 4, count: int = 10, dup_ordinal
 
 
 def test_verify_passes_a_sound_output_and_names_each_problem(tmp_path: Path) -> None:
-    from runner.verify import verify_dir
+    from runner.output.verify import verify_dir
 
     out = tmp_path / "ok"
     small_output(out)
@@ -602,7 +602,7 @@ def test_verify_passes_a_sound_output_and_names_each_problem(tmp_path: Path) -> 
 
 
 def test_resume_deletes_a_part_whose_checksum_fails(tmp_path: Path) -> None:
-    from runner.checksums import read_records
+    from runner.output.checksums import read_records
 
     out = tmp_path / "o"
     small_output(out)

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 from runner.config import EmbedConfig
-from runner.manifest import Manifest
 from runner.models.base import ModelInfo
 from runner.models.esm2 import ESM2_MODELS
 from runner.models.licences import KNOWN_LICENCES, licence_of
 from runner.models.registry import DNABERT_NAMES
-from runner.report import JobReport
-from runner.sink import OutputSpec
+from runner.output.manifest import Manifest
+from runner.output.report import JobReport
+from runner.output.sink import OutputSpec
 
 
 def test_every_known_name_has_a_licence_with_a_source() -> None:

@@ -17,9 +17,9 @@ from runner.config import EmbedConfig
 from runner.errors import RunnerError
 from runner.models.base import resolve_layers
 from runner.models.esm2 import ESM2Embedder, load_esm2
-from runner.pooling import pool_layers
-from runner.shadow import compare_columns
-from runner.sink import ChunkMerger, vector_columns
+from runner.output.sink import ChunkMerger, vector_columns
+from runner.stages.pooling import pool_layers
+from runner.stages.shadow import compare_columns
 
 
 def pack(codec, seqs: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

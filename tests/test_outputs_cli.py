@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from conftest import start_local_ray
 
 from runner.cli import cli
-from runner.prepare import chunk_starts
+from runner.input.prepare import chunk_starts
 
 DATA = Path(__file__).parent / "data"
 

@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.batch import PackedBatch, TokenizedRecord
 from runner.errors import RunnerError
-from runner.packing import make_batch, pack, pack_block, packing_efficiency
+from runner.input.batch import PackedBatch, TokenizedRecord
+from runner.input.packing import make_batch, pack, pack_block, packing_efficiency
 
 
 def windows_from_lengths(lengths: list[int]) -> list[TokenizedRecord]:

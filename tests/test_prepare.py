@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from runner.batch import InputRecord, Reject, TokenizedRecord
 from runner.errors import RunnerError
+from runner.input.batch import InputRecord, Reject, TokenizedRecord
+from runner.input.prepare import DuplicateFilter, Preparer, chunk_starts, id_hashes, prepare_block
 from runner.models.base import SequenceCodec
-from runner.prepare import DuplicateFilter, Preparer, chunk_starts, id_hashes, prepare_block
 
 ALPHABET = "ACDEFGHIKLMNPQRSTVWYXBUZO"
 

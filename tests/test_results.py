@@ -19,8 +19,8 @@ import runner
 from runner.cli import EXPORT_FORMATS, cli
 from runner.config import EmbedConfig
 from runner.errors import RunnerError
-from runner.export import FORMATS
-from runner.results import IncompleteResultsWarning
+from runner.output.export import FORMATS
+from runner.output.results import IncompleteResultsWarning
 
 
 @pytest.fixture(scope="module", autouse=True)

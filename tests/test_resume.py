@@ -26,12 +26,12 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
-from runner.embed_stage import EmbedStage, StageSettings
+from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
 from runner.errors import RunnerError
-from runner.resume import OrdinalSet, scan_parts
-from runner.signals import JobInterrupted, StopSignals, _StopNow
-from runner.sink import EmbeddedRows, OutputWriteError, PartWriter
-from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.output.resume import OrdinalSet, scan_parts
+from runner.output.sink import EmbeddedRows, OutputWriteError, PartWriter
+from runner.stages.embed_stage import EmbedStage, StageSettings
 
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 600  # sequences: 12 blocks / 12 parts of 50, small enough for a 2-core CI

@@ -23,7 +23,14 @@ import torch
 from click.testing import CliRunner
 
 from runner.cli import cli
-from runner.shadow import DRIFT_SCHEMA, DriftViolation, ShadowMonitor, ShadowSettings, compare, shadow_sample
+from runner.stages.shadow import (
+    DRIFT_SCHEMA,
+    DriftViolation,
+    ShadowMonitor,
+    ShadowSettings,
+    compare,
+    shadow_sample,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
@@ -537,9 +544,9 @@ def test_gpu_shadow_actors_are_created_only_at_the_first_sample(tmp_path: Path) 
     GPU with room for a second (1 - share) embedder. They must come after the embedders are placed (the
     first sample is an output of the main stream), and before the first shadow batch is full, so that
     they load and compile while it gathers."""
-    from runner.cluster import start_shadow
     from runner.config import EmbedConfig
-    from runner.embed_stage import StageSettings
+    from runner.driver.cluster import start_shadow
+    from runner.stages.embed_stage import StageSettings
 
     ray = FakeRay()
     config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=8)
@@ -558,9 +565,9 @@ def test_gpu_shadow_actors_are_created_only_at_the_first_sample(tmp_path: Path) 
 def test_shadow_actors_start_up_times_reach_the_summary_or_are_left_out(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from runner.cluster import start_shadow
     from runner.config import EmbedConfig
-    from runner.embed_stage import StageSettings
+    from runner.driver.cluster import start_shadow
+    from runner.stages.embed_stage import StageSettings
 
     ray = FakeRay()
     config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=8)
@@ -583,12 +590,12 @@ def test_gpu_shadow_math_falls_back_to_tf32x3_without_the_half_gemm(
 ) -> None:
     """FP16x3 needs torch.mm's out_dtype (torch >= 2.8): on an older torch the shadow runs 3xTF32, says
     so, and the manifest records what ran; compiled layers only for the split maths."""
-    import runner.cluster
-    from runner.cluster import start_shadow
+    import runner.driver.cluster
     from runner.config import EmbedConfig
-    from runner.embed_stage import StageSettings, compile_workers
+    from runner.driver.cluster import start_shadow
+    from runner.stages.embed_stage import StageSettings, compile_workers
 
-    monkeypatch.setattr(runner.cluster, "half_gemm_available", lambda: available)
+    monkeypatch.setattr(runner.driver.cluster, "half_gemm_available", lambda: available)
     ray = FakeRay()
     config = EmbedConfig(inputs=["x"], model="m", out=str(tmp_path), shadow_rate=0.5, shadow_batch_tokens=1)
     stage = StageSettings(model="m", precision="fp16", layer=-1, pooling="mean", device="cuda", compile_layers=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import Reject
-from runner.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
+from runner.input.batch import Reject
+from runner.output.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
 
 
 def rows(n: int, dim: int, start: int = 0) -> EmbeddedRows:

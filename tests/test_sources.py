@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from runner import sources
 from runner.errors import RunnerError
-from runner.sources import detect_format, expand_inputs, read_fasta, read_records, sniff_input
+from runner.input import sources
+from runner.input.sources import detect_format, expand_inputs, read_fasta, read_records, sniff_input
 
 DATA = Path(__file__).parent / "data"
 

@@ -1,4 +1,4 @@
-"""Two calls of one embedding actor at once (GPU actors run two: runner.cluster): one forward at a time on the
+"""Two calls of one embedding actor at once (GPU actors run two: runner.driver.cluster): one forward at a time on the
 device, and the per-token write of one call overlapping the other call's forward. CPU only, no Ray."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
-import runner.embed_stage as embed_stage
-from runner.embed_stage import EmbedStage, StageSettings
+import runner.stages.embed_stage as embed_stage
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.models.registry import load_codec
-from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.stages.embed_stage import EmbedStage, StageSettings
 
 DATA = Path(__file__).parent / "data"
 

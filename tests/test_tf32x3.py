@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from runner.models.tf32x3 import Tf32x3Linear, split_tf32, tf32_matmuls, tf32x3_linear
+from runner.kernels.tf32x3 import Tf32x3Linear, split_tf32, tf32_matmuls, tf32x3_linear
 
 
 def round_to_tf32(x: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from runner.batch import TokenizedRecord
-from runner.embed_stage import residue_index
-from runner.packing import pack_block
-from runner.prepare import chunk_starts
-from runner.resume import scan_parts
-from runner.sink import EmbeddedRows, OutputSpec, PartWriter
-from runner.tokens import (
+from runner.input.batch import TokenizedRecord
+from runner.input.packing import pack_block
+from runner.input.prepare import chunk_starts
+from runner.output.resume import scan_parts
+from runner.output.sink import EmbeddedRows, OutputSpec, PartWriter
+from runner.output.tokens import (
     reconcile,
     remove_temporaries,
     stitch_cuts,
@@ -24,6 +23,7 @@ from runner.tokens import (
     token_table,
     write_token_file,
 )
+from runner.stages.embed_stage import residue_index
 
 
 @pytest.mark.parametrize(("total", "width", "overlap"), [(25, 10, 3), (2500, 1022, 128), (50, 10, 9), (31, 10, 0), (7, 10, 2)])
@@ -138,7 +138,7 @@ def test_reconcile_keeps_a_row_that_dedup_copies_share(tmp_path: Path) -> None:
 
 
 def test_a_rewritten_part_keeps_a_valid_checksum(tmp_path: Path) -> None:
-    from runner.checksums import check_file, read_records
+    from runner.output.checksums import check_file, read_records
 
     partial = token_file(tmp_path, ["c", "d"], [0, 1])
     part = write_part(tmp_path, 0, ["c"], [0], [partial], [0])

@@ -12,13 +12,13 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from runner.attention import FP32_PREFERENCE
 from runner.errors import RunnerError
+from runner.kernels.attention import FP32_PREFERENCE
+from runner.kernels.emulated import fp32_linear
 
 logger = logging.getLogger("runner")
 
@@ -84,54 +84,6 @@ class SequenceCodec(ABC):
         for per-residue alphabets; BPE codecs return however many tokens the residues make."""
 
 
-class EmulatedLinear(ABC):
-    """Drop-in for F.linear(x, weight, bias) that runs float32 CUDA products through an FP32 emulation on
-    tensor cores (`product`) and anything else through F.linear. Each weight is split for the emulation
-    once (`split`) and cached by identity: the splits are extra copies in the actor's GPU memory."""
-
-    def __init__(self) -> None:
-        self._splits: dict[tuple[int, int, int], Any] = {}
-
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dtype != torch.float32 or weight.dtype != torch.float32 or not x.is_cuda:
-            return torch.nn.functional.linear(x, weight, bias)
-        return self.product(x, self.prepare(weight), bias)  # [..., out]
-
-    def prepare(self, weight: torch.Tensor) -> Any:
-        """The split of a float32 weight, computed once per weight tensor."""
-        key = (weight.data_ptr(), weight._version, weight.numel())
-        split = self._splits.get(key)
-        if split is None:
-            split = self.split(weight)
-            self._splits[key] = split
-        return split
-
-    @abstractmethod
-    def split(self, weight: torch.Tensor) -> Any:
-        """A float32 weight [out, in] in the form `product` takes."""
-
-    @abstractmethod
-    def product(self, x: torch.Tensor, split: Any, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., in] @ weight.T + bias from the weight's split: float32 [..., out]."""
-
-
-def fp32_linear(math: str) -> Callable[..., torch.Tensor]:
-    """The `linear` of an fp32 model: "fp16x3" (one FP16 tensor-core GEMM over hi/lo pairs, ~2^-22 relative,
-    runner.models.fp16x3), "bf16x3" (the same from BF16, ~2^-16), "tf32x3" (three TF32 products, ~2^-22,
-    runner.models.tf32x3) or "ieee" (F.linear: IEEE FP32 on CUDA cores). ValueError for anything else."""
-    if math == "ieee":
-        return torch.nn.functional.linear
-    if math in ("fp16x3", "bf16x3"):
-        from runner.models.fp16x3 import SplitLinear
-
-        return SplitLinear(torch.float16 if math == "fp16x3" else torch.bfloat16)
-    if math == "tf32x3":
-        from runner.models.tf32x3 import Tf32x3Linear
-
-        return Tf32x3Linear()
-    raise ValueError(f"unknown FP32 math {math!r}; known: fp16x3, bf16x3, tf32x3, ieee")
-
-
 class EmbeddingModel(torch.nn.Module, ABC):
     """Weights plus a packed forward. One instance per actor, moved to its device and dtype once."""
 
@@ -185,12 +137,12 @@ class EmbeddingModel(torch.nn.Module, ABC):
         models may prepare split copies of their weights here.
 
         The split maths take the attention along: an IEEE FP32 kernel ("nested", "flex") becomes "fp16x3"
-        (runner.fp16x3_attention, as accurate as the split projections) where that kernel runs and passes a
+        (runner.kernels.fp16x3_attention, as accurate as the split projections) where that kernel runs and passes a
         check against float64 attention; otherwise the IEEE kernel stays, with a warning saying why."""
         self.linear = fp32_linear(math)
         if math == "ieee" or self.attention_backend not in FP32_PREFERENCE:
             return
-        from runner.fp16x3_attention import fp16x3_attention_available, fp16x3_attention_problem
+        from runner.kernels.fp16x3_attention import fp16x3_attention_available, fp16x3_attention_problem
 
         device = next(self.parameters()).device
         if not fp16x3_attention_available(device):

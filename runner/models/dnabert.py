@@ -314,7 +314,7 @@ class DnabertEmbedder(EmbeddingModel):
 
     def select_attention(self, device: torch.device) -> str:
         """The fastest ALiBi-capable varlen kernel on `device` ("flash_attn", "flex" or "exact")."""
-        from runner.attention import select_backend
+        from runner.kernels.attention import select_backend
 
         dtype = next(self.parameters()).dtype
         self.attention_backend = select_backend(device, alibi=True, dtype=dtype, head_dim=self.head_dim)
@@ -324,7 +324,7 @@ class DnabertEmbedder(EmbeddingModel):
         """float32 [H] slopes, cached per device; kept out of the state dict so `.to(fp16)` leaves them."""
         slopes = self._slopes.get(device)
         if slopes is None:
-            from runner.attention import alibi_slopes
+            from runner.kernels.attention import alibi_slopes
 
             slopes = alibi_slopes(self.num_heads).to(device=device, dtype=torch.float32)  # [H]
             self._slopes[device] = slopes
@@ -340,7 +340,7 @@ class DnabertEmbedder(EmbeddingModel):
     ) -> list[torch.Tensor]:
         """Hidden states after each of `layers` (0 = the embeddings after their LayerNorm, as Hugging Face's
         hidden_states[0]; num_layers or -1 = the last layer): [T, D] each, from one forward."""
-        from runner.attention import plan_attention, varlen_attention
+        from runner.kernels.attention import plan_attention, varlen_attention
 
         targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
         stop = max(targets)
@@ -463,8 +463,8 @@ def _read_weights(path: Path, shapes_only: bool = False) -> dict[str, torch.Tens
 
 
 def _sha256(path: Path) -> str:
-    """The weights' hash, remembered across runs while the file is unchanged (runner.cache)."""
-    from runner.cache import cached_sha256
+    """The weights' hash, remembered across runs while the file is unchanged (runner.driver.cache)."""
+    from runner.driver.cache import cached_sha256
 
     return cached_sha256(path)[0]
 

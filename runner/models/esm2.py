@@ -22,9 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from runner.attention import plan_attention, select_backend
-from runner.cache import cached_sha256
+from runner.driver.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
+from runner.kernels.attention import plan_attention, select_backend
+from runner.kernels.fp16x3 import SplitLinear
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
 from runner.models.checkpoints import (
     download_esm2,
@@ -43,7 +44,6 @@ from runner.models.esm2_layers import (
     rotary_tables,
     run_layers,
 )
-from runner.models.fp16x3 import SplitLinear
 
 logger = logging.getLogger("runner")
 
@@ -262,7 +262,7 @@ class ESM2Embedder(EmbeddingModel):
         sin: torch.Tensor,  # float32 [T, 1, hd]
         cu: torch.Tensor,  # int32 [B+1]
         max_seqlen: int,
-        plan: Any,  # runner.attention.plan_attention's per-batch state
+        plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
         math: LayerMath,
         keep: frozenset[int] = frozenset(),  # layer numbers whose outputs to return too (see run_layers)
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

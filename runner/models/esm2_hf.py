@@ -307,8 +307,8 @@ def read_weight_shapes(files: list[Path]) -> dict[str, torch.Tensor]:
 
 def sha256_files(files: list[Path]) -> str:
     """The checkpoint's hex SHA-256: the weight file's own for one file; for shards, the SHA-256 of the lines
-    "<shard name> <shard sha256>" in order. Each file's hash is remembered across runs (runner.cache)."""
-    from runner.cache import cached_sha256
+    "<shard name> <shard sha256>" in order. Each file's hash is remembered across runs (runner.driver.cache)."""
+    from runner.driver.cache import cached_sha256
 
     if len(files) == 1:
         return cached_sha256(files[0])[0]

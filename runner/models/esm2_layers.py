@@ -14,14 +14,14 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from runner.attention import varlen_attention
-from runner.models.fp16x3 import SplitWeight
+from runner.kernels.attention import varlen_attention
+from runner.kernels.fp16x3 import SplitWeight
 
 
 class LayerWeights(NamedTuple):
     """The tensors of one fair-esm TransformerLayer, so the layer math is a plain function of tensors.
 
-    Under FP16x3/BF16x3 (the shadow) the projection weights are `runner.models.fp16x3.SplitWeight`s.
+    Under FP16x3/BF16x3 (the shadow) the projection weights are `runner.kernels.fp16x3.SplitWeight`s.
     """
 
     attn_norm_weight: torch.Tensor  # [D]
@@ -193,8 +193,8 @@ def run_layers(
     sin: torch.Tensor,  # float32 [T, 1, hd]
     cu: torch.Tensor,  # int32 [B+1]
     max_seqlen: int,
-    backend: str,  # attention kernel (runner.attention.BACKENDS)
-    plan: Any,  # runner.attention.plan_attention's per-batch state
+    backend: str,  # attention kernel (runner.kernels.attention.BACKENDS)
+    plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
     math: LayerMath,
     parts: LayerParts = EAGER_PARTS,
     keep: Collection[int] = (),

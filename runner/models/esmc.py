@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.attention import plan_attention, select_backend, varlen_attention
 from runner.errors import RunnerError
+from runner.kernels.attention import plan_attention, select_backend, varlen_attention
+from runner.kernels.fp16x3 import SplitLinear, SplitWeight
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
 from runner.models.esm2_layers import compile_over_tokens, rotate
-from runner.models.fp16x3 import SplitLinear, SplitWeight
 
 logger = logging.getLogger("runner")
 
@@ -163,7 +163,7 @@ class EsmcBlock(nn.Module):
 class LayerWeights(NamedTuple):
     """The tensors of one block, so the block's math is a plain function of tensors (compilable).
 
-    Under the shadow's FP16x3/BF16x3 maths the projection weights are `runner.models.fp16x3.SplitWeight`s.
+    Under the shadow's FP16x3/BF16x3 maths the projection weights are `runner.kernels.fp16x3.SplitWeight`s.
     """
 
     attn_norm_weight: torch.Tensor  # [D]
@@ -273,8 +273,8 @@ def run_blocks(
     sin: torch.Tensor,  # float32 [T, 1, hd]
     cu: torch.Tensor,  # int32 [B+1]
     max_seqlen: int,
-    backend: str,  # attention kernel (runner.attention.BACKENDS)
-    plan: Any,  # runner.attention.plan_attention's per-batch state
+    backend: str,  # attention kernel (runner.kernels.attention.BACKENDS)
+    plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
     math: LayerMath,
     parts: tuple[Callable[..., Any], ...] = EAGER_PARTS,
     keep: Collection[int] = (),  # block numbers (1 = the first run) whose outputs to return too
@@ -399,7 +399,7 @@ class EsmcEmbedder(EmbeddingModel):
         sin: torch.Tensor,  # float32 [T, 1, hd]
         cu: torch.Tensor,  # int32 [B+1]
         max_seqlen: int,
-        plan: Any,  # runner.attention.plan_attention's per-batch state
+        plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
         math: LayerMath,
         keep: frozenset[int],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

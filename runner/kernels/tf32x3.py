@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from runner.models.base import EmulatedLinear
+from runner.kernels.emulated import EmulatedLinear
 
 # 0xFFFFE000 as an int32: sign, exponent and the top 10 mantissa bits, which is all TF32 keeps.
 _TF32_MASK = -8192

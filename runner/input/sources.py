@@ -22,8 +22,8 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from runner.batch import InputRecord
 from runner.errors import RunnerError, first_line
+from runner.input.batch import InputRecord
 
 Format = Literal["fasta", "parquet", "csv", "tsv"]
 

@@ -12,7 +12,7 @@ Backends, fastest first:
   shadow's FP16x3 projections) instead of IEEE FP32 on CUDA cores.
 - "nested": one `scaled_dot_product_attention` call over a jagged nested tensor (CUDA, any dtype, no ALiBi):
   PyTorch's memory-efficient varlen kernel, IEEE FP32 on CUDA cores in float32.
-- "fp16x3": runner.fp16x3_attention, a flash-attention kernel (Triton) whose products are three FP16
+- "fp16x3": runner.kernels.fp16x3_attention, a flash-attention kernel (Triton) whose products are three FP16
   tensor-core products of split operands: FP32-accurate (~2^-22), for the shadow's split maths (CUDA; ALiBi).
   Chosen by `EmbeddingModel.emulate_fp32`, not by `select_backend`: with `--shadow-math ieee` the shadow keeps
   IEEE FP32 attention too.
@@ -173,7 +173,7 @@ def varlen_attention(
     if backend == "nested" and alibi_slopes is None:
         return _nested(q, k, v, cu_seqlens, max_seqlen, scale, plan)
     if backend == "fp16x3":
-        from runner.fp16x3_attention import fp16x3_attention
+        from runner.kernels.fp16x3_attention import fp16x3_attention
 
         return fp16x3_attention(q, k, v, cu_seqlens, max_seqlen, scale, alibi_slopes)
     return _exact(q, k, v, cu_seqlens, scale, alibi_slopes)

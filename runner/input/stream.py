@@ -9,8 +9,8 @@ the duplicate check (so "first seen" stays the same) and are still counted, but 
 `done` rows that the pack tasks skip.
 
 With --dedup the read task also cleans and checks each record and looks its sequence up in a
-`runner.dedup.SequenceTable`: a repeat travels as a `copy_of` row (no text) that the pack tasks hand on
-to the driver, which writes it as a copy of its first record's row (see `runner.dedup`).
+`runner.input.dedup.SequenceTable`: a repeat travels as a `copy_of` row (no text) that the pack tasks hand on
+to the driver, which writes it as a copy of its first record's row (see `runner.input.dedup`).
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import InputRecord
-from runner.dedup import SequenceTable, sequence_hashes
+from runner.input.batch import InputRecord
+from runner.input.dedup import SequenceTable, sequence_hashes
+from runner.input.packing import pack_block
+from runner.input.prepare import DuplicateFilter, Preparer
+from runner.input.sources import read_records
 from runner.models.base import SequenceCodec
-from runner.packing import pack_block
-from runner.prepare import DuplicateFilter, Preparer
-from runner.resume import bitmap_contains
-from runner.sources import read_records
+from runner.output.resume import bitmap_contains
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -40,7 +40,7 @@ RECORD_SCHEMA = pa.schema(
         ("done", pa.bool_()),  # already written by an earlier run (resume): counted, not embedded
         ("copy_of", pa.int64()),  # --dedup: ordinal of the first record of the same sequence, else null
         # --dedup: the block's [distinct sequences, repeats, residues and tokens of the repeats] on its first
-        # row, else null (runner.dedup.DedupCounts.add); the pack tasks sum whatever rows they get.
+        # row, else null (runner.input.dedup.DedupCounts.add); the pack tasks sum whatever rows they get.
         ("dedup_counts", pa.list_(pa.int64())),
     ]
 )

@@ -37,9 +37,9 @@ class Reject:
         return reject_code(self.reason)
 
 
-# Reject reason categories: (code, how the reason text starts). The texts are written in runner.prepare
-# (missing id, empty, invalid characters, too long), runner.prepare.DuplicateFilter (duplicate id) and
-# runner.embed_stage.failure_reason (a window that raised inside the model, CUDA OOM alone included).
+# Reject reason categories: (code, how the reason text starts). The texts are written in runner.input.prepare
+# (missing id, empty, invalid characters, too long), runner.input.prepare.DuplicateFilter (duplicate id) and
+# runner.stages.embed_stage.failure_reason (a window that raised inside the model, CUDA OOM alone included).
 REJECT_CODES: tuple[tuple[str, str], ...] = (
     ("missing_id", "missing id"),
     ("empty_sequence", "empty sequence"),

@@ -1,7 +1,7 @@
 """`manifest.json`: what was run, on what, with which result. Rewritten atomically at start and end.
 
 It also holds the job's *fingerprint* (inputs, model, output-changing settings): a rerun into the same
-`--out` resumes only when its fingerprint is equal (see `runner.resume`).
+`--out` resumes only when its fingerprint is equal (see `runner.output.resume`).
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from runner import __version__
-from runner.checksums import read_records as read_checksums
 from runner.config import EmbedConfig
+from runner.driver.nodes import edge_signature
 from runner.models.base import ModelInfo
 from runner.models.licences import licence_record
-from runner.nodes import edge_signature
+from runner.output.checksums import read_records as read_checksums
 
 if TYPE_CHECKING:
-    from runner.report import ActorClock, JobReport
-    from runner.sink import OutputSpec
+    from runner.output.report import ActorClock, JobReport
+    from runner.output.sink import OutputSpec
 
 
-# Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB (runner.nodes.edge_signature,
+# Inputs are fingerprinted by size plus a SHA-256 of their first and last 64 KiB (runner.driver.nodes.edge_signature,
 # which also compares checkpoints across nodes): unchanged by a copy or `touch` (which mtimes would not survive),
 # while appending, truncating or rewriting either end is caught. 64 KiB rather than 1 MiB keeps the cost low for
 # inputs of many small shards (reading 2 MiB of each of 100k 1-MiB shards would read the whole input at every
@@ -174,7 +174,7 @@ class Manifest:
                 "checkpoint": self.info.checkpoint,
                 "checkpoint_sha256": self.info.checkpoint_sha256,
                 # size and mtime of the checkpoint's files: a rerun of a complete job reuses the hash when
-                # they are unchanged (runner.rerun), instead of hashing gigabytes to answer "already complete"
+                # they are unchanged (runner.output.rerun), instead of hashing gigabytes to answer "already complete"
                 "checkpoint_files": checkpoint_files(self.info.checkpoint),
                 "embed_dim": self.info.embed_dim,
                 "num_layers": self.info.num_layers,
@@ -224,7 +224,7 @@ class Manifest:
                 "packing_efficiency": round(report.packing_efficiency, 4),
                 "wall_seconds": round(report.wall_seconds, 3),
                 "windows_per_worker": report.workers,
-                # The actors' own clocks (see runner.report.ActorClock): independent of Ray's delivery bursts.
+                # The actors' own clocks (see runner.output.report.ActorClock): independent of Ray's delivery bursts.
                 "actor_steady_tokens_per_second": round(report.actor_steady_tokens_per_second, 1),
                 "forward_tokens_per_second": round(report.forward_tokens_per_second, 1),
                 "actor_busy_fraction": round(report.actor_busy_fraction, 4),

@@ -1,6 +1,6 @@
 """FP32-accurate packed attention from FP16 tensor cores ("FP16x3"), for the FP32 shadow on GPUs.
 
-The shadow's projections already run as FP16x3 (runner.models.fp16x3): x ≈ x_hi + x_lo in two FP16 numbers and
+The shadow's projections already run as FP16x3 (runner.kernels.fp16x3): x ≈ x_hi + x_lo in two FP16 numbers and
 x·y ≈ x_hi·y_hi + x_hi·y_lo + x_lo·y_hi with exact products summed in FP32, ~2^-22 relative. Its attention ran
 as IEEE FP32 on CUDA cores (PyTorch's memory-efficient kernel over nested tensors): 29 % of a 650M shadow batch
 on an H200. This kernel is a flash-attention forward over packed sequences whose two products, q·kᵀ and p·v, are
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from runner.errors import first_line
-from runner.models.fp16x3 import row_scale
+from runner.kernels.fp16x3 import row_scale
 
 LOG2_E = math.log2(math.e)
 
@@ -41,7 +41,7 @@ def fp16x3_attention_problem(device: torch.device, head_dim: int) -> str | None:
     """Run the kernel once on a small packed batch on `device` (at the model's head width, so the compile is the one
     the model reuses) and check it against float64 attention: None when it works, else why not in one line
     (Triton cannot compile here, a GPU it does not support, wrong numbers)."""
-    from runner.attention import varlen_attention
+    from runner.kernels.attention import varlen_attention
 
     gen = torch.Generator().manual_seed(0)
     cu = torch.tensor([0, 1, 38, 168], dtype=torch.int32)  # lengths 1, 37, 130: partial blocks, a one-token sequence
@@ -78,7 +78,7 @@ def column_scale(v: torch.Tensor) -> torch.Tensor:
 
 def _kernel() -> Any:
     """The Triton program (imported on first use: Triton is needed only where this kernel runs)."""
-    from runner import fp16x3_attention_kernel
+    from runner.kernels import fp16x3_attention_kernel
 
     return fp16x3_attention_kernel.attention_kernel
 

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from runner.batch import InputRecord, Reject, TokenizedRecord
 from runner.errors import RunnerError
+from runner.input.batch import InputRecord, Reject, TokenizedRecord
 from runner.models.base import SequenceCodec
 
 LONG_POLICIES = ("truncate", "chunk", "skip")

@@ -11,17 +11,17 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import Reject
 from runner.config import EmbedConfig
-from runner.dedup import CopyWriter
+from runner.driver.metrics import DriverMetrics
+from runner.driver.progress import Progress
+from runner.driver.signals import StopSignals
 from runner.errors import NonFiniteEmbedding, RunnerError, first_line
-from runner.metrics import DriverMetrics
-from runner.progress import Progress
-from runner.report import JobReport
-from runner.resume import OrdinalSet
-from runner.shadow import ShadowMonitor
-from runner.signals import StopSignals
-from runner.sink import ChunkMerger, EmbeddedRows, OutputSpec, PartWriter, RejectWriter
+from runner.input.batch import Reject
+from runner.input.dedup import CopyWriter
+from runner.output.report import JobReport
+from runner.output.resume import OrdinalSet
+from runner.output.sink import ChunkMerger, EmbeddedRows, OutputSpec, PartWriter, RejectWriter
+from runner.stages.shadow import ShadowMonitor
 
 log = logging.getLogger("runner")
 
@@ -144,7 +144,7 @@ def _same_error(message: str, exit_code: int) -> RunnerError:
     return wrapped
 
 
-# Ray task / actor names of the stream's stages (runner.cluster.build_dataset) -> what a user calls them.
+# Ray task / actor names of the stream's stages (runner.driver.cluster.build_dataset) -> what a user calls them.
 _STAGES = {"ReadInputRecords": "reading the inputs", "pack_records": "tokenizing and packing",
            "EmbedStage": "an embedding actor", "embed": "a shadow actor"}
 

@@ -15,11 +15,11 @@ import os
 from pathlib import Path
 
 from runner.config import EmbedConfig, resolve_precision
-from runner.manifest import checkpoint_files, job_fingerprint
 from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
-from runner.report import JobReport
-from runner.resume import fingerprint_differences, read_manifest
-from runner.sink import OutputSpec
+from runner.output.manifest import checkpoint_files, job_fingerprint
+from runner.output.report import JobReport
+from runner.output.resume import fingerprint_differences, read_manifest
+from runner.output.sink import OutputSpec
 
 
 def output_spec(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> OutputSpec:

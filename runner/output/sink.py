@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import Reject
-from runner.checksums import ChecksummedFile, append_record, crc_hex
 from runner.errors import RunnerError
+from runner.input.batch import Reject
+from runner.output.checksums import ChecksummedFile, append_record, crc_hex
 
 REJECT_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
         ("source", pa.string()),  # input file
         ("ordinal", pa.int64()),  # position of the record in the input, 0-based (as in the parts)
-        ("code", pa.string()),  # the reason's category (runner.batch.REJECT_CODES): group by this
+        ("code", pa.string()),  # the reason's category (runner.input.batch.REJECT_CODES): group by this
         ("reason", pa.string()),  # the detail, one line a user can act on
     ]
 )
@@ -47,7 +47,7 @@ def write_error(path: Path, e: OSError) -> OutputWriteError:
 
 
 def vector_columns(layers: Sequence[int], poolings: Sequence[str]) -> list[str]:
-    """Names of the pooled-vector columns of a part, layer-major (the order of runner.pooling.pool_layers):
+    """Names of the pooled-vector columns of a part, layer-major (the order of runner.stages.pooling.pool_layers):
     `embedding` for one layer and one pooling (as ever), else `layer{L}_{pooling}` with L the resolved layer."""
     if len(layers) == 1 and len(poolings) == 1:
         return ["embedding"]
@@ -59,7 +59,7 @@ class OutputSpec:
     """What a job stores per sequence: pooled vectors of `layers` x `poolings`, and per-token arrays or not."""
 
     layers: tuple[int, ...]  # resolved representation layers (0..num_layers), in the order asked for
-    poolings: tuple[str, ...]  # runner.pooling.POOLINGS, in the order asked for
+    poolings: tuple[str, ...]  # runner.stages.pooling.POOLINGS, in the order asked for
     embed_dim: int  # width of one vector
     per_token: str | None = None  # per-token dtype ("float32" | "float16"), None = pooled vectors only
 
@@ -75,7 +75,7 @@ class OutputSpec:
 
 def embedding_schema(embed_dim: int, columns: Sequence[str] = ("embedding",), per_token: bool = False) -> pa.Schema:
     """The schema of `embeddings/part-NNNNN.arrow`: one fixed-size float32 list column per name in `columns`;
-    with `per_token`, where each row's per-token arrays are (runner.tokens)."""
+    with `per_token`, where each row's per-token arrays are (runner.output.tokens)."""
     return pa.schema(
         [
             ("id", pa.string()),
@@ -300,7 +300,7 @@ class RejectWriter:
         except OSError as e:
             raise write_error(self._tmp, e) from None
         self.count = 0
-        self.reasons: dict[str, int] = {}  # reject count per reason code (runner.batch.REJECT_CODES)
+        self.reasons: dict[str, int] = {}  # reject count per reason code (runner.input.batch.REJECT_CODES)
 
     def write(self, rejects: list[Reject]) -> None:
         if not rejects or self._writer is None:

@@ -1,7 +1,7 @@
 """The embedding stage: a callable class that holds one model on one device and embeds packed batches.
 
 Ray Data builds one instance per actor (`__init__` loads the model once); `__call__` takes an Arrow table
-of packed-batch rows (see `runner.stream`) and returns an Arrow table with one row per window. It runs
+of packed-batch rows (see `runner.input.stream`) and returns an Arrow table with one row per window. It runs
 just as well without Ray, which is how the tests drive it.
 
 Failures inside a forward are handled here, per batch:
@@ -31,15 +31,15 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from runner.batch import PackedBatch
-from runner.cache import use_compile_cache
+from runner.driver.cache import use_compile_cache
+from runner.driver.metrics import ActorMetrics
 from runner.errors import RunnerError
-from runner.metrics import ActorMetrics
+from runner.input.batch import PackedBatch
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
-from runner.pooling import pool_layers
-from runner.shadow import shadow_sample
-from runner.tokens import shard_name, stitch_windows, token_schema, token_table, write_token_file
+from runner.output.tokens import shard_name, stitch_windows, token_schema, token_table, write_token_file
+from runner.stages.pooling import pool_layers
+from runner.stages.shadow import shadow_sample
 
 log = logging.getLogger("runner")
 
@@ -53,13 +53,13 @@ class StageSettings:
     model: str  # model spec (name or path), loaded by the actor itself
     precision: str  # "fp16" | "bf16" | "fp32"
     layers: tuple[int, ...]  # representation layers, as given (an int means one layer)
-    poolings: tuple[str, ...]  # runner.pooling.POOLINGS per layer (a str means one pooling)
+    poolings: tuple[str, ...]  # runner.stages.pooling.POOLINGS per layer (a str means one pooling)
     device: str  # "cuda" or "cpu"
     cpu_threads: int = 1  # torch threads for a CPU actor
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
-    compile_cache: bool = True  # keep TorchInductor's caches in runner's cache dir across runs (runner.cache)
+    compile_cache: bool = True  # keep TorchInductor's caches in runner's cache dir across runs (runner.driver.cache)
     # inductor compile workers: 0 = torch's default (about one per core); -1 = a quarter of this node's cores (1 to 8)
     compile_threads: int = 0
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
@@ -86,7 +86,7 @@ class StageSettings:
 
     @property
     def columns(self) -> int:
-        """Pooled vectors per window: one per layer x pooling (layer-major, as runner.pooling.pool_layers)."""
+        """Pooled vectors per window: one per layer x pooling (layer-major, as runner.stages.pooling.pool_layers)."""
         return len(self.layers) * len(self.poolings)
 
     def without_test_hooks(self) -> StageSettings:
@@ -115,7 +115,7 @@ class DeathRetries:
     """Counts, per batch, the retries that follow its actor's death, so that a batch killing its actor every time
     (a record that corrupts the CUDA context) ends the job instead of restarting actors forever.
 
-    Ray retries an embedding actor's batches without limit (`max_task_retries=-1`, see runner.cluster): a lost
+    Ray retries an embedding actor's batches without limit (`max_task_retries=-1`, see runner.driver.cluster): a lost
     node's batches are retried while Ray does not yet know the node is gone, each try failing at once as "actor
     unavailable", and Ray's own bounded count (3) ran out within a second of a node loss, long before the node
     was declared dead (tests/test_cluster.py). So the bound is kept here, on deaths only. Only a restarted actor
@@ -190,7 +190,7 @@ def output_schema(embed_dim: int, columns: int = 1) -> pa.Schema:
             ("batch_seconds", pa.float64()),
             ("batch_done", pa.float64()),  # time.time() when the batch's results were on the host (first window)
             ("copy_of", pa.int64()),  # --dedup: this row is a repeat of that ordinal's sequence (no embedding)
-            ("dedup_counts", pa.list_(pa.int64())),  # --dedup: a block's counts (runner.stream), on its summary row
+            ("dedup_counts", pa.list_(pa.int64())),  # --dedup: a block's counts (runner.input.stream), on its summary row
             # --per-token: the token file holding this window's sequence (relative to DIR/tokens) and its row there
             ("tokens_file", pa.string()),
             ("tokens_row", pa.int32()),
@@ -281,7 +281,7 @@ class EmbedStage:
         self.death_retries = DeathRetries(bool(self._unreported_restart))
         self._batches = 0
         self.busy = BusyClock()
-        # Ray runs two calls of a GPU actor at once (runner.cluster: true multi-threading): this lock lets one
+        # Ray runs two calls of a GPU actor at once (runner.driver.cluster: true multi-threading): this lock lets one
         # forward at a time on the device (a batch's token budget was sized for one forward's memory), so
         # one call's host work (per-token file write, fsync, Arrow output) overlaps the other's forward.
         self._device_lock = threading.Lock()
@@ -354,7 +354,7 @@ class EmbedStage:
 
     def _with_startup(self, out: pa.Table) -> pa.Table:
         """`out` plus a `startup` column: this actor's startup_report (JSON) on the first row of its first
-        output holding an embedded batch, null elsewhere (runner.startup puts it in the manifest)."""
+        output holding an embedded batch, null elsewhere (runner.driver.startup puts it in the manifest)."""
         report = [None] * out.num_rows
         with self._counters_lock:  # exactly one output carries it, whichever of two concurrent calls ends first
             if out.num_rows and not self._startup_reported and self.startup.get("first_batch_done_at"):
@@ -746,7 +746,7 @@ TOKEN_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 @dataclass
 class TokenPiece:
-    """Per-token vectors of windows [start, end) of a batch, from one forward (runner.embed_stage, --per-token)."""
+    """Per-token vectors of windows [start, end) of a batch, from one forward (runner.stages.embed_stage, --per-token)."""
 
     start: int
     end: int

@@ -7,7 +7,7 @@ consults to skip finished records. Nothing here holds ids, so driver memory stay
 
 A part is trusted only if it opens as an Arrow IPC file with a footer (a truncated file has none), has
 the expected schema, and its id/ordinal columns validate; anything else is deleted and its ordinals
-are embedded again; so is a part whose CRC-32 differs from the one its writer recorded (runner.checksums).
+are embedded again; so is a part whose CRC-32 differs from the one its writer recorded (runner.output.checksums).
 Parts are renamed into place only when complete, so a crash leaves at most a
 hidden `.part-NNNNN.arrow.tmp`, which is deleted here too.
 """
@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runner.checksums import JOURNAL_NAME, check_file, drop_records, read_records
 from runner.errors import RunnerError
-from runner.sink import embedding_schema
-from runner.tokens import (
+from runner.output.checksums import JOURNAL_NAME, check_file, drop_records, read_records
+from runner.output.sink import embedding_schema
+from runner.output.tokens import (
     TOKENS_DIR,
     ReconcileReport,
     clear_token_files,
@@ -232,7 +232,7 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, o
     have `schema`; default: the one-`embedding`-column schema of `embed_dim`).
 
     With `per_token`, a part pointing at a missing or short token file is redone like a corrupt one, and
-    token files no complete part points at (or only in part) are deleted (rewritten): runner.tokens.reconcile."""
+    token files no complete part points at (or only in part) are deleted (rewritten): runner.output.tokens.reconcile."""
     if overwrite and has_outputs(out_dir):
         log.warning("--overwrite: deleting the previous outputs in %s", out_dir)
         clear_outputs(out_dir)

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.checksums import append_record, file_crc
-from runner.prepare import chunk_starts
+from runner.input.prepare import chunk_starts
+from runner.output.checksums import append_record, file_crc
 
 log = logging.getLogger("runner")
 
@@ -82,7 +82,7 @@ def token_table(
 def stitch_cuts(total: int, window: int, overlap: int) -> list[int]:
     """Where a chunked sequence's windows hand over: window i supplies residues [cuts[i], cuts[i + 1]).
 
-    The windows are runner.prepare.chunk_starts(total, window, overlap). The overlap of neighbouring windows is
+    The windows are runner.input.prepare.chunk_starts(total, window, overlap). The overlap of neighbouring windows is
     split at its midpoint (the later window takes the middle residue of an odd overlap): every residue comes
     from the window where it is farther from a cut edge, i.e. where it saw the most context on both sides.
     """

@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from runner.batch import PackedBatch, TokenizedRecord
 from runner.errors import RunnerError
+from runner.input.batch import PackedBatch, TokenizedRecord
 
 
 def _check_budget(token_budget: int) -> int:

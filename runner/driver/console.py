@@ -1,12 +1,12 @@
 """What the terminal shows, and the job's log file `DIR/runner.log`.
 
 A healthy `runner embed` prints runner's own lines only: what is being done, one live progress display
-(`runner.progress`) and one summary. Everything Ray and Ray Data say goes to `DIR/runner.log`, beside the
+(`runner.driver.progress`) and one summary. Everything Ray and Ray Data say goes to `DIR/runner.log`, beside the
 outputs: their Python loggers and, unless `-v`, whatever Ray's C++ core worker writes to
 the driver's stderr. `-v` shows all of it on the terminal too (and Python's deprecation warnings); runner's
 own warnings, other libraries' warnings, Python warnings that are not deprecations, and every error (Ray's
 included) stay on the terminal either way, but Ray Data's: it logs a failed task with its whole traceback, which
-runner then reports as one line (runner.collect.stream_failure), so without -v Ray Data's records go to the
+runner then reports as one line (runner.driver.collect.stream_failure), so without -v Ray Data's records go to the
 file only.
 
 Why the native stderr is captured rather than fixed at its source: Ray Data creates its actor pool's workers
@@ -137,7 +137,7 @@ class JobLog:
             return not runner_has_console
         if record.name == "ray.data" or record.name.startswith("ray.data."):
             # Ray Data logs a failed task at ERROR with its whole traceback (~180 lines) before the exception
-            # reaches the driver, which reports it as one line (runner.collect.stream_failure): file only.
+            # reaches the driver, which reports it as one line (runner.driver.collect.stream_failure): file only.
             return self.verbose > 0
         if record.name == "ray" or record.name.startswith("ray."):
             return self.verbose > 0 or record.levelno >= logging.ERROR

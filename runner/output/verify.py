@@ -1,6 +1,6 @@
 """`runner verify DIR`: check that an output directory is whole and honest, without trusting the run that wrote it.
 
-Every part is read in full: its CRC-32 against the one its writer recorded (runner.checksums), its Arrow
+Every part is read in full: its CRC-32 against the one its writer recorded (runner.output.checksums), its Arrow
 structure, finite vectors, non-null ids and ordinals. Then the counts against the manifest (rows, rejects,
 rows + rejects = records read), the part list against the files on disk, and the exactly-once invariant:
 every input ordinal at most once across parts and rejects, every id at most once across parts.
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runner.checksums import check_file, read_records
 from runner.errors import RunnerError, first_line
-from runner.resume import PART_NAME, OrdinalSet
+from runner.output.checksums import check_file, read_records
+from runner.output.resume import PART_NAME, OrdinalSet
 
 # Ids are checked for uniqueness in a Python set up to this many rows (~100 bytes each); past it only the
 # ordinals are (a bitmap, 1 bit per record), which is what resume and the driver key exactly-once on.

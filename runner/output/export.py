@@ -32,7 +32,7 @@ from runner.errors import RunnerError
 if TYPE_CHECKING:
     import pyarrow as pa
 
-    from runner.results import Results
+    from runner.output.results import Results
 
 log = logging.getLogger("runner")
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import PackedBatch
 from runner.errors import RunnerError
+from runner.input.batch import PackedBatch
 
 log = logging.getLogger("runner")
 
@@ -114,7 +114,7 @@ class ShadowSettings:
     precision: str  # the main path's precision, recorded with each comparison
     batch_tokens: int = 1  # gather sampled windows until this many tokens, then submit them as one batch
     fp32_math: str = "ieee"  # how the shadow's FP32 matmuls run on a GPU (runner.config.SHADOW_MATHS)
-    # The job's stored pooled columns (runner.sink.vector_columns), each compared with its FP32 twin.
+    # The job's stored pooled columns (runner.output.sink.vector_columns), each compared with its FP32 twin.
     columns: tuple[str, ...] = ("embedding",)
 
 
@@ -135,7 +135,7 @@ class ShadowMonitor:
     submit_fn: Any  # callable(PackedBatch) -> future (a Ray ObjectRef, or anything `wait_fn` understands)
     wait_fn: Any  # callable(list[future], block: bool) -> (done, not_done)
     get_fn: Any  # callable(future) -> np.ndarray [N, D]
-    metrics: Any = None  # runner.metrics.DriverMetrics or None
+    metrics: Any = None  # runner.driver.metrics.DriverMetrics or None
     # callable() that starts the FP32 actors, called at the first offer (once the main stream runs), so that
     # they load and compile while the first shadow batch gathers; None when submit_fn starts them itself.
     start_fn: Any = None

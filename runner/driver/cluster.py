@@ -14,16 +14,21 @@ from typing import Any
 import numpy as np
 import torch
 
-from runner.budget import CPU_TOKEN_BUDGET, auto_token_budget, nvidia_smi_free_bytes, probe_free_gpu_memory
 from runner.config import EmbedConfig
-from runner.embed_stage import EmbedStage, StageSettings
+from runner.driver.budget import (
+    CPU_TOKEN_BUDGET,
+    auto_token_budget,
+    nvidia_smi_free_bytes,
+    probe_free_gpu_memory,
+)
+from runner.driver.metrics import DriverMetrics
 from runner.errors import RunnerError, first_line
-from runner.metrics import DriverMetrics
+from runner.input.prepare import Preparer
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.kernels.fp16x3 import half_gemm_available
 from runner.models.base import ModelInfo, SequenceCodec
-from runner.models.fp16x3 import half_gemm_available
-from runner.prepare import Preparer
-from runner.shadow import ShadowMonitor, ShadowSettings
-from runner.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.stages.embed_stage import EmbedStage, StageSettings
+from runner.stages.shadow import ShadowMonitor, ShadowSettings
 
 log = logging.getLogger("runner")
 
@@ -136,8 +141,8 @@ def build_dataset(
     from ray.data import DataContext, Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
-    # runner draws its own progress display (runner.progress); Ray Data's bars or logged progress would
-    # interleave with it. Its execution plan and stats still go to the log (runner.console.JobLog).
+    # runner draws its own progress display (runner.driver.progress); Ray Data's bars or logged progress would
+    # interleave with it. Its execution plan and stats still go to the log (runner.driver.console.JobLog).
     DataContext.get_current().enable_progress_bars = False
 
     read_settings = ReadSettings(
@@ -239,7 +244,7 @@ def start_shadow(
     columns: Sequence[str] = ("embedding",),
 ) -> ShadowMonitor | None:
     """FP32 shadow actors (the same EmbedStage, in fp32) and the driver-side monitor feeding them; every stored
-    pooled column (`columns`, runner.sink.vector_columns) is compared with its FP32 twin."""
+    pooled column (`columns`, runner.output.sink.vector_columns) is compared with its FP32 twin."""
     if config.shadow_rate <= 0:
         return None
     count = config.shadow_actors or (gpus if share > 0 else 1)

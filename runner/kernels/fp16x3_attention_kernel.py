@@ -1,6 +1,6 @@
-"""The Triton program behind runner.fp16x3_attention (see there for the maths).
+"""The Triton program behind runner.kernels.fp16x3_attention (see there for the maths).
 
-Its own module because Triton reads TRITON_INTERPRET when these functions are defined: runner.fp16x3_attention
+Its own module because Triton reads TRITON_INTERPRET when these functions are defined: runner.kernels.fp16x3_attention
 imports it on first use, and the CPU tests import it (again) with the interpreter switched on.
 """
 

@@ -151,7 +151,7 @@ class JobReport:
 
     out_dir: Path
     status: str = "running"  # running | complete | aborted | interrupted | failed (unexpected error)
-    already_complete: bool = False  # a rerun of a complete job: nothing ran (runner.rerun)
+    already_complete: bool = False  # a rerun of a complete job: nothing ran (runner.output.rerun)
     error: str | None = None  # why the job stopped (aborted / failed / interrupted): the one line the user saw
     records_read: int = 0
     rows_written: int = 0
@@ -169,7 +169,7 @@ class JobReport:
     shadow: dict | None = None  # the shadow's summary (manifest "shadow" section)
     first_output_seconds: float | None = None  # job start -> first embeddings back (Ray start, model load)
     tokens_at_first_output: int = 0  # tokens of that first output (excluded from the steady rate)
-    first_output_at: float | None = None  # time.time() of the first embeddings back (runner.startup)
+    first_output_at: float | None = None  # time.time() of the first embeddings back (runner.driver.startup)
     actor_startup: dict[str, dict] = field(default_factory=dict)  # worker -> its startup report (first output)
     # The actors' batches binned by batch_done, for the clock over the part of the job the shadow ran in.
     clock_history: ClockHistory = field(default_factory=ClockHistory)

@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.batch import Reject
 from runner.errors import RunnerError
-from runner.resume import OrdinalSet
+from runner.input.batch import Reject
+from runner.output.resume import OrdinalSet
 
 log = logging.getLogger("runner")
 
@@ -53,7 +53,7 @@ def sequence_hashes(sequences: Sequence[str]) -> np.ndarray:
 class SequenceTable:
     """Distinct sequences seen so far: open addressing on 128-bit hashes, each with its first ordinal.
 
-    Vectorised over a block like `runner.prepare.DuplicateFilter`; picklable (three numpy arrays).
+    Vectorised over a block like `runner.input.prepare.DuplicateFilter`; picklable (three numpy arrays).
     """
 
     MAX_LOAD = 0.7
@@ -345,7 +345,7 @@ class CopyWriter:
 
 @dataclass
 class BlockDedup:
-    """What the read task's dedup decided for one block (see `runner.stream`)."""
+    """What the read task's dedup decided for one block (see `runner.input.stream`)."""
 
     copy_of: list[int | None] = field(default_factory=list)  # per record: the representative's ordinal, or None
     counts: list[int] = field(default_factory=lambda: [0, 0, 0, 0])  # DedupCounts.add order

@@ -5,7 +5,7 @@ A float32 operand is split into two FP16 numbers, x ≈ x_hi + x_lo (11 + 11 sig
 is one FP16 GEMM over the three pairs concatenated along K, accumulated and returned in float32
 (`torch.mm(..., out_dtype=torch.float32)`). Products of FP16 numbers are exact in the FP32 accumulator,
 so what is lost is the rounding of x_lo and w_lo and the dropped x_lo·w_lo term: ~2^-22 relative, like
-3xTF32 (runner.models.tf32x3) and near FP32's 2^-24, at the FP16 tensor-core rate, twice the TF32 rate.
+3xTF32 (runner.kernels.tf32x3) and near FP32's 2^-24, at the FP16 tensor-core rate, twice the TF32 rate.
 
 FP16's range is the catch (max 65504, full precision only above 2^-14), so each row of each operand is
 first multiplied by a power of two that puts its largest magnitude in [2^14, 2^15): the scaling is exact,
@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import torch
 
-from runner.models.base import EmulatedLinear
+from runner.kernels.emulated import EmulatedLinear
 
 # Row maxima are scaled into [2^14, 2^15): products of two stay below 2^30, sums of 2^13 of them far
 # below FP32's range, and the largest FP16 value (65504) is never reached.

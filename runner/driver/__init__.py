@@ -1,0 +1,1 @@
+"""The driver: Ray, the drain loop, signals, progress and the terminal, start-up."""

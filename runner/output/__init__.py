@@ -1,0 +1,1 @@
+"""Writing, resume and the manifest (stage 4), and reading results back."""
