@@ -381,9 +381,13 @@ class EmbedStage:
         cu_seqlens = _to_device(batch.cu_seqlens, torch.int32, device, pin)  # [B+1]
         hiddens = self.model.forward_layers(tokens, positions, cu_seqlens, batch.max_seqlen, self.layers)  # [T, D] each
         codec = self.codec
-        pooled = pool_layers(hiddens, cu_seqlens, self.settings.poolings, codec.special_start, codec.special_end)
-        pooled = pooled.flatten(1)  # [B, C*D]
-        finite = torch.isfinite(pooled).all(dim=1)  # [B]
+        num_windows, width = len(batch.ids), self.settings.columns * self.embed_dim
+        # One buffer holds every pooled vector and then the finite flags, so ONE copy brings all of it to the host:
+        # the vectors [B, C*D] contiguous (they become the Arrow column as they are), the flags [B] after them.
+        out = torch.empty(num_windows * (width + 1), dtype=torch.float32, device=device)  # [B*C*D + B]
+        pooled = out[: num_windows * width].view(num_windows, self.settings.columns, self.embed_dim)  # [B, C, D]
+        pool_layers(hiddens, cu_seqlens, self.settings.poolings, codec.special_start, codec.special_end, out=pooled)
+        finite = torch.isfinite(pooled.view(num_windows, width)).all(dim=1)  # [B]
         host_tokens = None
         if per_token:
             counts = residue_counts(batch.cu_seqlens, codec.special_start, codec.special_end)  # [B]
@@ -395,13 +399,18 @@ class EmbedStage:
             window = _to_device(np.repeat(np.arange(len(counts)), counts), torch.int64, device, pin)  # [R]
             bad_count = torch.zeros(len(counts), device=device).index_add_(0, window, bad.float())  # [B]
             finite &= bad_count == 0
-            # Queued before the blocking transfer below, on the same stream: that one sync covers both copies.
             host_tokens = torch.empty(residues.shape, dtype=dtype, pin_memory=pin)
             host_tokens.copy_(residues, non_blocking=pin)
-        # One transfer back (and so one sync) for the embeddings and their finite flags together.
-        both = torch.cat([pooled, finite[:, None].to(pooled.dtype)], dim=1).cpu().numpy()  # [B, C*D+1]
+        out[num_windows * width :].copy_(finite)  # [B] as 0.0 / 1.0
+        # Into page-locked memory without blocking (a pageable copy is slower and blocks at once); the one sync
+        # below covers it and the per-token copy queued before it on the same stream.
+        host = torch.empty(out.shape, dtype=torch.float32, pin_memory=True) if pin else out
+        if pin:
+            host.copy_(out, non_blocking=True)
+            torch.cuda.current_stream(device).synchronize()
+        both = host.numpy()  # [B*C*D + B]; on the CPU, the pooled buffer itself
         arrays = None if host_tokens is None else list(host_tokens.numpy())  # per layer [R, D]
-        return both[:, :-1], both[:, -1].astype(bool), arrays
+        return both[: num_windows * width].reshape(num_windows, width), both[num_windows * width :] != 0, arrays
 
     def embed_guarded(
         self, batch: PackedBatch, pieces: list[TokenPiece] | None = None
@@ -412,11 +421,17 @@ class EmbedStage:
         With `pieces` (a list to fill), the per-token vectors of every window range embedded are appended to it.
         """
         n = len(batch.ids)
-        vectors = np.zeros((n, self.embed_dim * self.settings.columns), dtype=np.float32)
-        finite = np.ones(n, dtype=bool)
+        done: list[tuple[int, int, np.ndarray, np.ndarray]] = []  # (start, end, vectors, finite) per range embedded
         errors: list[str | None] = [None] * n
         for start, end in self._sub_batches(batch):
-            self._embed_range(batch, start, end, vectors, finite, errors, pieces)
+            self._embed_range(batch, start, end, done, errors, pieces)
+        if len(done) == 1 and done[0][:2] == (0, n):
+            _, _, vectors, finite = done[0]  # the common case, one forward: its host buffer as it came back
+        else:
+            vectors = np.zeros((n, self.embed_dim * self.settings.columns), dtype=np.float32)
+            finite = np.ones(n, dtype=bool)
+            for start, end, v, f in done:
+                vectors[start:end], finite[start:end] = v, f
         failed = sum(e is not None for e in errors)
         if n > 1 and failed == n and not all(e.startswith("embedding failed: OutOfMemoryError") for e in errors if e):
             raise EmbedStageBroken(
@@ -438,9 +453,10 @@ class EmbedStage:
                 start = end
         return ranges
 
-    def _embed_range(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
+    def _embed_range(self, batch: PackedBatch, start: int, end: int, done: list[tuple[int, int, np.ndarray, np.ndarray]],
                      errors: list[str | None], pieces: list[TokenPiece] | None = None) -> None:
-        """Embed windows [start, end) into the output arrays, splitting on failure (depth <= log2 B)."""
+        """Embed windows [start, end), appending (start, end, vectors, finite) of each range embedded to `done`,
+        splitting on failure (depth <= log2 B)."""
         sub = batch if (start, end) == (0, len(batch.ids)) else select_windows(batch, start, end)
         try:
             v, f, tok = self._forward(sub, pieces is not None)
@@ -457,7 +473,7 @@ class EmbedStage:
             self.max_tokens = min(self.max_tokens, cap) if self.max_tokens else cap
             log.warning("embed actor %s: out of memory on %d tokens: splitting; at most %d tokens per forward "
                         "from now on", self.worker, sub.num_tokens, self.max_tokens)
-            self._split(batch, start, end, vectors, finite, errors, pieces)
+            self._split(batch, start, end, done, errors, pieces)
             return
         except FORWARD_ERRORS as e:
             if not self._device_usable():
@@ -468,17 +484,17 @@ class EmbedStage:
                 errors[start] = failure_reason(e)
                 log.warning("embed actor %s: %s: %s", self.worker, batch.ids[start], errors[start])
                 return
-            self._split(batch, start, end, vectors, finite, errors, pieces)
+            self._split(batch, start, end, done, errors, pieces)
             return
-        vectors[start:end], finite[start:end] = v, f
+        done.append((start, end, v, f))
         if pieces is not None and tok is not None:
             pieces.append(TokenPiece(start, end, tok))
 
-    def _split(self, batch: PackedBatch, start: int, end: int, vectors: np.ndarray, finite: np.ndarray,
+    def _split(self, batch: PackedBatch, start: int, end: int, done: list[tuple[int, int, np.ndarray, np.ndarray]],
                errors: list[str | None], pieces: list[TokenPiece] | None = None) -> None:
         mid = (start + end) // 2
-        self._embed_range(batch, start, mid, vectors, finite, errors, pieces)
-        self._embed_range(batch, mid, end, vectors, finite, errors, pieces)
+        self._embed_range(batch, start, mid, done, errors, pieces)
+        self._embed_range(batch, mid, end, done, errors, pieces)
 
     def _forward(self, batch: PackedBatch, per_token: bool = False) -> tuple[np.ndarray, np.ndarray, list | None]:
         """`embed_outputs`, behind the test-only fault injection of the settings."""
@@ -567,7 +583,8 @@ class EmbedStage:
             sampled = shadow_sample(batch.ids, self.settings.shadow_rate) & (batch.chunk_count <= 1) & ok
             for i in np.flatnonzero(sampled):
                 shadow_tokens[i] = batch.tokens[batch.cu_seqlens[i] : batch.cu_seqlens[i + 1]]
-        vectors = np.where(finite[:, None], vectors, np.float32(0))  # never ship NaN/Inf onwards
+        if not finite.all():
+            vectors[~finite] = 0  # never ship NaN/Inf onwards (in place: the buffer is this batch's own)
         # A window that could not be embedded leaves as a reject row (its sequence is rejected whole).
         sources = list(row.get("sources") or [""] * n)
         reasons = pa.array(errors, pa.string())
@@ -579,7 +596,7 @@ class EmbedStage:
         batch_done = np.zeros(n, dtype=np.float64)
         batch_tokens[0], batch_budget[0] = batch.num_tokens, batch.token_budget
         batch_seconds[0], batch_done[0] = busy_seconds, done
-        flat = pa.array(vectors.astype(np.float32).ravel(), type=pa.float32())
+        flat = pa.array(vectors.reshape(-1), type=pa.float32())  # float32 and contiguous already: no copy
         table = pa.table(
             {
                 "id": pa.array(batch.ids, pa.string()),

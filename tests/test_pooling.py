@@ -1,0 +1,123 @@
+"""Pooling several layers x poolings in one pass (runner.stages.pooling, the embedding stage's output buffer).
+
+CPU only, no Ray: the embedding stage is called directly, as Ray Data would call it.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from conftest import load_script
+
+from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.models.registry import load_codec
+from runner.stages.embed_stage import EmbedStage, StageSettings
+from runner.stages.pooling import POOLINGS, pool_layers, window_segments
+
+DATA = Path(__file__).parent / "data"
+LAYERS = (0, 1, -1)  # the embeddings, the first layer and the last (after the final LayerNorm): all three tiny models
+
+
+def packed_rows(spec: str, fasta: Path, budget: int) -> list[pa.Table]:
+    """The packed-batch rows (one table each, as Ray Data hands them to the stage) of a FASTA's first block."""
+    records = next(read_blocks(ReadSettings((str(fasta),), "id", "sequence", 64)))
+    packed = pack_records(records, PackSettings(load_codec(spec), None, "truncate", 0, budget))
+    return [packed.slice(i, 1) for i in range(packed.num_rows) if packed.column("ids")[i].as_py()]
+
+
+def embeddings(stage: EmbedStage, rows: list[pa.Table]) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 [N, C*D]) of the embedded rows the stage returns for `rows`."""
+    out = pa.concat_tables(stage(row) for row in rows)
+    out = out.filter(pa.compute.is_valid(out.column("embedding")))
+    width = out.schema.field("embedding").type.list_size
+    return out.column("id").to_pylist(), out.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, width)
+
+
+@pytest.fixture(scope="module")
+def dna_fasta(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("dna") / "dna.fasta"
+    path.write_text("".join(f">d{i}\n{''.join(rng.choice('ACGT') for _ in range(rng.randint(20, 120)))}\n"
+                            for i in range(12)))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tiny_esm2_path: Path, tiny_dnabert_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+           dna_fasta: Path) -> dict[str, tuple[str, Path, int]]:
+    """Each model family's tiny checkpoint (a spec runner loads), a FASTA it embeds and a token budget that packs
+    that FASTA into several batches."""
+    esmc_dir, _ = load_script("tiny_esmc").make_esmc(tmp_path_factory.mktemp("esmc_pool"))
+    proteins = DATA / "some_proteins.fasta"
+    return {"esm2": (str(tiny_esm2_path), proteins, 1024), "esmc": (str(esmc_dir), proteins, 1024),
+            "dnabert": (str(tiny_dnabert_dir), dna_fasta, 64)}  # BPE: a few bases per token
+
+
+@pytest.mark.parametrize("family", ["esm2", "esmc", "dnabert"])
+def test_several_layers_and_poolings_equal_the_one_pair_runs_exactly(models, family: str) -> None:
+    """Every column of a 3-layer x 4-pooling job is bit for bit the vector a job of that one layer and one pooling
+    stores: the pairs share one forward and one pass over each layer, and none changes another's arithmetic."""
+    spec, fasta, budget = models[family]
+    rows = packed_rows(spec, fasta, budget)
+    assert len(rows) >= 2  # several packed batches, each of several windows
+    together = EmbedStage(StageSettings(spec, "fp32", LAYERS, POOLINGS, "cpu"))
+    ids, vectors = embeddings(together, rows)
+    dim = together.embed_dim
+    assert vectors.shape == (len(ids), len(LAYERS) * len(POOLINGS) * dim) and len(ids) >= 8
+    assert np.isfinite(vectors).all()
+    for li, layer in enumerate(LAYERS):
+        for pi, pooling in enumerate(POOLINGS):
+            alone = EmbedStage(StageSettings(spec, "fp32", layer, pooling, "cpu"))
+            single_ids, single = embeddings(alone, rows)
+            assert single_ids == ids
+            column = li * len(POOLINGS) + pi  # layer-major, as the sink names them
+            got = vectors[:, column * dim : (column + 1) * dim]
+            assert np.array_equal(got, single), f"layer {layer} {pooling}: max diff {np.abs(got - single).max()}"
+    # The columns differ from each other (no column is another's copy, e.g. a wrong offset into the buffer).
+    blocks = vectors.reshape(len(ids), -1, dim)
+    assert all(not np.array_equal(blocks[:, a], blocks[:, b]) for a in range(blocks.shape[1]) for b in range(a))
+
+
+def test_pool_layers_writes_into_a_view_of_a_larger_buffer() -> None:
+    gen = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 6, 9, 19], dtype=torch.int32)
+    hiddens = [torch.randn(19, 5, generator=gen).half() for _ in range(2)]
+    buffer = torch.full((3 * 2 * 2 * 5 + 3,), 7.0)  # vectors, then three more floats (the stage's finite flags)
+    view = buffer[:60].view(3, 4, 5)
+    returned = pool_layers(hiddens, cu, ["max", "mean"], 1, 1, out=view)
+    assert returned.data_ptr() == buffer.data_ptr()
+    assert torch.equal(view, pool_layers(hiddens, cu, ["max", "mean"], 1, 1))
+    assert buffer[60:].tolist() == [7.0, 7.0, 7.0]  # nothing written past the vectors
+    with pytest.raises(ValueError, match="expected float32"):
+        pool_layers(hiddens, cu, ["max"], 1, 1, out=view)
+
+
+def test_windows_cut_into_specials_and_residues() -> None:
+    cu = torch.tensor([0, 5, 6, 8, 20], dtype=torch.int32)  # windows of 5, 1, 2 and 12 tokens
+    segments, residues, tokens = window_segments(cu, 1, 1)
+    assert segments.tolist() == [1, 3, 1, 1, 0, 0, 1, 0, 1, 1, 10, 1]
+    assert residues.tolist() == [3, 0, 0, 10] and tokens.tolist() == [5, 1, 2, 12]
+    assert int(segments.sum()) == 20  # the segments cover the stream exactly
+    assert window_segments(cu, 0, 2)[0].tolist()[:3] == [0, 3, 2]  # no start special (a tokenizer without BOS)
+
+
+def test_a_window_of_specials_only_has_a_zero_mean_and_a_minus_inf_max() -> None:
+    hidden = torch.arange(12.0).reshape(6, 2)  # windows [BOS, EOS] and [BOS, r, r, EOS]
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    pooled = pool_layers([hidden], cu, ["mean", "mean_all", "cls", "max"], 1, 1)
+    assert pooled[0].tolist() == [[0.0, 0.0], [1.0, 2.0], [0.0, 1.0], [float("-inf")] * 2]
+    assert pooled[1].tolist() == [[7.0, 8.0], [7.0, 8.0], [4.0, 5.0], [8.0, 9.0]]
+
+
+def test_a_non_finite_special_stays_out_of_mean_and_max() -> None:
+    hidden = torch.ones(5, 3)
+    hidden[0] = float("inf")  # BOS
+    hidden[4, 1] = float("nan")  # EOS
+    pooled = pool_layers([hidden], torch.tensor([0, 5], dtype=torch.int32), ["mean", "max", "mean_all"], 1, 1)[0]
+    assert pooled[0].tolist() == [1.0, 1.0, 1.0] and pooled[1].tolist() == [1.0, 1.0, 1.0]
+    assert not torch.isfinite(pooled[2]).any()  # mean_all takes the specials in, by definition
