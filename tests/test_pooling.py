@@ -14,8 +14,9 @@ import pytest
 import torch
 from conftest import load_script
 
+from runner.errors import RunnerError
 from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
-from runner.models.registry import load_codec
+from runner.models.registry import load_codec, load_model
 from runner.stages.embed_stage import EmbedStage, StageSettings
 from runner.stages.pooling import POOLINGS, pool_layers, window_segments
 
@@ -121,3 +122,17 @@ def test_a_non_finite_special_stays_out_of_mean_and_max() -> None:
     pooled = pool_layers([hidden], torch.tensor([0, 5], dtype=torch.int32), ["mean", "max", "mean_all"], 1, 1)[0]
     assert pooled[0].tolist() == [1.0, 1.0, 1.0] and pooled[1].tolist() == [1.0, 1.0, 1.0]
     assert not torch.isfinite(pooled[2]).any()  # mean_all takes the specials in, by definition
+
+
+@pytest.mark.parametrize("family", ["esm2", "esmc", "dnabert"])
+def test_every_family_resolves_layers_alike(models, family: str) -> None:
+    """forward_layers of each model: negatives count from the end, a layer asked for twice is one clear error."""
+    model = load_model(models[family][0])
+    tokens = torch.from_numpy(model.codec.encode(model.codec.clean("ACGTACGTAC"))).long()  # a protein and DNA alike
+    cu = torch.tensor([0, len(tokens)], dtype=torch.int32)
+    args = (tokens, torch.arange(len(tokens)), cu, len(tokens))
+    last, first = model.forward_layers(*args, [-1, 0])
+    assert torch.equal(last, model.forward_layers(*args, [model.num_layers])[0])
+    assert torch.equal(first, model.forward_layers(*args, [0])[0])
+    with pytest.raises(RunnerError, match=f"layer {model.num_layers} is asked for twice"):
+        model.forward_layers(*args, [model.num_layers, -1])

@@ -30,7 +30,7 @@ from torch import nn
 from runner.errors import RunnerError
 from runner.kernels.attention import plan_attention, select_backend, varlen_attention
 from runner.kernels.fp16x3 import SplitLinear, SplitWeight
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec
+from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
 from runner.models.esm2_layers import compile_over_tokens, rotate
 
 logger = logging.getLogger("runner")
@@ -363,7 +363,8 @@ class EsmcEmbedder(EmbeddingModel):
     ) -> list[torch.Tensor]:
         """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
         that runs no deeper than the deepest layer asked for (transformers' `hidden_states[layer]`)."""
-        targets = [self.resolve_layer(layer) for layer in layers]
+        # As ESM-2 and DNABERT: one RunnerError for a layer out of range or asked for twice.
+        targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
         deepest = max(targets)
         x = self.embed(tokens.long())  # [T, D]
         hidden = {0: x}
