@@ -5,6 +5,8 @@
     python scripts/bench.py gpu --models esmc300,esmc600 --gpus 1 --shadow-rates 0 \\
         --reference build/bench_ref/reference_bench.py --out benchmarks/results/
     python scripts/bench.py gpu --models 650M --gpus 1 --shadow-rates 0 --outputs per_token_fp16,layers3
+    python scripts/bench.py gpu --models 650M --gpus 1 --shadow-rates 0 --outputs layers3 --repeats 3 \\
+        --seqs 650M=6144 --cpu-check 0
     python scripts/bench.py cpu-stages --records 1000000,10000000 --out benchmarks/results/
     python scripts/bench.py dedup --model 650M --gpus 1 --seqs 40960 --repeat-fraction 0.4 --out benchmarks/results/
 
@@ -45,7 +47,7 @@ from bench_cpu_stages import cmd_cpu_one, cmd_cpu_stages, cpu_check
 from bench_data import write_random_esm2, write_random_esmc, write_synth_fasta
 from bench_dedup import add_parser as add_dedup_parser
 from bench_monitor import child_env, gpu_name, log, run_logged, tail
-from bench_report import TARGETS, compute_ratios, markdown_table, merge_docs, summarize
+from bench_report import TARGETS, compute_ratios, markdown_table, merge_docs, output_pairs_lines, summarize
 
 # Module map: bench_data (synthetic FASTA, random checkpoints), bench_monitor (subprocesses, RSS and GPU
 # sampling), bench_report (ratios, targets, table, merge), bench_cpu_stages (the `cpu-stages` benchmark).
@@ -287,6 +289,17 @@ def variant_args(variants: list[str], layers: int) -> list[tuple[str, tuple[str,
     return [(v, OUTPUT_VARIANTS[v](layers)) for v in variants]
 
 
+def repeat_jobs(repeat: int, first_pair: bool, variants: list[str], layers: int) -> list[tuple[str, tuple[str, ...]]]:
+    """The runs of one (GPUs, rate) pair in one repeat, in order: (variant or "" for the plain run, extra arguments).
+
+    The output variants run beside the plain run of the first pair (same GPU, same input), each in its own
+    `runner embed` process as a user runs it. Odd repeats run the plain run first, even repeats last (plain,
+    variants | variants, plain | plain, variants ...): a steady drift of the GPU's clocks over the call then
+    favours neither side, and the median of the per-repeat ratios (bench_report) cancels the rest."""
+    jobs = variant_args(variants, layers) if first_pair else []
+    return [("", ()), *jobs] if repeat % 2 == 1 else [*jobs, ("", ())]
+
+
 def run_name(gpus: int, rate: float, repeat: int = 1, sep: str = "_") -> str:
     """The key of a run in the result file, g<G>_s<R>[_r<k>] (k from 2); with sep="-", its output folder's."""
     return sep.join([f"g{gpus}", f"s{rate:g}"] + ([f"r{repeat}"] if repeat > 1 else []))
@@ -332,7 +345,7 @@ def cmd_gpu(args) -> int:
                 if ref:
                     print(f"  {sys.executable} {ref} {m} {ref_seqs[m]} {ref_modes(args, m)}")
                 for g, r, k in runs_planned:
-                    for variant, extra in [("", ())] + (variant_args(variants, ARCH[m][0]) if (g, r) == plan[0] else []):
+                    for variant, extra in repeat_jobs(k, (g, r) == plan[0], variants, ARCH[m][0]):
                         name = run_name(g, r, k, "-") + (f"-{variant}" if variant else "")
                         print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
                               f"{checkpoint_path(work, m)} --out {work}/out-{m}-{name} --gpus {g} "
@@ -407,24 +420,18 @@ def cmd_gpu(args) -> int:
                 if not fasta.is_file():
                     info = write_synth_fasta(fasta, n)
                     log(f"{m}: FASTA {fasta.name}: {info['records']} records, {info['tokens']:,} tokens")
-                out = work / f"out-{m}-{run_name(g, r, k, '-')}"
-                shutil.rmtree(out, ignore_errors=True)
-                runs[run_name(g, r, k)] = run_runner(fasta, ckpt, out, g, r, args, work)
-                if not args.keep:
-                    shutil.rmtree(out, ignore_errors=True)
-                save(entry)
-                if (g, r) != plan[0]:
-                    continue
-                # The output variants right after the plain run they are compared with (same GPU, same input).
-                for variant, extra in variant_args(variants, layers):
-                    name = f"{run_name(g, r, k)}_{variant}"
-                    out = work / f"out-{m}-{run_name(g, r, k, '-')}-{variant}"
+                for variant, extra in repeat_jobs(k, (g, r) == plan[0], variants, layers):
+                    name = run_name(g, r, k) + (f"_{variant}" if variant else "")
+                    out = work / (f"out-{m}-{run_name(g, r, k, '-')}" + (f"-{variant}" if variant else ""))
                     shutil.rmtree(out, ignore_errors=True)
                     runs[name] = run_runner(fasta, ckpt, out, g, r, args, work, extra)
-                    runs[name]["variant"] = variant
+                    if variant:
+                        runs[name]["variant"] = variant
                     if not args.keep:
                         shutil.rmtree(out, ignore_errors=True)
                     save(entry)
+            for line in output_pairs_lines(entry):
+                log(f"{m} {line}")
             if args.eager_baseline:  # what torch.compile buys: the same run with eager layers
                 g = gpus[0]
                 fasta = work / f"{m}-{seqs[m] * max(g, 1)}.fasta"
@@ -497,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--outputs", help="output variants run beside the plain shadow-0 run and compared with it: "
                                      f"comma list of {', '.join(OUTPUT_VARIANTS)} (e.g. per_token_fp16,layers3)")
     g.add_argument("--repeats", type=int, default=1,
-                   help="run the plan N times, interleaved; ratios use medians, shadow costs also per repeat")
+                   help="run the plan N times, interleaved; ratios use medians, shadow costs and output variants "
+                        "also per repeat (variants alternate sides: plain first in odd repeats, last in even ones)")
     g.add_argument("--out", default=str(RESULTS))
     g.add_argument("--workdir", help="keep FASTA/checkpoints/logs here (default: a temporary directory)")
     g.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")

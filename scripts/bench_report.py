@@ -153,13 +153,25 @@ def compute_ratios(model: dict) -> dict:
         eager = ok.get(f"g{base_g}_s0_eager", {}).get(key)
         if eager and get(base_g, 0, key):
             out[f"compile_speedup{suffix}"] = _div(get(base_g, 0, key), eager)
-        # Output variants (bench.py --outputs): each run right after a plain shadow-0 run; median over repeats.
+        # Output variants (bench.py --outputs): each repeat runs the plain shadow-0 run and the variants back to
+        # back; the ratio is the median of the per-repeat ratios (drift between repeats cancels), or the ratio of
+        # the medians for runs that cannot be paired.
         plain = get(base_g, 0, key)
         for variant in sorted({r["variant"] for r in ok.values() if r.get("variant")}):
             found = [r.get(key) for r in ok.values() if r.get("variant") == variant and r.get(key)]
-            if found and plain:
+            ratios = paired_ratios(ok, variant, base_g, key)
+            if ratios:
+                out[f"{variant}_vs_pooled{suffix}"] = round(statistics.median(ratios.values()), 4)
+                if len(ratios) > 1:
+                    out[f"{variant}_vs_pooled_per_repeat{suffix}"] = [ratios[k] for k in sorted(ratios)]
+            elif found and plain:
                 out[f"{variant}_vs_pooled{suffix}"] = _div(statistics.median(found), plain)
             if suffix == "":
+                # The GPU's share of the cost: the actors' forward rate (time inside the forward, its pooling and
+                # copy back), against the rest (the actors waiting for input or output: the busy fraction).
+                forward = paired_ratios(ok, variant, base_g, "forward_tokens_per_second")
+                if forward:
+                    out[f"{variant}_forward_vs_pooled"] = round(statistics.median(forward.values()), 4)
                 variant_runs = [r for r in ok.values() if r.get("variant") == variant]
                 rates = [r["per_token_bytes_per_second"] for r in variant_runs if r.get("per_token_bytes_per_second")]
                 if rates:
@@ -172,6 +184,53 @@ def compute_ratios(model: dict) -> dict:
         if one and four:
             out[f"scaling_efficiency_4gpu{suffix}"] = round(four / (4 * one), 4)
     return out
+
+
+def output_pairs(runs: dict, variant: str, gpus: int) -> dict[int, tuple[dict, dict]]:
+    """{repeat: (plain shadow-0 run, `variant` run of that repeat)} at `gpus` GPUs (run names g<G>_s0[_r<k>] and
+    g<G>_s0[_r<k>]_<variant>, as bench.py writes them), for the runs that finished."""
+    pairs: dict[int, tuple[dict, dict]] = {}
+    for name, run in runs.items():
+        if run.get("variant") != variant or not name.endswith(f"_{variant}"):
+            continue
+        base = name.removesuffix(f"_{variant}")
+        match, plain = _RUN_NAME.match(base), runs.get(base)
+        if match and plain and int(match["gpus"]) == gpus and float(match["rate"]) == 0:
+            pairs[int(match["repeat"] or 1)] = (plain, run)
+    return pairs
+
+
+def paired_ratios(runs: dict, variant: str, gpus: int, key: str) -> dict[int, float]:
+    """{repeat: variant run's `key` / the plain run's} for the pairs where both have the figure."""
+    return {k: round(v[key] / p[key], 4) for k, (p, v) in output_pairs(runs, variant, gpus).items()
+            if p.get(key) and v.get(key)}
+
+
+def output_pairs_lines(model: dict) -> list[str]:
+    """One line per output-variant run and its plain run (steady tok/s, forward tok/s, busy fraction, ratio), then
+    the median ratio per variant: what `bench.py gpu --outputs` logs at the end of a model."""
+    runs = {k: r for k, r in model.get("runs", {}).items() if r.get("exit_code") == 0 and r.get("tokens")}
+    if not runs:
+        return []
+    gpus = min(r["gpus"] for r in runs.values())
+    lines = []
+
+    def figures(run: dict) -> str:
+        busy = run.get("actor_busy_fraction")
+        return (f"{run.get('tokens_per_second_steady') or 0:,.0f} tok/s (forward "
+                f"{run.get('forward_tokens_per_second') or 0:,.0f}, busy {busy if busy is not None else '?'})")
+
+    for variant in sorted({r["variant"] for r in runs.values() if r.get("variant")}):
+        pairs = output_pairs(runs, variant, gpus)
+        ratios = paired_ratios(runs, variant, gpus, "tokens_per_second_steady")
+        for k in sorted(pairs):
+            plain, run = pairs[k]
+            lines.append(f"repeat {k}: pooled {figures(plain)} | {variant} {figures(run)}: {ratios.get(k)}")
+        if ratios:
+            forward = paired_ratios(runs, variant, gpus, "forward_tokens_per_second")
+            lines.append(f"{variant}_vs_pooled = {statistics.median(ratios.values()):.4f} (median of {len(ratios)} "
+                         f"pair(s); forward {statistics.median(forward.values()) if forward else None})")
+    return lines
 
 
 def summarize(doc: dict) -> None:

@@ -28,7 +28,14 @@ from bench_attention import parse_config  # noqa: E402
 from bench_cpu_stages import BENCH  # noqa: E402
 from bench_data import AA, synth, synth_arrays, write_random_esm2, write_short_fasta, write_synth_fasta  # noqa: E402
 from bench_monitor import child_env, run_logged, tail  # noqa: E402
-from bench_report import TARGETS, compute_ratios, markdown_table, merge_docs, summarize  # noqa: E402
+from bench_report import (  # noqa: E402
+    TARGETS,
+    compute_ratios,
+    markdown_table,
+    merge_docs,
+    output_pairs_lines,
+    summarize,
+)
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
@@ -404,6 +411,42 @@ def test_output_variants_are_planned_beside_the_plain_run_and_compared_with_it(t
     assert got["runner_tok_per_s_per_gpu"] == 200_000.0  # the variants are not plain runs
 
 
+def test_output_variants_alternate_sides_over_repeats(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    res = run_bench("gpu", "--models", "650M", "--gpus", "1", "--shadow-rates", "0", "--seqs", "650M=64",
+                    "--outputs", "layers3", "--repeats", "3", "--cpu-check", "0", "--dry-run", "--workdir", str(work))
+    assert res.returncode == 0, res.stderr
+    names = [option(c, "--out").rsplit("out-650M-", 1)[1] for c in runner_commands(res.stdout)]
+    assert names == ["g1-s0", "g1-s0-layers3", "g1-s0-r2-layers3", "g1-s0-r2", "g1-s0-r3", "g1-s0-r3-layers3"]
+
+
+def test_output_variants_are_compared_per_repeat_and_the_median_taken() -> None:
+    def pair(plain: float, variant: float, forward: tuple[float, float], busy: tuple[float, float]) -> tuple[dict, dict]:
+        return (run(1, 0.0, plain, plain / 2) | {"forward_tokens_per_second": forward[0], "actor_busy_fraction": busy[0]},
+                run(1, 0.0, variant, variant / 2) | {"variant": "layers3", "forward_tokens_per_second": forward[1],
+                                                    "actor_busy_fraction": busy[1]})
+
+    # The GPU was 10 % slower in repeat 2 than in the others: the median of the medians would mix repeats,
+    # the per-repeat ratios do not.
+    pairs = [pair(320_000.0, 313_600.0, (330_000.0, 326_700.0), (0.97, 0.96)),
+             pair(288_000.0, 276_480.0, (297_000.0, 291_060.0), (0.97, 0.95)),
+             pair(321_000.0, 317_790.0, (331_000.0, 327_690.0), (0.97, 0.97))]
+    runs = {}
+    for k, (plain, variant) in enumerate(pairs, start=1):
+        name = "g1_s0" + (f"_r{k}" if k > 1 else "")
+        runs[name], runs[f"{name}_layers3"] = plain, variant
+    runs["g1_s0_r4_layers3"] = run(1, 0.0, 1.0, 1.0) | {"variant": "layers3"}  # its plain run failed: no pair
+    runs["g1_s0_r4"] = run(1, 0.0, 1.0, 1.0, exit_code=124)
+    got = compute_ratios({"runs": runs})
+    assert got["layers3_vs_pooled_per_repeat"] == [0.98, 0.96, 0.99]
+    assert got["layers3_vs_pooled"] == 0.98
+    assert got["layers3_forward_vs_pooled"] == 0.99
+    lines = output_pairs_lines({"runs": runs})
+    assert len(lines) == 4 and lines[1].startswith("repeat 2: pooled 288,000 tok/s (forward 297,000, busy 0.97) | "
+                                                   "layers3 276,480 tok/s (forward 291,060, busy 0.95): 0.96")
+    assert lines[-1].startswith("layers3_vs_pooled = 0.9800 (median of 3 pair(s); forward 0.99")
+
+
 def test_compute_ratios_without_successful_runs() -> None:
     got = compute_ratios({"reference": REF, "runs": {"g1_s0": run(1, 0.0, 1.0, 1.0, exit_code=124)}})
     assert set(got) == {"reference_tok_per_s"}
@@ -578,3 +621,22 @@ def test_bench_attention_reads_launch_configurations() -> None:
     assert parse_config("128x64/w8/s3") == {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
     with pytest.raises(ValueError):
         parse_config("128x64")  # warps and stages are part of a configuration
+
+
+@pytest.mark.slow
+def test_bench_pooling_runs_both_settings_on_a_tiny_model(tmp_path: Path) -> None:
+    """scripts/bench_pooling.py's CPU smoke test: every figure for both settings, and the three-layer setting stores
+    the one-layer setting's vector in its last-layer mean column."""
+    out = tmp_path / "pooling.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    res = subprocess.run([sys.executable, str(SCRIPTS / "bench_pooling.py"), "--cpu", "--arch", "tiny", "--tokens",
+                          "1024", "--reps", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    figures = {"forward", "pool", "pool_legacy", "embed", "call"}
+    assert set(doc["median_ms"]["one"]) == set(doc["median_ms"]["three"]) == figures
+    assert all(v > 0 for v in doc["three_vs_one"].values())
+    assert doc["three"] == {"layers": [0, 1, 2], "poolings": ["mean", "cls", "max"]}
+    assert 0 < doc["batch_tokens"] <= 1024 and doc["batch_windows"] >= 1
+    assert doc["three_last_mean_max_abs_diff_vs_one"] == 0.0
