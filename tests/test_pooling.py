@@ -136,3 +136,38 @@ def test_every_family_resolves_layers_alike(models, family: str) -> None:
     assert torch.equal(first, model.forward_layers(*args, [0])[0])
     with pytest.raises(RunnerError, match=f"layer {model.num_layers} is asked for twice"):
         model.forward_layers(*args, [model.num_layers, -1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_pooling_of_a_full_batch_is_float32_accurate_and_never_waits_for_the_gpu() -> None:
+    """One 650M-shaped packed batch (65k tokens, D = 1280, three fp16 layers) pooled on the GPU: max and cls exact,
+    the means within float32 accumulation of a float64 reference, and no host sync (the actor's other call keeps
+    the GPU fed meanwhile)."""
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(32, 1025, (400,), generator=gen)
+    lengths = lengths[: int((lengths.cumsum(0) <= 65536).sum())]  # [B] windows that fit the budget
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    hiddens = [(torch.randn(int(cu[-1]), 1280, generator=gen) * 3 + 1).half() for _ in range(3)]  # [T, D] each
+    gpu = [h.cuda() for h in hiddens]
+    cu_gpu = cu.cuda()
+    out = torch.empty(len(lengths), 3 * len(POOLINGS), 1280, device="cuda")  # [B, C, D]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync inside raises
+    try:
+        pool_layers(gpu, cu_gpu, POOLINGS, 1, 1, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    got = out.cpu().numpy()
+    for li, hidden in enumerate(hiddens):
+        h = hidden.double().numpy()
+        for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+            residues = h[start + 1 : end - 1]
+            want = [residues.mean(0), h[start:end].mean(0), h[start], residues.max(0)]
+            for pi, (pooling, expected) in enumerate(zip(POOLINGS, want, strict=True)):
+                vector = got[b, li * len(POOLINGS) + pi]
+                if pooling in ("cls", "max"):
+                    assert np.array_equal(vector, expected.astype(np.float32)), (li, b, pooling)
+                else:
+                    np.testing.assert_allclose(vector, expected, rtol=0, atol=5e-5, err_msg=f"{li} {b} {pooling}")
