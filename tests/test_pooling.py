@@ -98,13 +98,37 @@ def test_pool_layers_writes_into_a_view_of_a_larger_buffer() -> None:
         pool_layers(hiddens, cu, ["max"], 1, 1, out=view)
 
 
-def test_windows_cut_into_specials_and_residues() -> None:
+def test_windows_cut_into_parts_and_pieces() -> None:
     cu = torch.tensor([0, 5, 6, 8, 20], dtype=torch.int32)  # windows of 5, 1, 2 and 12 tokens
-    segments, residues, tokens = window_segments(cu, 1, 1)
-    assert segments.tolist() == [1, 3, 1, 1, 0, 0, 1, 0, 1, 1, 10, 1]
+    pieces, parts, residues, tokens = window_segments(cu, 1, 1, 20, piece=4)
+    # [BOS | 3 residues | EOS], [BOS | none | none], [BOS | none | EOS], [BOS | 4 + 4 + 2 residues | EOS], padding
+    assert pieces.tolist() == [1, 3, 1, 1, 0, 0, 1, 0, 1, 1, 4, 4, 2, 1, 0, 0, 0]
+    assert parts.tolist() == [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 3, 1, 3]
     assert residues.tolist() == [3, 0, 0, 10] and tokens.tolist() == [5, 1, 2, 12]
-    assert int(segments.sum()) == 20  # the segments cover the stream exactly
-    assert window_segments(cu, 0, 2)[0].tolist()[:3] == [0, 3, 2]  # no start special (a tokenizer without BOS)
+    assert int(pieces.sum()) == 20 and int(parts.sum()) == len(pieces)  # each level covers the one below exactly
+    assert window_segments(cu, 0, 2, 20, piece=4)[0].tolist()[:4] == [0, 3, 2, 0]  # no BOS: an empty first part
+
+
+@pytest.mark.parametrize("piece", [1, 3, 64])
+def test_long_windows_pool_like_float64_whatever_the_piece_size(piece: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import runner.stages.pooling as pooling
+
+    # pool_layers cuts windows into pieces of `piece` tokens (PIECE in production): 1 and 3 cut every window.
+    monkeypatch.setattr(pooling, "window_segments",
+                        lambda *args, real=pooling.window_segments: real(*args, piece=piece))
+    gen = torch.Generator().manual_seed(2)
+    lengths = [130, 2, 70, 300, 65]
+    cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)
+    hidden = (torch.randn(int(cu[-1]), 4, generator=gen) * 3).half()
+    pooled = pool_layers([hidden], cu, POOLINGS, 1, 1)  # [B, 4, D]
+    h = hidden.double().numpy()
+    for b, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)):
+        residues = h[start + 1 : end - 1]
+        mean = residues.mean(0) if len(residues) else np.zeros(4)
+        top = residues.max(0) if len(residues) else np.full(4, -np.inf)
+        np.testing.assert_allclose(pooled[b, 0].numpy(), mean, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(pooled[b, 1].numpy(), h[start:end].mean(0), rtol=0, atol=1e-5)
+        assert np.array_equal(pooled[b, 2].numpy(), h[start]) and np.array_equal(pooled[b, 3].numpy(), top)
 
 
 def test_a_window_of_specials_only_has_a_zero_mean_and_a_minus_inf_max() -> None:
