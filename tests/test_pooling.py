@@ -195,3 +195,29 @@ def test_cuda_pooling_of_a_full_batch_is_float32_accurate_and_never_waits_for_th
                     assert np.array_equal(vector, expected.astype(np.float32)), (li, b, pooling)
                 else:
                     np.testing.assert_allclose(vector, expected, rtol=0, atol=5e-5, err_msg=f"{li} {b} {pooling}")
+
+
+def test_keeping_layers_compiles_nothing_more(tiny_esm2_path: Path) -> None:
+    """The layers asked for are kept outside the compiled layer parts: any mix of layers runs the same three graphs
+    (no recompile, no graph break), and the kept states equal eager ones."""
+    from runner.models.esm2 import ESM2Embedder
+
+    graphs: list[int] = []
+
+    def recording_backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    eager = load_model(str(tiny_esm2_path))
+    assert isinstance(eager, ESM2Embedder)
+    compiled = load_model(str(tiny_esm2_path))
+    torch._dynamo.reset()
+    compiled.use_compile(True, backend=recording_backend)
+    tokens = torch.from_numpy(eager.codec.encode("MKTAYIAKQRQISFVKSHFSRQ")).long()
+    cu = torch.tensor([0, 12, len(tokens)], dtype=torch.int32)  # two windows (the split is arbitrary here)
+    positions = torch.cat([torch.arange(12), torch.arange(len(tokens) - 12)])
+    for layers in ([0, 1, -1], [1], [-1], [1, 0]):
+        got = compiled.forward_layers(tokens, positions, cu, 12, layers)
+        want = eager.forward_layers(tokens, positions, cu, 12, layers)
+        assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want, strict=True))
+    assert compiled.compiling and len(graphs) == 3  # first inputs, middle and last output part, once each
