@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner.config import EmbedConfig, resolve_precision
+from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
     connect_ray,
@@ -220,6 +221,7 @@ def _run_locked(
         fused_gelu=not config.exact_gelu,
         compile_layers=on_gpu if config.compile_layers is None else config.compile_layers,
         compile_cache=config.compile_cache,
+        compile_cache_dir=chosen_compile_cache_dir() or "",
         shadow_rate=config.shadow_rate,
         per_token=spec.per_token,
         tokens_dir=str((out_dir / TOKENS_DIR).resolve()),

@@ -10,9 +10,11 @@ Everything lives under `$RUNNER_CACHE_DIR`, else `$XDG_CACHE_HOME/runner`, else 
 
 from __future__ import annotations
 
+import getpass
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -38,17 +40,46 @@ def compile_cache_dir() -> Path:
     return cache_dir() / COMPILE_CACHE_NAME
 
 
-def use_compile_cache() -> Path | None:
-    """Point this process's TorchInductor caches at `compile_cache_dir()` (with the FX-graph and AOT-autograd
-    caches on), unless the user set TORCHINDUCTOR_CACHE_DIR; call before anything compiles. Returns the
-    directory used, or None when it cannot be created (torch then keeps its default, a temporary dir)."""
-    directory = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or compile_cache_dir())
+def torch_default_compile_dir() -> str:
+    """TorchInductor's own default cache dir, `<tmp>/torchinductor_<user>` (as torch's
+    `cache_dir_utils.default_cache_dir`, computed here because importing that module imports torch._inductor)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, ModuleNotFoundError, OSError):
+        user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+    return os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+
+
+def chosen_compile_cache_dir() -> str | None:
+    """TORCHINDUCTOR_CACHE_DIR as the user set it in this (the driver's) environment, else None.
+
+    Importing torch._inductor sets TORCHINDUCTOR_CACHE_DIR to torch's default in the importing process, so a
+    value equal to that default is not taken for a choice (choosing torch's default on purpose gives the same
+    directory the actors would use without runner's cache anyway)."""
+    value = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not value or os.path.abspath(value) == os.path.abspath(torch_default_compile_dir()):
+        return None
+    return value
+
+
+def use_compile_cache(chosen: str | None = None) -> Path | None:
+    """Point this process's TorchInductor caches at `chosen` (the user's TORCHINDUCTOR_CACHE_DIR, read on the
+    driver by `chosen_compile_cache_dir`) or else `compile_cache_dir()`, with the FX-graph and AOT-autograd
+    caches on; call before anything compiles. Returns the directory used, or None when it cannot be created
+    (torch then keeps its default, a temporary dir).
+
+    This process's own TORCHINDUCTOR_CACHE_DIR is used only when it is not torch's default: whatever imported
+    torch._inductor in this worker before (it sets the variable to its default on import) must not decide. An
+    embedding actor on an H200 reported /tmp/torchinductor_root that way while the shadow actors used runner's
+    directory."""
+    here = chosen_compile_cache_dir()  # e.g. a cluster whose workers' environment sets it
+    directory = Path(chosen or here or compile_cache_dir())
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         log.warning("compile cache %s unusable (%s): compiling without it", directory, e.strerror or e)
         return None
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(directory)  # torch reads it at each use: cache_dir_utils.cache_dir
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
     return directory

@@ -60,6 +60,7 @@ class StageSettings:
     fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
     compile_cache: bool = True  # keep TorchInductor's caches in runner's cache dir across runs (runner.driver.cache)
+    compile_cache_dir: str = ""  # the user's TORCHINDUCTOR_CACHE_DIR on the driver; "" = runner's dir on each node
     # inductor compile workers: 0 = torch's default (about one per core); -1 = a quarter of this node's cores (1 to 8)
     compile_threads: int = 0
     fp32_math: str = "ieee"  # fp32 projections on CUDA: runner.config.SHADOW_MATHS (for the shadow)
@@ -242,7 +243,7 @@ class EmbedStage:
     def __init__(self, settings: StageSettings) -> None:
         init_at = time.time()
         self.settings = settings
-        compile_cache = use_compile_cache() if settings.compile_layers and settings.compile_cache else None
+        compile_cache = use_compile_cache(settings.compile_cache_dir or None) if settings.compile_layers and settings.compile_cache else None
         if settings.device == "cpu":
             torch.set_num_threads(max(1, settings.cpu_threads))
             self.device = torch.device("cpu")
