@@ -1,0 +1,73 @@
+"""Start-up: the compile cache an actor really uses, and the fast end of a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO
+
+# Run in a fresh process, as an embedding actor's worker is: torch._inductor is imported first (importing it sets
+# TORCHINDUCTOR_CACHE_DIR to torch's /tmp default in that process, as happened in the H200's embedding actors),
+# then the stage is built with compiling on. Compiling itself is skipped (eager; a CPU compile takes minutes
+# here): what is checked is where TorchInductor would write, as the stage reports it and as torch resolves it.
+ACTOR = """
+import json, os, sys
+import torch._inductor.config  # noqa: F401  (what something in the worker did before the actor's __init__)
+imported_default = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+from runner.models.esm2 import ESM2Embedder
+ESM2Embedder.use_compile = lambda self, on, backend="inductor": False
+from runner.stages.embed_stage import EmbedStage, StageSettings
+stage = EmbedStage(StageSettings(sys.argv[1], "fp32", -1, "mean", "cpu", compile_layers=True,
+                                 compile_cache_dir=sys.argv[2]))
+from torch._inductor.runtime.cache_dir_utils import cache_dir
+print(json.dumps({"imported_default": imported_default, "reported": stage.startup_report()["compile_cache"],
+                  "torch_uses": cache_dir()}))
+"""
+
+
+def run_actor(checkpoint: Path, cache: Path, chosen: str = "", inductor_env: str | None = None) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(cache)}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    if inductor_env is not None:
+        env["TORCHINDUCTOR_CACHE_DIR"] = inductor_env
+    done = subprocess.run([sys.executable, "-c", ACTOR, str(checkpoint), chosen], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_actor_uses_runner_compile_cache_even_after_torch_set_its_default(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    from runner.driver.cache import torch_default_compile_dir
+
+    seen = run_actor(tiny_esm2_path, tmp_path / "cache")
+    assert seen["imported_default"] == torch_default_compile_dir()  # the trap is really there
+    ours = str(tmp_path / "cache" / "torch-compile")
+    assert seen["reported"] == seen["torch_uses"] == ours
+    assert (tmp_path / "cache" / "torch-compile").is_dir()
+
+
+def test_actor_uses_the_directory_the_user_chose(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """TORCHINDUCTOR_CACHE_DIR set by the user on the driver travels in the settings; one set in the worker's own
+    environment (a cluster's) is kept when no choice came from the driver."""
+    chosen = str(tmp_path / "mine")
+    seen = run_actor(tiny_esm2_path, tmp_path / "cache", chosen=chosen)
+    assert seen["reported"] == seen["torch_uses"] == chosen
+    node = str(tmp_path / "node")
+    seen = run_actor(tiny_esm2_path, tmp_path / "cache", inductor_env=node)
+    assert seen["reported"] == seen["torch_uses"] == node
+
+
+def test_chosen_compile_cache_dir_ignores_torch_default(monkeypatch) -> None:
+    from runner.driver.cache import chosen_compile_cache_dir, torch_default_compile_dir
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    assert chosen_compile_cache_dir() is None
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", torch_default_compile_dir())
+    assert chosen_compile_cache_dir() is None
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/data/inductor")
+    assert chosen_compile_cache_dir() == "/data/inductor"
+
