@@ -26,7 +26,7 @@ from runner.driver.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.attention import plan_attention, select_backend
 from runner.kernels.fp16x3 import SplitLinear
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
+from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers, uninitialised_weights
 from runner.models.checkpoints import (
     download_esm2,
     hub_checkpoint_dir,
@@ -369,10 +369,11 @@ def _name_list(names: list[str], limit: int = 10) -> str:
 
 
 def _build_esm2(layers: int, dim: int, heads: int, token_dropout: bool) -> torch.nn.Module:
-    """fair-esm's ESM2 module on the meta device: no memory and no random init until weights are assigned."""
+    """fair-esm's ESM2 module with uninitialised weights (runner.models.base.uninitialised_weights): no random
+    init and no memory until its weights are assigned; its names and shapes serve the pre-flight check."""
     from esm.model.esm2 import ESM2
 
-    with torch.device("meta"):
+    with uninitialised_weights():
         return ESM2(
             num_layers=layers,
             embed_dim=dim,
@@ -388,7 +389,7 @@ def _count_parameters(module: torch.nn.Module) -> int:
 
 def check_esm2_weights(expected: dict[str, Any], state: dict[str, Any], path: Path) -> None:
     """CheckpointError naming missing, unexpected or wrong-shaped weights. Only names and shapes are read, so
-    the state may be memory-mapped or meta tensors (the pre-flight check reads no weight data)."""
+    the state may be memory-mapped tensors (the pre-flight check reads no weight data)."""
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
         raise CheckpointError(f"{path} state dict holds non-tensor entries: {_name_list(not_tensors)}")
@@ -416,22 +417,22 @@ def check_esm2_weights(expected: dict[str, Any], state: dict[str, Any], path: Pa
 
 
 def _assign_weights(model: torch.nn.Module, state: dict[str, Any], path: Path) -> None:
-    """Put checkpoint tensors into the meta-built module; CheckpointError naming anything missing or odd."""
-    expected = model.state_dict()  # meta tensors: names and shapes
+    """Put checkpoint tensors into the module built by _build_esm2 (uninitialised); CheckpointError naming
+    anything missing or odd."""
+    expected = model.state_dict()  # names and shapes (the values are uninitialised)
     check_esm2_weights(expected, state, path)
     model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False, assign=True)
     # assign=True replaces parameters one by one, which unties the LM head from the embedding; re-tie it.
     model.lm_head.weight = model.embed_tokens.weight
-    _materialise_absent(model)
+    _materialise_absent(model, [k for k in expected if k not in state and k != "lm_head.weight"])
 
 
-def _materialise_absent(model: torch.nn.Module) -> None:
-    """Give the optional entries a checkpoint lacked real values (they are never read for embeddings)."""
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if not tensor.is_meta:
-            continue
+def _materialise_absent(model: torch.nn.Module, names: list[str]) -> None:
+    """Give the optional entries a checkpoint lacked (`names`) real values (they are never read for embeddings)."""
+    for name in names:
         owner_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(owner_name)
+        tensor = owner._parameters[attr] if attr in owner._parameters else owner._buffers[attr]
         if attr == "inv_freq":
             owner._buffers[attr] = default_inv_freq(tensor.shape[0] * 2)  # [hd/2]
         else:

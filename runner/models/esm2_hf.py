@@ -346,7 +346,7 @@ def fair_esm_state(
     the embedding rows in fair-esm's token order). One CheckpointError lists whatever is missing, unexpected
     or of the wrong shape."""
     names = hf_to_fair_esm_names(config.layers)
-    expected = _build_esm2(config.layers, config.dim, config.heads, config.token_dropout).state_dict()  # meta
+    expected = _build_esm2(config.layers, config.dim, config.heads, config.token_dropout).state_dict()  # names, shapes
     state: dict[str, torch.Tensor] = {}
     inv_freqs: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
