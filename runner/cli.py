@@ -352,7 +352,16 @@ def verify(directory: str) -> None:
 
 
 def main() -> None:
-    cli(prog_name="runner")
+    """The `runner` command. Once a command that started a local Ray has finished (its outputs closed, the
+    manifest final), the process ends at once instead of waiting on Ray's graceful stop (runner.driver.cluster.end_now)."""
+    try:
+        cli(prog_name="runner")
+    except SystemExit as e:
+        from runner.driver.cluster import end_now, local_ray_processes
+
+        if local_ray_processes():
+            end_now(e.code)
+        raise
 
 
 if __name__ == "__main__":

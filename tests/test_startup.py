@@ -71,3 +71,38 @@ def test_chosen_compile_cache_dir_ignores_torch_default(monkeypatch) -> None:
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/data/inductor")
     assert chosen_compile_cache_dir() == "/data/inductor"
 
+
+def ray_processes_under(directory: str) -> list[str]:
+    """Command lines of the live processes that name `directory` (a Ray session's GCS, raylet, workers...)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if proc.name.isdigit() and directory in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_embed_ends_its_local_ray_at_once(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """The command ends right after its summary: the manifest is final before, and no process of the local Ray it
+    started (GCS, raylet, actors) outlives it; nothing from Ray's end reaches the terminal."""
+    import tempfile
+    import time
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp, "RUNNER_CACHE_DIR": str(tmp_path / "c")}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "emb"
+    done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",
+                           str(tiny_esm2_path), "--out", str(out), "--gpus", "0", "--no-progress"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("15 embeddings, 0 rejects"), done.stderr
+    assert not [line for line in done.stderr.splitlines() if "ERROR" in line or "Warning" in line], done.stderr
+    assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
+    deadline = time.monotonic() + 15  # the raylet's workers notice it is gone within moments
+    while ray_processes_under(ray_tmp) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_processes_under(ray_tmp) == []
