@@ -281,11 +281,13 @@ def _run_locked(
                 copies,
                 spec,
             )
+            clock.mark("stream_ended")
             if signals.signum is None:
                 if shadow is not None:
                     shadow.close()  # waits for the comparisons still running
                     record_shadow(report, shadow)
                     shadow = None
+                    clock.mark("shadow_drained")
                 # the open part's rows count too: a small job's only part closes after this check
                 check_something_embedded(report, paths, rejects, resume.rows + writer.rows_written + writer.rows_open)
                 report.status = "complete"
@@ -324,6 +326,7 @@ def _run_locked(
                 resume.rows,
                 started,
                 hard_stop,
+                clock,
             )
     except _StopNow as stop:  # a signal before the stream ran, or a second one while the outputs were closed
         if report.status == "running":  # the outputs were not closed: say so in the manifest
@@ -355,8 +358,10 @@ def finish_outputs(
     resumed_rows: int,
     started: float,
     hard_stop: bool,
+    clock: StartupClock | None = None,
 ) -> None:
     """Close every output and write the manifest, even on failure; raise the first write error at the end.
+    With `clock`, the manifest's `ending` section times the job's end (StartupClock.ending).
 
     A graceful end finishes the open part (it holds only complete rows); a hard stop deletes it, so
     either way only complete parts are visible.
@@ -397,6 +402,10 @@ def finish_outputs(
         report.status = "failed"
     manifest.reject_reasons = rejects.reasons
     manifest.extra["shadow"] = report.shadow
+    if clock is not None:
+        clock.mark("outputs_closed")
+        last_batch_done = max((actor.last_done for actor in report.actors.values()), default=0.0)
+        manifest.extra["ending"] = clock.ending(last_batch_done or None)
     try:
         manifest.write(report)
     except OSError as e:

@@ -2,16 +2,18 @@
 
     # one H200, 650M (random weights, fp32 file like the released one), 1,515 synthetic proteins:
     python scripts/bench_startup.py --arch 650M --seqs 1515 --gpus 1 --warm-runs 2
-    # the CPU quickstart:
-    python scripts/bench_startup.py --checkpoint models/esm2_tiny.pt --input tests/data/some_proteins.fasta \\
-        --gpus 0 --warm-runs 2 --out benchmarks/results/2026-11-30-cpu-startup.json
+    # the README's CPU quickstart (models/esm2_tiny.pt, built if missing; tests/data/some_proteins.fasta):
+    python scripts/bench_startup.py --cpu --warm-runs 2 --out benchmarks/results/2026-11-30-cpu-startup.json
 
 Each run is `python -m runner embed INPUT --model CKPT --out DIR --gpus G --no-progress` in a subprocess, with
 RUNNER_CACHE_DIR (checkpoint hashes, TorchInductor's caches) and TRITON_CACHE_DIR pointing at one fresh
 directory per benchmark: the first run is cold (empty caches: the checkpoint is hashed, the layers compile
 from scratch), the next ones warm (the hash remembered, compiled layers loaded from the cache). A run's
 figures come from its manifest's `startup` section (command start -> first embeddings on the driver, and
-each phase) plus the wall time seen from here. Writes a JSON file (the commands included) and prints a table.
+each phase), its `ending` section (last batch -> stream end -> shadow drained -> outputs closed and the
+manifest final), the wall time seen from here and `exit_after_manifest_seconds` (the manifest's final write ->
+the process gone: Ray's teardown and the interpreter's). Writes a JSON file (the commands included) and prints
+a line per run.
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
     load = os.getloadavg()[0]
     started = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    wall = time.time() - started
+    ended = time.time()
+    wall = ended - started
     manifest_path = out_dir / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
     startup = manifest.get("startup") or {}
+    ending = manifest.get("ending") or {}
+    final_at = ending.get("manifest_final_at")
     return {
         "loadavg_1m_before": round(load, 2),  # other work on the machine (a shared box distorts every figure)
         "returncode": done.returncode,
@@ -57,15 +62,28 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
         "phases": startup.get("phases"),
         "compile_cache": startup.get("compile_cache"),
         "job_wall_seconds": (manifest.get("throughput") or {}).get("wall_seconds"),
+        "ending": ending.get("phases"),
+        "exit_after_manifest_seconds": round(ended - final_at, 3) if final_at else None,
         "rows": (manifest.get("counts") or {}).get("rows"),
         "stderr_tail": done.stderr[-1500:] if done.returncode else None,
         "stderr_lines": len(done.stderr.splitlines()),
     }
 
 
+def quickstart_checkpoint() -> Path:
+    """models/esm2_tiny.pt as the README's quickstart builds it (scripts/make_tiny_checkpoints.py), built if missing."""
+    path = REPO / "models" / "esm2_tiny.pt"
+    if not path.is_file():
+        subprocess.run([sys.executable, str(REPO / "scripts" / "make_tiny_checkpoints.py"), str(path.parent)],
+                       check=True, capture_output=True)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--cpu", action="store_true",
+                    help="the README's CPU quickstart: models/esm2_tiny.pt (built if missing), its 15 proteins, --gpus 0")
     ap.add_argument("--arch", choices=sorted(ARCH), help="random-weight fair-esm checkpoint of this architecture")
     ap.add_argument("--checkpoint", help="an existing .pt file or model name instead of --arch")
     ap.add_argument("--ckpt-dtype", default="fp32", choices=["fp16", "fp32"],
@@ -80,8 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900)
     ap.add_argument("--note", help="a remark stored with the results (e.g. what else ran on the machine)")
     args = ap.parse_args(argv)
+    if args.cpu:
+        args.gpus = 0
+        args.checkpoint = args.checkpoint or str(quickstart_checkpoint())
+        args.input = args.input or str(REPO / "tests" / "data" / "some_proteins.fasta")
     if not args.arch and not args.checkpoint:
-        ap.error("give --arch or --checkpoint")
+        ap.error("give --cpu, --arch or --checkpoint")
 
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench-startup-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -115,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                                               args.timeout)}
         runs.append(result)
         print(f"{result['mode']:5s} first output {result['to_first_output_seconds']} s, wall {result['wall_seconds']} s, "
-              f"rc {result['returncode']}: {json.dumps(result['phases'])}", flush=True)
+              f"exit after the manifest {result['exit_after_manifest_seconds']} s, rc {result['returncode']}: "
+              f"{json.dumps(result['phases'])}; ending {json.dumps(result['ending'])}", flush=True)
         if result["returncode"]:
             print(result["stderr_tail"], file=sys.stderr)
 

@@ -4,6 +4,10 @@ Driver-side phases are timed where they run (`StartupClock.phase`); actor-side p
 output of each embedding actor (`EmbedStage.startup_report`, the `startup` column), on the actors' own
 wall clocks. Phases that run side by side (the checkpoint hash and the input scan beside Ray's start) are
 recorded with their own durations; the line and `to_first_output_seconds` follow the critical path.
+
+The job's end is timed the same way (`StartupClock.ending`, the manifest's `ending` section): the last batch done
+on an actor -> the stream ended on the driver -> the FP32 shadow drained -> the outputs closed and the manifest
+final. After that the process only exits (runner.driver.cluster.end_now).
 """
 
 from __future__ import annotations
@@ -113,3 +117,21 @@ class StartupClock:
         head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"
         tail = f" ({' and '.join(beside)} beside Ray's start)" if beside else ""
         return f"{head}: {', '.join(parts)}{tail}"
+
+    def ending(self, last_batch_done: float | None) -> dict[str, Any]:
+        """The manifest's `ending` section: seconds from the last batch done on an actor (its own clock) to the
+        manifest's final write, by phase. Written last thing before the process exits, so `manifest_final_at`
+        (time.time()) lets a benchmark time the exit itself."""
+        stream_end, shadow, closed = (self.marks.get(k) for k in ("stream_ended", "shadow_drained", "outputs_closed"))
+        before_close = shadow or stream_end
+        phases = {
+            # the rows of the last batch reach the driver, Ray Data's executor shuts down
+            "stream_end": stream_end - last_batch_done if stream_end and last_batch_done else None,
+            "shadow_drain": shadow - stream_end if shadow and stream_end else None,  # comparisons still running
+            "close_outputs": closed - before_close if closed and before_close else None,  # parts, rejects, tokens
+        }
+        return {
+            "last_batch_done": last_batch_done,
+            "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
+            "manifest_final_at": time.time(),
+        }
