@@ -257,11 +257,15 @@ def parse_setting(key: str, value: Any, kind: Any, where: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise RunnerError(f"{where}: {key}: {value!r} is not a text value (like --{name})")
-    if typing.get_origin(kind) is list:  # inputs: one path or a list of paths
+    if typing.get_origin(kind) is list and typing.get_args(kind)[0] is str:  # inputs: one path or a list of paths
         items = [value] if isinstance(value, str) else value
         if isinstance(items, list) and all(isinstance(v, str) for v in items):
             return list(items)
         raise RunnerError(f"{where}: {key}: {value!r} is not a path or a list of paths")
+    if typing.get_origin(kind) is list:  # layers, pooling: a YAML list or the flag's "0,17,33" / "mean,cls"
+        if isinstance(value, (list, str, int)) and not isinstance(value, bool):
+            return value  # EmbedConfig.__post_init__ makes it a list, validate() checks its values
+        raise RunnerError(f"{where}: {key}: {value!r} is not a list: give [a, b] or a,b (like --{name})")
     return value
 
 

@@ -28,6 +28,29 @@ def test_flags_win_over_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "text",
+    ["layers: [0, 1, -1]\npooling: [mean, cls]\n", "layers: 0,1,-1\npooling: mean,cls\n", "layers: '0, 1, -1'\npooling: 'mean, cls'\n"],
+)
+def test_layer_and_pooling_lists_in_a_config_file(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    config = EmbedConfig(inputs=["a.fa"], model="m.pt", out="o").with_overrides(load_config_file(path)).validate()
+    assert (config.layers, config.pooling) == ([0, 1, -1], ["mean", "cls"])
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("layers: {a: 1}\n", "layers: {'a': 1} is not a list"), ("layers: [1, x]\n", "--layers takes whole numbers"),
+     ("pooling: [mean, median]\n", "--pooling takes"), ("inputs: [a.fa, 3]\n", "not a path or a list of paths")],
+)
+def test_bad_lists_in_a_config_file(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(RunnerError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EmbedConfig(inputs=["a.fa"], model="m.pt", out="o").with_overrides(load_config_file(path)).validate()
+
+
+@pytest.mark.parametrize(
     "text, message",
     [("layer: [1, 2\n", "not valid YAML"), ("- a\n- b\n", "mapping"), ("modle: x\n", "unknown setting(s) modle")],
 )
