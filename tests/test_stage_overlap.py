@@ -11,6 +11,7 @@ import pyarrow as pa
 import runner.stages.embed_stage as embed_stage
 from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.models.registry import load_codec
+from runner.output.checksums import file_crc
 from runner.stages.embed_stage import EmbedStage, StageSettings
 
 DATA = Path(__file__).parent / "data"
@@ -68,6 +69,11 @@ def test_one_call_writes_its_token_file_while_the_other_runs_its_forward(tiny_es
     for out in outs:
         embedded = out.filter(out.column("id").is_valid())
         files = set(embedded.column("tokens_file").to_pylist())
-        assert len(files) == 1 and (tmp_path / "tokens" / files.pop()).is_file()  # complete before the rows left
+        assert len(files) == 1 and (tmp_path / "tokens" / next(iter(files))).is_file()  # complete before the rows left
+        # Each window carries its file's checksum record, computed as the actor wrote it: the bytes on disk.
+        path = tmp_path / "tokens" / files.pop()
+        crc, size = file_crc(path)
+        records = embedded.column("tokens_checksum").to_pylist()
+        assert records == [{"rows": pa.ipc.open_file(path).read_all().num_rows, "bytes": size, "crc32": crc}] * len(records)
     # The startup report rides on exactly one output, whichever call finished first.
     assert sum(v is not None for out in outs for v in out.column("startup").to_pylist()) == 1

@@ -3,6 +3,7 @@ files exactly-once (reconcile on resume and at the end of a run)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 from runner.input.batch import TokenizedRecord
 from runner.input.packing import pack_block
 from runner.input.prepare import chunk_starts
+from runner.output.checksums import FileChecksum, append_records, check_file, file_crc, read_records
 from runner.output.resume import scan_parts
 from runner.output.sink import EmbeddedRows, OutputSpec, PartWriter
 from runner.output.tokens import (
+    count_rows,
     reconcile,
     remove_temporaries,
     stitch_cuts,
@@ -72,8 +75,10 @@ def token_file(out: Path, ids: list[str], ordinals: list[int]) -> str:
     shard.mkdir(parents=True, exist_ok=True)
     lengths = np.array([2] * len(ids), np.int32)
     arrays = [np.arange(6 * len(ids), dtype=np.float32).reshape(-1, 3) + 100 * ordinals[0]]
-    name, _ = write_token_file(shard, token_table(ids, np.array(ordinals), arrays, lengths, token_schema((2,), 3, "float32")))
-    return f"host-cpu-1/{name}"
+    written = write_token_file(shard, token_table(ids, np.array(ordinals), arrays, lengths,
+                                                  token_schema((2,), 3, "float32")))
+    append_records(out, [written.record("host-cpu-1")])  # as the driver journals it with the part committing it
+    return f"host-cpu-1/{written.name}"
 
 
 def write_part(out: Path, number: int, ids: list[str], ordinals: list[int], files: list[str], rows: list[int]) -> str:
@@ -138,10 +143,92 @@ def test_reconcile_keeps_a_row_that_dedup_copies_share(tmp_path: Path) -> None:
 
 
 def test_a_rewritten_part_keeps_a_valid_checksum(tmp_path: Path) -> None:
-    from runner.output.checksums import check_file, read_records
-
     partial = token_file(tmp_path, ["c", "d"], [0, 1])
     part = write_part(tmp_path, 0, ["c"], [0], [partial], [0])
     assert reconcile(tmp_path, [part]).rewritten == 1
     record = read_records(tmp_path)[f"embeddings/{part}"]
     assert check_file(tmp_path / "embeddings" / part, record) is None
+
+
+def test_a_token_files_checksum_is_computed_as_it_is_written(tmp_path: Path) -> None:
+    shard = tmp_path / "shard"
+    shard.mkdir()
+    table = token_table(["a", "b"], np.array([0, 1]), [np.arange(15, dtype=np.float32).reshape(5, 3)],
+                        np.array([2, 3], np.int32), token_schema((2,), 3, "float32"))
+    written = write_token_file(shard, table)
+    crc, size = file_crc(shard / written.name)
+    assert (written.rows, written.bytes, written.crc32) == (2, size, crc)
+    assert written.record("shard").name == f"tokens/shard/{written.name}"
+    assert pa.ipc.open_file(shard / written.name).read_all().equals(table)
+    assert [p.name for p in shard.iterdir()] == [written.name]  # no temporary left
+
+
+def flip_vector_bytes(path: Path, values: np.ndarray) -> None:
+    """Complement 8 bytes inside the stored `values` (float32) of file `path`: same size, structure and footer."""
+    data = bytearray(path.read_bytes())
+    start = data.find(values.astype(np.float32).tobytes()) + 4
+    assert start >= 4
+    data[start : start + 8] = bytes(255 - b for b in data[start : start + 8])
+    path.write_bytes(bytes(data))
+
+
+def test_resume_deletes_a_corrupt_token_file_with_every_part_pointing_at_it(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    good = token_file(tmp_path, ["a"], [0])
+    bad = token_file(tmp_path, ["b", "c", "d"], [1, 2, 3])
+    write_part(tmp_path, 0, ["a", "b"], [0, 1], [good, bad], [0, 0])
+    write_part(tmp_path, 1, ["c"], [2], [bad], [1])
+    write_part(tmp_path, 2, ["d"], [3], [bad], [2])
+    assert scan_parts(tmp_path, schema=SPEC.schema(), per_token=True).redone_parts == []  # sound as written
+    flip_vector_bytes(tmp_path / "tokens" / bad, np.arange(18) + 100)  # token_file's values for ordinal 1
+    assert count_rows(tmp_path / "tokens" / bad) == 3  # the footer still reads: only the checksum can tell
+    with caplog.at_level("WARNING", logger="runner"):
+        state = scan_parts(tmp_path, schema=SPEC.schema(), per_token=True)
+    assert state.parts == [] and state.redone_parts == ["part-00000.arrow", "part-00001.arrow", "part-00002.arrow"]
+    assert state.bad_token_files == [bad] and not (tmp_path / "tokens" / bad).exists()
+    assert state.done.count == 0
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and bad in lines[0] and "checksum mismatch" in lines[0] and "part-00002.arrow" in lines[0]
+    records = read_records(tmp_path)
+    assert f"tokens/{bad}" not in records and f"tokens/{good}" in records
+    assert not any(name.startswith("embeddings/") for name in records)  # the deleted parts' records went too
+
+
+def test_resume_redoes_the_parts_of_a_truncated_token_file(tmp_path: Path) -> None:
+    kept = token_file(tmp_path, ["a"], [0])
+    cut = token_file(tmp_path, ["b"], [1])
+    write_part(tmp_path, 0, ["a"], [0], [kept], [0])
+    write_part(tmp_path, 1, ["b"], [1], [cut], [0])
+    path = tmp_path / "tokens" / cut
+    path.write_bytes(path.read_bytes()[:-40])
+    state = scan_parts(tmp_path, schema=SPEC.schema(), per_token=True)
+    assert state.parts == ["part-00000.arrow"] and state.bad_token_files == [cut]
+
+
+def test_reconcile_journals_the_rewritten_token_file(tmp_path: Path) -> None:
+    partial = token_file(tmp_path, ["c", "d"], [0, 1])
+    part = write_part(tmp_path, 0, ["d"], [1], [partial], [1])
+    assert reconcile(tmp_path, [part]).rewritten == 1
+    new = pa.ipc.open_file(tmp_path / "embeddings" / part).read_all()["tokens_file"][0].as_py()
+    records = read_records(tmp_path)
+    assert f"tokens/{partial}" not in records
+    assert check_file(tmp_path / "tokens" / new, records[f"tokens/{new}"]) is None
+    assert records[f"tokens/{new}"]["rows"] == 1
+    assert scan_parts(tmp_path, schema=SPEC.schema(), per_token=True).parts == [part]
+
+
+def test_part_writer_journals_the_token_files_before_the_part(tmp_path: Path) -> None:
+    writer = PartWriter(tmp_path, 3, 100, per_token=True)
+    record = FileChecksum("tokens/s/tok-0123456789abcdef0123456789abcdef.arrow", 2, 100, "0badcafe")
+    writer.note_token_files([record])
+    writer.write(EmbeddedRows(["a"], np.full(1, 2, np.int32), np.zeros(1, bool), np.zeros((1, 3), np.float32),
+                              np.array([0], np.int64), tokens_file=["s/x"], tokens_row=np.array([0], np.int32)))
+    assert read_records(tmp_path) == {}  # nothing journaled while the part is open
+    writer.close()
+    lines = (tmp_path / "checksums.jsonl").read_text().splitlines()
+    assert [json.loads(line)["file"] for line in lines] == [record.name, "embeddings/part-00000.arrow"]
+    writer2 = PartWriter(tmp_path, 3, 100, first_part=1, per_token=True)
+    writer2.write(EmbeddedRows(["b"], np.full(1, 2, np.int32), np.zeros(1, bool), np.zeros((1, 3), np.float32),
+                               np.array([1], np.int64), tokens_file=["s/x"], tokens_row=np.array([1], np.int32)))
+    writer2.close()
+    assert len((tmp_path / "checksums.jsonl").read_text().splitlines()) == 3  # each record once

@@ -18,9 +18,11 @@ from runner.driver.signals import StopSignals
 from runner.errors import NonFiniteEmbedding, RunnerError, first_line
 from runner.input.batch import Reject
 from runner.input.dedup import CopyWriter
+from runner.output.checksums import FileChecksum
 from runner.output.report import JobReport
 from runner.output.resume import OrdinalSet
 from runner.output.sink import ChunkMerger, EmbeddedRows, OutputSpec, PartWriter, RejectWriter
+from runner.output.tokens import TOKENS_DIR
 from runner.stages.shadow import ShadowMonitor
 
 log = logging.getLogger("runner")
@@ -205,6 +207,7 @@ def handle_table(
     report.batches += int((budgets > 0).sum())
     report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
     report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
+    note_token_files(table, writer)
     token_bytes = table.column("tokens_bytes").to_numpy()
     report.token_files_written += int((token_bytes > 0).sum())
     report.token_bytes_written += int(token_bytes.sum())
@@ -312,6 +315,24 @@ def handle_table(
     report.records_done += len(rows)
     writer.write(rows)
     metrics.written(len(rows))
+
+
+def note_token_files(table: pa.Table, writer: PartWriter) -> None:
+    """--per-token: hand the checksums of the token files this table's rows point at to the part writer, which
+    journals them with the part that commits those rows (runner.output.tokens says why there)."""
+    if not writer.per_token:
+        return
+    checked = table.column("tokens_checksum").is_valid().to_numpy(zero_copy_only=False)
+    if not checked.any():
+        return
+    sub = table.filter(pa.array(checked))
+    files = sub.column("tokens_file").to_pylist()
+    first: dict[str, int] = {}  # one row per file: every window pointing at a file carries the same record
+    for i, name in enumerate(files):
+        first.setdefault(name, i)
+    records = sub.column("tokens_checksum").take(pa.array(list(first.values()))).to_pylist()
+    writer.note_token_files([FileChecksum(f"{TOKENS_DIR}/{name}", r["rows"], r["bytes"], r["crc32"])
+                             for name, r in zip(first, records, strict=True)])
 
 
 def take_copies(table: pa.Table, is_copy: np.ndarray, copies: CopyWriter, rejects: RejectWriter,

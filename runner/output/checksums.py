@@ -2,9 +2,13 @@
 
 Each part's CRC-32 (zlib.crc32: ~1.5 GB/s on one core, see benchmarks/results/2026-11-30-checksum-cost.json) is
 computed by the writer as the bytes go out (`ChecksummedFile`), so it costs no extra read. It is appended, with
-the part's rows and bytes, to `DIR/checksums.jsonl` (paths relative to DIR, so per-token files can join it)
-and fsynced BEFORE the part is renamed into place:
-every visible part has its line. The manifest's `checksums` section repeats the journal at the end of the run.
+the part's rows and bytes, to `DIR/checksums.jsonl` (paths relative to DIR) and fsynced BEFORE the part is renamed
+into place: every visible part has its line. The manifest's `checksums` section repeats the journal at the end of
+the run.
+
+Per-token files (`tokens/<shard>/tok-<uuid>.arrow`) are summed the same way by the embedding actor that writes
+them, but only the driver writes this journal: the record travels back with the batch's rows and is journaled
+in the same fsynced append as the pooled part that commits those rows (runner.output.tokens says why).
 CRC-32 detects every burst error up to 32 bits and any other corruption with probability 1 - 2^-32; it is not
 a defence against deliberate tampering (nothing here is).
 """
@@ -15,6 +19,8 @@ import json
 import logging
 import os
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -85,13 +91,34 @@ def file_crc(path: Path) -> tuple[str, int]:
     return crc_hex(crc), size
 
 
+@dataclass(frozen=True)
+class FileChecksum:
+    """One written file's checksum record, as its writer computed it."""
+
+    name: str  # path relative to the job's --out (`embeddings/part-00003.arrow`, `tokens/<shard>/tok-<uuid>.arrow`)
+    rows: int  # Arrow rows in the file
+    bytes: int  # its size
+    crc32: str  # CRC-32 of its bytes, 8 hex digits (crc_hex)
+
+
 def append_record(directory: Path, name: str, rows: int, size: int, crc: str) -> None:
     """Add one file's checksum to `directory/checksums.jsonl` (fsynced: it must be on disk before the file is);
     `name` is the file's path relative to `directory` (the job's --out)."""
-    line = json.dumps({"file": name, "rows": rows, "bytes": size, "crc32": crc}) + "\n"
+    append_records(directory, [FileChecksum(name, rows, size, crc)])
+
+
+def append_records(directory: Path, records: Sequence[FileChecksum]) -> None:
+    """Add several checksums to `directory/checksums.jsonl` with one write and one fsync (a pooled part's line
+    and the lines of the per-token files it commits: runner.output.sink.PartWriter)."""
+    if not records:
+        return
+    lines = "".join(json.dumps({"file": r.name, "rows": r.rows, "bytes": r.bytes, "crc32": r.crc32}) + "\n"
+                    for r in records)
     fd = os.open(directory / JOURNAL_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        os.write(fd, line.encode())
+        data = memoryview(lines.encode())
+        while data:  # a regular file takes it whole; a short write (a full disk) continues where it stopped
+            data = data[os.write(fd, data):]
         os.fsync(fd)
     finally:
         os.close(fd)

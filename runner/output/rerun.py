@@ -4,8 +4,8 @@ A complete job's manifest holds its fingerprint (inputs, model, settings). The s
 the same fingerprint without Ray: the inputs' edges are hashed as always, and the checkpoint's SHA-256 is
 taken from the manifest when the checkpoint's files have the size and mtime recorded there (hashing a
 multi-GB checkpoint would take longer than the answer should). If it matches and every part the manifest
-lists is still there at its recorded size, nothing is run and nothing is written: the manifest's figures
-and the drift files stay as the real run left them.
+lists is still there at its recorded size (and every per-token file at the size in checksums.jsonl), nothing is
+run and nothing is written: the manifest's figures and the drift files stay as the real run left them.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ from pathlib import Path
 
 from runner.config import EmbedConfig, resolve_precision
 from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
+from runner.output.checksums import read_records
 from runner.output.manifest import checkpoint_files, job_fingerprint
 from runner.output.report import JobReport
 from runner.output.resume import fingerprint_differences, read_manifest
 from runner.output.sink import OutputSpec
+from runner.output.tokens import TOKENS_DIR
 
 
 def output_spec(config: EmbedConfig, info: ModelInfo, codec: SequenceCodec) -> OutputSpec:
@@ -60,6 +62,10 @@ def already_complete(config: EmbedConfig, paths: list[Path], info: ModelInfo, co
         path = out_dir / "embeddings" / name
         if not path.is_file() or (name in sizes and os.path.getsize(path) != sizes[name]):
             return None  # a part went missing or changed: a real run finds and redoes it
+    for name, record in read_records(out_dir).items():
+        path = out_dir / name
+        if name.startswith(f"{TOKENS_DIR}/") and (not path.is_file() or path.stat().st_size != record["bytes"]):
+            return None  # so did a per-token file (a stat each: a same-size corruption needs `runner verify`)
     counts = previous.get("counts") or {}
     return JobReport(
         out_dir=out_dir,

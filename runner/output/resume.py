@@ -7,7 +7,8 @@ consults to skip finished records. Nothing here holds ids, so driver memory stay
 
 A part is trusted only if it opens as an Arrow IPC file with a footer (a truncated file has none), has
 the expected schema, and its id/ordinal columns validate; anything else is deleted and its ordinals
-are embedded again; so is a part whose CRC-32 differs from the one its writer recorded (runner.output.checksums).
+are embedded again; so is a part whose CRC-32 differs from the one its writer recorded (runner.output.checksums),
+and with --per-token every part pointing at a token file that is missing, truncated or fails its own CRC-32.
 Parts are renamed into place only when complete, so a crash leaves at most a
 hidden `.part-NNNNN.arrow.tmp`, which is deleted here too.
 """
@@ -32,8 +33,9 @@ from runner.output.sink import embedding_schema
 from runner.output.tokens import (
     TOKENS_DIR,
     ReconcileReport,
+    TokenFileCheck,
+    check_token_files,
     clear_token_files,
-    count_rows,
     part_pointers,
     reconcile,
     remove_temporaries,
@@ -109,6 +111,7 @@ class ResumeState:
     previous_drift: list[str] = field(default_factory=list)  # drift files of earlier runs, renamed
     tokens: ReconcileReport | None = None  # --per-token: the token files after cleaning up (None: not per-token)
     tokens_tmp_removed: int = 0  # half-written token files deleted
+    bad_token_files: list[str] = field(default_factory=list)  # token files deleted as corrupt (their parts redone)
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `resume` section."""
@@ -122,7 +125,7 @@ class ResumeState:
             "bitmap_bytes": self.done.nbytes,
             **(
                 {"token_files_deleted": self.tokens.deleted, "token_files_rewritten": self.tokens.rewritten,
-                 "token_tmp_removed": self.tokens_tmp_removed}
+                 "token_tmp_removed": self.tokens_tmp_removed, "redone_token_files": self.bad_token_files}
                 if self.tokens is not None else {}
             ),
         }
@@ -284,10 +287,10 @@ def keep_previous_drift(out_dir: Path) -> list[str]:
 def scan_parts(out_dir: Path, embed_dim: int = 0, schema: pa.Schema | None = None, per_token: bool = False) -> ResumeState:
     """Validate every complete part, delete half-written and corrupt ones, and collect the done ordinals.
 
-    With `per_token` a part must also point only at token rows that exist (else it is redone)."""
+    With `per_token` a part must also point only at sound rows of token files: a token file that is missing,
+    truncated or fails its checksum is deleted with every part pointing at it (one log line says which), and
+    those parts' sequences are embedded again."""
     state = ResumeState()
-    files = token_files(out_dir) if per_token else {}
-    rows_of: dict[str, int | None] = {}  # rows of each token file pointed at, read once from its footer
     emb = out_dir / "embeddings"
     if not emb.is_dir():
         return state
@@ -295,6 +298,9 @@ def scan_parts(out_dir: Path, embed_dim: int = 0, schema: pa.Schema | None = Non
     highest = -1
     names = sorted(p.name for p in emb.iterdir())
     checksums = read_records(out_dir)
+    # Every token file is read once, in full, against its checksum (several at a time): runner.output.tokens.
+    token_checks = check_token_files(out_dir, list(token_files(out_dir)), checksums) if per_token else {}
+    bad_tokens: dict[str, list[str]] = {}  # unusable token file -> the parts deleted because they point at it
     for name in names:
         tmp = TMP_PART_NAME.match(name)
         if tmp:
@@ -308,44 +314,60 @@ def scan_parts(out_dir: Path, embed_dim: int = 0, schema: pa.Schema | None = Non
         highest = max(highest, int(match.group(1)))
         path = emb / name
         problem, ordinals = check_part(path, schema)
-        if problem is None and per_token:
-            problem = check_pointers(path, files, rows_of)
-        if problem is None and (np.unique(ordinals).size != ordinals.size or state.done.contains(ordinals).any()):
-            problem = "rows already present in another part"
         record = checksums.get(f"embeddings/{name}")
         if problem is None and record is not None:  # parts of runner versions before checksums have none
             problem = check_file(path, record)
+        bad_file = None
+        if problem is None and per_token:
+            problem, bad_file = check_pointers(path, token_checks)
+        if problem is None and (np.unique(ordinals).size != ordinals.size or state.done.contains(ordinals).any()):
+            problem = "rows already present in another part"
         if problem is not None:
-            log.warning("part %s is unusable (%s): deleting it; its sequences are embedded again", path, problem)
+            if bad_file is not None:
+                bad_tokens.setdefault(bad_file, []).append(name)  # said once per token file, below
+            else:
+                log.warning("part %s is unusable (%s): deleting it; its sequences are embedded again", path, problem)
             path.unlink()
             state.redone_parts.append(name)
             continue
         state.done.add(ordinals)
         state.rows += len(ordinals)
         state.parts.append(name)
+    for token_name, parts in bad_tokens.items():
+        token_path = out_dir / TOKENS_DIR / token_name
+        token_path.unlink(missing_ok=True)
+        log.warning("per-token file %s is unusable (%s): deleted with the %d pooled part(s) pointing at it (%s); "
+                    "their sequences are embedded again", token_path, token_checks.get(token_name, MISSING).problem,
+                    len(parts), ", ".join(parts))
+    state.bad_token_files = sorted(bad_tokens)
     state.next_part = highest + 1
-    drop_records(out_dir, {f"embeddings/{name}" for name in state.redone_parts})
+    drop_records(out_dir, {f"embeddings/{name}" for name in state.redone_parts}
+                 | {f"{TOKENS_DIR}/{name}" for name in bad_tokens})
     return state
 
 
-def check_pointers(path: Path, files: dict[str, Path], rows_of: dict[str, int | None]) -> str | None:
-    """None when every row of part `path` points at an existing row of a complete token file, else what is wrong."""
+MISSING = TokenFileCheck(None, "missing", False)
+
+
+def check_pointers(path: Path, token_checks: dict[str, TokenFileCheck]) -> tuple[str | None, str | None]:
+    """(None, None) when every row of part `path` points at an existing row of a sound token file, else (what is
+    wrong, the token file to blame or None when the part itself is)."""
     try:
         names, rows = part_pointers(path)
     except (pa.ArrowException, OSError, ValueError, KeyError) as e:
-        return f"unreadable per-token pointers ({type(e).__name__})"
+        return f"unreadable per-token pointers ({type(e).__name__})", None
     highest: dict[str | None, int] = {}
     for name, row in zip(names, rows.tolist(), strict=True):
         highest[name] = max(highest.get(name, -1), row)
     for name, row in highest.items():
         if name is None or row < 0:
-            return "a row without per-token data"
-        if name not in rows_of:
-            rows_of[name] = count_rows(files[name]) if name in files else None
-        available = rows_of[name]
-        if available is None or row >= available:
-            return f"per-token file {name} is missing or shorter than its rows"
-    return None
+            return "a row without per-token data", None
+        check = token_checks.get(name, MISSING)
+        if check.problem is not None:
+            return f"per-token file {name}: {check.problem}", name
+        if check.rows is None or row >= check.rows:
+            return f"per-token file {name} has {check.rows} rows, the part points at row {row}", name
+    return None, None
 
 
 def check_part(path: Path, schema: pa.Schema) -> tuple[str | None, np.ndarray]:

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from runner.errors import RunnerError
 from runner.input.batch import Reject
-from runner.output.checksums import ChecksummedFile, append_record, crc_hex
+from runner.output.checksums import ChecksummedFile, FileChecksum, append_records, crc_hex
 
 REJECT_SCHEMA = pa.schema(
     [
@@ -152,6 +152,9 @@ class PartWriter:
         self._writer: pa.ipc.RecordBatchFileWriter | None = None
         self._tmp: Path | None = None
         self._rows_in_open_part = 0
+        # --per-token: checksums of the token files whose batches arrived since the last part closed; journaled with
+        # the next part (before its rename), so every token file a visible part points at has its record.
+        self._token_checksums: dict[str, FileChecksum] = {}
         self.part_seconds = part_seconds
         self._opened_at = 0.0  # time.monotonic() the open part got its first row
         self._lock = threading.RLock()  # re-entrant: a failed write discards the part under the same lock
@@ -172,6 +175,13 @@ class PartWriter:
                         failed = self._tmp or self.dir
                         self.discard_open_part()
                         self._clock_error = write_error(failed, e)
+
+    def note_token_files(self, records: Sequence[FileChecksum]) -> None:
+        """Checksums of per-token files the actors wrote (runner.output.tokens): call before writing rows that
+        point at them. They are journaled with the next part to close, in its own fsynced append."""
+        with self._lock:  # the part clock closes parts from its own thread
+            for record in records:
+                self._token_checksums[record.name] = record
 
     def write(self, rows: EmbeddedRows) -> None:
         """Append rows; raise OutputWriteError (the open part deleted) when the disk refuses them."""
@@ -252,9 +262,12 @@ class PartWriter:
         final = self.dir / f"part-{self.next_part:05d}.arrow"
         self._file.fsync()
         self._file.close()
-        # the checksum is on disk before the part is visible: every visible part has one
-        append_record(self.dir.parent, f"{self.dir.name}/{final.name}", self._rows_in_open_part, self._file.size,
-                      crc_hex(self._file.crc))
+        # the checksum is on disk before the part is visible: every visible part has one, and so has every token
+        # file it points at (noted before its rows were written; one write, one fsync for all)
+        part = FileChecksum(f"{self.dir.name}/{final.name}", self._rows_in_open_part, self._file.size,
+                            crc_hex(self._file.crc))
+        append_records(self.dir.parent, [*self._token_checksums.values(), part])
+        self._token_checksums.clear()
         os.replace(self._tmp, final)
         self.parts.append(final.name)
         self.rows_written += self._rows_in_open_part

@@ -13,6 +13,20 @@ a run and when a run resumes) deletes token files no complete part points at, an
 into only in part: the kept rows go to a new file, the parts pointing at the old one are rewritten to point at the
 new one, then the old one is deleted (each step a rename, so a crash between steps leaves files the next
 reconcile cleans up). So every sequence of the job has exactly one per-token row on disk.
+
+Checksums: the actor computes each file's CRC-32, bytes and rows as the bytes go out (ChecksummedFile, no second
+read) and returns them with the batch's rows (the `tokens_checksum` column). The driver journals them in
+`DIR/checksums.jsonl` in the same fsynced append as the pooled part that commits those rows, before that part's
+rename (runner.output.sink.PartWriter). So every token file a visible part points at has its record, and
+the record is committed with the commit record. Actors never write the journal: on a cluster they are many
+processes on several nodes, and appends from several NFS clients to one file can interleave or overwrite each
+other. A sidecar file per token file would double the files and metadata round trips on the shared file system
+and need its own exactly-once cleanup; a per-actor journal would get a second writer when reconcile (in the
+driver) rewrites that actor's files. A token file on disk without a record was never committed: no complete part
+points at it, and reconcile deletes it. Reconcile journals the file it rewrites before re-pointing any part at
+it, and drops the records of files it deletes. On resume every token file is read against its record
+(`check_token_files`): one that is truncated or fails its checksum is deleted with the parts pointing at it, and
+their sequences are embedded again.
 """
 
 from __future__ import annotations
@@ -24,6 +38,7 @@ import re
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +46,15 @@ import numpy as np
 import pyarrow as pa
 
 from runner.input.prepare import chunk_starts
-from runner.output.checksums import append_record, file_crc
+from runner.output.checksums import (
+    ChecksummedFile,
+    FileChecksum,
+    append_record,
+    append_records,
+    check_file,
+    crc_hex,
+    drop_records,
+)
 
 log = logging.getLogger("runner")
 
@@ -40,6 +63,21 @@ TOKEN_FILE = re.compile(r"^tok-[0-9a-f]{32}\.arrow$")
 TMP_TOKEN_FILE = re.compile(r"^\.tok-[0-9a-f]{32}\.arrow\.tmp$")
 PER_TOKEN_DTYPES: tuple[str, ...] = ("float32", "float16")
 _ARROW_TYPES = {"float32": pa.float32(), "float16": pa.float16()}
+CHECK_THREADS = 4  # token files checked at once (resume, runner verify): enough to keep a parallel file system busy
+
+
+@dataclass(frozen=True)
+class TokenFile:
+    """A per-token file just written, with what its checksum record needs (runner.output.checksums)."""
+
+    name: str  # file name in its shard folder (`tok-<uuid>.arrow`)
+    rows: int  # sequences in it
+    bytes: int  # its size
+    crc32: str  # CRC-32 of its bytes, 8 hex digits
+
+    def record(self, shard: str) -> FileChecksum:
+        """Its journal record, named relative to the job's --out."""
+        return FileChecksum(f"{TOKENS_DIR}/{shard}/{self.name}", self.rows, self.bytes, self.crc32)
 
 
 def token_schema(layers: Sequence[int], embed_dim: int, dtype: str) -> pa.Schema:
@@ -102,25 +140,25 @@ def stitch_windows(windows: Sequence[np.ndarray], total: int, window: int, overl
     return np.concatenate(pieces)  # [total, D]
 
 
-def write_token_file(directory: Path, table: pa.Table) -> tuple[str, int]:
-    """Write `table` as `directory/tok-<uuid>.arrow` (hidden temp name, fsync, rename): (file name, bytes)."""
+def write_token_file(directory: Path, table: pa.Table) -> TokenFile:
+    """Write `table` as `directory/tok-<uuid>.arrow` (hidden temp name, fsync, rename); its CRC-32 is computed
+    as the bytes go out (runner.output.checksums.ChecksummedFile: no second read)."""
     name = f"tok-{uuid.uuid4().hex}.arrow"
     tmp = directory / f".{name}.tmp"
     try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
-        fd = os.open(tmp, os.O_RDONLY)
+        sink = ChecksummedFile(tmp)
         try:
-            os.fsync(fd)
+            with sink.open_arrow_file(table.schema) as writer:
+                writer.write_table(table)
+            sink.fsync()
         finally:
-            os.close(fd)
-        size = tmp.stat().st_size
+            sink.close()
         os.replace(tmp, directory / name)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
-    return name, size
+    return TokenFile(name, table.num_rows, sink.size, crc_hex(sink.crc))
 
 
 def count_rows(path: Path) -> int | None:
@@ -131,6 +169,46 @@ def count_rows(path: Path) -> int | None:
             return sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     except (pa.ArrowException, OSError, ValueError):
         return None
+
+
+@dataclass(frozen=True)
+class TokenFileCheck:
+    """What `check_token_files` found in one token file."""
+
+    rows: int | None  # rows, from its footer; None when the file is unusable
+    problem: str | None  # what is wrong (bytes against its checksum, an unreadable footer), None when sound
+    summed: bool  # its checksum was recorded (False: written by a runner before per-token checksums)
+
+
+def check_token_files(out_dir: Path, names: Sequence[str], records: dict[str, dict]) -> dict[str, TokenFileCheck]:
+    """Check token files `names` (relative to DIR/tokens) against their checksum `records` (checksums.jsonl,
+    keyed relative to DIR): size and CRC-32, then the footer, and the rows against the record.
+
+    Every byte is read, several files at a time (file reads and zlib.crc32 release the GIL, so threads overlap
+    on a parallel file system); memory stays at a few read buffers.
+    """
+    def check(name: str) -> TokenFileCheck:
+        path = out_dir / TOKENS_DIR / name
+        if not path.is_file():
+            return TokenFileCheck(None, "missing", False)
+        record = records.get(f"{TOKENS_DIR}/{name}")
+        problem = check_file(path, record)
+        if problem == "no checksum recorded":
+            problem = None
+        if problem is not None:
+            return TokenFileCheck(None, problem, True)
+        rows = count_rows(path)
+        if rows is None:
+            return TokenFileCheck(None, "not a readable Arrow file", record is not None)
+        if record is not None and rows != record["rows"]:
+            return TokenFileCheck(None, f"{rows} rows where {record['rows']} were written", True)
+        return TokenFileCheck(rows, None, record is not None)
+
+    unique = list(dict.fromkeys(names))
+    if len(unique) <= 1:
+        return {name: check(name) for name in unique}
+    with ThreadPoolExecutor(max_workers=min(CHECK_THREADS, len(unique))) as pool:
+        return dict(zip(unique, pool.map(check, unique), strict=True))
 
 
 def token_files(out_dir: Path) -> dict[str, Path]:
@@ -238,13 +316,17 @@ def reconcile(out_dir: Path, parts: Sequence[str], fix_broken: bool = False) -> 
     # A file kept only by broken parts is as good as unreferenced.
     live = {name for name in counts if not set(pointing[name]) <= broken_parts}
     partial = sorted(name for name in live if name not in broken and counts[name] < (rows_in[name] or 0))
+    gone: set[str] = set()  # token files deleted here: their checksum records go too
     for name, path in on_disk.items():
         if name not in live:
             path.unlink(missing_ok=True)
+            gone.add(name)
             report.deleted += 1
     for name in partial:
         _rewrite_partial(out_dir, name, on_disk[name], pointing[name])
+        gone.add(name)
         report.rewritten += 1
+    drop_records(out_dir, {f"{TOKENS_DIR}/{name}" for name in gone})
     for path in token_files(out_dir).values():
         report.files += 1
         report.bytes += path.stat().st_size
@@ -262,10 +344,14 @@ def _rewrite_partial(out_dir: Path, name: str, path: Path, parts: list[str]) -> 
         files, rows = part_pointers(emb / part)
         wanted.update(int(r) for f, r in zip(files, rows.tolist(), strict=True) if f == name)
     keep = np.array(sorted(wanted), dtype=np.int64)
+    shard = name.rsplit("/", 1)[0]
     with pa.memory_map(str(path)) as source:
         table = pa.ipc.open_file(source).read_all().take(pa.array(keep))
-        new_name, _ = write_token_file(path.parent, table)
-    new_ref = f"{name.rsplit('/', 1)[0]}/{new_name}"
+        written = write_token_file(path.parent, table)
+    # The new file's checksum is journaled before any part points at it (a crash before the parts are
+    # re-pointed leaves it unreferenced: the next reconcile deletes it).
+    append_records(out_dir, [written.record(shard)])
+    new_ref = f"{shard}/{written.name}"
     new_row = {int(old): new for new, old in enumerate(keep.tolist())}
     for part in parts:
         part_path = emb / part
@@ -280,18 +366,16 @@ def _rewrite_partial(out_dir: Path, name: str, path: Path, parts: list[str]) -> 
             table = table.set_column(table.schema.get_field_index("tokens_file"), "tokens_file",
                                      pa.array(files, pa.string()))
             table = table.set_column(table.schema.get_field_index("tokens_row"), "tokens_row", pa.array(rows, pa.int32()))
-            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            rows_in_part = table.num_rows
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+            sink = ChecksummedFile(tmp)
+            try:
+                with sink.open_arrow_file(table.schema) as writer:
+                    writer.write_table(table)
+                sink.fsync()
+            finally:
+                sink.close()
         # The part's new checksum goes to the journal before the part is replaced (the last record of a name
         # wins): a crash in between leaves a mismatch, and resume redoes that part.
-        crc, size = file_crc(tmp)
-        append_record(out_dir, f"embeddings/{part}", rows_in_part, size, crc)
+        append_record(out_dir, f"embeddings/{part}", table.num_rows, sink.size, crc_hex(sink.crc))
         os.replace(tmp, part_path)
     path.unlink()
     log.info("per-token file %s was referenced in part: rewritten as %s with its %d referenced row(s)",

@@ -37,7 +37,14 @@ from runner.errors import RunnerError
 from runner.input.batch import PackedBatch
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
-from runner.output.tokens import shard_name, stitch_windows, token_schema, token_table, write_token_file
+from runner.output.tokens import (
+    TokenFile,
+    shard_name,
+    stitch_windows,
+    token_schema,
+    token_table,
+    write_token_file,
+)
 from runner.stages.pooling import pool_layers
 from runner.stages.shadow import shadow_sample
 
@@ -161,6 +168,10 @@ class DeathRetries:
                 lambda k: internal_kv._internal_kv_del(k, namespace=self.NAMESPACE))
 
 
+# A per-token file's checksum record (runner.output.tokens.TokenFile) as it travels with the batch's rows.
+TOKENS_CHECKSUM = pa.struct([("rows", pa.int32()), ("bytes", pa.int64()), ("crc32", pa.string())])
+
+
 def output_schema(embed_dim: int, columns: int = 1) -> pa.Schema:
     """Rows the stage returns: embedded windows and, with null embeddings, rejects passed through.
 
@@ -197,6 +208,9 @@ def output_schema(embed_dim: int, columns: int = 1) -> pa.Schema:
             ("tokens_row", pa.int32()),
             ("tokens_bytes", pa.int64()),  # size of the batch's token file (first window)
             ("tokens_seconds", pa.float64()),  # seconds spent building and writing it (first window)
+            # Its checksum record, on every window pointing at it (whichever block reaches the driver first, the
+            # driver journals it with the pooled part that commits those rows: runner.output.sink.PartWriter).
+            ("tokens_checksum", TOKENS_CHECKSUM),
         ]
     )
 
@@ -565,15 +579,18 @@ class EmbedStage:
         tokens_row = np.full(n, -1, dtype=np.int32)
         tokens_bytes = np.zeros(n, dtype=np.int64)
         tokens_seconds = np.zeros(n, dtype=np.float64)
+        tokens_checksum: list[dict | None] = [None] * n
         if pieces is not None:
             # Written (temp name, fsync, rename) before this batch's rows leave: a row the driver gets always
             # points at a complete file.
             write_started = time.perf_counter()
-            name, rows, size = self._write_tokens(batch, finite, errors, pieces)
-            if name is not None:
+            name, rows, written = self._write_tokens(batch, finite, errors, pieces)
+            if name is not None and written is not None:
                 tokens_file = [name if r >= 0 else None for r in rows]
                 tokens_row = rows
-                tokens_bytes[0] = size
+                tokens_bytes[0] = written.bytes
+                record = {"rows": written.rows, "bytes": written.bytes, "crc32": written.crc32}
+                tokens_checksum = [record if r >= 0 else None for r in rows]
             tokens_seconds[0] = time.perf_counter() - write_started
         self.metrics.batch(n, batch.num_tokens, batch.token_budget, time.perf_counter() - started,
                            int((~finite).sum()), busy_seconds)
@@ -627,6 +644,7 @@ class EmbedStage:
                 "tokens_row": pa.array(np.where(tokens_row >= 0, tokens_row, 0), pa.int32(), mask=tokens_row < 0),
                 "tokens_bytes": pa.array(tokens_bytes),
                 "tokens_seconds": pa.array(tokens_seconds),
+                "tokens_checksum": pa.array(tokens_checksum, TOKENS_CHECKSUM),
             },
             schema=self.schema,
         )
@@ -673,15 +691,16 @@ class EmbedStage:
                 "tokens_row": pa.nulls(n, pa.int32()),
                 "tokens_bytes": pa.array([0] * n, pa.int64()),
                 "tokens_seconds": pa.array([0.0] * n, pa.float64()),
+                "tokens_checksum": pa.nulls(n, TOKENS_CHECKSUM),
             },
             schema=self.schema,
         )
 
     def _write_tokens(self, batch: PackedBatch, finite: np.ndarray, errors: list[str | None],
-                      pieces: list[TokenPiece]) -> tuple[str | None, np.ndarray, int]:
+                      pieces: list[TokenPiece]) -> tuple[str | None, np.ndarray, TokenFile | None]:
         """Write this batch's per-token file: one row per sequence that embedded cleanly (every window finite and
         without error), chunked sequences stitched. Returns (its name relative to DIR/tokens, or None when no
-        sequence qualified; the row of each window's sequence, -1 for none; its size in bytes)."""
+        sequence qualified; the row of each window's sequence, -1 for none; the file's size and checksum)."""
         assert self.tokens_dir is not None  # only called with --per-token
         n = len(batch.ids)
         counts = residue_counts(batch.cu_seqlens, self.codec.special_start, self.codec.special_end)  # [B]
@@ -716,7 +735,7 @@ class EmbedStage:
             for li, a in enumerate(layers):
                 arrays[li].append(a)
         if not ids:
-            return None, rows, 0
+            return None, rows, None
         if len(pieces) == 1 and len(ids) == n and pieces[0].start == 0 and (batch.chunk_count <= 1).all():
             # The common case: every window is a whole sequence, embedded in one forward and kept. The vectors
             # are already back to back in sequence order: write them without another copy.
@@ -725,13 +744,13 @@ class EmbedStage:
             joined = [np.concatenate(a) for a in arrays]
         table = token_table(ids, np.array(ordinals, np.int64), joined, np.array(lengths, np.int32), self.token_schema)
         try:
-            name, size = write_token_file(self.tokens_dir, table)
+            written = write_token_file(self.tokens_dir, table)
         except OSError as e:
             raise RunnerError(
                 f"embedding actor {self.worker} cannot write per-token file in {self.tokens_dir} "
                 f"({e.strerror or e}): free disk space or make --out writable from every node, then rerun to resume"
             ) from None
-        return f"{self.token_shard}/{name}", rows, size
+        return f"{self.token_shard}/{written.name}", rows, written
 
 
 def pooled_forward(
