@@ -325,8 +325,9 @@ def export_command(directory: str, fmt: str, to: str, model: str | None, overwri
 def verify(directory: str) -> None:
     """Check an output DIRECTORY: every part's checksum and structure, the counts, each input at most once.
 
-    Reads every part in full (its CRC-32 against the one written beside it, finite vectors), compares the
-    rows and rejects with the manifest, and checks that no input record is stored twice. Prints one line per
+    Reads every part and per-token file in full (its CRC-32 against the one its writer computed, finite vectors),
+    compares the rows and rejects with the manifest, and checks that no input record is stored twice and that
+    each stored row's per-token arrays are there exactly once. Prints one line per
     problem and exits 6 when there is any (0 when all is well). A multi-model output is checked per model.
 
     \b
@@ -345,10 +346,14 @@ def verify(directory: str) -> None:
             click.echo(f"problem: {problem}", err=True)
         problems += len(report.problems)
         if report.ok:
-            click.echo(f"ok: {out_dir}: {report.parts:,} parts, {report.rows:,} rows, {report.rejects:,} rejects, "
-                       f"{report.bytes / 2**20:,.1f} MiB checked")
+            tokens = (f", {report.token_files:,} per-token files ({report.token_rows:,} rows)"
+                      if report.token_files else "")
+            click.echo(f"ok: {out_dir}: {report.parts:,} parts, {report.rows:,} rows, {report.rejects:,} rejects"
+                       f"{tokens}, {(report.bytes + report.token_bytes) / 2**20:,.1f} MiB checked")
     if problems:
-        raise VerifyFailed(f"{problems} problem(s) found in {directory} (listed above)")
+        raise VerifyFailed(f"{problems} problem(s) found in {directory} (listed above): rerun the job's command to "
+                           "redo missing or corrupt files (if it says 'already complete', delete the corrupt file "
+                           "first)")
 
 
 def main() -> None:
