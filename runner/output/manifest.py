@@ -241,7 +241,8 @@ class Manifest:
             "parts": report.parts,
             # bytes of each complete part this run wrote or kept, checked by a rerun of a complete job
             "part_bytes": part_bytes(self.path.parent, report.parts),
-            # CRC-32 of every file in checksums.jsonl (path relative to --out), as its writer computed it
+            # CRC-32 of every file in checksums.jsonl (path relative to --out: embeddings/part-*, tokens/<shard>/tok-*),
+            # as its writer computed it
             "checksums": {name: r["crc32"] for name, r in sorted(read_checksums(self.path.parent).items())},
             "fingerprint": self.fingerprint,
             "resume": self.resume,
