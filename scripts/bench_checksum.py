@@ -1,11 +1,25 @@
-"""What the parts' CRC-32 costs the driver: the real PartWriter writing 650M-width rows (1280 float32) with
-its checksummed sink against the same writer on a plain file sink, interleaved, best of N; and zlib.crc32 alone.
+"""What the CRC-32 checksums cost. Two modes:
+
+Parts (default): the real PartWriter writing 650M-width rows (1280 float32) with its checksummed sink against the
+same writer on a plain file sink, interleaved, best of N; and zlib.crc32 alone.
 
     python scripts/bench_checksum.py --rows 65536 --dim 1280 --repeats 5 \
         --out benchmarks/results/2026-11-30-checksum-cost.json
 
 The figure that matters is the driver's write rate with checksums against what a job feeds it: an 8-GPU 650M
 job at ~300k tok/s per GPU and ~300 residues per sequence sends the driver ~8,000 rows/s (~41 MB/s of vectors).
+
+--per-token: one packed batch's per-token file as an embedding actor writes it (runner.output.tokens.
+write_token_file: checksummed sink, fsync, rename) against the same file written by pyarrow itself with nothing
+summed (as before per-token checksums), interleaved, best of N; and how much of each write holds the GIL (the
+actor's other call launches the next forward meanwhile, which needs the GIL).
+
+    python scripts/bench_checksum.py --per-token --tokens 32768 --dim 1280 --dtype float16 --repeats 7 \
+        --out benchmarks/results/2026-11-30-checksum-cost-per-token.json
+
+There the figure that matters is the actor's extra CPU time per second at the rate one H200 writes: 650M at
+~330k residues/s is ~0.85 GB/s of FP16 per-token vectors (1.7 GB/s FP32), on a write thread that overlaps the
+next forward.
 """
 
 from __future__ import annotations
@@ -14,10 +28,14 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runner.output import sink  # noqa: E402
 from runner.output.sink import EmbeddedRows, PartWriter  # noqa: E402
+from runner.output.tokens import token_schema, token_table, write_token_file  # noqa: E402
 
 
 class PlainPartWriter(PartWriter):
@@ -69,14 +88,120 @@ def write_seconds(cls: type[PartWriter], rows: EmbeddedRows, dim: int, rows_per_
     return seconds, size
 
 
+def plain_token_file(directory: Path, table: pa.Table) -> Path:
+    """write_token_file as it was before checksums: pyarrow writes the file itself, fsync, rename; nothing summed."""
+    name = f"tok-{uuid.uuid4().hex}.arrow"
+    tmp = directory / f".{name}.tmp"
+    with pa.OSFile(str(tmp), "wb") as out, pa.ipc.new_file(out, table.schema) as writer:
+        writer.write_table(table)
+    sink._fsync(tmp)
+    os.replace(tmp, directory / name)
+    return directory / name
+
+
+def summed_token_file(directory: Path, table: pa.Table) -> Path:
+    """The actor's write (runner.output.tokens.write_token_file): CRC-32 as the bytes go out, fsync, rename."""
+    return directory / write_token_file(directory, table).name
+
+
+def gil_held(write: Callable[[], Path]) -> tuple[float, Path]:
+    """(fraction of the write's duration another Python thread could not run, the file written)."""
+    alone, end = 0, time.perf_counter() + 0.3
+    while time.perf_counter() < end:
+        alone += 1
+    alone_rate = alone / 0.3
+    count, stop = [0], threading.Event()
+
+    def spin() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+        count[0] = n
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    started = time.perf_counter()
+    path = write()
+    elapsed = time.perf_counter() - started
+    stop.set()
+    thread.join()
+    return max(0.0, 1.0 - count[0] / (alone_rate * elapsed)), path
+
+
+def per_token_main(args: argparse.Namespace) -> dict:
+    lengths = np.full(args.tokens // 340, 340, dtype=np.int32)  # ~340-residue sequences, as UniRef50's median
+    lengths[-1] += args.tokens - int(lengths.sum())
+    rng = np.random.default_rng(0)
+    arrays = [rng.standard_normal((args.tokens, args.dim), dtype=np.float32).astype(args.dtype)
+              for _ in range(args.layers)]  # per layer [R, D]
+    layers = list(range(33, 33 - args.layers, -1))
+    table = token_table([f"UniRef50_{i:09d}" for i in range(len(lengths))], np.arange(len(lengths), dtype=np.int64),
+                        arrays, lengths, token_schema(layers, args.dim, args.dtype))
+    load_before = round(os.getloadavg()[0], 1)
+    plain, summed, size = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        for _ in range(args.repeats):  # interleaved: a busy machine slows both alike
+            for write, times in ((plain_token_file, plain), (summed_token_file, summed)):
+                started = time.perf_counter()
+                path = write(directory, table)
+                times.append(time.perf_counter() - started)
+                size = path.stat().st_size
+                path.unlink()
+        gil_plain = statistics.median(gil_held(lambda: plain_token_file(directory, table))[0] for _ in range(3))
+        gil_summed = statistics.median(gil_held(lambda: summed_token_file(directory, table))[0] for _ in range(3))
+    data = b"".join(a.tobytes() for a in arrays)
+    crc_times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        zlib.crc32(data)
+        crc_times.append(time.perf_counter() - start)
+    best_plain, best_summed = min(plain), min(summed)
+    crc_rate = len(data) / min(crc_times)  # bytes/s: the work the checksum adds, on the actor's write thread
+    return {
+        "command": "python scripts/bench_checksum.py " + " ".join(sys.argv[1:]),
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, CPU only",
+        # other jobs on the machine slow both writes alike (interleaved), but the absolute rates with them
+        "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 1)],
+        "tokens": args.tokens, "dim": args.dim, "dtype": args.dtype, "layers": args.layers,
+        "sequences": len(lengths), "bytes_per_file": size,
+        "crc32_gb_per_s": round(crc_rate / 1e9, 2),
+        "write_seconds_plain_best": round(best_plain, 4),
+        "write_seconds_checksummed_best": round(best_summed, 4),
+        "write_seconds_plain_all": [round(x, 4) for x in plain],
+        "write_seconds_checksummed_all": [round(x, 4) for x in summed],
+        "gb_per_s_plain": round(size / best_plain / 1e9, 3),
+        "gb_per_s_checksummed": round(size / best_summed / 1e9, 3),
+        "checksum_overhead": round(best_summed / best_plain - 1, 4),
+        # share of the write during which the GIL was held (the actor's other call needs it to launch kernels)
+        "gil_held_plain": round(gil_plain, 3),
+        "gil_held_checksummed": round(gil_summed, 3),
+        # CPU seconds per second the CRC adds to one actor at one H200's 650M per-token rate (see the docstring),
+        # from crc32's own rate (the wall-clock difference above is mostly fsync noise on a shared disk)
+        "actor_core_fraction_at_0.85_gb_per_s_fp16": round(0.85e9 / crc_rate, 3),
+        "actor_core_fraction_at_1.7_gb_per_s_fp32": round(1.7e9 / crc_rate, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=65536)
     parser.add_argument("--dim", type=int, default=1280)
     parser.add_argument("--rows-per-part", type=int, default=16384)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--per-token", action="store_true", help="time a per-token file's write instead of parts")
+    parser.add_argument("--tokens", type=int, default=32768, help="--per-token: residues in the file (one batch)")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="--per-token: vector dtype")
+    parser.add_argument("--layers", type=int, default=1, help="--per-token: layers stored")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.per_token:
+        result = per_token_main(args)
+        print(json.dumps(result, indent=2))
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2) + "\n")
+        return
     rng = np.random.default_rng(0)
     n = args.rows
     rows = EmbeddedRows([f"UniRef50_{i:09d}" for i in range(n)], rng.integers(50, 1000, n).astype(np.int32),
