@@ -92,3 +92,7 @@ def test_fp16_layers_poolings_and_per_token_match_fair_esm_fp32(tmp_path: Path, 
     # The last layer's mean of the multi-layer job is the one-layer job's embedding (same kernels, same packing).
     plain_vectors = dict(zip(single.column("id").to_pylist(), column(single, "embedding"), strict=True))
     np.testing.assert_allclose(column(pooled, "layer30_mean"), np.stack([plain_vectors[i] for i in ids]), rtol=0, atol=2e-3)
+    # The token files' checksums, summed by a GPU actor with two calls in flight, match the bytes on disk; and the
+    # per-token rows are there exactly once (runner verify reads everything again).
+    verified = CliRunner().invoke(cli, ["verify", str(out)])
+    assert verified.exit_code == 0 and f"per-token files ({len(ids)} rows)" in verified.output, verified.output

@@ -26,6 +26,7 @@ from runner.output.tokens import (
     token_table,
     write_token_file,
 )
+from runner.output.verify import verify_dir
 from runner.stages.embed_stage import residue_index
 
 
@@ -232,3 +233,45 @@ def test_part_writer_journals_the_token_files_before_the_part(tmp_path: Path) ->
                                np.array([1], np.int64), tokens_file=["s/x"], tokens_row=np.array([1], np.int32)))
     writer2.close()
     assert len((tmp_path / "checksums.jsonl").read_text().splitlines()) == 3  # each record once
+
+
+def write_manifest(out: Path, parts: list[str], rows: int, dedup: bool = False) -> None:
+    """The fields runner verify reads from a complete job's manifest (the rest of a real one does not matter here)."""
+    manifest = {"status": "complete", "parts": parts, "counts": {"rows": rows, "rejects": 0, "records_read": rows},
+                **({"dedup": {"repeats": 1}} if dedup else {})}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_verify_checks_token_rows_exactly_once(tmp_path: Path) -> None:
+    shared = token_file(tmp_path, ["a", "b"], [0, 1])
+    parts = [write_part(tmp_path, 0, ["a", "b", "a-copy"], [0, 1, 2], [shared] * 3, [0, 1, 0])]
+    write_manifest(tmp_path, parts, 3, dedup=True)
+    report = verify_dir(tmp_path)
+    assert report.ok, report.problems
+    assert (report.token_files, report.token_rows) == (1, 2)
+    write_manifest(tmp_path, parts, 3, dedup=False)  # without --dedup, a row may only point at its own sequence's
+    assert verify_dir(tmp_path).problems == [f"{tmp_path / 'embeddings' / parts[0]}: 1 row(s) point at another "
+                                             "sequence's per-token row"]
+
+    extra = token_file(tmp_path, ["c", "d"], [3, 4])  # c's row is pointed at, d's is not; e's file by no part
+    parts.append(write_part(tmp_path, 1, ["c"], [3], [extra], [0]))
+    orphan = token_file(tmp_path, ["e"], [5])
+    write_manifest(tmp_path, parts, 4, dedup=True)
+    problems = verify_dir(tmp_path).problems
+    assert any(p.startswith(f"{tmp_path / 'tokens' / extra}: 1 per-token row(s) no stored row") for p in problems)
+    assert any(p.startswith(f"{tmp_path / 'tokens' / orphan}: no part points at it") for p in problems)
+    assert len(problems) == 2, problems
+
+
+def test_verify_names_a_corrupt_token_file_and_the_parts_pointing_at_it(tmp_path: Path) -> None:
+    good = token_file(tmp_path, ["a"], [0])
+    bad = token_file(tmp_path, ["b"], [1])
+    parts = [write_part(tmp_path, 0, ["a", "b"], [0, 1], [good, bad], [0, 0])]
+    write_manifest(tmp_path, parts, 2)
+    assert verify_dir(tmp_path).ok
+    flip_vector_bytes(tmp_path / "tokens" / bad, np.arange(6) + 100)
+    problems = verify_dir(tmp_path).problems
+    assert problems[0].startswith(f"{tmp_path / 'tokens' / bad}: checksum mismatch")
+    assert problems[1] == (f"{tmp_path / 'embeddings' / parts[0]}: points at per-token file {tmp_path / 'tokens' / bad}"
+                           ", which is missing, unusable or shorter than the rows pointed at")
+    assert len(problems) == 2

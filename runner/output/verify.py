@@ -136,8 +136,7 @@ def verify_dir(out_dir: Path) -> VerifyReport:
 
     verify_rejects(out_dir, seen, report)
     if pointers.parts or (out_dir / TOKENS_DIR).is_dir():
-        dedup = manifest.get("dedup") is not None or bool(
-            ((manifest.get("fingerprint") or {}).get("settings") or {}).get("dedup"))
+        dedup = manifest.get("dedup") is not None  # the section a --dedup job's manifest has
         verify_tokens(out_dir, checksums, pointers, dedup, report)
     counts = manifest.get("counts") or {}
     if counts.get("rows") is not None and counts["rows"] != report.rows:
