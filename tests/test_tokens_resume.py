@@ -205,3 +205,23 @@ def test_a_corrupt_token_file_is_named_by_verify_and_its_rows_are_redone(
         np.testing.assert_allclose(resumed[sid], array, rtol=0, atol=1e-6, err_msg=sid)
     verified = CliRunner().invoke(cli, ["verify", str(out)])
     assert verified.exit_code == 0, verified.output
+
+
+def test_a_complete_job_missing_a_token_file_is_not_already_complete(
+    job: dict[str, Path], clean: tuple[Path, dict[str, np.ndarray]]
+) -> None:
+    """What `runner verify`'s failure line tells a user to do with a complete job: delete the corrupt file, rerun."""
+    out = job["base"] / "deleted"
+    shutil.copytree(clean[0], out)
+    gone = next((out / "tokens").glob("*/tok-*.arrow"))
+    gone.unlink()
+    result = CliRunner().invoke(cli, embed_args(job, out), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "already complete" not in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["resume"]["redone_token_files"] == [str(gone.relative_to(out / "tokens"))]
+    assert 0 < manifest["resume"]["resumed_rows"] < COUNT
+    resumed = per_token(out)
+    for sid, array in clean[1].items():
+        np.testing.assert_allclose(resumed[sid], array, rtol=0, atol=1e-6, err_msg=sid)
+    assert CliRunner().invoke(cli, ["verify", str(out)]).exit_code == 0
