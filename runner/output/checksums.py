@@ -20,6 +20,7 @@ import logging
 import os
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,19 +33,39 @@ JOURNAL_NAME = "checksums.jsonl"
 READ_BYTES = 8 << 20  # a file is re-read in pieces this large to check it (memory stays flat)
 
 
-class ChecksummedFile:
-    """A write-only binary file that keeps the CRC-32 and size of what was written (for pa.PythonFile)."""
+PARALLEL_BYTES = 16 << 20  # with a pool, a write this large is summed in pieces on its threads
+PIECES = 4  # pieces of such a write: one per pool thread (make the pool this size)
 
-    def __init__(self, path: Path) -> None:
+
+class ChecksummedFile:
+    """A write-only binary file that keeps the CRC-32 and size of what was written (for pa.PythonFile).
+
+    With `pool` (an actor's per-token files: ~0.85 GB/s per H200), a large write is summed in PIECES pieces on
+    the pool's threads while this thread hands the bytes to the OS, and the pieces' CRCs are combined
+    (crc32_combine): zlib.crc32 and file writes release the GIL, so the checksum adds about a quarter of its
+    single-thread time to the write instead of all of it.
+    """
+
+    def __init__(self, path: Path, pool: ThreadPoolExecutor | None = None) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), which the writer calls
+        self._pool = pool
         self.crc = 0
         self.size = 0
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        self.crc = zlib.crc32(view, self.crc)
+        view = memoryview(data).cast("B")  # flat bytes: pieces are slices
+        if self._pool is None or view.nbytes < PARALLEL_BYTES:
+            self.crc = zlib.crc32(view, self.crc)
+            written = self._file.write(view)
+        else:
+            step = -(-view.nbytes // PIECES)
+            pieces = [view[i : i + step] for i in range(0, view.nbytes, step)]
+            sums = [self._pool.submit(zlib.crc32, piece) for piece in pieces]
+            written = self._file.write(view)  # meanwhile: the buffer stays alive until the sums are in
+            for piece, piece_crc in zip(pieces, sums, strict=True):
+                self.crc = crc32_combine(self.crc, piece_crc.result(), piece.nbytes)
         self.size += view.nbytes
-        return self._file.write(view)
+        return written
 
     def tell(self) -> int:
         return self.size
@@ -75,6 +96,37 @@ class ChecksummedFile:
     def open_arrow_file(self, schema: pa.Schema) -> pa.ipc.RecordBatchFileWriter:
         """An Arrow IPC file writer writing through this file."""
         return pa.ipc.new_file(pa.PythonFile(self, mode="w"), schema)
+
+
+def _mult_mod_p(a: int, b: int) -> int:
+    """a * b modulo CRC-32's polynomial (bit-reflected, as zlib's multmodp)."""
+    m, product = 1 << 31, 0
+    while m:
+        if a & m:
+            product ^= b
+            if not a & (m - 1):
+                break
+        m >>= 1
+        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
+    return product
+
+
+# x^(2^k) modulo the polynomial, k = 0..31 (zlib's x2n_table): x^(8 * n) is a product of these.
+_X2N = [1 << 30]
+for _ in range(31):
+    _X2N.append(_mult_mod_p(_X2N[-1], _X2N[-1]))
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B) in bytes (zlib's crc32_combine, which
+    Python's zlib does not expose): crc1 shifted by len2 zero bytes (x^(8 * len2) mod p) xor crc2."""
+    shift, k, n = 1 << 31, 3, len2  # x^0, and 8 * len2 = len2 * 2^3
+    while n:
+        if n & 1:
+            shift = _mult_mod_p(_X2N[k & 31], shift)
+        n >>= 1
+        k += 1
+    return _mult_mod_p(shift, crc1) ^ crc2
 
 
 def crc_hex(crc: int) -> str:

@@ -140,13 +140,14 @@ def stitch_windows(windows: Sequence[np.ndarray], total: int, window: int, overl
     return np.concatenate(pieces)  # [total, D]
 
 
-def write_token_file(directory: Path, table: pa.Table) -> TokenFile:
+def write_token_file(directory: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None) -> TokenFile:
     """Write `table` as `directory/tok-<uuid>.arrow` (hidden temp name, fsync, rename); its CRC-32 is computed
-    as the bytes go out (runner.output.checksums.ChecksummedFile: no second read)."""
+    as the bytes go out (runner.output.checksums.ChecksummedFile: no second read; large writes summed on
+    `pool`'s threads)."""
     name = f"tok-{uuid.uuid4().hex}.arrow"
     tmp = directory / f".{name}.tmp"
     try:
-        sink = ChecksummedFile(tmp)
+        sink = ChecksummedFile(tmp, pool)
         try:
             with sink.open_arrow_file(table.schema) as writer:
                 writer.write_table(table)
