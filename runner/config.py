@@ -22,7 +22,7 @@ from runner.errors import RunnerError
 Precision = Literal["fp16", "bf16", "fp32"]
 LongPolicy = Literal["truncate", "chunk", "skip"]
 Pooling = Literal["mean", "mean_all", "cls", "max"]
-# How the FP32 shadow's matmuls run on a GPU (runner.models.base.fp32_linear). fp16x3 and tf32x3 are
+# How the FP32 shadow's matmuls run on a GPU (runner.kernels.emulated.fp32_linear). fp16x3 and tf32x3 are
 # FP32-accurate (~2^-22) from tensor cores; bf16x3 is coarser (~2^-16); ieee is plain FP32 on CUDA cores.
 ShadowMath = Literal["fp16x3", "bf16x3", "tf32x3", "ieee"]
 SHADOW_MATHS: tuple[str, ...] = ("fp16x3", "bf16x3", "tf32x3", "ieee")
