@@ -39,11 +39,10 @@ from runner.models.esm2_layers import (
     LayerParts,
     LayerWeights,
     compile_over_tokens,
-    default_inv_freq,
     layer_norm,
-    rotary_tables,
     run_layers,
 )
+from runner.models.rotary import default_inv_freq, rotary_tables
 
 logger = logging.getLogger("runner")
 

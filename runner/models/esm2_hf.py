@@ -43,7 +43,7 @@ from runner.models.esm2 import (
     _count_parameters,
     _name_list,
 )
-from runner.models.esm2_layers import default_inv_freq
+from runner.models.rotary import default_inv_freq
 
 logger = logging.getLogger("runner")
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from runner.kernels.attention import varlen_attention
 from runner.kernels.fp16x3 import SplitWeight
+from runner.models.rotary import rotate
 
 
 class LayerWeights(NamedTuple):
@@ -79,34 +80,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     if not fp32 or x.dtype == torch.float32:
         return F.layer_norm(x, weight.shape, weight, bias, eps)
     return F.layer_norm(x.float(), weight.shape, weight.float(), bias.float(), eps).to(x.dtype)
-
-
-def default_inv_freq(head_dim: int, base: float = 10000.0) -> torch.Tensor:
-    """fair-esm's rotary frequencies 1 / base^(2i / hd), computed in float32: [hd/2]."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim  # [hd/2]
-    return 1.0 / (base**exponents)  # [hd/2]
-
-
-def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of fair-esm's rotary embedding at each token's own position: float32 [T, 1, hd].
-
-    `inv_freq` [hd/2] are the checkpoint's own frequencies (see ESM2Embedder.rotary_inv_freq), used in float32.
-    """
-    inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)  # [hd/2]
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: fair-esm duplicates, not interleaves
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) computed in float32, returned in x's dtype.
-
-    Eager this is several passes over [T, H, hd] in float32; compiled it is one fused kernel.
-    """
-    xf = x.float()  # [T, H, hd]
-    x1, x2 = xf.chunk(2, dim=-1)  # [T, H, hd/2] each
-    rotated = torch.cat((-x2, x1), dim=-1)  # [T, H, hd]
-    return (xf * cos + rotated * sin).to(x.dtype)  # [T, H, hd]
 
 
 @torch.library.custom_op("runner::linear_tanh_gelu", mutates_args=())

@@ -31,7 +31,8 @@ from runner.errors import RunnerError
 from runner.kernels.attention import plan_attention, select_backend, varlen_attention
 from runner.kernels.fp16x3 import SplitLinear, SplitWeight
 from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
-from runner.models.esm2_layers import compile_over_tokens, rotate
+from runner.models.esm2_layers import compile_over_tokens
+from runner.models.rotary import default_inv_freq, rotary_tables, rotate
 
 logger = logging.getLogger("runner")
 
@@ -210,15 +211,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return F.layer_norm(x.float(), weight.shape, weight.float(), b, LAYER_NORM_EPS).to(x.dtype)
 
 
-def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary embedding at each token's own position: float32 [T, 1, hd] each."""
-    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim  # [hd/2]
-    inv_freq = 1.0 / (theta**exponents)  # [hd/2]
-    freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]  # [T, hd/2]
-    angles = torch.cat((freqs, freqs), dim=-1)  # [T, hd]: halves duplicated (rotate-half), not interleaved
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]  # [T, 1, hd] each
-
-
 def attention_inputs(
     x: torch.Tensor,  # [T, D] residual stream
     w: LayerWeights,
@@ -369,7 +361,9 @@ class EsmcEmbedder(EmbeddingModel):
         x = self.embed(tokens.long())  # [T, D]
         hidden = {0: x}
         if deepest > 0:
-            cos, sin = rotary_tables(positions.to(tokens.device), self.head_dim, self.arch.rope_theta)  # [T, 1, hd]
+            positions = positions.to(tokens.device)  # [T]
+            inv_freq = default_inv_freq(self.head_dim, self.arch.rope_theta, positions.device)  # [hd/2]
+            cos, sin = rotary_tables(positions, inv_freq)  # [T, 1, hd] each
             cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
             plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
             math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
