@@ -51,6 +51,12 @@ def refusal_reason(error: BaseException) -> str:
     return reason
 
 
+def name_list(names: list[str], limit: int = 10) -> str:
+    """The first `limit` of `names`, comma-separated, and how many more: the weights a loader's error lists."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
 def regression_path(checkpoint: Path) -> Path:
     """Where fair-esm looks for a checkpoint's contact-regression weights: `<stem>-contact-regression.pt`."""
     return checkpoint.with_name(f"{checkpoint.stem}-contact-regression.pt")

@@ -31,6 +31,7 @@ from runner.models.checkpoints import (
     download_esm2,
     hub_checkpoint_dir,
     load_fair_esm_checkpoint,
+    name_list,
     regression_path,
 )
 from runner.models.esm2_layers import (
@@ -362,11 +363,6 @@ def _upgrade_state_dict(state: dict[str, Any]) -> dict[str, Any]:
     return {prefix.sub("", name): value for name, value in state.items()}
 
 
-def _name_list(names: list[str], limit: int = 10) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def _build_esm2(layers: int, dim: int, heads: int, token_dropout: bool) -> torch.nn.Module:
     """fair-esm's ESM2 module with uninitialised weights (runner.models.base.uninitialised_weights): no random
     init and no memory until its weights are assigned; its names and shapes serve the pre-flight check."""
@@ -391,17 +387,17 @@ def check_esm2_weights(expected: dict[str, Any], state: dict[str, Any], path: Pa
     the state may be memory-mapped tensors (the pre-flight check reads no weight data)."""
     not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if not_tensors:
-        raise CheckpointError(f"{path} state dict holds non-tensor entries: {_name_list(not_tensors)}")
+        raise CheckpointError(f"{path} state dict holds non-tensor entries: {name_list(not_tensors)}")
     missing = sorted(k for k in expected if k not in state and not _OPTIONAL_WEIGHTS.match(k))
     if missing:
         raise CheckpointError(
-            f"{path} lacks {len(missing)} weight(s) of the ESM-2 architecture in its cfg: {_name_list(missing)}; "
+            f"{path} lacks {len(missing)} weight(s) of the ESM-2 architecture in its cfg: {name_list(missing)}; "
             f"the file is incomplete or not an ESM-2 checkpoint"
         )
     unexpected = sorted(k for k in state if k not in expected and not _IGNORED_EXTRA.search(k))
     if unexpected:
         raise CheckpointError(
-            f"{path} holds {len(unexpected)} weight(s) ESM-2 has no place for: {_name_list(unexpected)}; "
+            f"{path} holds {len(unexpected)} weight(s) ESM-2 has no place for: {name_list(unexpected)}; "
             f"is it a fine-tuned or non-ESM-2 model?"
         )
     wrong_shape = sorted(

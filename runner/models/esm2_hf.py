@@ -33,6 +33,7 @@ import torch
 
 from runner.errors import CheckpointError, first_line
 from runner.models.base import ModelInfo
+from runner.models.checkpoints import name_list
 from runner.models.esm2 import (
     ESM2_MODELS,
     Esm2Codec,
@@ -41,7 +42,6 @@ from runner.models.esm2 import (
     _assign_weights,
     _build_esm2,
     _count_parameters,
-    _name_list,
 )
 from runner.models.rotary import default_inv_freq
 
@@ -367,7 +367,7 @@ def fair_esm_state(
     head_dim = config.dim // config.heads
     wrong_shape += [f"{k} {tuple(v.shape)} (rotary: ({head_dim // 2},))" for k, v in inv_freqs.items()
                     if tuple(v.shape) != (head_dim // 2,)]
-    problems = [f"{label}: {_name_list(found)}" for label, found in
+    problems = [f"{label}: {name_list(found)}" for label, found in
                 (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong_shape)) if found]
     if problems:
         raise CheckpointError(

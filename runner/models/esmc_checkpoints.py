@@ -28,7 +28,7 @@ import torch
 
 from runner.errors import CheckpointError, first_line
 from runner.models.base import ModelInfo
-from runner.models.checkpoints import sha256_file
+from runner.models.checkpoints import name_list, sha256_file
 from runner.models.esmc import (
     ESMC_ARCHITECTURES,
     ESMC_VOCAB,
@@ -307,11 +307,6 @@ def local_source(path: Path) -> EsmcSource:
 # Mapping names and building the model
 
 
-def _name_list(names: list[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
-
-
 def runner_state(raw: Mapping[str, Any], layout: str, arch: EsmcArchitecture, where: str) -> dict[str, torch.Tensor]:
     """`raw` (a state dict in `layout`) under runner's names, checked against `arch`: one CheckpointError lists
     every missing, unexpected and wrongly shaped weight (in the file's own names)."""
@@ -345,7 +340,7 @@ def runner_state(raw: Mapping[str, Any], layout: str, arch: EsmcArchitecture, wh
             wrong.append(f"{'+'.join(sources)} {tuple(tensor.shape)} (expected {expected[name]})")
             continue
         state[name] = tensor
-    problems = [f"{len(items)} {what}: {_name_list(items)}" for what, items in
+    problems = [f"{len(items)} {what}: {name_list(items, limit=8)}" for what, items in
                 (("missing", missing), ("unexpected", unexpected), ("not tensors", not_tensors),
                  ("wrongly shaped", wrong)) if items]
     if problems:
