@@ -113,6 +113,47 @@ class SequenceCodec(ABC):
         for per-residue alphabets; BPE codecs return however many tokens the residues make."""
 
 
+class ResidueCodec(SequenceCodec):
+    """A protein alphabet of one token per residue letter between one start and one end token (ESM-2, ESM C):
+    the letters are looked up in a byte -> token id table, so encoding a sequence is one numpy gather."""
+
+    kind = "protein"
+    special_start = 1  # the start token (<cls>)
+    special_end = 1  # the end token (<eos>)
+    default_pooling = "mean"  # over the residues, start and end token left out
+    one_token_per_residue = True  # chunked windows line up residue by residue and can be stitched
+    model_name: str  # the model the error of `encode` names
+
+    def __init__(self, residues: str, token_id: Callable[[str], int], start_id: int, end_id: int) -> None:
+        self.start_id = start_id  # token id before the residues
+        self.end_id = end_id  # token id after them
+        self._valid = frozenset(residues)
+        lut = np.full(256, -1, dtype=np.int32)  # byte -> token id, -1 for bytes the model cannot embed
+        for ch in residues:
+            lut[ord(ch)] = token_id(ch)
+        self._lut = lut
+
+    def clean(self, raw: str) -> str:
+        """Whitespace removed, uppercased, one trailing stop codon '*' dropped."""
+        seq = "".join(raw.split()).upper()
+        return seq[:-1] if seq.endswith("*") else seq
+
+    def invalid_characters(self, seq: str) -> str:
+        """Sorted distinct characters outside `residues` ('' when the sequence is embeddable)."""
+        return "".join(sorted(set(seq) - self._valid))
+
+    def encode(self, seq: str) -> np.ndarray:
+        """int32 [n + 2]: the start token, one token per residue, the end token."""
+        bad = self.invalid_characters(seq)
+        if bad:
+            raise RunnerError(f"sequence contains characters {self.model_name} cannot embed: {bad}")
+        out = np.empty(len(seq) + 2, dtype=np.int32)  # [n + 2]
+        out[0] = self.start_id
+        out[1:-1] = self._lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]  # [n]
+        out[-1] = self.end_id
+        return out
+
+
 class EmbeddingModel(torch.nn.Module, ABC):
     """Weights plus a packed forward. One instance per actor, moved to its device and dtype once."""
 

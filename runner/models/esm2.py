@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,7 +25,7 @@ from runner.driver.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.attention import plan_attention, select_backend
 from runner.kernels.fp16x3 import SplitLinear
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers, uninitialised_weights
+from runner.models.base import EmbeddingModel, ModelInfo, ResidueCodec, resolve_layers, uninitialised_weights
 from runner.models.checkpoints import (
     download_esm2,
     hub_checkpoint_dir,
@@ -82,47 +81,18 @@ def _alphabet() -> Any:
     return esm.data.Alphabet.from_architecture("ESM-1b")
 
 
-class Esm2Codec(SequenceCodec):
+class Esm2Codec(ResidueCodec):
     """Protein text -> ESM-2 token ids: <cls> residues <eos>, indices of fair-esm's ESM-1b alphabet."""
 
-    kind = "protein"
     max_residues = 1022  # 1024 positions minus <cls> and <eos>, as fair-esm's extraction scripts use
-    special_start = 1  # <cls>
-    special_end = 1  # <eos>
-    default_pooling = "mean"
-    one_token_per_residue = True
+    model_name = "ESM-2"
 
     def __init__(self) -> None:
         alphabet = _alphabet()
         self.cls_idx = int(alphabet.cls_idx)
         self.eos_idx = int(alphabet.eos_idx)
         self.padding_idx = int(alphabet.padding_idx)
-        self._valid = frozenset(ESM2_RESIDUES)
-        lut = np.full(256, -1, dtype=np.int32)  # byte -> token id, -1 for bytes the model cannot embed
-        for ch in ESM2_RESIDUES:
-            lut[ord(ch)] = alphabet.get_idx(ch)
-        self._lut = lut
-
-    def clean(self, raw: str) -> str:
-        """Whitespace removed, uppercased, one trailing stop codon '*' dropped."""
-        seq = "".join(raw.split()).upper()
-        return seq[:-1] if seq.endswith("*") else seq
-
-    def invalid_characters(self, seq: str) -> str:
-        """Sorted distinct characters outside ESM2_RESIDUES ('' when the sequence is embeddable)."""
-        return "".join(sorted(set(seq) - self._valid))
-
-    def encode(self, seq: str) -> np.ndarray:
-        """int32 [n + 2]: <cls>, one token per residue, <eos>."""
-        bad = self.invalid_characters(seq)
-        if bad:
-            raise RunnerError(f"sequence contains characters ESM-2 cannot embed: {bad}")
-        residues = self._lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]  # [n]
-        out = np.empty(len(seq) + 2, dtype=np.int32)  # [n + 2]
-        out[0] = self.cls_idx
-        out[1:-1] = residues
-        out[-1] = self.eos_idx
-        return out
+        super().__init__(ESM2_RESIDUES, alphabet.get_idx, self.cls_idx, self.eos_idx)
 
 
 class ESM2Embedder(EmbeddingModel):

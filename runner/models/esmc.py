@@ -22,15 +22,13 @@ from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.errors import RunnerError
 from runner.kernels.attention import plan_attention, select_backend, varlen_attention
 from runner.kernels.fp16x3 import SplitLinear, SplitWeight
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
+from runner.models.base import EmbeddingModel, ModelInfo, ResidueCodec, resolve_layers
 from runner.models.esm2_layers import compile_over_tokens
 from runner.models.rotary import default_inv_freq, rotary_tables, rotate
 
@@ -101,43 +99,16 @@ ESMC_ARCHITECTURES: dict[str, EsmcArchitecture] = {
 }
 
 
-class EsmcCodec(SequenceCodec):
-    """Protein text -> ESM C token ids: <cls> residues <eos>, with `|` as the chain-break token."""
+class EsmcCodec(ResidueCodec):
+    """Protein text -> ESM C token ids: <cls> residues <eos>, with `|` as the chain-break token (one token like a
+    residue, so chunked windows still line up residue by residue). The default pooling, the mean over the
+    residues with <cls> and <eos> left out, is what the ESM C maintainers advise for a sequence vector."""
 
-    kind = "protein"
-    special_start = 1  # <cls>
-    special_end = 1  # <eos>
-    # Mean over the residues, <cls> and <eos> left out: what the ESM C maintainers advise for a sequence vector.
-    default_pooling = "mean"
-    one_token_per_residue = True  # one token per residue (or chain break): chunked windows can be stitched
+    model_name = "ESM C"
 
     def __init__(self, max_positions: int = 2048) -> None:
         self.max_residues = max_positions - 2  # the training context minus <cls> and <eos>
-        self._valid = frozenset(ESMC_RESIDUES)
-        lut = np.full(256, -1, dtype=np.int32)  # byte -> token id, -1 for bytes the model cannot embed
-        for ch in ESMC_RESIDUES:
-            lut[ord(ch)] = ESMC_VOCAB.index(ch)
-        self._lut = lut
-
-    def clean(self, raw: str) -> str:
-        """Whitespace removed, uppercased, one trailing stop codon '*' dropped."""
-        seq = "".join(raw.split()).upper()
-        return seq[:-1] if seq.endswith("*") else seq
-
-    def invalid_characters(self, seq: str) -> str:
-        """Sorted distinct characters outside ESMC_RESIDUES ('' when the sequence is embeddable)."""
-        return "".join(sorted(set(seq) - self._valid))
-
-    def encode(self, seq: str) -> np.ndarray:
-        """int32 [n + 2]: <cls>, one token per residue (or chain break), <eos>."""
-        bad = self.invalid_characters(seq)
-        if bad:
-            raise RunnerError(f"sequence contains characters ESM C cannot embed: {bad}")
-        out = np.empty(len(seq) + 2, dtype=np.int32)  # [n + 2]
-        out[0] = BOS_ID
-        out[1:-1] = self._lut[np.frombuffer(seq.encode("ascii"), dtype=np.uint8)]  # [n]
-        out[-1] = EOS_ID
-        return out
+        super().__init__(ESMC_RESIDUES, ESMC_VOCAB.index, BOS_ID, EOS_ID)
 
 
 # ---------------------------------------------------------------------------------------------------
