@@ -346,17 +346,6 @@ class EsmcEmbedder(EmbeddingModel):
             hidden[deepest] = x
         return [hidden[t] for t in targets]
 
-    def forward_packed(
-        self,
-        tokens: torch.Tensor,  # int64 [T]
-        positions: torch.Tensor,  # int64 [T]
-        cu_seqlens: torch.Tensor,  # int32 [B+1]
-        max_seqlen: int,
-        layer: int,  # representation layer: 0 = embeddings, num_layers or -1 = last
-    ) -> torch.Tensor:
-        """Hidden states of one `layer` for every token: [T, D] in the weights' dtype."""
-        return self.forward_layers(tokens, positions, cu_seqlens, max_seqlen, [layer])[0]
-
     def _run_blocks(
         self,
         x: torch.Tensor,  # [T, D]
