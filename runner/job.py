@@ -53,7 +53,14 @@ from runner.output.manifest import Manifest, input_fingerprint, job_fingerprint
 from runner.output.report import JobReport
 from runner.output.rerun import already_complete, output_spec
 from runner.output.resume import OutLock, prepare_resume
-from runner.output.sink import OutputSpec, OutputWriteError, PartWriter, RejectWriter, write_error
+from runner.output.sink import (
+    OutputSpec,
+    OutputWriteError,
+    PartWriter,
+    RejectWriter,
+    unwritable_reason,
+    write_error,
+)
 from runner.output.tokens import TOKENS_DIR, ReconcileReport, reconcile
 from runner.stages.embed_stage import StageSettings
 from runner.stages.shadow import ShadowMonitor
@@ -488,15 +495,9 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
 
 def prepare_out_dir(out: Path) -> Path:
     """Create --out and prove it is writable before any work starts."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{uuid.uuid4().hex}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunnerError(
-            f"cannot write to --out {out} ({e.strerror}): choose a writable directory"
-        ) from None
+    reason = unwritable_reason(out, f".write-test-{uuid.uuid4().hex}")
+    if reason is not None:
+        raise RunnerError(f"cannot write to --out {out} ({reason}): choose a writable directory")
     return out
 
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pytest
 
 from runner.input.batch import Reject
-from runner.output.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter
+from runner.output.sink import ChunkMerger, EmbeddedRows, PartWriter, RejectWriter, unwritable_reason
 
 
 def rows(n: int, dim: int, start: int = 0) -> EmbeddedRows:
@@ -72,3 +73,26 @@ def test_chunk_merger_weights_by_residues_in_any_order() -> None:
     expected = sum(r * x for r, x in zip(residues, v, strict=True)) / sum(residues)
     np.testing.assert_allclose(merged, expected, rtol=1e-6)
     assert merger.pending == 0
+
+
+def test_out_and_token_folders_are_proved_writable_before_work(tmp_path: Path) -> None:
+    """--out and an actor's token folder are created (parents too) and probed, leaving nothing behind; where they
+    cannot be written, the driver's and the actor's one-line errors say why and what to do."""
+    from runner.errors import RunnerError
+    from runner.job import prepare_out_dir
+    from runner.stages.embed_stage import open_token_shard
+
+    out = tmp_path / "a" / "b"
+    assert prepare_out_dir(out) == out and out.is_dir() and not list(out.iterdir())
+    shard = out / "tokens" / "actor-0"
+    assert open_token_shard(shard) == shard and shard.is_dir() and not list(shard.iterdir())
+
+    blocker = tmp_path / "file"  # a file where a folder must go: mkdir fails with "Not a directory" or alike
+    blocker.write_text("x")
+    reason = unwritable_reason(blocker / "out", ".probe")
+    assert reason and "\n" not in reason
+    with pytest.raises(RunnerError) as driver:
+        prepare_out_dir(blocker / "out")
+    assert str(driver.value) == f"cannot write to --out {blocker / 'out'} ({reason}): choose a writable directory"
+    with pytest.raises(RunnerError, match=r"cannot write per-token files to .*--per-token needs --out on a filesyst"):
+        open_token_shard(blocker / "tokens")

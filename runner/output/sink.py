@@ -37,13 +37,30 @@ class OutputWriteError(RunnerError):
     """Writing an output file failed (disk full, permissions); complete parts stay, the job can resume."""
 
 
+def os_reason(e: OSError) -> str:
+    """What an OSError says, in a few words: its strerror, else its first line, else its type."""
+    return e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
 def write_error(path: Path, e: OSError) -> OutputWriteError:
     """The one-line error for an output that could not be written (the same advice for every file)."""
-    reason = e.strerror or (str(e).splitlines()[0] if str(e) else type(e).__name__)
     return OutputWriteError(
-        f"cannot write {path} ({reason}): free disk space or make --out writable, then rerun the same command "
+        f"cannot write {path} ({os_reason(e)}): free disk space or make --out writable, then rerun the same command "
         "to resume (finished parts are kept)"
     )
+
+
+def unwritable_reason(directory: Path, probe_name: str) -> str | None:
+    """Create `directory` (parents too) and write, then remove, a small file `probe_name` in it: None when that
+    works, else why not in a few words, so that a job fails before any work where writing its outputs would."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / probe_name
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        return os_reason(e)
+    return None
 
 
 def vector_columns(layers: Sequence[int], poolings: Sequence[str]) -> list[str]:

@@ -39,6 +39,7 @@ from runner.input.batch import PackedBatch
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
 from runner.output.checksums import PIECES as CRC_PIECES
+from runner.output.sink import unwritable_reason
 from runner.output.tokens import (
     TokenFile,
     shard_name,
@@ -829,16 +830,12 @@ def group_windows(batch: PackedBatch) -> list[list[int]]:
 
 def open_token_shard(directory: Path) -> Path:
     """Create this actor's token folder and prove it writable from this node, or raise one clear RunnerError."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
+    reason = unwritable_reason(directory, f".write-test-{os.getpid()}")
+    if reason is not None:
         raise RunnerError(
             f"embedding actor on {socket.gethostname()} cannot write per-token files to {directory} "
-            f"({e.strerror or e}): --per-token needs --out on a filesystem every node can write (a shared one)"
-        ) from None
+            f"({reason}): --per-token needs --out on a filesystem every node can write (a shared one)"
+        )
     return directory
 
 
