@@ -350,7 +350,9 @@ def test_in_process_job_records_windows_rejects_checksums_and_a_raised_budget(
     assert verify_dir(out).ok, verify_dir(out).problems
 
 
-def test_in_process_nothing_to_embed_is_not_success(in_process: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+def check_nothing_to_embed_is_not_success(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """An empty input exits 1 naming the file; an input whose every record is rejected exits 5 naming the
+    reasons, its manifest 'aborted'. The same with and without Ray: the in-process and the Ray test call it."""
     empty = tmp_path / "empty.fasta"
     empty.write_text("\n")
     code, output = invoke("embed", str(empty), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "e"),
@@ -364,6 +366,10 @@ def test_in_process_nothing_to_embed_is_not_success(in_process: None, tmp_path: 
     assert "nothing embedded: all 3 record(s) were rejected" in output
     assert "invalid_characters" in output and "empty_sequence" in output and "duplicate_id" in output
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "aborted"
+
+
+def test_in_process_nothing_to_embed_is_not_success(in_process: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
+    check_nothing_to_embed_is_not_success(tmp_path, tiny_esm2_path)
 
 
 def test_in_process_complete_rerun_answers_without_running(
@@ -501,19 +507,7 @@ def test_honest_records_and_a_complete_rerun_without_ray(
 
 
 def test_nothing_to_embed_is_not_success(local_ray: None, tmp_path: Path, tiny_esm2_path: Path) -> None:
-    empty = tmp_path / "empty.fasta"
-    empty.write_text("\n")
-    code, output = invoke("embed", str(empty), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "e"),
-                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
-    assert code == 1 and "no records read from" in output and "empty.fasta" in output, output
-    bad = tmp_path / "bad.fasta"
-    bad.write_text(">a\nMK1\n>b\n\n>a\nMKV\n")
-    code, output = invoke("embed", str(bad), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "b"),
-                          "--gpus", "0", "--no-progress", "--shadow-rate", "0")
-    assert code == 5, output
-    assert "nothing embedded: all 3 record(s) were rejected" in output
-    assert "invalid_characters" in output and "empty_sequence" in output and "duplicate_id" in output
-    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["status"] == "aborted"
+    check_nothing_to_embed_is_not_success(tmp_path, tiny_esm2_path)
 
 
 # --- parts reach disk as the job goes ------------------------------------------------------------------
