@@ -33,15 +33,8 @@ from runner.models.checkpoints import (
     name_list,
     regression_path,
 )
-from runner.models.esm2_layers import (
-    EAGER_PARTS,
-    LayerMath,
-    LayerParts,
-    LayerWeights,
-    compile_over_tokens,
-    layer_norm,
-    run_layers,
-)
+from runner.models.esm2_layers import EAGER_PARTS, LayerMath, LayerWeights, layer_norm
+from runner.models.layer_loop import LayerParts, compile_over_tokens, run_compiled_or_eager, run_layers
 from runner.models.rotary import default_inv_freq, rotary_tables
 
 logger = logging.getLogger("runner")
@@ -236,20 +229,9 @@ class ESM2Embedder(EmbeddingModel):
         math: LayerMath,
         keep: frozenset[int] = frozenset(),  # layer numbers whose outputs to return too (see run_layers)
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The layers, through the compiled parts when `compile` is on (eager otherwise)."""
+        """The layers, through the compiled parts when `compile` is on (eager otherwise, and after a failure)."""
         args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-        if self.compiled is None:
-            return run_layers(*args, keep=keep)
-        try:
-            return run_layers(*args, parts=self.compiled, keep=keep)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
-            out = run_layers(*args, keep=keep)  # a real error of the inputs raises here too, and propagates
-            logger.warning("torch.compile failed for the ESM-2 layers (%s: %s): running eager from now on",
-                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.compiled = None
-            return out
+        return run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM-2 layers")
 
 
 def _stored_inv_freq(esm_model: torch.nn.Module, head_dim: int) -> torch.Tensor:

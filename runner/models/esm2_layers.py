@@ -1,21 +1,22 @@
 """The math of fair-esm's ESM-2 transformer layers over packed tokens, as plain functions of tensors.
 
-`ESM2Embedder` (runner.models.esm2) holds the weights and calls `run_layers`. The layers are cut around their
-attention kernel, not at layer boundaries: `next_layer_inputs` runs one layer's output projection and MLP and
-the next layer's LayerNorm, q/k/v projection and rotary embedding, so compiled, the residual add of a layer
-and the LayerNorm of the next become one fused kernel, and there is one compiled call per layer, not two.
+`ESM2Embedder` (runner.models.esm2) holds the weights and runs these parts through runner.models.layer_loop.
+The layers are cut around their attention kernel, not at layer boundaries: `next_layer_inputs` runs one layer's
+output projection and MLP and the next layer's LayerNorm, q/k/v projection and rotary embedding, so compiled,
+the residual add of a layer and the LayerNorm of the next become one fused kernel, and there is one compiled
+call per layer, not two.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from runner.kernels.attention import varlen_attention
 from runner.kernels.fp16x3 import SplitWeight
+from runner.models.layer_loop import LayerParts
 from runner.models.rotary import rotate
 
 
@@ -34,7 +35,9 @@ class LayerWeights(NamedTuple):
     qkv_bias: torch.Tensor  # [3D]
     out_weight: torch.Tensor | SplitWeight  # [D, D]
     out_bias: torch.Tensor  # [D]
-    scaling: float  # head_dim ** -0.5, fair-esm's query scaling
+    # head_dim ** -0.5, fair-esm's query scaling. fair-esm multiplies q by it before the rotation; rotation is
+    # linear, so scaling inside the attention kernel (in fp32) is the same computation with one rounding fewer.
+    scaling: float
     mlp_norm_weight: torch.Tensor  # [D]
     mlp_norm_bias: torch.Tensor  # [D]
     mlp_norm_eps: float
@@ -152,61 +155,5 @@ def next_layer_inputs(
     return x, *attention_inputs(x, w_next, cos, sin, math)
 
 
-# The compilable pieces between attention kernels: the first layer's inputs, the middle of each pair of
-# layers, and the last layer's output. Attention stays outside: its int max_seqlen would otherwise
-# specialise the graphs per batch.
-LayerParts = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]
+# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers.
 EAGER_PARTS: LayerParts = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
-
-
-def run_layers(
-    x: torch.Tensor,  # [T, D] embeddings
-    layers: list[LayerWeights],  # the layers to run, in order (at least one)
-    cos: torch.Tensor,  # float32 [T, 1, hd]
-    sin: torch.Tensor,  # float32 [T, 1, hd]
-    cu: torch.Tensor,  # int32 [B+1]
-    max_seqlen: int,
-    backend: str,  # attention kernel (runner.kernels.attention.BACKENDS)
-    plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
-    math: LayerMath,
-    parts: LayerParts = EAGER_PARTS,
-    keep: Collection[int] = (),
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """fair-esm TransformerLayers (pre-LN attention with rotary, pre-LN GELU MLP) over packed tokens.
-
-    Returns the last layer's output x [T, D] and, for each layer number in `keep` (1 = the first layer run),
-    that layer's output [T, D]: the residual stream as it passes, a reference kept, nothing computed again."""
-    if not layers:
-        raise ValueError("run_layers needs at least one layer (layer 0 is the embeddings: no layer runs)")
-    first, middle, last = parts
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: LayerWeights) -> torch.Tensor:
-        # fair-esm multiplies q by `scaling` before the rotation; rotation is linear, so scaling inside the
-        # kernel (in fp32) is the same computation with one rounding fewer.
-        return varlen_attention(q, k, v, cu, max_seqlen, w.scaling, backend, plan=plan)  # [T, H, hd]
-
-    kept: dict[int, torch.Tensor] = {}
-    q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
-    for number, (w, w_next) in enumerate(zip(layers[:-1], layers[1:], strict=True), start=1):
-        x, q, k, v = middle(x, attention(q, k, v, w), w, w_next, cos, sin, math)  # x: layer `number`'s output
-        if number in keep:
-            kept[number] = x
-    return last(x, attention(q, k, v, layers[-1]), layers[-1], math), kept  # [T, D]
-
-
-def compile_over_tokens(part: Callable[..., Any], backend: str | Callable[..., Any] = "inductor") -> Callable[..., Any]:
-    """`part` compiled with only the token dimension symbolic: dim 0 of its tensor arguments (x, o, cos, sin).
-
-    `dynamic=True` would make every size symbolic, the weights' included (they are arguments): inductor's
-    fused kernels then divide indices by a runtime head width and loop over rows of unknown length. Marking
-    the token dimension on every call keeps one compile for every batch size with all other sizes static.
-    """
-    compiled = torch.compile(part, backend=backend)
-
-    def call(*args: Any) -> Any:
-        for arg in args:
-            if isinstance(arg, torch.Tensor):
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-        return compiled(*args)
-
-    return call

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.kernels.attention import plan_attention, select_backend, varlen_attention
+from runner.kernels.attention import plan_attention, select_backend
 from runner.kernels.fp16x3 import SplitLinear, SplitWeight
 from runner.models.base import EmbeddingModel, ModelInfo, ResidueCodec, resolve_layers
-from runner.models.esm2_layers import compile_over_tokens
+from runner.models.layer_loop import LayerParts, compile_over_tokens, run_compiled_or_eager, run_layers
 from runner.models.rotary import default_inv_freq, rotary_tables, rotate
 
 logger = logging.getLogger("runner")
@@ -148,15 +148,18 @@ class LayerWeights(NamedTuple):
     ffn_norm_bias: torch.Tensor  # [D]
     gate_up_weight: torch.Tensor | SplitWeight  # [2F, D]
     down_weight: torch.Tensor | SplitWeight  # [D, F]
+    scaling: float  # head_dim ** -0.5, the query scaling (applied inside the attention kernel)
 
     @classmethod
-    def of(cls, block: EsmcBlock, split: Callable[[torch.Tensor], SplitWeight] | None = None) -> LayerWeights:
+    def of(cls, block: EsmcBlock, head_dim: int,
+           split: Callable[[torch.Tensor], SplitWeight] | None = None) -> LayerWeights:
         """The weights of `block`; with `split`, every projection passed through it (the shadow's split maths)."""
         prepare = split or (lambda weight: weight)
         return cls(
             block.attn_norm.weight, block.attn_norm.bias, prepare(block.qkv.weight),
             block.q_norm.weight, block.k_norm.weight, prepare(block.out.weight),
             block.ffn_norm.weight, block.ffn_norm.bias, prepare(block.gate_up.weight), prepare(block.down.weight),
+            head_dim**-0.5,
         )
 
 
@@ -170,7 +173,7 @@ class LayerMath(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The block math over packed tokens, cut around the attention kernel like ESM-2's (runner.models.esm2_layers):
+# The block math over packed tokens, cut around the attention kernel as runner.models.layer_loop runs it:
 # compiled, the residual add of a block and the LayerNorms of the next become fused kernels.
 
 
@@ -224,38 +227,8 @@ def next_layer_inputs(
     return x, *attention_inputs(x, w_next, cos, sin, math)
 
 
-# The compilable pieces between attention kernels: the first block's inputs, the middle of each pair of blocks,
-# the last block's output. Attention stays outside: its int max_seqlen would otherwise specialise the graphs.
-EAGER_PARTS = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
-
-
-def run_blocks(
-    x: torch.Tensor,  # [T, D] embeddings
-    layers: list[LayerWeights],  # the blocks to run, in order (at least one)
-    cos: torch.Tensor,  # float32 [T, 1, hd]
-    sin: torch.Tensor,  # float32 [T, 1, hd]
-    cu: torch.Tensor,  # int32 [B+1]
-    max_seqlen: int,
-    backend: str,  # attention kernel (runner.kernels.attention.BACKENDS)
-    plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
-    math: LayerMath,
-    parts: tuple[Callable[..., Any], ...] = EAGER_PARTS,
-    keep: Collection[int] = (),  # block numbers (1 = the first run) whose outputs to return too
-) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """ESM C blocks over packed tokens: the last block's output x [T, D] and, per number in `keep`, that block's
-    output [T, D] (the residual stream as it passes: a reference kept, nothing computed again)."""
-    first, middle, last = parts
-
-    def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return varlen_attention(q, k, v, cu, max_seqlen, q.shape[-1] ** -0.5, backend, plan=plan)  # [T, H, hd]
-
-    kept: dict[int, torch.Tensor] = {}
-    q, k, v = first(x, layers[0], cos, sin, math)  # [T, H, hd] each
-    for number, (w, w_next) in enumerate(zip(layers[:-1], layers[1:], strict=True), start=1):
-        x, q, k, v = middle(x, attention(q, k, v), w, w_next, cos, sin, math)  # x: block `number`'s output
-        if number in keep:
-            kept[number] = x
-    return last(x, attention(q, k, v), layers[-1], math), kept  # [T, D]
+# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers.
+EAGER_PARTS: LayerParts = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
 
 
 class EsmcEmbedder(EmbeddingModel):
@@ -276,7 +249,7 @@ class EsmcEmbedder(EmbeddingModel):
         self.head_dim = arch.head_dim
         self.attention_backend = "exact"
         self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
-        self.compiled: tuple[Callable[..., Any], ...] | None = None  # torch.compile'd parts, or None (eager)
+        self.compiled: LayerParts | None = None  # torch.compile'd parts, or None (eager)
         # Per block, the weights the forward reads (split under the shadow's maths), built on first use and again
         # after the weights moved (device or dtype): see `layer_weights`.
         self._layer_weights: list[LayerWeights] | None = None
@@ -304,7 +277,7 @@ class EsmcEmbedder(EmbeddingModel):
         anchor = self.layers[0].qkv.weight.data_ptr() if self.num_layers else 0
         if self._layer_weights is None or anchor != self._weights_anchor:
             split = self.linear.split if isinstance(self.linear, SplitLinear) else None
-            self._layer_weights = [LayerWeights.of(block, split) for block in self.layers]
+            self._layer_weights = [LayerWeights.of(block, self.head_dim, split) for block in self.layers]
             self._weights_anchor = anchor
         return self._layer_weights
 
@@ -358,17 +331,6 @@ class EsmcEmbedder(EmbeddingModel):
         math: LayerMath,
         keep: frozenset[int],
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The blocks, through the compiled parts when `compile` is on (eager otherwise)."""
+        """The blocks, through the compiled parts when `compile` is on (eager otherwise, and after a failure)."""
         args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-        if self.compiled is None:
-            return run_blocks(*args, keep=keep)
-        try:
-            return run_blocks(*args, parts=self.compiled, keep=keep)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # inductor and dynamo raise many types; eager decides whether it is ours
-            out = run_blocks(*args, keep=keep)  # a real error of the inputs raises here too, and propagates
-            logger.warning("torch.compile failed for the ESM C blocks (%s: %s): running eager from now on",
-                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
-            self.compiled = None
-            return out
+        return run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM C blocks")
