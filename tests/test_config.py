@@ -83,3 +83,19 @@ def test_disable_fp16_rollback_switch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RUNNER_DISABLE_FP16", "1")
     with pytest.warns(UserWarning, match="RUNNER_DISABLE_FP16"):
         assert resolve_precision("bf16", on_gpu=True) == "fp32"
+
+
+def test_every_command_has_help_with_an_example() -> None:
+    """sqlite-utils style: `runner --help` and each command's --help show a runnable example of that command, so a
+    command added without one fails here."""
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    assert set(cli.commands) >= {"embed", "export", "validate", "verify"}
+    for name in [None, *cli.commands]:
+        args = ["--help"] if name is None else [name, "--help"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        example = result.output.split("Example", 1)[-1]
+        assert "Example" in result.output and f"runner {name or 'embed'} " in example, (name, result.output)
