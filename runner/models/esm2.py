@@ -201,7 +201,8 @@ class ESM2Embedder(EmbeddingModel):
             weights = self.layer_weights()[:deepest]
             math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
             keep = frozenset(t for t in targets if 0 < t < deepest)
-            x, kept = self._run_layers(x, weights, cos, sin, cu, max_seqlen, plan, math, keep)  # [T, D]
+            args = (x, weights, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
+            x, kept = run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM-2 layers")  # [T, D]
             if deepest == self.num_layers:
                 # fair-esm reports the last layer after the final LayerNorm.
                 norm = esm_model.emb_layer_norm_after
@@ -216,22 +217,6 @@ class ESM2Embedder(EmbeddingModel):
         if inv_freq is None:
             inv_freq = self._inv_freq_on[device] = self.rotary_inv_freq.to(device)
         return inv_freq
-
-    def _run_layers(
-        self,
-        x: torch.Tensor,  # [T, D]
-        layers: list[LayerWeights],
-        cos: torch.Tensor,  # float32 [T, 1, hd]
-        sin: torch.Tensor,  # float32 [T, 1, hd]
-        cu: torch.Tensor,  # int32 [B+1]
-        max_seqlen: int,
-        plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
-        math: LayerMath,
-        keep: frozenset[int] = frozenset(),  # layer numbers whose outputs to return too (see run_layers)
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The layers, through the compiled parts when `compile` is on (eager otherwise, and after a failure)."""
-        args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-        return run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM-2 layers")
 
 
 def _stored_inv_freq(esm_model: torch.nn.Module, head_dim: int) -> torch.Tensor:

@@ -155,5 +155,7 @@ def next_layer_inputs(
     return x, *attention_inputs(x, w_next, cos, sin, math)
 
 
-# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers.
+# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers. Each model keeps its
+# own next_layer_inputs although the two read alike: torch.compile caches per code object, so one shared function
+# would put both models' compiled graphs under one recompile limit.
 EAGER_PARTS: LayerParts = (attention_inputs, next_layer_inputs, attention_output_and_mlp)

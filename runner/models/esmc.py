@@ -227,7 +227,9 @@ def next_layer_inputs(
     return x, *attention_inputs(x, w_next, cos, sin, math)
 
 
-# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers.
+# The compilable pieces between attention kernels, for runner.models.layer_loop.run_layers. Each model keeps its
+# own next_layer_inputs although the two read alike: torch.compile caches per code object, so one shared function
+# would put both models' compiled graphs under one recompile limit.
 EAGER_PARTS: LayerParts = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
 
 
@@ -312,25 +314,10 @@ class EsmcEmbedder(EmbeddingModel):
             plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
             math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
             keep = frozenset(t for t in targets if 0 < t < deepest)
-            x, kept = self._run_blocks(x, self.layer_weights()[:deepest], cos, sin, cu, max_seqlen, plan, math, keep)
+            args = (x, self.layer_weights()[:deepest], cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
+            x, kept = run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM C blocks")  # [T, D]
             if deepest == self.num_layers:
                 x = layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]: last_hidden_state
             hidden.update(kept)
             hidden[deepest] = x
         return [hidden[t] for t in targets]
-
-    def _run_blocks(
-        self,
-        x: torch.Tensor,  # [T, D]
-        layers: list[LayerWeights],
-        cos: torch.Tensor,  # float32 [T, 1, hd]
-        sin: torch.Tensor,  # float32 [T, 1, hd]
-        cu: torch.Tensor,  # int32 [B+1]
-        max_seqlen: int,
-        plan: Any,  # runner.kernels.attention.plan_attention's per-batch state
-        math: LayerMath,
-        keep: frozenset[int],
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The blocks, through the compiled parts when `compile` is on (eager otherwise, and after a failure)."""
-        args = (x, layers, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-        return run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM C blocks")
