@@ -106,3 +106,33 @@ def test_embed_ends_its_local_ray_at_once(tmp_path: Path, tiny_esm2_path: Path) 
     while ray_processes_under(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_processes_under(ray_tmp) == []
+
+
+class ScriptedGpus:
+    """ray.available_resources() reading from a script of free-GPU figures (the last one repeats)."""
+
+    def __init__(self, free: list[float]) -> None:
+        self.free = list(free)
+
+    def available_resources(self) -> dict:
+        return {"GPU": self.free.pop(0) if len(self.free) > 1 else self.free[0]}
+
+
+def test_gpu_shadow_starts_once_the_embedders_hold_their_shares() -> None:
+    """Two embedders of 0.75 GPU each: the shadow starts when 1.5 GPUs are taken, not before (Ray packs
+    fractional GPUs: shadows placed first would leave no GPU with room for the second embedder)."""
+    import threading
+
+    from runner.driver.cluster import start_when_placed
+
+    started = []
+    ray = ScriptedGpus([2.0, 2.0, 1.25, 1.25, 0.5])
+    assert start_when_placed(ray, lambda: started.append(len(ray.free)), 1.5, threading.Event(), poll=0.0)
+    assert started == [1]  # at the fifth reading, 0.5 free: both embedders placed
+    never = ScriptedGpus([2.0, 1.25])
+    assert not start_when_placed(never, lambda: started.append("early"), 1.5, threading.Event(), timeout=0.3,
+                                 poll=0.01)
+    done = threading.Event()
+    done.set()  # the job ended first: a later job's actors taking GPUs must not start this one's shadow
+    assert not start_when_placed(ScriptedGpus([2.0, 0.0]), lambda: started.append("late"), 1.5, done, poll=0.0)
+    assert started == [1]

@@ -8,8 +8,10 @@ import itertools
 import logging
 import os
 import sys
+import threading
+import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -265,6 +267,22 @@ def build_dataset(
     return ds
 
 
+def start_when_placed(ray, start: Callable[[], None], held: float, done: threading.Event, timeout: float = 300.0,
+                      poll: float = 0.2) -> bool:
+    """Call `start` once `held` more GPUs are taken than when this was called (the embedding actors hold their
+    shares: Ray places an actor, and takes its resources, before its __init__ runs). False, without starting,
+    when `done` is set first (the job ended: a later job's actors must not start this one's shadow) or after
+    `timeout` seconds (the first sample then starts the shadow, as on CPU)."""
+    free_before = ray.available_resources().get("GPU", 0.0)
+    deadline = time.monotonic() + timeout
+    while not done.is_set() and time.monotonic() < deadline:
+        if ray.available_resources().get("GPU", 0.0) <= free_before - held + 1e-6:
+            start()
+            return True
+        done.wait(poll)
+    return False
+
+
 def resolve_shadow_share(requested: float | None, on_gpu: bool, rate: float) -> float:
     """GPU share of each shadow actor: 0 (CPU) when off or on CPU runs, else the request or 0.25."""
     if rate <= 0 or not on_gpu:
@@ -312,17 +330,30 @@ def start_shadow(
     actor_class = ray.remote(EmbedStage)
     actors: list[Any] = []
     turn: Iterator[Any] = iter(())
+    starting = threading.Lock()  # start() runs at the first sample, or earlier in the thread below
+    shadow_done = threading.Event()  # set once the monitor is closed: a start still waiting gives up
 
     def start() -> None:
         nonlocal turn
-        if not actors:
-            # Created at the first sample, once the embedding actors hold their (1 - share) of each GPU:
-            # Ray packs fractional GPUs, so shadows created first would share one GPU and leave no GPU
-            # with room for the second embedder (seen on 2 H200s: one embedder did all the work).
+        with starting:
+            if actors:
+                return
+            # Created once the embedding actors hold their (1 - share) of each GPU: Ray packs fractional
+            # GPUs, so shadows created first would share one GPU and leave no GPU with room for the second
+            # embedder (seen on 2 H200s: one embedder did all the work).
             # No CPU reservation: the shadow sees only the sampled fraction, and reserving a core for it
             # on a small machine would starve the reader and packers of the main stream (a hang on 2 cores).
             actors.extend(actor_class.options(num_gpus=share, num_cpus=0).remote(fp32) for _ in range(count))
             turn = itertools.cycle(actors)
+
+    if share > 0:
+        # On GPUs the FP32 actors load and compile beside the embedding actors instead of after the first
+        # sample (which comes with the first embeddings): a 650M shadow takes 7 s to load and up to 15 s to
+        # compile, which a short job otherwise waits for at its end. On CPU they stay lazy: they would take
+        # cores from the embedding actor's start, and a small job may sample nothing.
+        held = gpus * (1 - share)
+        threading.Thread(target=start_when_placed, args=(ray, start, held, shadow_done), daemon=True,
+                         name="runner-shadow-start").start()
 
     def submit(packed: Any) -> Any:
         start()
@@ -354,4 +385,5 @@ def start_shadow(
         metrics=metrics,
         start_fn=start,
         startup_fn=startup,
+        finish_fn=shadow_done.set,
     )

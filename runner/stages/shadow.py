@@ -142,6 +142,7 @@ class ShadowMonitor:
     # callable() -> [{"load_seconds": s, "compile_seconds": s, "kernels": k}, ...] of the FP32 actors, for the
     # summary; or None
     startup_fn: Any = None
+    finish_fn: Any = None  # callable() run once closed or abandoned (stops an early start still waiting), or None
     sampled: int = 0
     shed: int = 0
     compared: int = 0
@@ -262,6 +263,8 @@ class ShadowMonitor:
         if self._closed:
             return
         self._closed = True
+        if self.finish_fn is not None:
+            self.finish_fn()
         self._writer.close()
         self._tmp.replace(self.out_dir / "drift.arrow")
         if self.metrics:
