@@ -12,7 +12,7 @@ file only.
 Why the native stderr is captured rather than fixed at its source: Ray Data creates its actor pool's workers
 with its DataContext and the stage's MapTransformer passed through the object store, and pool actors
 restart by default (`max_restarts=-1`, as ours must: fault tolerance relies on it). Ray's core worker then
-logs an ERROR on every healthy run (ray-project/ray#57733, open). The arguments it warns about are owned by
+logs an ERROR on every healthy run (ray-project/ray#53727, open; docs/running.md says why runner cannot avoid it). The arguments it warns about are owned by
 the driver and referenced by Ray Data for the whole execution, so the restarts it worries about work (the
 actor-crash tests restart actors); our own constructor argument (StageSettings) is a few hundred bytes.
 """
