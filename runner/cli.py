@@ -171,6 +171,9 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--part-seconds", type=float,
               help="Close a part once its first row is this old, even if not full (default 30): the most a "
                    "finished embedding waits before it is on disk.")
+@click.option("--part-writer", type=click.Choice(["driver", "actors", "auto"]),
+              help="Who writes the pooled parts: the driver, or each embedding actor (the driver only commits "
+                   "them; needs an --out every node shares). Default auto: actors from 8 GPUs on.")
 @click.option("--per-token", is_flag=True, default=None,
               help="Also store every residue's vector for each layer (DIR/tokens/; BOS/EOS excluded; large).")
 @click.option("--per-token-dtype", type=click.Choice(["float32", "float16"]),

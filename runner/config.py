@@ -61,6 +61,11 @@ class EmbedConfig:
     # A part is closed (on disk, complete) once its first row has waited this long, even if not full: the
     # bound on how long a finished embedding can wait before it is on disk (plus 1 s of clock resolution).
     part_seconds: float = 30.0
+    # Who writes the pooled parts: "driver" (every vector travels to the driver, which writes and checksums the
+    # parts: ~80k short rows/s, ~19 H200s), "actors" (each embedding actor writes the parts of its batches and
+    # the driver only commits them: runner.output.staged; --out must be shared by every node), "auto": actors
+    # from 8 embedding actors on (docs/scaling.md).
+    part_writer: Literal["driver", "actors", "auto"] = "auto"
     records_per_block: int = 2048  # records per stream block between CPU stages
     cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
     pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
@@ -156,6 +161,8 @@ class EmbedConfig:
             raise RunnerError(f"--on-drift must be warn or abort, not {self.on_drift!r}")
         if not -1 <= self.drift_min_cosine <= 1:
             raise RunnerError("--drift-min-cosine must be a cosine between -1 and 1")
+        if self.part_writer not in ("driver", "actors", "auto"):
+            raise RunnerError(f"--part-writer must be driver, actors or auto, not {self.part_writer!r}")
         if not self.part_seconds > 0:
             raise RunnerError("--part-seconds must be more than 0 (seconds a part may stay open)")
         if self.rows_per_part < 1 or self.records_per_block < 1 or self.cpu_actors < 1:

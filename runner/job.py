@@ -61,6 +61,7 @@ from runner.output.sink import (
     unwritable_reason,
     write_error,
 )
+from runner.output.staged import remove_staged, resolve_part_writer, staged_dir
 from runner.output.tokens import TOKENS_DIR, ReconcileReport, reconcile
 from runner.stages.embed_stage import StageSettings
 from runner.stages.shadow import ShadowMonitor
@@ -187,7 +188,9 @@ def _run_locked(
     nodes_at_start = cluster_nodes(ray)
     others = actor_nodes(ray, on_gpu)
     checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
-    if actors_write_out(config):
+    # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
+    actor_parts = resolve_part_writer(config.part_writer, gpus if on_gpu else config.cpu_actors)
+    if actors_write_out(config) or actor_parts:
         checked["out"] = check_out_on_nodes(ray, out_dir, others)
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
@@ -233,6 +236,8 @@ def _run_locked(
         per_token=spec.per_token,
         tokens_dir=str((out_dir / TOKENS_DIR).resolve()),
         chunk_overlap=config.chunk_overlap,
+        staged_dir=str(staged_dir(out_dir).resolve()) if actor_parts else "",
+        part_rows=config.rows_per_part,
         **test_hooks_from_env(out_dir),
     )
     # The read task gets its own copy of the bitmap: the driver keeps adding to `resume.done` as it writes.
@@ -244,6 +249,7 @@ def _run_locked(
     manifest.dashboard_url = f"http://{dashboard}" if dashboard else None
     manifest.token_budget_requested = requested_budget if requested_budget != budget else None
     manifest.resume = resume.summary()
+    manifest.extra["part_writer"] = "actors" if actor_parts else "driver"
     if spec.per_token is not None:
         manifest.per_token = per_token_section(spec, resume.tokens, None)
     report = JobReport(
@@ -260,7 +266,9 @@ def _run_locked(
         shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part,
                             part_seconds=config.part_seconds, columns=spec.columns,
-                            per_token=spec.per_token is not None)
+                            per_token=spec.per_token is not None,
+                            commit_seconds=min(1.0, config.part_seconds),
+                            test_kill_before_commit=int(os.environ.get("RUNNER_TEST_KILL_BEFORE_COMMIT") or 0))
         rejects = RejectWriter(out_dir)
         progress = Progress(
             paths,
@@ -296,7 +304,8 @@ def _run_locked(
                     shadow = None
                     clock.mark("shadow_drained")
                 # the open part's rows count too: a small job's only part closes after this check
-                check_something_embedded(report, paths, rejects, resume.rows + writer.rows_written + writer.rows_open)
+                check_something_embedded(report, paths, rejects,
+                                         resume.rows + writer.rows_written + writer.rows_open + writer.rows_staged)
                 report.status = "complete"
                 record_startup(manifest, report, clock)
                 log.info("%s", clock.line())
@@ -392,6 +401,11 @@ def finish_outputs(
     except OutputWriteError as e:
         error = error or e
     progress.finish()
+    if not hard_stop:
+        # staged parts never committed (an actor killed after writing one, a batch delivered twice); after a
+        # hard stop actors may still be writing: the next run deletes them
+        with contextlib.suppress(OSError):
+            remove_staged(manifest.path.parent)
     report.parts = list(resumed_parts) + writer.parts
     if writer.per_token and not hard_stop:
         # Token files no complete part points at (duplicates of retried batches, rows of a discarded part) go;
@@ -468,7 +482,10 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
     RUNNER_TEST_FAIL_IDS=a,b (forwards containing these ids raise), RUNNER_TEST_OOM_ABOVE_TOKENS=N (forwards
     over N tokens raise CUDA OOM), RUNNER_TEST_CRASH_AFTER_BATCHES=N (one actor os._exit()s after N
     batches, once per --out), RUNNER_TEST_CRASH_IDS=a,b (the actor os._exit()s on every batch holding these ids),
-    RUNNER_TEST_BATCH_DELAY=seconds (sleep per batch). Never set them in production.
+    RUNNER_TEST_BATCH_DELAY=seconds (sleep per batch), RUNNER_TEST_CRASH_AFTER_STAGING=N (--part-writer actors:
+    one actor os._exit()s once it staged N parts, before its batch returns). The driver's own hook is
+    RUNNER_TEST_KILL_BEFORE_COMMIT=N (it SIGKILLs itself before its Nth group commit of staged parts). Never set
+    them in production.
     """
     env = os.environ
     hooks: dict[str, Any] = {}
@@ -479,6 +496,9 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
             hooks["test_oom_above_tokens"] = int(env["RUNNER_TEST_OOM_ABOVE_TOKENS"])
         if env.get("RUNNER_TEST_CRASH_AFTER_BATCHES"):
             hooks["test_crash_after_batches"] = int(env["RUNNER_TEST_CRASH_AFTER_BATCHES"])
+            hooks["test_crash_marker"] = str(out_dir / ".test-actor-crashed")
+        if env.get("RUNNER_TEST_CRASH_AFTER_STAGING"):
+            hooks["test_crash_after_staging"] = int(env["RUNNER_TEST_CRASH_AFTER_STAGING"])
             hooks["test_crash_marker"] = str(out_dir / ".test-actor-crashed")
         if env.get("RUNNER_TEST_CRASH_IDS"):
             hooks["test_crash_ids"] = tuple(i for i in env["RUNNER_TEST_CRASH_IDS"].split(",") if i)

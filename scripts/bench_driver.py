@@ -16,6 +16,11 @@ process clock (CPU seconds, not wall seconds, so other load on the machine infla
   D-wide float32 vectors, fsynced and renamed) and, for --dedup, `CopyWriter.flush`: what the one driver does
   per row, minus Ray Data's own delivery (object fetch, executor), which comes on top.
 
+`--part-writers driver,actors` measures both ways of writing the pooled parts (`runner embed --part-writer`):
+`driver` as above; `actors`: the stand-in actors write their staged parts themselves (runner.output.staged: Arrow,
+CRC-32, fsync, rename; counted in the actors' host work) and the driver's handle_table only commits them (ordinal
+check, one journal line each, a rename; grouped, as in a job).
+
 From the per-row and per-token costs it reports the rows/s and tokens/s one core sustains per stage and the
 cores each stage needs at 8, 64 and 256 H200s' rate (650M: ~330k tok/s per GPU on short reads, 324k on
 protein-length; 3B: ~91k), and whether the one driver (one core, one process) keeps up.
@@ -43,12 +48,14 @@ GPU_RATE = {(1280, 60): 330_000, (1280, 300): 324_000, (2560, 60): 91_000, (2560
 GPU_COUNTS = (8, 64, 256)
 
 
-def instant_stage(dim: int, work: Path):
+def instant_stage(dim: int, work: Path, staged_dir: str = "", part_rows: int = 16384):
     """A TEST-ONLY EmbedStage whose forward is a fixed random matrix [B, dim]: the real constructor (on a tiny
-    checkpoint, so every attribute the row code uses exists) and the real Arrow in/out, no forward."""
+    checkpoint, so every attribute the row code uses exists) and the real Arrow in/out, no forward. With
+    `staged_dir` it writes staged parts there, as `runner embed --part-writer actors` does."""
     import numpy as np
     from tiny_esm2 import make_esm2
 
+    from runner.output.sink import embedding_schema
     from runner.stages.embed_stage import EmbedStage, StageSettings, output_schema
 
     class InstantEmbedStage(EmbedStage):
@@ -56,6 +63,8 @@ def instant_stage(dim: int, work: Path):
             super().__init__(settings)
             self.embed_dim = dim  # the width benchmarked, not the tiny model's
             self.schema = output_schema(dim)
+            if self.staged_dir is not None:
+                self.part_schema = embedding_schema(dim, self.part_columns)
             self._vectors = np.random.default_rng(0).standard_normal((1 << 14, dim)).astype(np.float32)
 
         def embed_guarded(self, batch, pieces=None):
@@ -67,11 +76,13 @@ def instant_stage(dim: int, work: Path):
     if not checkpoint.exists():
         make_esm2(checkpoint)
     return InstantEmbedStage(StageSettings(model=str(checkpoint), precision="fp32", layers=(-1,), poolings=("mean",),
-                                           device="cpu"))
+                                           device="cpu", staged_dir=staged_dir, part_rows=part_rows))
 
 
-def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_per_part: int, dedup: bool) -> dict:
-    """Every stage of one FASTA through the real code; CPU seconds per stage."""
+def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_per_part: int, dedup: bool,
+            part_writer: str = "driver") -> dict:
+    """Every stage of one FASTA through the real code; CPU seconds per stage. `part_writer`: "driver" (the driver
+    writes every part) or "actors" (the stand-in actors write staged parts, the driver commits them)."""
     import numpy as np
 
     from runner.config import EmbedConfig
@@ -84,6 +95,7 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     from runner.output.report import JobReport
     from runner.output.resume import OrdinalSet
     from runner.output.sink import ChunkMerger, PartWriter, RejectWriter
+    from runner.output.staged import remove_staged, staged_dir
 
     pt = time.process_time
     codec = Esm2Codec()
@@ -98,14 +110,15 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     cpu_pack = pt() - t
     del blocks
 
-    stage = instant_stage(dim, out_dir.parent)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    staged = str(staged_dir(out_dir)) if part_writer == "actors" else ""
+    stage = instant_stage(dim, out_dir.parent, staged, rows_per_part)
     t = pt()
     outputs = [stage(p.slice(i, 1)) for p in packed for i in range(p.num_rows)]  # Ray Data: batch_size=1
     cpu_actor = pt() - t
     tokens = sum(int(np.sum(np.diff(np.asarray(c)))) for p in packed for c in p.column("cu_seqlens").to_pylist())
     del packed
 
-    shutil.rmtree(out_dir, ignore_errors=True)
     writer = PartWriter(out_dir, dim, rows_per_part)
     rejects = RejectWriter(out_dir)
     report = JobReport(out_dir=out_dir)
@@ -127,6 +140,8 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     rejects.close()
     cpu_driver = pt() - t
     wall_driver = time.perf_counter() - wall
+    left_staged = remove_staged(out_dir)  # nothing is left uncommitted in a clean run
+    assert left_staged == 0, left_staged
     rows = writer.rows_written
     assert rows + rejects.count == report.records_read, (rows, rejects.count, report.records_read)
     part_bytes = sum(p.stat().st_size for p in (out_dir / "embeddings").glob("part-*.arrow"))
@@ -140,6 +155,9 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
                         "driver": round(cpu_driver, 3)},
         "driver_wall_seconds": round(wall_driver, 3),
         "part_bytes_per_row": round(part_bytes / max(rows, 1), 1),
+        "part_writer": part_writer,
+        "parts": len(writer.parts),
+        "parts_committed_from_actors": writer.committed,
     }
     if copies is not None:
         result["dedup"] = copies.counts.section(report.records_read)
@@ -199,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=65536, help="token budget per packed batch (H200 650M: ~64k)")
     ap.add_argument("--rows-per-part", type=int, default=16384)
     ap.add_argument("--dedup", action="store_true", help="also measure read and driver with --dedup")
+    ap.add_argument("--part-writers", default="driver",
+                    help="who writes the pooled parts, comma-separated: driver, actors (runner embed --part-writer)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per input; each stage's median is reported")
     ap.add_argument("--workdir", help="where inputs and parts go (default: a temporary directory)")
     ap.add_argument("--out", required=True, help="result JSON file")
@@ -216,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work_s)
         warm = work / "warm-up.fasta"  # first calls pay for imports and caches: not part of any figure
         write_repeated_fasta(warm, 3000, 0.4, median=60, lo=10)
-        measure(warm, work / "out", 64, args.block, args.budget, args.rows_per_part, True)
+        for writer in args.part_writers.split(","):
+            measure(warm, work / "out", 64, args.block, args.budget, args.rows_per_part, True, writer)
         for median in map(int, args.medians.split(",")):
             fasta = work / f"m{median}.fasta"
             info = write_short_fasta(fasta, args.records, median=median, lo=10)
@@ -225,12 +246,14 @@ def main(argv: list[str] | None = None) -> int:
                 repeated = work / f"m{median}-repeated.fasta"
                 write_repeated_fasta(repeated, args.records, 0.4, median=median, lo=10)
                 variants.append(("dedup40", repeated, True))
+            runs = [(w, *v) for w in args.part_writers.split(",") for v in variants]
             for dim in map(int, args.dims.split(",")):
-                for name, path, dedup in variants:
-                    key = f"median{median}_d{dim}_{name}"
+                for writer, name, path, dedup in runs:
+                    # the driver-writer keys keep their earlier names (2026-11-30-driver-scale.json)
+                    key = f"median{median}_d{dim}_{name}" + ("" if writer == "driver" else f"_{writer}")
                     t = time.perf_counter()
-                    samples = [measure(path, work / "out", dim, args.block, args.budget, args.rows_per_part, dedup)
-                               for _ in range(args.repeats)]
+                    samples = [measure(path, work / "out", dim, args.block, args.budget, args.rows_per_part, dedup,
+                                       writer) for _ in range(args.repeats)]
                     res = samples[0]
                     # each stage's median over the repeats: other load on the machine moves single runs
                     res["cpu_seconds"] = {k: sorted(r["cpu_seconds"][k] for r in samples)[len(samples) // 2]

@@ -7,6 +7,7 @@ import logging
 import pydoc
 import re
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ from runner.output.checksums import FileChecksum
 from runner.output.report import JobReport
 from runner.output.resume import OrdinalSet
 from runner.output.sink import ChunkMerger, EmbeddedRows, OutputSpec, PartWriter, RejectWriter
+from runner.output.staged import StagedPart, read_staged, staged_records
 from runner.output.tokens import TOKENS_DIR
 from runner.stages.shadow import ShadowMonitor
 
@@ -193,25 +195,29 @@ def handle_table(
     --dedup the repeats, handed to `copies` (written by its `flush` once their first record's part is complete).
 
     `written` holds the ordinals already in parts: a row delivered twice (a retried batch) is dropped, so
-    no id is ever written twice.
+    no id is ever written twice. With --part-writer actors most rows arrive as staged parts the actors wrote
+    (runner.output.staged): they are checked against `written` and handed to the writer's commit, no vectors read.
     """
-    reason = table.column("reject_reason")
-    is_reject = reason.is_valid().to_numpy(zero_copy_only=False)
-    ids_valid = table.column("id").is_valid().to_numpy(zero_copy_only=False)
-    is_copy = table.column("copy_of").is_valid().to_numpy(zero_copy_only=False)
-    is_window = ids_valid & ~is_reject & ~is_copy
-    report.records_read += int(pa.compute.sum(table.column("records_in")).as_py() or 0)
-    report.tokens += int(pa.compute.sum(table.column("batch_tokens")).as_py() or 0)
-    budgets = table.column("batch_budget").to_numpy()
+    # Per-table work is a fixed number of column operations (no Arrow compute kernels: each costs ~0.1 ms, and
+    # with --part-writer actors a table is one packed batch's few record rows, so fixed costs are the driver's).
+    is_reject = valid(table, "reject_reason")
+    ids_valid = valid(table, "id")
+    is_copy = valid(table, "copy_of")
+    in_staged = valid(table, "staged_file")  # with an id: came back for the shadow only, its staged part holds it
+    embedded = ids_valid & ~is_reject & ~is_copy
+    is_window = embedded & ~in_staged
+    report.records_read += int(numbers(table, "records_in").sum())
+    report.tokens += int(numbers(table, "batch_tokens").sum())
+    budgets = numbers(table, "batch_budget")
     report.budget_tokens += int(budgets.sum())
     report.batches += int((budgets > 0).sum())
-    report.oom_splits += int(pa.compute.sum(table.column("oom_splits")).as_py() or 0)
-    report.actor_restarts += int(pa.compute.sum(table.column("actor_restarts")).as_py() or 0)
+    report.oom_splits += int(numbers(table, "oom_splits").sum())
+    report.actor_restarts += int(numbers(table, "actor_restarts").sum())
     note_token_files(table, writer)
-    token_bytes = table.column("tokens_bytes").to_numpy()
+    token_bytes = numbers(table, "tokens_bytes")
     report.token_files_written += int((token_bytes > 0).sum())
     report.token_bytes_written += int(token_bytes.sum())
-    report.token_write_seconds += float(pa.compute.sum(table.column("tokens_seconds")).as_py() or 0.0)
+    report.token_write_seconds += float(numbers(table, "tokens_seconds").sum())
     clock_batches(table, report)
     collect_startup(table, report)
 
@@ -233,20 +239,23 @@ def handle_table(
         metrics.rejected(len(found))
     if copies is not None:
         take_copies(table, is_copy, copies, rejects, report, metrics)
-    if not is_window.any():
-        return
-    win = table if is_window.all() else table.filter(pa.array(is_window))  # most tables are windows only: no copy
-    finite = win.column("finite").to_numpy(zero_copy_only=False)
-    if not finite.all():
-        bad = [win.column("id")[i].as_py() for i in np.flatnonzero(~finite)]
+    finite = table.column("finite").to_numpy() if table.column("finite").null_count == 0 else valid(table, "finite")
+    if not finite[embedded].all():  # before anything of this table is written or committed
+        bad = [table.column("id")[i].as_py() for i in np.flatnonzero(embedded & ~finite)]
         raise NonFiniteEmbedding(
             f"non-finite (NaN/Inf) embedding for {len(bad)} sequence(s): {', '.join(bad[:10])}"
             f"{' ...' if len(bad) > 10 else ''} (model {config.model}, precision {precision}); nothing "
             f"non-finite was written. Rerun with --precision fp32, or exclude these sequences"
         )
-    for worker in win.column("worker").to_pylist():
-        report.workers[worker] = report.workers.get(worker, 0) + 1
-    report.attention.update(win.column("attention").unique().to_pylist())
+    staged = staged_records(table, ids_valid)
+    if staged:
+        is_record = ~ids_valid & in_staged
+        records = table if is_record.all() else table.filter(pa.array(is_record))
+        commit_staged(staged, records, writer, written, report, metrics)
+    if not is_window.any():
+        return
+    win = table if is_window.all() else table.filter(pa.array(is_window))  # most tables are windows only: no copy
+    count_workers(win, np.ones(win.num_rows, dtype=np.int64), report)
     vectors = embedding_matrix(win)  # [N, C*D]
     chunk_count = win.column("chunk_count").to_numpy()
     whole = chunk_count <= 1
@@ -335,6 +344,72 @@ def note_token_files(table: pa.Table, writer: PartWriter) -> None:
                              for name, r in zip(first, records, strict=True)])
 
 
+def valid(table: pa.Table, name: str) -> np.ndarray:
+    """bool [N]: which rows of column `name` are not null (all False when the table has no such column)."""
+    index = table.schema.get_field_index(name)
+    if index < 0:
+        return np.zeros(table.num_rows, dtype=bool)
+    column = table.column(index)
+    if column.null_count in (0, len(column)):  # the common cases, without building a mask
+        return np.full(len(column), column.null_count == 0, dtype=bool)
+    return column.is_valid().to_numpy(zero_copy_only=False)
+
+
+def numbers(table: pa.Table, name: str) -> np.ndarray:
+    """A numeric column without nulls as a numpy array (zero-copy for one chunk)."""
+    column = table.column(name)
+    return column.chunk(0).to_numpy() if column.num_chunks == 1 else column.to_numpy()
+
+
+def count_workers(rows: pa.Table, counts: np.ndarray, report: JobReport) -> None:
+    """Add `counts` (int64, one per row of `rows`) to the rows' workers, and their attention kernels."""
+    if rows.num_rows <= 16:  # with --part-writer actors: a batch's few staged-part records
+        for worker, count in zip(rows.column("worker").to_pylist(), counts.tolist(), strict=True):
+            report.workers[worker] = report.workers.get(worker, 0) + int(count)
+        report.attention.update(rows.column("attention").to_pylist())
+        return
+    workers = rows.column("worker").combine_chunks().dictionary_encode()
+    per_worker = np.bincount(workers.indices.to_numpy(zero_copy_only=False), weights=counts,
+                             minlength=len(workers.dictionary))
+    for worker, count in zip(workers.dictionary.to_pylist(), per_worker.tolist(), strict=True):
+        if count:
+            report.workers[worker] = report.workers.get(worker, 0) + int(count)
+    report.attention.update(rows.column("attention").unique().to_pylist())
+
+
+def commit_staged(staged: list[StagedPart], records: pa.Table, writer: PartWriter, written: OrdinalSet | None,
+                  report: JobReport, metrics: DriverMetrics) -> None:
+    """Commit the parts the actors staged (runner.output.staged; `records`: their rows of the table, in the same
+    order), keeping each ordinal once: a part whose rows are all written already (a batch delivered twice) is
+    left uncommitted (runner.output.staged.remove_staged deletes it at the end of the run); one written in part is
+    rewritten here without those rows (rare: retries repeat whole batches); the rest go to the writer's group
+    commit."""
+    fresh_rows = np.array([p.rows for p in staged], dtype=np.int64)
+    commit: list[StagedPart] = []
+    for i, part in enumerate(staged):
+        fresh = (~written.contains(part.ordinals) if written is not None else np.ones(part.rows, dtype=bool))
+        if fresh.all():
+            commit.append(part)
+            report.truncated += part.truncated
+        else:
+            dropped = int((~fresh).sum())
+            report.duplicates_dropped += dropped
+            log.warning("dropped %d row(s) delivered twice (a retried batch): each sequence is written once", dropped)
+            if fresh.any():  # (a part all of whose rows are written stays in .staged: the end of the run
+                # deletes it; it may be the very file an earlier delivery of this output queued for commit)
+                rows = read_staged(part.path).filter(pa.array(fresh))
+                report.truncated += int(pa.compute.sum(rows.column("truncated").cast(pa.int64())).as_py() or 0)
+                writer.write_table(rows)
+                Path(part.path).unlink(missing_ok=True)
+            fresh_rows[i] = int(fresh.sum())
+        if written is not None:
+            written.add(part.ordinals[fresh])
+    writer.commit(commit)
+    count_workers(records, fresh_rows, report)
+    report.records_done += int(fresh_rows.sum())
+    metrics.written(int(fresh_rows.sum()))
+
+
 def take_copies(table: pa.Table, is_copy: np.ndarray, copies: CopyWriter, rejects: RejectWriter,
                 report: JobReport, metrics: DriverMetrics) -> None:
     """--dedup: add the blocks' counts and hand the repeats to `copies` (repeats of a failed sequence are rejects)."""
@@ -361,21 +436,20 @@ def count_copies(rows: int, report: JobReport, metrics: DriverMetrics) -> None:
 
 def clock_batches(table: pa.Table, report: JobReport) -> None:
     """Add each batch of the table to its actor's clock (a batch's figures ride on its first window)."""
-    done = table.column("batch_done").to_numpy()
+    done = numbers(table, "batch_done")
     first = np.flatnonzero(done > 0)  # time.time() is never 0: a set batch_done marks a batch's first window
     if not len(first):
         return
-    indices = pa.array(first)
-    workers = table.column("worker").take(indices).to_pylist()
-    tokens = table.column("batch_tokens").take(indices).to_numpy()
-    seconds = table.column("batch_seconds").take(indices).to_numpy()
+    workers = table.column("worker").take(pa.array(first)).to_pylist()
+    tokens = numbers(table, "batch_tokens")[first]
+    seconds = numbers(table, "batch_seconds")[first]
     for worker, batch_tokens, batch_seconds, batch_done in zip(workers, tokens, seconds, done[first], strict=True):
         report.clock_batch(worker, int(batch_tokens), float(batch_seconds), float(batch_done))
 
 
 def collect_startup(table: pa.Table, report: JobReport) -> None:
     """Each actor's start-up report, which rides on the first row of its first embedded batch."""
-    if "startup" not in table.column_names:
+    if "startup" not in table.column_names or table.column("startup").null_count == table.num_rows:
         return
     for text in table.column("startup").drop_null().to_pylist():
         entry = json.loads(text)

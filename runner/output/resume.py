@@ -30,6 +30,7 @@ import pyarrow as pa
 from runner.errors import RunnerError
 from runner.output.checksums import JOURNAL_NAME, check_file, drop_records, read_records
 from runner.output.sink import embedding_schema
+from runner.output.staged import remove_staged
 from runner.output.tokens import (
     TOKENS_DIR,
     ReconcileReport,
@@ -112,6 +113,7 @@ class ResumeState:
     tokens: ReconcileReport | None = None  # --per-token: the token files after cleaning up (None: not per-token)
     tokens_tmp_removed: int = 0  # half-written token files deleted
     bad_token_files: list[str] = field(default_factory=list)  # token files deleted as corrupt (their parts redone)
+    staged_removed: int = 0  # pooled parts actors staged that no run committed (runner.output.staged), deleted
 
     def summary(self) -> dict[str, Any]:
         """The manifest's `resume` section."""
@@ -123,6 +125,7 @@ class ResumeState:
             "removed_tmp_parts": self.removed_tmp,
             "previous_drift": self.previous_drift,
             "bitmap_bytes": self.done.nbytes,
+            "staged_removed": self.staged_removed,
             **(
                 {"token_files_deleted": self.tokens.deleted, "token_files_rewritten": self.tokens.rewritten,
                  "token_tmp_removed": self.tokens_tmp_removed, "redone_token_files": self.bad_token_files}
@@ -200,11 +203,12 @@ def clear_outputs(out_dir: Path) -> None:
         for p in emb.iterdir():
             if PART_NAME.match(p.name) or TMP_PART_NAME.match(p.name):
                 p.unlink()
+        remove_staged(out_dir)
         if not any(emb.iterdir()):
             emb.rmdir()
     clear_token_files(out_dir)
     ours = {"manifest.json", "rejects.arrow", "drift.arrow", ".manifest.json.tmp", ".rejects.arrow.tmp",
-            ".drift.arrow.tmp", ".test-actor-crashed", JOURNAL_NAME, f".{JOURNAL_NAME}.tmp"}
+            ".drift.arrow.tmp", ".test-actor-crashed", ".test-actor-crashed-staged", JOURNAL_NAME, f".{JOURNAL_NAME}.tmp"}
     for p in out_dir.iterdir():
         if p.name in ours or re.match(r"^drift\.run-\d+\.arrow$", p.name):
             p.unlink()
@@ -240,6 +244,7 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, o
         log.warning("--overwrite: deleting the previous outputs in %s", out_dir)
         clear_outputs(out_dir)
     if not has_outputs(out_dir):
+        remove_staged(out_dir)  # a run stopped before its first commit may have left staged parts
         return ResumeState()
     if not has_parts(out_dir) and is_ours(read_manifest(out_dir)):
         # A run that stopped before writing a single row (a bad setting found after start-up, a failed stream,
@@ -260,7 +265,11 @@ def prepare_resume(out_dir: Path, fingerprint: dict[str, Any], embed_dim: int, o
             f"--out {out_dir} holds a run with different inputs, model or settings ({'; '.join(diffs[:4])}): "
             "rerun with the same ones to resume, pass --overwrite to replace it, or choose another --out"
         )
+    # Staged parts are uncommitted until renamed to a part name: their rows are embedded again (no actor of this
+    # --out runs now: the lock is ours). Before the token files are reconciled: only parts keep token rows.
+    staged_removed = remove_staged(out_dir)
     state = scan_parts(out_dir, embed_dim, schema, per_token)
+    state.staged_removed = staged_removed
     if per_token:
         state.tokens_tmp_removed = remove_temporaries(out_dir)
         state.tokens = reconcile(out_dir, state.parts)

@@ -21,6 +21,7 @@ import pyarrow as pa
 from runner.errors import RunnerError
 from runner.input.batch import Reject
 from runner.output.checksums import ChecksummedFile, FileChecksum, append_records, crc_hex
+from runner.output.staged import StagedPart
 
 REJECT_SCHEMA = pa.schema(
     [
@@ -147,11 +148,17 @@ class PartWriter:
     even if it is not full, by a clock thread that checks every second: a finished embedding is on disk at
     most `part_seconds` + 1 s after the driver received it, so a kill loses seconds of work, not a slow
     job's last hour. Writes and the clock take one lock, so a part is never closed half-written.
+
+    Parts the actors wrote (`--part-writer actors`, runner.output.staged) are committed here too: `commit` queues
+    them and a group is committed (one journal fsync, then a rename each) once it holds `rows_per_part` rows or
+    its first part waited `commit_seconds` (the clock checks that too), and at close. A part number is taken
+    when a part opens or commits, so the driver's own parts and committed ones share one numbering.
     """
 
     def __init__(
         self, out_dir: Path, embed_dim: int, rows_per_part: int, first_part: int = 0,
         part_seconds: float | None = None, columns: Sequence[str] = ("embedding",), per_token: bool = False,
+        commit_seconds: float = 1.0, test_kill_before_commit: int = 0,
     ) -> None:
         self.dir = out_dir / "embeddings"
         try:
@@ -174,24 +181,42 @@ class PartWriter:
         self._token_checksums: dict[str, FileChecksum] = {}
         self.part_seconds = part_seconds
         self._opened_at = 0.0  # time.monotonic() the open part got its first row
+        self._open_number = -1  # part number of the open part (taken when it opened)
+        self.commit_seconds = commit_seconds  # longest a staged part waits for its group's commit
+        self._staged: list[StagedPart] = []  # staged parts received, not committed yet
+        self._staged_rows = 0
+        self._staged_since = 0.0  # time.monotonic() the oldest of them arrived
+        self.committed = 0  # staged parts committed (renamed into place)
+        self._commit_groups = 0
+        self._test_kill_before_commit = test_kill_before_commit  # test-only: SIGKILL this process before group N
         self._lock = threading.RLock()  # re-entrant: a failed write discards the part under the same lock
         self._clock_error: OutputWriteError | None = None  # a failed timed close, raised by the next call
         self._stop_clock = threading.Event()
+        self._clock_started = False
         if part_seconds is not None:
+            self._start_clock()
+
+    def _start_clock(self) -> None:
+        if not self._clock_started:
+            self._clock_started = True
             threading.Thread(target=self._clock, name="part-clock", daemon=True).start()
 
     def _clock(self) -> None:
-        while not self._stop_clock.wait(min(1.0, self.part_seconds or 1.0)):
+        tick = min(1.0, self.part_seconds or 1.0, self.commit_seconds)
+        while not self._stop_clock.wait(tick):
             with self._lock:
-                if self._writer is None or self._clock_error is not None:
+                if self._clock_error is not None:
                     continue
-                if time.monotonic() - self._opened_at >= (self.part_seconds or 0):
-                    try:
+                try:
+                    if self._staged and time.monotonic() - self._staged_since >= self.commit_seconds:
+                        self._commit_staged()
+                    if (self._writer is not None and self.part_seconds is not None
+                            and time.monotonic() - self._opened_at >= self.part_seconds):
                         self._close_part()
-                    except OSError as e:
-                        failed = self._tmp or self.dir
-                        self.discard_open_part()
-                        self._clock_error = write_error(failed, e)
+                except OSError as e:
+                    failed = self._tmp or self.dir
+                    self.discard_open_part()
+                    self._clock_error = write_error(failed, e)
 
     def note_token_files(self, records: Sequence[FileChecksum]) -> None:
         """Checksums of per-token files the actors wrote (runner.output.tokens): call before writing rows that
@@ -208,6 +233,55 @@ class PartWriter:
         """Append rows that already have the parts' schema (--dedup: copies of rows read back from parts)."""
         table = table.combine_chunks()
         self._append(table.num_rows, lambda start, end: table.slice(start, end - start).to_batches()[0])
+
+    def commit(self, parts: Sequence[StagedPart]) -> None:
+        """Queue staged parts (each complete on disk, its rows not written anywhere else) for the next group commit;
+        commit the group now when it is full. Raise OutputWriteError when the journal or a rename fails."""
+        if not parts:
+            return
+        with self._lock:
+            if self._clock_error is not None:
+                raise self._clock_error
+            if not self._staged:
+                self._staged_since = time.monotonic()
+            self._staged.extend(parts)
+            self._staged_rows += sum(p.rows for p in parts)
+            self._start_clock()  # a quiet stream still commits within commit_seconds
+            if self._staged_rows >= self.rows_per_part:
+                try:
+                    self._commit_staged()
+                except OSError as e:
+                    raise write_error(self.dir / "checksums.jsonl", e) from None
+
+    def _commit_staged(self) -> None:
+        """Commit the queued staged parts: their checksum lines (one fsync), then each one renamed to a part name."""
+        if not self._staged:
+            return
+        self._commit_groups += 1
+        if self._test_kill_before_commit and self._commit_groups >= self._test_kill_before_commit:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)  # test-only: a driver killed after the actors' renames
+        staged, self._staged, self._staged_rows = self._staged, [], 0
+        numbers = list(range(self.next_part, self.next_part + len(staged)))
+        self.next_part += len(staged)
+        names = [f"part-{n:05d}.arrow" for n in numbers]
+        # the checksums are on disk before the parts are visible: every visible part has its line, and so has every token file it points at (noted before its record was
+        # handed over); one write, one fsync for the group
+        append_records(self.dir.parent, [*self._token_checksums.values(),
+                                         *(FileChecksum(f"{self.dir.name}/{name}", p.rows, p.bytes, p.crc32)
+                                           for name, p in zip(names, staged, strict=True))])
+        self._token_checksums.clear()
+        for name, p in zip(names, staged, strict=True):
+            os.replace(p.path, self.dir / name)
+            self.parts.append(name)
+            self.rows_written += p.rows
+            self.committed += 1
+
+    @property
+    def rows_staged(self) -> int:
+        """Rows in staged parts received and not committed yet (close() commits them)."""
+        return self._staged_rows
 
     def _append(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
         """Write rows [0, count) as `batch(start, end)` record batches, starting a new part when one is full."""
@@ -235,12 +309,16 @@ class PartWriter:
             raise write_error(failed, e) from None
 
     def close(self) -> None:
-        """Finish the open part (if it holds any row) and stop the clock."""
+        """Finish the open part (if it holds any row), commit the staged parts received, and stop the clock."""
         self._stop_clock.set()
         with self._lock:
             if self._clock_error is not None:
                 raise self._clock_error
             self._close_open_part()
+            try:
+                self._commit_staged()
+            except OSError as e:
+                raise write_error(self.dir / "checksums.jsonl", e) from None
 
     def _close_open_part(self) -> None:
         if self._writer is not None:
@@ -252,9 +330,11 @@ class PartWriter:
                 raise write_error(failed, e) from None
 
     def discard_open_part(self) -> None:
-        """Drop the part being written (a hard stop, or a failed write): only complete parts stay visible."""
+        """Drop the part being written (a hard stop, or a failed write) and forget the staged parts not committed:
+        only complete parts stay visible (the staged files are deleted by the next run)."""
         self._stop_clock.set()
         with self._lock:
+            self._staged, self._staged_rows = [], 0
             if self._writer is not None:
                 with contextlib.suppress(OSError, pa.ArrowException):  # being deleted; the disk may be what failed
                     self._writer.close()
@@ -263,10 +343,14 @@ class PartWriter:
             if self._tmp is not None:
                 with contextlib.suppress(OSError):  # e.g. --out went read-only: the next (resumed) run deletes it
                     self._tmp.unlink(missing_ok=True)
+                if self._open_number == self.next_part - 1:
+                    self.next_part -= 1  # the number is free again: no gap in the numbering
             self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
     def _open(self) -> None:
-        name = f"part-{self.next_part:05d}.arrow"
+        self._open_number = self.next_part  # taken now: staged parts may commit while this one is open
+        self.next_part += 1
+        name = f"part-{self._open_number:05d}.arrow"
         self._tmp = self.dir / f".{name}.tmp"
         self._file = ChecksummedFile(self._tmp)  # CRC-32 as the bytes go out: no second read
         self._writer = self._file.open_arrow_file(self.schema)
@@ -276,7 +360,7 @@ class PartWriter:
     def _close_part(self) -> None:
         assert self._writer is not None and self._tmp is not None  # internal invariant, not user input
         self._writer.close()
-        final = self.dir / f"part-{self.next_part:05d}.arrow"
+        final = self.dir / f"part-{self._open_number:05d}.arrow"
         self._file.fsync()
         self._file.close()
         # the checksum is on disk before the part is visible: every visible part has one, and so has every token
@@ -288,7 +372,6 @@ class PartWriter:
         os.replace(self._tmp, final)
         self.parts.append(final.name)
         self.rows_written += self._rows_in_open_part
-        self.next_part += 1
         self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
     @property
@@ -297,26 +380,33 @@ class PartWriter:
         return self._rows_in_open_part
 
     def _record_batch(self, rows: EmbeddedRows, start: int, end: int) -> pa.RecordBatch:
-        vectors = rows.vectors[start:end].reshape(end - start, len(self.columns), self.embed_dim)  # [n, C, D]
-        columns = []
-        for c in range(len(self.columns)):
-            flat = pa.array(np.ascontiguousarray(vectors[:, c], dtype=np.float32).ravel(), pa.float32())
-            columns.append(pa.FixedSizeListArray.from_arrays(flat, self.embed_dim))
-        return pa.record_batch(
-            [
-                pa.array(rows.ids[start:end], pa.string()),
-                pa.array(rows.lengths[start:end], pa.int32()),
-                pa.array(rows.truncated[start:end], pa.bool_()),
-                pa.array(np.ones(end - start, np.int32) if rows.windows is None else rows.windows[start:end], pa.int32()),
-                *columns,
-                pa.array(rows.ordinals[start:end], pa.int64()),
-                *(
-                    [pa.array(rows.tokens_file[start:end], pa.string()), pa.array(rows.tokens_row[start:end], pa.int32())]
-                    if self.per_token and rows.tokens_file is not None and rows.tokens_row is not None else []
-                ),
-            ],
-            schema=self.schema,
-        )
+        return part_record_batch(rows, start, end, self.schema, len(self.columns), self.embed_dim, self.per_token)
+
+
+def part_record_batch(rows: EmbeddedRows, start: int, end: int, schema: pa.Schema, columns: int, embed_dim: int,
+                      per_token: bool) -> pa.RecordBatch:
+    """Rows [start, end) as a record batch of a pooled part (`schema`, from embedding_schema): the driver's parts
+    and the actors' staged parts (runner.output.staged) are built by this one function."""
+    vectors = rows.vectors[start:end].reshape(end - start, columns, embed_dim)  # [n, C, D]
+    vector_arrays = []
+    for c in range(columns):
+        flat = pa.array(np.ascontiguousarray(vectors[:, c], dtype=np.float32).ravel(), pa.float32())
+        vector_arrays.append(pa.FixedSizeListArray.from_arrays(flat, embed_dim))
+    return pa.record_batch(
+        [
+            pa.array(rows.ids[start:end], pa.string()),
+            pa.array(rows.lengths[start:end], pa.int32()),
+            pa.array(rows.truncated[start:end], pa.bool_()),
+            pa.array(np.ones(end - start, np.int32) if rows.windows is None else rows.windows[start:end], pa.int32()),
+            *vector_arrays,
+            pa.array(rows.ordinals[start:end], pa.int64()),
+            *(
+                [pa.array(rows.tokens_file[start:end], pa.string()), pa.array(rows.tokens_row[start:end], pa.int32())]
+                if per_token and rows.tokens_file is not None and rows.tokens_row is not None else []
+            ),
+        ],
+        schema=schema,
+    )
 
 
 class RejectWriter:

@@ -39,7 +39,14 @@ from runner.input.batch import PackedBatch
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
 from runner.output.checksums import PIECES as CRC_PIECES
-from runner.output.sink import unwritable_reason
+from runner.output.sink import (
+    EmbeddedRows,
+    embedding_schema,
+    part_record_batch,
+    unwritable_reason,
+    vector_columns,
+)
+from runner.output.staged import open_staged_shard, write_staged_part
 from runner.output.tokens import (
     TokenFile,
     shard_name,
@@ -79,6 +86,10 @@ class StageSettings:
     per_token: str | None = None
     tokens_dir: str = ""  # DIR/tokens: this actor writes its token files into a folder of its own there
     chunk_overlap: int = 0  # residues shared by neighbouring windows of a chunked sequence (to stitch them)
+    # --part-writer actors: DIR/embeddings/.staged; this actor writes the pooled parts of its whole sequences
+    # into a folder of its own there, and the driver commits them (runner.output.staged). "": the driver writes.
+    staged_dir: str = ""
+    part_rows: int = 16384  # most rows in one staged part (--rows-per-part)
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
     test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
     test_oom_above_tokens: int = 0  # a forward of more tokens raises torch.cuda.OutOfMemoryError (0 = off)
@@ -86,6 +97,9 @@ class StageSettings:
     test_crash_marker: str = ""  # file created (O_EXCL) by the crashing actor, so only one actor crashes once
     test_batch_delay: float = 0.0  # seconds slept per packed batch (to make runs slow enough to interrupt)
     test_crash_ids: tuple[str, ...] = ()  # the actor os._exit()s on every batch holding one of these ids
+    # the first actor to claim test_crash_marker + "-staged" os._exit()s after staging its Nth part, before the
+    # batch returns (--part-writer actors: a staged part the driver never hears of; Ray retries the batch)
+    test_crash_after_staging: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int):
@@ -103,7 +117,7 @@ class StageSettings:
     def without_test_hooks(self) -> StageSettings:
         """The same settings with every fault injection off (for the shadow actors)."""
         return replace(self, test_fail_ids=(), test_oom_above_tokens=0, test_crash_after_batches=0,
-                       test_crash_marker="", test_batch_delay=0.0, test_crash_ids=())
+                       test_crash_marker="", test_batch_delay=0.0, test_crash_ids=(), test_crash_after_staging=0)
 
 
 # Errors a forward may raise that are worth isolating to one window: torch reports almost everything
@@ -214,8 +228,20 @@ def output_schema(embed_dim: int, columns: int = 1) -> pa.Schema:
             # Its checksum record, on every window pointing at it (whichever block reaches the driver first, the
             # driver journals it with the pooled part that commits those rows: runner.output.sink.PartWriter).
             ("tokens_checksum", TOKENS_CHECKSUM),
+            # --part-writer actors (runner.output.staged): on a row without id, one staged part this actor wrote
+            # (its path, ordinals, bytes, CRC-32, truncated rows); on a row with an id, the staged part that
+            # holds that row, which came back only for the shadow (its vector), not to be written again.
+            ("staged_file", pa.string()),
+            ("staged_ordinals", pa.list_(pa.int64())),
+            ("staged_bytes", pa.int64()),
+            ("staged_crc", pa.string()),
+            ("staged_truncated", pa.int64()),
         ]
     )
+
+
+# Columns that describe a whole packed batch: set on one row of the batch's output (the driver sums them).
+BATCH_COLUMNS = ("batch_tokens", "batch_budget", "batch_seconds", "batch_done", "tokens_bytes", "tokens_seconds")
 
 
 def compile_workers(setting: int, cores: int) -> int:
@@ -298,6 +324,7 @@ class EmbedStage:
         self._unreported_restart = int(_was_restarted())
         self.death_retries = DeathRetries(bool(self._unreported_restart))
         self._batches = 0
+        self._staged_parts = 0  # staged parts written (--part-writer actors; for the test-only crash hook)
         self.busy = BusyClock()
         # Ray runs two calls of a GPU actor at once (runner.driver.cluster: true multi-threading): this lock lets one
         # forward at a time on the device (a batch's token budget was sized for one forward's memory), so
@@ -306,6 +333,11 @@ class EmbedStage:
         self._counters_lock = threading.Lock()  # the counters both calls update (batches, OOMs, startup report)
         self.tokens_dir: Path | None = None
         self.crc_pool: ThreadPoolExecutor | None = None
+        self.staged_dir: Path | None = None
+        if settings.staged_dir:
+            self.part_columns = vector_columns(self.layers, settings.poolings)
+            self.part_schema = embedding_schema(self.embed_dim, self.part_columns, per_token=bool(settings.per_token))
+            self.staged_dir = self._open_staged(Path(settings.staged_dir) / shard_name(self.worker))
         if settings.per_token:
             self.token_schema = token_schema(self.layers, self.embed_dim, settings.per_token)
             self.token_shard = shard_name(self.worker)
@@ -554,6 +586,23 @@ class EmbedStage:
         log.warning("embed actor %s: test hook RUNNER_TEST_CRASH_AFTER_BATCHES: exiting now", self.worker)
         os._exit(1)
 
+    def _maybe_crash_after_staging(self, parts: int) -> None:
+        """Test-only: the first actor to create the marker dies once it has staged N parts, before returning."""
+        s = self.settings
+        if not s.test_crash_after_staging or not s.test_crash_marker:
+            return
+        with self._counters_lock:
+            self._staged_parts += parts
+            if self._staged_parts < s.test_crash_after_staging:
+                return
+        try:
+            fd = os.open(s.test_crash_marker + "-staged", os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        log.warning("embed actor %s: test hook RUNNER_TEST_CRASH_AFTER_STAGING: exiting now", self.worker)
+        os._exit(1)
+
     def _embed_row(self, row: dict) -> pa.Table:
         records_in = int(row.get("records_in") or 0)
         if not row["ids"]:
@@ -620,6 +669,14 @@ class EmbedStage:
         batch_done = np.zeros(n, dtype=np.float64)
         batch_tokens[0], batch_budget[0] = batch.num_tokens, batch.token_budget
         batch_seconds[0], batch_done[0] = busy_seconds, done
+        staged: list[tuple[str, int, str, np.ndarray, int]] = []
+        stage = np.zeros(n, dtype=bool)
+        if self.staged_dir is not None:
+            # Whole sequences that embedded cleanly go to this actor's staged parts; chunked windows (merged on
+            # the driver), failed and non-finite ones (rejects, the abort) come back as rows, as without it.
+            stage = finite & (batch.chunk_count <= 1) & np.array([e is None for e in errors], dtype=bool)
+            staged = self._write_staged(batch, vectors, stage, tokens_file, tokens_row)
+            self._maybe_crash_after_staging(len(staged))
         flat = pa.array(vectors.reshape(-1), type=pa.float32())  # float32 and contiguous already: no copy
         table = pa.table(
             {
@@ -651,9 +708,12 @@ class EmbedStage:
                 "tokens_bytes": pa.array(tokens_bytes),
                 "tokens_seconds": pa.array(tokens_seconds),
                 "tokens_checksum": pa.array(tokens_checksum, TOKENS_CHECKSUM),
+                **_no_staged(n),
             },
             schema=self.schema,
         )
+        if staged:
+            table = self._staged_output(table, stage, np.array([t is not None for t in shadow_tokens], bool), staged)
         if records_in:
             table = pa.concat_tables([table, self._rejects_table(row, records_in)])
         return table
@@ -698,9 +758,107 @@ class EmbedStage:
                 "tokens_bytes": pa.array([0] * n, pa.int64()),
                 "tokens_seconds": pa.array([0.0] * n, pa.float64()),
                 "tokens_checksum": pa.nulls(n, TOKENS_CHECKSUM),
+                **_no_staged(n),
             },
             schema=self.schema,
         )
+
+    def _open_staged(self, directory: Path) -> Path:
+        try:
+            return open_staged_shard(directory)
+        except OSError as e:
+            raise RunnerError(
+                f"embedding actor on {socket.gethostname()} cannot write its pooled parts to {directory} "
+                f"({e.strerror or e}): --part-writer actors needs --out on a filesystem every node can write "
+                "(a shared one); or use --part-writer driver"
+            ) from None
+
+    def _write_staged(self, batch: PackedBatch, vectors: np.ndarray, stage: np.ndarray,
+                      tokens_file: list[str | None], tokens_row: np.ndarray) -> list[tuple[str, int, str, np.ndarray, int]]:
+        """Write the rows of windows `stage` as staged parts of at most part_rows rows each (temp name, fsync,
+        rename: complete before this batch's output leaves). Returns per part (path, bytes, CRC-32, ordinals,
+        truncated rows)."""
+        assert self.staged_dir is not None  # only called with --part-writer actors
+        index = np.flatnonzero(stage)
+        written = []
+        for start in range(0, len(index), max(1, self.settings.part_rows)):
+            sel = index[start : start + max(1, self.settings.part_rows)]
+            rows = EmbeddedRows(
+                ids=[batch.ids[i] for i in sel], lengths=batch.residues[sel].astype(np.int32),
+                truncated=batch.truncated[sel].astype(bool), vectors=vectors[sel],
+                ordinals=batch.ordinals[sel].astype(np.int64),
+                tokens_file=[tokens_file[i] for i in sel] if self.settings.per_token else None,
+                tokens_row=tokens_row[sel] if self.settings.per_token else None,
+            )
+            record = part_record_batch(rows, 0, len(sel), self.part_schema, len(self.part_columns), self.embed_dim,
+                                       per_token=bool(self.settings.per_token))
+            try:
+                path, size, crc = write_staged_part(self.staged_dir, pa.Table.from_batches([record]))
+            except OSError as e:
+                raise RunnerError(
+                    f"embedding actor {self.worker} cannot write a pooled part in {self.staged_dir} "
+                    f"({e.strerror or e}): free disk space or make --out writable from every node, then rerun to resume"
+                ) from None
+            written.append((path, size, crc, rows.ordinals, int(rows.truncated.sum())))
+        return written
+
+    def _staged_output(self, table: pa.Table, stage: np.ndarray, sampled: np.ndarray,
+                       staged: list[tuple[str, int, str, np.ndarray, int]]) -> pa.Table:
+        """The batch's output once its whole sequences are in staged parts: one record row per staged part (which
+        also carries the batch's own figures), then the windows not staged, then the staged windows the shadow
+        sampled (their vectors, marked with their staged part so the driver does not write them again)."""
+        first = {name: table.column(name)[0].as_py() for name in BATCH_COLUMNS}
+        keep = ~stage | sampled
+        rest = table.filter(pa.array(keep))
+        for name in BATCH_COLUMNS:
+            rest = rest.set_column(rest.schema.get_field_index(name), name, pa.array(np.zeros(rest.num_rows),
+                                                                                      self.schema.field(name).type))
+        if (stage & sampled).any():
+            # every staged part of a batch holds consecutive staged windows: map each staged window to its file
+            owner = np.repeat(np.arange(len(staged)), [len(o) for _, _, _, o, _ in staged])
+            file_of = np.full(len(stage), -1, dtype=np.int64)
+            file_of[np.flatnonzero(stage)] = owner
+            marks = [staged[f][0] if f >= 0 else None for f in file_of[keep].tolist()]
+            rest = rest.set_column(rest.schema.get_field_index("staged_file"), "staged_file", pa.array(marks, pa.string()))
+        k = len(staged)
+        columns = {name: pa.array([first[name]] + [0] * (k - 1), self.schema.field(name).type) for name in BATCH_COLUMNS}
+        # --per-token: the staged rows point at the batch's token file; its checksum record rides on each record
+        # row, so the driver journals it with the commit (runner.driver.collect.note_token_files)
+        at = int(np.flatnonzero(stage)[0])
+        token_file, token_checksum = table.column("tokens_file")[at].as_py(), table.column("tokens_checksum")[at].as_py()
+        records = pa.table(
+            {
+                "id": pa.nulls(k, pa.string()),
+                "ordinal": pa.array([-1] * k, pa.int64()),
+                "residues": pa.array([0] * k, pa.int32()),
+                "truncated": pa.array([False] * k, pa.bool_()),
+                "chunk_index": pa.array([0] * k, pa.int32()),
+                "chunk_count": pa.array([1] * k, pa.int32()),
+                "total_residues": pa.array([0] * k, pa.int32()),
+                "embedding": pa.nulls(k, self.schema.field("embedding").type),
+                "finite": pa.array([True] * k, pa.bool_()),
+                "reject_reason": pa.nulls(k, pa.string()),
+                "source": pa.nulls(k, pa.string()),
+                "worker": pa.array([self.worker] * k, pa.string()),
+                "attention": pa.array([self.kernels] * k, pa.string()),
+                "records_in": pa.array([0] * k, pa.int64()),
+                "shadow_tokens": pa.nulls(k, pa.list_(pa.int32())),
+                "oom_splits": pa.array([0] * k, pa.int64()),
+                "actor_restarts": pa.array([0] * k, pa.int64()),
+                "copy_of": pa.nulls(k, pa.int64()),
+                "dedup_counts": pa.nulls(k, pa.list_(pa.int64())),
+                "tokens_file": pa.array([token_file] * k, pa.string()),
+                "tokens_row": pa.nulls(k, pa.int32()),
+                "tokens_checksum": pa.array([token_checksum] * k, self.schema.field("tokens_checksum").type),
+                **columns,
+                "staged_file": pa.array([path for path, _, _, _, _ in staged], pa.string()),
+                "staged_ordinals": pa.array([o for _, _, _, o, _ in staged], pa.list_(pa.int64())),
+                "staged_bytes": pa.array([size for _, size, _, _, _ in staged], pa.int64()),
+                "staged_crc": pa.array([crc for _, _, crc, _, _ in staged], pa.string()),
+                "staged_truncated": pa.array([t for _, _, _, _, t in staged], pa.int64()),
+            }
+        ).select(self.schema.names).cast(self.schema)
+        return pa.concat_tables([records, rest])
 
     def _write_tokens(self, batch: PackedBatch, finite: np.ndarray, errors: list[str | None],
                       pieces: list[TokenPiece]) -> tuple[str | None, np.ndarray, TokenFile | None]:
@@ -757,6 +915,13 @@ class EmbedStage:
                 f"({e.strerror or e}): free disk space or make --out writable from every node, then rerun to resume"
             ) from None
         return f"{self.token_shard}/{written.name}", rows, written
+
+
+def _no_staged(n: int) -> dict[str, pa.Array]:
+    """The staged-part columns of `n` rows that are not staged-part records."""
+    return {"staged_file": pa.nulls(n, pa.string()), "staged_ordinals": pa.nulls(n, pa.list_(pa.int64())),
+            "staged_bytes": pa.nulls(n, pa.int64()), "staged_crc": pa.nulls(n, pa.string()),
+            "staged_truncated": pa.nulls(n, pa.int64())}
 
 
 def pooled_forward(
