@@ -190,7 +190,13 @@ def _run_locked(
     checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
     # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
     actor_parts = resolve_part_writer(config.part_writer, gpus if on_gpu else config.cpu_actors)
-    if actors_write_out(config) or actor_parts:
+    if actor_parts and config.part_writer == "auto" and not actors_write_out(config):
+        try:  # auto: the actors write the parts only where every node shares --out; else the driver does
+            checked["out"] = check_out_on_nodes(ray, out_dir, others)
+        except RunnerError as e:
+            log.warning("--part-writer auto: the driver writes the pooled parts (%s)", first_line(e))
+            actor_parts = False
+    elif actors_write_out(config) or actor_parts:
         checked["out"] = check_out_on_nodes(ray, out_dir, others)
     budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
@@ -406,7 +412,8 @@ def finish_outputs(
         # hard stop actors may still be writing: the next run deletes them
         with contextlib.suppress(OSError):
             remove_staged(manifest.path.parent)
-    report.parts = list(resumed_parts) + writer.parts
+    # in number order: with --part-writer actors the driver's own open part can close after later commits
+    report.parts = list(resumed_parts) + sorted(writer.parts, key=lambda name: (len(name), name))
     if writer.per_token and not hard_stop:
         # Token files no complete part points at (duplicates of retried batches, rows of a discarded part) go;
         # after a hard stop the next run does this (actors may still be writing now).

@@ -21,6 +21,11 @@ process clock (CPU seconds, not wall seconds, so other load on the machine infla
 CRC-32, fsync, rename; counted in the actors' host work) and the driver's handle_table only commits them (ordinal
 check, one journal line each, a rename; grouped, as in a job).
 
+`--ray-delivery N` also measures what the earlier figures leave out: Ray Data's own delivery of stage outputs to the
+driver. A local Ray streams N small tables (the size of one batch's output with --part-writer actors: a record
+row and a shadow row) from actors through `iter_batches`, as `runner.driver.collect.drain` pulls them, and the
+driver process's CPU seconds per table (its executor threads included) are reported.
+
 From the per-row and per-token costs it reports the rows/s and tokens/s one core sustains per stage and the
 cores each stage needs at 8, 64 and 256 H200s' rate (650M: ~330k tok/s per GPU on short reads, 324k on
 protein-length; 3B: ~91k), and whether the one driver (one core, one process) keeps up.
@@ -164,6 +169,60 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     return result
 
 
+class _OneBatchOutput:
+    """A Ray Data actor returning, per input row, a table shaped like one batch's output with staged parts: one
+    record row with `rows` ordinals and one row with a D-wide vector (a shadow sample)."""
+
+    def __init__(self, dim: int, rows: int) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        from runner.stages.embed_stage import output_schema
+
+        schema = output_schema(dim)
+        columns = {}
+        for field in schema:
+            if field.name == "staged_ordinals":
+                columns[field.name] = pa.array([list(range(rows)), None], field.type)
+            elif field.name == "embedding":
+                columns[field.name] = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(2 * dim, np.float32)), dim)
+            elif pa.types.is_string(field.type):
+                columns[field.name] = pa.array(["x", "y"], field.type)
+            elif pa.types.is_list(field.type):
+                columns[field.name] = pa.nulls(2, field.type)
+            else:
+                columns[field.name] = pa.array([1, 0], field.type)
+        self.table = pa.table(columns, schema=schema)
+
+    def __call__(self, batch):
+        return self.table
+
+
+def ray_delivery(tables: int, dim: int, rows: int) -> dict:
+    """Driver CPU seconds per stage-output table that Ray Data delivers (read -> 2 actors -> iter_batches)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        ds = ray.data.range(tables, override_num_blocks=tables).map_batches(
+            _OneBatchOutput, fn_constructor_kwargs={"dim": dim, "rows": rows}, batch_size=1, batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
+        received = 0
+        wall = time.perf_counter()
+        t = time.process_time()
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+            received += table.num_rows
+        cpu = time.process_time() - t
+        wall = time.perf_counter() - wall
+    finally:
+        ray.shutdown()
+    return {"tables": tables, "rows_per_batch": rows, "dim": dim, "table_rows_received": received,
+            "driver_cpu_seconds": round(cpu, 3), "wall_seconds": round(wall, 3),
+            "driver_cpu_ms_per_table": round(cpu / tables * 1e3, 3),
+            "tables_per_s_one_core": round(tables / cpu) if cpu else None,
+            "rows_per_s_one_core": round(tables * rows / cpu) if cpu else None}
+
+
 def memcpy_gb_per_s(mib: int = 256, repeats: int = 5) -> float:
     """This process's memory-copy bandwidth (best of `repeats`): the driver's per-row cost is mostly copies of
     D-wide vectors, so this calibrates the figures against the machine they ran on (and its other load)."""
@@ -219,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dedup", action="store_true", help="also measure read and driver with --dedup")
     ap.add_argument("--part-writers", default="driver",
                     help="who writes the pooled parts, comma-separated: driver, actors (runner embed --part-writer)")
+    ap.add_argument("--ray-delivery", type=int, default=0, metavar="N",
+                    help="also measure Ray Data's delivery of N one-batch tables to the driver (needs Ray)")
+    ap.add_argument("--delivery-rows", type=int, default=680,
+                    help="rows per batch assumed for --ray-delivery (650M, 64k tokens, short reads: ~680)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per input; each stage's median is reported")
     ap.add_argument("--workdir", help="where inputs and parts go (default: a temporary directory)")
     ap.add_argument("--out", required=True, help="result JSON file")
@@ -266,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                           f"one driver keeps up with {res['one_driver_keeps_up_with_h200s']} H200s, one read task "
                           f"with {res['one_read_task_keeps_up_with_h200s']} ({time.perf_counter() - t:.0f}s)",
                           flush=True)
+    if args.ray_delivery:
+        doc["ray_delivery"] = ray_delivery(args.ray_delivery, 1280, args.delivery_rows)
+        print(f"ray delivery: {doc['ray_delivery']}", flush=True)
     doc["load_average_at_end"] = os.getloadavg()
     doc["memcpy_gb_per_s_at_end"] = memcpy_gb_per_s()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

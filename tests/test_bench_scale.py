@@ -52,6 +52,12 @@ def test_measure_accounts_every_record_and_derives_cores(tmp_path: Path) -> None
     assert plain["rows"] == dedup["rows"] == 600
     assert dedup["dedup"]["repeats"] == 240 and dedup["dedup"]["copies_written"] == 240
     assert dedup["tokens_embedded"] == plain["tokens_embedded"] - dedup["dedup"]["tokens_saved"]
+    # --part-writer actors: the stand-in actors stage the parts, the driver commits them; --dedup's copies are
+    # read back from committed parts
+    actors = bench_driver.measure(fasta, tmp_path / "out", 16, 128, 2048, 100, dedup=False, part_writer="actors")
+    actors_dedup = bench_driver.measure(fasta, tmp_path / "out", 16, 128, 2048, 100, dedup=True, part_writer="actors")
+    assert actors["rows"] == actors_dedup["rows"] == 600 and actors_dedup["dedup"]["copies_written"] == 240
+    assert actors["parts_committed_from_actors"] == actors["parts"] > 0 and plain["parts_committed_from_actors"] == 0
     derived = bench_driver.derive(plain, 1280, 60)
     at8, at64 = derived["at"]["8_h200"], derived["at"]["64_h200"]
     assert at64["tokens_per_s"] == 8 * at8["tokens_per_s"] == 64 * 330_000

@@ -23,6 +23,7 @@ import pyarrow as pa
 from runner.errors import RunnerError, first_line
 from runner.output.checksums import check_file, read_records
 from runner.output.resume import PART_NAME, OrdinalSet
+from runner.output.staged import staged_dir
 from runner.output.tokens import TOKENS_DIR, check_token_files, token_files
 
 # Ids are checked for uniqueness in a Python set up to this many rows (~100 bytes each); past it only the
@@ -138,6 +139,10 @@ def verify_dir(out_dir: Path) -> VerifyReport:
     if pointers.parts or (out_dir / TOKENS_DIR).is_dir():
         dedup = manifest.get("dedup") is not None  # the section a --dedup job's manifest has
         verify_tokens(out_dir, checksums, pointers, dedup, report)
+    staged = staged_dir(out_dir)
+    leftover = sum(1 for p in staged.rglob("*") if p.is_file()) if staged.is_dir() else 0
+    if leftover:  # never read as output; the next run of the job deletes them
+        report.notes.append(f"{staged}: {leftover} staged part(s) no run committed (not part of the output)")
     counts = manifest.get("counts") or {}
     if counts.get("rows") is not None and counts["rows"] != report.rows:
         report.problems.append(f"{out_dir}: the parts hold {report.rows:,} rows, the manifest says {counts['rows']:,}")
