@@ -202,7 +202,9 @@ def ray_delivery(tables: int, dim: int, rows: int) -> dict:
     """Driver CPU seconds per stage-output table that Ray Data delivers (read -> 2 actors -> iter_batches)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    path = os.pathsep.join([str(REPO), str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})  # the actors import this script's class
     try:
         ds = ray.data.range(tables, override_num_blocks=tables).map_batches(
             _OneBatchOutput, fn_constructor_kwargs={"dim": dim, "rows": rows}, batch_size=1, batch_format="pyarrow",
