@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import REPO
 
 # Run in a fresh process, as an embedding actor's worker is: torch._inductor is imported first (importing it sets
@@ -136,3 +137,27 @@ def test_gpu_shadow_starts_once_the_embedders_hold_their_shares() -> None:
     done.set()  # the job ended first: a later job's actors taking GPUs must not start this one's shadow
     assert not start_when_placed(ScriptedGpus([2.0, 0.0]), lambda: started.append("late"), 1.5, done, poll=0.0)
     assert started == [1]
+
+
+@pytest.mark.gpu
+def test_gpu_shadow_loads_beside_the_embedder(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """On one GPU the FP32 shadow actor's __init__ begins before the first embeddings reach the driver (it used
+    to start at the first sample, which comes with them), and the job's end does not wait on its start-up."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "emb"
+    done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",
+                           str(tiny_esm2_path), "--out", str(out), "--gpus", "1", "--shadow-rate", "1.0",
+                           "--no-progress"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    startup, shadow = manifest["startup"], manifest["shadow"]
+    assert shadow["compared"] == 15
+    first_output = startup["command_started"] + startup["to_first_output_seconds"]
+    (shadow_actor,) = shadow["actor_startup"]
+    assert shadow_actor["init_at"] < first_output, (shadow_actor, startup)
+    assert manifest["ending"]["phases"]["shadow_drain"] is not None
