@@ -100,6 +100,8 @@ OUTPUT_VARIANTS = {
     "per_token": lambda layers: ("--per-token",),
     # 650M: --layers 0,17,33 (embeddings, middle, last) x three poolings, pooled only
     "layers3": lambda layers: ("--layers", f"0,{(layers + 1) // 2},{layers}", "--pooling", "mean,cls,max"),
+    # issue 18: the embedding actors write the pooled parts, the driver only commits them (default from 8 GPUs on)
+    "actor_parts": lambda layers: ("--part-writer", "actors"),
 }
 
 
