@@ -4,13 +4,16 @@ pre-flight checks that every node reads the driver's checkpoint (and shares --ou
 The cluster is `ray.cluster_utils.Cluster`: a head with no CPUs (so, as on a cluster whose head only runs the
 driver, no actor and no pack task lands there; the read task runs there as a zero-CPU task) and worker nodes
 of 2 CPUs each, every node its own raylet and object store. Three CPU actors of 1 CPU each cannot fit on one
-such node, so every job spreads over at least two.
+such node, so every job spreads over at least two. A node that cannot see a file is a real `ray start` worker
+in its own mount namespace (`unshare`), with a tmpfs over the checkpoint's folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +26,8 @@ import pytest
 from click.testing import CliRunner
 
 from runner.cli import cli
+from runner.driver.nodes import Node, check_out_on_nodes, check_weights_on_nodes
+from runner.errors import RunnerError
 from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.models.registry import load_codec
 from runner.stages.embed_stage import EmbedStage, StageSettings
@@ -221,3 +226,82 @@ def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path]
     assert_same_as_one_node(again, one_node)
     assert new.node_id[:8] in actor_node_ids(again)
     assert victim not in actor_node_ids(again)
+
+
+def start_hidden_node(address: str, hidden: Path, log: Path) -> tuple[subprocess.Popen, Node]:
+    """A `ray start` worker in its own mount namespace, where `hidden` is an empty tmpfs (plus hidden/out/ and a
+    different hidden/other.pt): the files the driver has there do not exist on that node. Tried up to 4 times
+    (a loaded machine can miss Ray's 30-s start-up window, and `ray start` then exits)."""
+    import ray
+
+    script = (f"mount -t tmpfs none {hidden} && mkdir {hidden}/out && echo not-the-weights > {hidden}/other.pt && "
+              f"exec ray start --address={address} --num-cpus=1 --object-store-memory={STORE} --block")
+    for _ in range(4):
+        before = {n["NodeID"] for n in ray.nodes()}
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(["unshare", "-rm", "sh", "-c", script], start_new_session=True, stdout=sink,
+                                    stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            new = [n for n in ray.nodes() if n["NodeID"] not in before and n["Alive"]]
+            if new:
+                return proc, Node(new[0]["NodeID"], new[0]["NodeManagerAddress"])
+            time.sleep(0.5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    pytest.fail(f"ray start in a mount namespace did not join:\n{log.read_text()[-3000:]}")
+
+
+def test_node_that_cannot_see_the_checkpoint_or_out(cluster, job: dict[str, Path], tmp_path: Path) -> None:
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("needs unshare with user and mount namespaces, to hide a folder from one node")
+    import ray
+
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    shutil.copy(job["model"], hidden / "model.pt")
+    shutil.copy(job["model"], hidden / "other.pt")
+    (hidden / "out").mkdir()
+    proc, node = start_hidden_node(cluster.address, hidden, tmp_path / "ray-start.log")
+    try:
+        # The job stops before any work, naming the node and the fix; nothing was embedded.
+        config = job["base"] / "hidden.yaml"
+        config.write_text(job["config"].read_text().replace(str(job["model"]), str(hidden / "model.pt")))
+        out = tmp_path / "out-local"
+        result = CliRunner().invoke(cli, ["embed", str(job["fasta"]), "--config", str(config), "--out", str(out),
+                                          "--address", cluster.address])
+        assert result.exit_code == 1, result.output
+        message = result.output.strip().splitlines()[-1]
+        assert f"not readable on Ray node {node.name} (No such file or directory)" in message
+        assert "same path, or pass a hub name" in message
+        assert not parts(out)
+
+        with pytest.raises(RunnerError, match=rf"other.pt on Ray node {node.node_id[:8]}.* is not the driver's "
+                                              rf"\(15 bytes there"):
+            check_weights_on_nodes(ray, str(hidden / "other.pt"), [node])
+        with pytest.raises(RunnerError, match=rf"on Ray node {node.node_id[:8]}.*: the driver's files are not there"
+                                              r".*every node mounts at the same path"):
+            check_out_on_nodes(ray, hidden / "out", [node])
+        others = [Node(n.node_id, n.node_ip_address) for n in cluster.worker_nodes]
+        assert check_out_on_nodes(ray, hidden / "out", others) == len(others)  # the shared nodes pass
+        assert check_weights_on_nodes(ray, str(hidden / "model.pt"), others) == len(others)
+        assert not list((hidden / "out").iterdir())  # no probe file left behind
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_batch_that_kills_its_actor_every_time_stops_the_job(cluster, job: dict[str, Path],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray retries batches without limit (a lost node must not use them up), so the bound on a batch that takes
+    its actor down every time is the actors' own count: the fourth death of one batch stops the job."""
+    monkeypatch.setenv("RUNNER_TEST_CRASH_IDS", "s7")
+    out = job["base"] / "poison"
+    result = CliRunner().invoke(cli, embed_args(job, out, cluster.address))
+    assert result.exit_code == 1, result.output
+    assert "took its embedding actor's process down 4 times" in result.output.strip().splitlines()[-1]
+    m = manifest(out)
+    assert m["status"] == "aborted"
+    written = pa.concat_tables([pa.ipc.open_file(p).read_all() for p in parts(out)]) if parts(out) else None
+    assert written is None or "s7" not in written.column("id").to_pylist()
