@@ -332,7 +332,7 @@ def _run_locked(
             report.error = f"{type(e).__name__}: {first_line(e)}"
             raise
         finally:
-            manifest.extra["cluster"] = cluster_section(ray, nodes_at_start, checked)
+            manifest.extra["cluster"] = cluster_section(ray, nodes_at_start, checked, since=clock.job_at)
             record_startup(manifest, report, clock)
             if copies is not None:
                 manifest.extra["dedup"] = copies.counts.section(report.records_read)

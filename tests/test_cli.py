@@ -120,6 +120,10 @@ def test_embed_end_to_end_matches_fair_esm(tmp_path: Path, tiny_esm2_path: Path)
     thr = manifest["throughput"]
     assert list(thr["actors"]) == list(thr["windows_per_worker"])  # one actor, the one that embedded the windows
     (actor,) = thr["actors"].values()
+    # Where Ray placed the actor (the GCS actor table): the local Ray's one node, the node its worker name carries.
+    (node,) = manifest["cluster"]["nodes"]
+    assert manifest["cluster"]["actors_per_node"] == {node: 1}
+    assert node.split()[0] == next(iter(thr["actors"])).rsplit("@", 1)[1]
     assert thr["batches"] >= 2 and (actor["batches"], actor["tokens"]) == (thr["batches"], thr["tokens"])
     assert 0 < actor["busy_seconds"] <= actor["span_seconds"] <= thr["wall_seconds"]
     assert 0 < actor["busy_fraction"] <= 1

@@ -263,6 +263,11 @@ def build_dataset(
             # job: the actor counts deaths per batch (embed_stage.DeathRetries, BATCH_DEATHS_ALLOWED).
             max_restarts=-1,
             max_task_retries=-1,
+            # One actor per node before a second on any (Ray's SPREAD: round-robin over the nodes with room,
+            # which is also Ray Data's default, stated here because the placement is a promise of docs/cluster.md).
+            # Not a placement group: its reserved GPUs would keep out the shadow actor sharing each GPU, and a
+            # strict one could not re-place a lost node's actor.
+            scheduling_strategy="SPREAD",
         )
     return ds
 

@@ -199,15 +199,46 @@ def actors_write_out(config: Any) -> bool:
     return bool(getattr(config, "per_token", None))
 
 
-def cluster_section(ray, at_start: list[Node], checked: dict[str, int]) -> dict[str, Any]:
+# Ray Data names an actor pool's class MapWorker(<operator>); the embedding stage's operator is
+# MapBatches(EmbedStage) (runner.driver.cluster.build_dataset). The shadow actors are plain `EmbedStage`.
+EMBED_ACTOR_CLASS = "MapWorker(MapBatches(EmbedStage))"
+
+
+def embed_actor_placement(ray, since: float) -> dict[str, int]:
+    """Node name -> how many of this job's embedding actors Ray placed there (last placement: an actor restarted
+    after a node loss counts where it ran last). Actors created before `since` (time.time(); an earlier job of
+    the same driver process) are left out, and so are actors never placed (no node with room).
+
+    Read from Ray's actor table in the GCS (which keeps the actors Ray Data has already stopped), so it holds
+    every actor, whether or not it embedded a batch: `throughput.windows_per_worker` says which did the work.
+    """
+    # The GCS actor table: ray.util.state would need the dashboard, which a cluster may run without.
+    from ray._private import state
+
+    job = ray.get_runtime_context().get_job_id()
+    names = {n["NodeID"]: Node(n["NodeID"], n["NodeManagerAddress"]).name for n in ray.nodes()}  # dead ones too
+    placed: dict[str, int] = {}
+    for actor in state.actors().values():
+        node = actor["Address"]["NodeID"]
+        if (actor["ActorClassName"] != EMBED_ACTOR_CLASS or actor["JobID"] != job
+                or actor["StartTime"] < since * 1000 or not node.strip("0") or node not in names):
+            continue
+        placed[names[node]] = placed.get(names[node], 0) + 1
+    return dict(sorted(placed.items()))
+
+
+def cluster_section(ray, at_start: list[Node], checked: dict[str, int], since: float) -> dict[str, Any]:
     """The manifest's `cluster` section: the nodes alive when the job started, those lost since (a node whose
-    actor died with it shows in counts.actor_restarts too), and how many nodes each pre-flight check covered."""
+    actor died with it shows in counts.actor_restarts too), where the embedding actors ran (`since`: when the
+    job started, time.time()), and how many nodes each pre-flight check covered."""
     try:
         alive = {node.node_id for node in cluster_nodes(ray)}
+        placement = embed_actor_placement(ray, since) if ray.is_initialized() else {}
     except Exception:  # noqa: BLE001 - Ray itself may be gone on the way out of a failed job
-        alive = None
+        alive, placement = None, None
     return {
         "nodes": [node.name for node in at_start],
         "nodes_lost": None if alive is None else [node.name for node in at_start if node.node_id not in alive],
+        "actors_per_node": placement,
         "checked_nodes": checked,
     }

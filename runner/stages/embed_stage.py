@@ -132,8 +132,9 @@ class EmbedStageBroken(RuntimeError):
 BATCH_DEATHS_ALLOWED = 3  # retries of one batch after its actor's process died; one more stops the job
 
 
-class BatchKilledActor(RuntimeError):
-    """One batch took its actor's process down more than BATCH_DEATHS_ALLOWED times: stop instead of looping."""
+class BatchKilledActor(RunnerError):
+    """One batch took its actor's process down more than BATCH_DEATHS_ALLOWED times: stop instead of looping.
+    A RunnerError, so the driver prints its message (the batch's ids) as the job's one line."""
 
 
 class DeathRetries:
@@ -155,8 +156,9 @@ class DeathRetries:
         self.restarted = restarted  # this process replaced one that died
         self._store = store  # get/put/delete of bytes by key (tests); None: Ray's internal KV
 
-    def begin(self) -> str | None:
-        """Before a batch: count a retry when it is one; raise BatchKilledActor past the bound. The key to `end`."""
+    def begin(self, ids: Sequence[str] = ()) -> str | None:
+        """Before a batch (`ids`: its sequences): count a retry when it is one; raise BatchKilledActor past the
+        bound. The key to `end`."""
         if not self.restarted:
             return None
         import ray
@@ -165,8 +167,7 @@ class DeathRetries:
         get, put, _ = self._kv()
         tries = int(get(key) or 0) + 1
         if tries > BATCH_DEATHS_ALLOWED:
-            raise BatchKilledActor(f"a batch took its embedding actor's process down {tries} times (the model or "
-                                   "device fails on one of its records): see the actors' logs")
+            raise BatchKilledActor(killed_actor_message(ids, tries))
         put(key, str(tries).encode())
         return key
 
@@ -183,6 +184,16 @@ class DeathRetries:
         return (lambda k: internal_kv._internal_kv_get(k, namespace=self.NAMESPACE),
                 lambda k, v: internal_kv._internal_kv_put(k, v, namespace=self.NAMESPACE),
                 lambda k: internal_kv._internal_kv_del(k, namespace=self.NAMESPACE))
+
+
+def killed_actor_message(ids: Sequence[str], deaths: int) -> str:
+    """The job's one line when the batch holding `ids` took its actor's process down `deaths` times."""
+    distinct = list(dict.fromkeys(ids))  # a chunked sequence's windows share its id
+    shown = ", ".join(distinct[:5]) + (f" and {len(distinct) - 5} more" if len(distinct) > 5 else "")
+    return (f"the batch holding sequence(s) {shown} took its embedding actor's process down {deaths} times "
+            "(a crash of the model or device on one of them, not an exception): leave them out of the input (or "
+            "embed them alone to find the one) and rerun the same command to resume; the actor's log on its node "
+            "says more")
 
 
 # A per-token file's checksum record (runner.output.tokens.TokenFile) as it travels with the batch's rows.
@@ -389,7 +400,7 @@ class EmbedStage:
                 + ("+fused_gelu" if self.model.fused_gelu_in_use else ""))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        retry = self.death_retries.begin()
+        retry = self.death_retries.begin(_batch_ids(table) if self.death_retries.restarted else ())
         pieces = [self._embed_row(row) for row in _rows(table)]
         self.death_retries.end(retry)
         out = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
@@ -1077,6 +1088,11 @@ _NUMPY_COLUMNS = frozenset(
     ["tokens", "positions", "cu_seqlens", "ordinals", "residues", "truncated", "chunk_index", "chunk_count",
      "total_residues"]
 )
+
+
+def _batch_ids(table: pa.Table) -> list[str]:
+    """The ids of every window of a packed-batch table, in order."""
+    return [i for ids in table.column("ids").to_pylist() for i in ids] if "ids" in table.column_names else []
 
 
 def _rows(table: pa.Table) -> list[dict]:
