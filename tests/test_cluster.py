@@ -251,7 +251,7 @@ def start_hidden_node(address: str, hidden: Path, log: Path) -> tuple[subprocess
     (a loaded machine can miss Ray's 30-s start-up window, and `ray start` then exits)."""
     import ray
 
-    script = (f"mount -t tmpfs none {hidden} && mkdir {hidden}/out && echo not-the-weights > {hidden}/other.pt && "
+    script = (f"mount -t tmpfs none {hidden} && mkdir {hidden}/out && printf not-the-weights > {hidden}/other.pt && "
               f"exec ray start --address={address} --num-cpus=1 --object-store-memory={STORE} --block")
     for _ in range(4):
         before = {n["NodeID"] for n in ray.nodes()}
