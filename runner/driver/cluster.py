@@ -31,7 +31,7 @@ from runner.input.prepare import Preparer
 from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.kernels.fp16x3 import half_gemm_available
 from runner.models.base import ModelInfo, SequenceCodec
-from runner.stages.embed_stage import EmbedStage, StageSettings
+from runner.stages.embed_stage import DeathRetries, EmbedStage, StageSettings
 from runner.stages.shadow import ShadowMonitor, ShadowSettings
 
 log = logging.getLogger("runner")
@@ -215,6 +215,7 @@ def build_dataset(
             )
             return [ReadTask(lambda: read_blocks(read_settings), meta)]
 
+    DeathRetries.clear_counts()
     pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget,
                                  keep_chunks_together=config.per_token)
     # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine

@@ -16,6 +16,7 @@ Failures inside a forward are handled here, per batch:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -145,9 +146,13 @@ class DeathRetries:
     node's batches are retried while Ray does not yet know the node is gone, each try failing at once as "actor
     unavailable", and Ray's own bounded count (3) ran out within a second of a node loss, long before the node
     was declared dead (tests/test_cluster.py). So the bound is kept here, on deaths only. Only a restarted actor
-    can run a retried batch, so only a restarted actor counts, per Ray task id (the same on every retry of a
-    batch), in Ray's GCS key-value store, which outlives the actor and its node; the key is deleted once the
-    batch is done. A fresh actor never touches the store.
+    can run a retried batch, so only a restarted actor counts, in Ray's GCS key-value store, which outlives the
+    actor and its node; the key is deleted once the batch is done. A fresh actor never touches the store.
+
+    The key is the driver's Ray job id and the batch's ordinals and window indices: what the batch is, wherever
+    it is retried. The Ray task id, used before, is not the same on every retry of Ray Data's streaming calls:
+    a batch that killed its actor every time was counted once per try and the job never ended
+    (tests/test_cluster.py). The driver clears its job's keys before a stream starts (clear_counts).
     """
 
     NAMESPACE = "runner-batch-retries"
@@ -156,18 +161,22 @@ class DeathRetries:
         self.restarted = restarted  # this process replaced one that died
         self._store = store  # get/put/delete of bytes by key (tests); None: Ray's internal KV
 
-    def begin(self, ids: Sequence[str] = ()) -> str | None:
-        """Before a batch (`ids`: its sequences): count a retry when it is one; raise BatchKilledActor past the
+    def begin(self, table: pa.Table) -> str | None:
+        """Before a batch (a packed-batch table): count a retry when it is one; raise BatchKilledActor past the
         bound. The key to `end`."""
         if not self.restarted:
             return None
         import ray
 
-        key = f"task-{ray.get_runtime_context().get_task_id()}"
+        digest = hashlib.sha256()
+        for name in ("ordinals", "chunk_index"):
+            if name in table.column_names:
+                digest.update(table.column(name).combine_chunks().flatten().to_numpy(zero_copy_only=False).tobytes())
+        key = f"{ray.get_runtime_context().get_job_id()}-{digest.hexdigest()[:32]}"
         get, put, _ = self._kv()
         tries = int(get(key) or 0) + 1
         if tries > BATCH_DEATHS_ALLOWED:
-            raise BatchKilledActor(killed_actor_message(ids, tries))
+            raise BatchKilledActor(killed_actor_message(_batch_ids(table), tries))
         put(key, str(tries).encode())
         return key
 
@@ -175,6 +184,16 @@ class DeathRetries:
         """After a batch succeeded: forget its count."""
         if key is not None:
             self._kv()[2](key)
+
+    @classmethod
+    def clear_counts(cls) -> None:
+        """On the driver, before a stream starts: forget the counts an earlier stream of this Ray job left (a job
+        stopped by a batch that killed its actor leaves that batch's count behind)."""
+        import ray
+        from ray.experimental import internal_kv
+
+        internal_kv._internal_kv_del(f"{ray.get_runtime_context().get_job_id()}-", del_by_prefix=True,
+                                     namespace=cls.NAMESPACE)
 
     def _kv(self):
         if self._store is not None:
@@ -189,7 +208,7 @@ class DeathRetries:
 def killed_actor_message(ids: Sequence[str], deaths: int) -> str:
     """The job's one line when the batch holding `ids` took its actor's process down `deaths` times."""
     distinct = list(dict.fromkeys(ids))  # a chunked sequence's windows share its id
-    shown = ", ".join(distinct[:5]) + (f" and {len(distinct) - 5} more" if len(distinct) > 5 else "")
+    shown = ", ".join(distinct[:20]) + (f" and {len(distinct) - 20} more" if len(distinct) > 20 else "")
     return (f"the batch holding sequence(s) {shown} took its embedding actor's process down {deaths} times "
             "(a crash of the model or device on one of them, not an exception): leave them out of the input (or "
             "embed them alone to find the one) and rerun the same command to resume; the actor's log on its node "
@@ -400,7 +419,7 @@ class EmbedStage:
                 + ("+fused_gelu" if self.model.fused_gelu_in_use else ""))
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        retry = self.death_retries.begin(_batch_ids(table) if self.death_retries.restarted else ())
+        retry = self.death_retries.begin(table)
         pieces = [self._embed_row(row) for row in _rows(table)]
         self.death_retries.end(retry)
         out = pa.concat_tables(pieces) if pieces else self.schema.empty_table()
