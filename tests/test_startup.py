@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,7 @@ def test_embed_ends_its_local_ray_at_once(tmp_path: Path, tiny_esm2_path: Path) 
     while ray_processes_under(ray_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray_processes_under(ray_tmp) == []
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 class ScriptedGpus:
