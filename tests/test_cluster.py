@@ -307,6 +307,11 @@ def test_node_that_cannot_see_the_checkpoint_or_out(cluster, job: dict[str, Path
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        # Until Ray marks the killed node dead (missed heartbeats), the next job's pre-flight check would still
+        # pick it and stop, rightly, on a node that cannot run its check task.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and any(n["NodeID"] == node.node_id and n["Alive"] for n in ray.nodes()):
+            time.sleep(1)
 
 
 def test_batch_that_kills_its_actor_every_time_stops_the_job(cluster, job: dict[str, Path], one_node: dict,
