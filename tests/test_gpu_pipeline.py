@@ -138,3 +138,35 @@ def test_every_gpu_embeds_and_every_id_once(tmp_path: Path, tiny_esm2_path: Path
     workers = json.loads((out / "manifest.json").read_text())["throughput"]["windows_per_worker"]
     print(f"\nwindows per worker on {gpus} GPUs: {workers}")
     assert len({w.split(":")[1] for w in workers}) == gpus  # one distinct CUDA device per actor
+
+
+def test_actor_written_parts_on_gpus_equal_driver_written_ones(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """--part-writer actors on the GPU actors (two calls in flight each): the same rows and vectors as the driver
+    writing them, every id once, the shadow fed, `runner verify` clean, nothing left staged (docs/scaling.md)."""
+    rng = np.random.default_rng(1)
+    fasta = tmp_path / "short.fasta"
+    with fasta.open("w") as fh:
+        for i in range(20000):
+            fh.write(f">s{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), int(rng.integers(20, 120))))}\n")
+    runs = {}
+    for writer in ("driver", "actors"):
+        out = tmp_path / writer
+        result = CliRunner().invoke(
+            cli,
+            ["embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus",
+             str(torch.cuda.device_count()), "--token-budget", "8192", "--shadow-rate", "0.01", "--part-writer", writer],
+            catch_exceptions=False,
+        )
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["part_writer"] == writer and manifest["shadow"]["compared"] > 0
+        verify = CliRunner().invoke(cli, ["verify", str(out)])
+        assert verify.exit_code == 0, verify.output
+        assert not list((out / "embeddings").glob(".staged/*/*"))
+        table = read_parts(out)
+        runs[writer] = dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
+        print(f"\n--part-writer {writer}: {len(manifest['parts'])} parts, "
+              f"{manifest['throughput']['tokens_per_second']} tok/s")
+    assert len(runs["actors"]) == len(runs["driver"]) == 20000
+    for sid, vector in runs["driver"].items():
+        np.testing.assert_allclose(runs["actors"][sid], vector, rtol=0, atol=1e-3, err_msg=sid)  # FP16, batching
