@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
@@ -164,3 +165,9 @@ def tiny_esmc(tmp_path_factory: pytest.TempPathFactory, tiny_esmc_script: Module
 def overflow_esmc_dir(tmp_path_factory: pytest.TempPathFactory, tiny_esmc_script: ModuleType) -> Path:
     """Like tiny_esmc's directory, but any sequence containing 'W' embeds to non-finite values in fp32."""
     return tiny_esmc_script.make_esmc(tmp_path_factory.mktemp("esmc_overflow"), overflow_residue="W")[0]
+
+
+def pythonpath_with(repo: Path) -> str:
+    """PYTHONPATH for a `python -m runner` subprocess: this checkout first, then the test run's own PYTHONPATH
+    (a GPU machine's bundle of packages lives there; replacing it hides fair-esm and Ray from the child)."""
+    return os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)

@@ -36,6 +36,7 @@ from bench_report import (  # noqa: E402
     output_pairs_lines,
     summarize,
 )
+from conftest import pythonpath_with  # noqa: E402
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
@@ -51,7 +52,7 @@ def read_fasta(path: Path) -> list[tuple[str, str]]:
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
     """`python scripts/bench.py ARGS` as the wrapper runs it, with the repository on PYTHONPATH."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
     return subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
@@ -628,7 +629,7 @@ def test_bench_pooling_runs_both_settings_on_a_tiny_model(tmp_path: Path) -> Non
     """scripts/bench_pooling.py's CPU smoke test: every figure for both settings, and the three-layer setting stores
     the one-layer setting's vector in its last-layer mean column."""
     out = tmp_path / "pooling.json"
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
     res = subprocess.run([sys.executable, str(SCRIPTS / "bench_pooling.py"), "--cpu", "--arch", "tiny", "--tokens",
                           "1024", "--reps", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

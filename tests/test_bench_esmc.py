@@ -20,10 +20,11 @@ for _path in (str(REPO), str(SCRIPTS)):  # as `python scripts/bench.py` sees the
 import bench  # noqa: E402
 from bench_data import synth, write_random_esmc  # noqa: E402
 from bench_report import compute_ratios, markdown_table, summarize  # noqa: E402
+from conftest import pythonpath_with  # noqa: E402
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
     return subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 

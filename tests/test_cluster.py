@@ -25,6 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from conftest import pythonpath_with
 
 from runner.cli import cli
 from runner.driver.nodes import Node, check_out_on_nodes, check_weights_on_nodes
@@ -203,7 +204,7 @@ def test_node_lost_mid_job_then_a_new_node_is_used(cluster, job: dict[str, Path]
     cluster.wait_for_nodes()
     out = job["base"] / "node-loss"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_BATCH_DELAY="1.0")
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="1.0")
     proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, cluster.address)], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DATA, REPO, read_fasta
+from conftest import DATA, REPO, pythonpath_with, read_fasta
 
 from runner.driver.console import JobLog
 from runner.driver.progress import Progress, count_inputs
@@ -150,7 +150,7 @@ RAY_LINE = re.compile(
 @pytest.mark.slow
 def test_quickstart_is_quiet_and_verbose_brings_ray_back(tmp_path: Path) -> None:
     """The README's CPU quickstart prints runner's lines only; with -v Ray's come back (and stay in the log)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO)}
     env.pop("RAY_ADDRESS", None)
     subprocess.run([sys.executable, "scripts/make_tiny_checkpoints.py", str(tmp_path / "models")], cwd=REPO,
                    env=env, check=True, capture_output=True)

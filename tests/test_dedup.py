@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import start_local_ray
+from conftest import pythonpath_with, start_local_ray
 
 from runner.cli import cli
 from runner.input.batch import InputRecord, Reject
@@ -296,7 +296,7 @@ def test_dedup_sigkill_mid_job_then_rerun(ray_address: str, job: dict, plain: di
     """A driver SIGKILLed after some parts are complete; the rerun finishes: every id once, copies intact."""
     out = job["base"] / "killed"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
     proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, "--dedup", "--address",
                                                                          ray_address)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

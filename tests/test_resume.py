@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
+from conftest import pythonpath_with
 
 from runner.cli import cli
 from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
@@ -119,7 +120,7 @@ def part_names(out: Path) -> set[str]:
 
 def start_driver(job: dict[str, Path], out: Path, address: str, delay: float) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_BATCH_DELAY=str(delay))
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY=str(delay))
     return subprocess.Popen([sys.executable, "-m", "runner", "embed", *embed_args(job, out, "--address", address)[1:]],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import start_local_ray
+from conftest import pythonpath_with, start_local_ray
 
 from runner.cli import cli
 from runner.config import EmbedConfig
@@ -243,7 +243,7 @@ def test_driver_killed_between_the_actors_renames_and_its_commit_resumes_exactly
 ) -> None:
     out = job["base"] / "killed"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_KILL_BEFORE_COMMIT="3")  # SIGKILL before the 3rd group commit
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_KILL_BEFORE_COMMIT="3")  # SIGKILL before the 3rd group commit
     proc = subprocess.run([sys.executable, "-m", "runner", "embed", str(job["fasta"]), *LAYERS, "--config", str(job["config"]),
                            "--out", str(out), "--address", ray_address, "--part-writer", "actors"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)

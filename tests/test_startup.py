@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, pythonpath_with
 
 # Run in a fresh process, as an embedding actor's worker is: torch._inductor is imported first (importing it sets
 # TORCHINDUCTOR_CACHE_DIR to torch's /tmp default in that process, as happened in the H200's embedding actors),
@@ -32,7 +32,7 @@ print(json.dumps({"imported_default": imported_default, "reported": stage.startu
 
 
 def run_actor(checkpoint: Path, cache: Path, chosen: str = "", inductor_env: str | None = None) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(cache)}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "RUNNER_CACHE_DIR": str(cache)}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     if inductor_env is not None:
         env["TORCHINDUCTOR_CACHE_DIR"] = inductor_env
@@ -94,7 +94,7 @@ def test_embed_ends_its_local_ray_at_once(tmp_path: Path, tiny_esm2_path: Path) 
     import time
 
     ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_TMPDIR": ray_tmp, "RUNNER_CACHE_DIR": str(tmp_path / "c")}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "RAY_TMPDIR": ray_tmp, "RUNNER_CACHE_DIR": str(tmp_path / "c")}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "emb"
     done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",
@@ -149,7 +149,7 @@ def test_gpu_shadow_loads_beside_the_embedder(tmp_path: Path, tiny_esm2_path: Pa
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "cache")}
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "cache")}
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "emb"
     done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",

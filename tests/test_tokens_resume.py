@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import start_local_ray
+from conftest import pythonpath_with, start_local_ray
 
 from runner.cli import cli
 from runner.output.checksums import file_crc, read_records
@@ -102,7 +102,7 @@ def killed(ray_address: str, job: dict[str, Path]) -> Path:
     # CPU actors run one call at a time (runner.driver.cluster), so batches reach the driver >= 0.3 s apart: the
     # poll below (every 50 ms) kills the driver within a batch or two of its second part, long before the last
     # of the 8 batches (12 parts).
-    env.update(PYTHONPATH=str(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
     proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, "--address", ray_address)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600  # Ray's actors start slowly on a loaded machine
