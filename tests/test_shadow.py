@@ -513,6 +513,11 @@ class FakeRay:
         self.settings: list = []  # the StageSettings each actor was created with
         self.startup_answer: object = {"load_seconds": 1.5, "compile_seconds": 2.5}  # or an exception to raise
 
+    def available_resources(self) -> dict:
+        # GPU shares never taken: the embedders are never seen placed, so start_when_placed keeps waiting and the
+        # first sample starts the shadow (the fallback these tests check; the placed path: tests/test_startup.py)
+        return {"GPU": 2.0}
+
     def wait(self, futures, num_returns, timeout):  # nothing finishes: the monitor keeps them pending
         return [], list(futures)
 
