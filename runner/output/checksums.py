@@ -15,6 +15,7 @@ a defence against deliberate tampering (nothing here is).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -97,6 +98,35 @@ class ChecksummedFile:
         """An Arrow IPC file writer writing through this file."""
         return pa.ipc.new_file(pa.PythonFile(self, mode="w"), schema)
 
+
+
+def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+    """Write `table` as an Arrow IPC file at `path`, fsynced and closed; its CRC-32 computed as the bytes go out.
+    Returns (bytes, CRC-32 hex). Where the file becomes visible is the caller's (publish_checksummed, or a journal
+    record first and then the rename)."""
+    sink = ChecksummedFile(path, pool)
+    try:
+        with sink.open_arrow_file(table.schema) as writer:
+            writer.write_table(table)
+        sink.fsync()
+    finally:
+        sink.close()
+    return sink.size, crc_hex(sink.crc)
+
+
+def publish_checksummed(directory: Path, name: str, table: pa.Table,
+                        pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+    """write_checksummed to the hidden temp name `.NAME.tmp`, then rename it to `directory/name`: the file is
+    visible only whole. A failure removes the temp file and re-raises. Returns (bytes, CRC-32 hex)."""
+    tmp = directory / f".{name}.tmp"
+    try:
+        written = write_checksummed(tmp, table, pool)
+        os.replace(tmp, directory / name)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+    return written
 
 def _mult_mod_p(a: int, b: int) -> int:
     """a * b modulo CRC-32's polynomial (bit-reflected, as zlib's multmodp)."""

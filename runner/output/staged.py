@@ -28,8 +28,6 @@ the job checks --out on every node that may run an actor (runner.driver.nodes.ch
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
 import shutil
 import uuid
@@ -39,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from runner.output.checksums import ChecksummedFile, crc_hex
+from runner.output.checksums import publish_checksummed
 
 STAGED_DIR = ".staged"  # under DIR/embeddings: hidden, so no reader lists it as a part
 STAGED_FILE = re.compile(r"^stg-[0-9a-f]{32}\.arrow$")
@@ -80,21 +78,8 @@ def write_staged_part(directory: Path, table: pa.Table) -> tuple[str, int, str]:
     """Write `table` (the parts' schema) as `directory/stg-<uuid>.arrow`: hidden temp name, CRC-32 as the bytes
     go out, fsync, rename. Returns (its absolute path, bytes, CRC-32 hex)."""
     name = f"stg-{uuid.uuid4().hex}.arrow"
-    tmp = directory / f".{name}.tmp"
-    out = ChecksummedFile(tmp)
-    try:
-        with out.open_arrow_file(table.schema) as writer:
-            writer.write_table(table)
-        out.fsync()
-        out.close()
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            out.close()
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return str(directory / name), out.size, crc_hex(out.crc)
+    size, crc = publish_checksummed(directory, name, table)
+    return str(directory / name), size, crc
 
 
 def remove_staged(out_dir: Path) -> int:

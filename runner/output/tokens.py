@@ -47,13 +47,13 @@ import pyarrow as pa
 
 from runner.input.prepare import chunk_starts
 from runner.output.checksums import (
-    ChecksummedFile,
     FileChecksum,
     append_record,
     append_records,
     check_file,
-    crc_hex,
     drop_records,
+    publish_checksummed,
+    write_checksummed,
 )
 
 log = logging.getLogger("runner")
@@ -145,21 +145,8 @@ def write_token_file(directory: Path, table: pa.Table, pool: ThreadPoolExecutor 
     as the bytes go out (runner.output.checksums.ChecksummedFile: no second read; large writes summed on
     `pool`'s threads)."""
     name = f"tok-{uuid.uuid4().hex}.arrow"
-    tmp = directory / f".{name}.tmp"
-    try:
-        sink = ChecksummedFile(tmp, pool)
-        try:
-            with sink.open_arrow_file(table.schema) as writer:
-                writer.write_table(table)
-            sink.fsync()
-        finally:
-            sink.close()
-        os.replace(tmp, directory / name)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-    return TokenFile(name, table.num_rows, sink.size, crc_hex(sink.crc))
+    size, crc = publish_checksummed(directory, name, table, pool)
+    return TokenFile(name, table.num_rows, size, crc)
 
 
 def count_rows(path: Path) -> int | None:
@@ -367,16 +354,10 @@ def _rewrite_partial(out_dir: Path, name: str, path: Path, parts: list[str]) -> 
             table = table.set_column(table.schema.get_field_index("tokens_file"), "tokens_file",
                                      pa.array(files, pa.string()))
             table = table.set_column(table.schema.get_field_index("tokens_row"), "tokens_row", pa.array(rows, pa.int32()))
-            sink = ChecksummedFile(tmp)
-            try:
-                with sink.open_arrow_file(table.schema) as writer:
-                    writer.write_table(table)
-                sink.fsync()
-            finally:
-                sink.close()
+            size, crc = write_checksummed(tmp, table)
         # The part's new checksum goes to the journal before the part is replaced (the last record of a name
         # wins): a crash in between leaves a mismatch, and resume redoes that part.
-        append_record(out_dir, f"embeddings/{part}", table.num_rows, sink.size, crc_hex(sink.crc))
+        append_record(out_dir, f"embeddings/{part}", table.num_rows, size, crc)
         os.replace(tmp, part_path)
     path.unlink()
     log.info("per-token file %s was referenced in part: rewritten as %s with its %d referenced row(s)",
