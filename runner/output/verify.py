@@ -100,11 +100,8 @@ def verify_dir(out_dir: Path) -> VerifyReport:
         elif problem is not None:
             report.problems.append(f"{path}: {problem}")
             continue
-        try:
-            table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
-            table.validate(full=True)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            report.problems.append(f"{path}: not a readable Arrow file ({first_line(e)})")
+        table = read_validated(path, report)
+        if table is None:
             continue
         if schema is None:
             schema = table.schema
@@ -290,16 +287,24 @@ def check_rows(table: pa.Table) -> str | None:
     return None
 
 
-def verify_rejects(out_dir: Path, parts: OrdinalSet, report: VerifyReport) -> None:
-    """rejects.arrow readable, and no rejected ordinal also stored as a row."""
-    path = out_dir / "rejects.arrow"
-    if not path.exists():
-        return
+def read_validated(path: Path, report: VerifyReport) -> pa.Table | None:
+    """The whole Arrow file at `path`, fully validated; None (and a problem in `report`) when it is not one."""
     try:
         table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
         table.validate(full=True)
     except (pa.ArrowException, OSError, ValueError) as e:
         report.problems.append(f"{path}: not a readable Arrow file ({first_line(e)})")
+        return None
+    return table
+
+
+def verify_rejects(out_dir: Path, parts: OrdinalSet, report: VerifyReport) -> None:
+    """rejects.arrow readable, and no rejected ordinal also stored as a row."""
+    path = out_dir / "rejects.arrow"
+    if not path.exists():
+        return
+    table = read_validated(path, report)
+    if table is None:
         return
     report.rejects = table.num_rows
     if "ordinal" in table.column_names:
