@@ -103,6 +103,9 @@ def test_embed_ends_its_local_ray_at_once(tmp_path: Path, tiny_esm2_path: Path) 
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines()[-1].startswith("15 embeddings, 0 rejects"), done.stderr
     assert not [line for line in done.stderr.splitlines() if "ERROR" in line or "Warning" in line], done.stderr
+    # runner's own lines are all on stderr; Ray's log monitor printed "(raylet) Raylet is terminated ..." and 20
+    # lines of the raylet's log to stdout when the local Ray was killed, until stdout was closed first too
+    assert done.stdout == "", done.stdout
     assert json.loads((out / "manifest.json").read_text())["status"] == "complete"
     deadline = time.monotonic() + 15  # the raylet's workers notice it is gone within moments
     while ray_processes_under(ray_tmp) and time.monotonic() < deadline:

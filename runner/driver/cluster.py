@@ -100,8 +100,8 @@ def end_now(code: int | str | None) -> NoReturn:
 
     Ray's own end (ray.shutdown at exit) stops its processes one by one, giving each up to a second, and the
     interpreter then garbage-collects torch's, Ray's and Arrow's objects: 2 s and 11 s on a loaded 2-core
-    machine, after the job's last line. The raylet takes its workers (the actors) with it; stderr is closed
-    first, so that Ray's C++ code noticing its processes gone prints nothing on a finished job. Without a
+    machine, after the job's last line. The raylet takes its workers (the actors) with it; stdout and stderr
+    are closed first, so that Ray's C++ code noticing its processes gone prints nothing on a finished job. Without a
     local Ray (--address) only the interpreter's teardown is skipped.
     """
     if isinstance(code, str):  # sys.exit("message"): the message, status 1
@@ -114,6 +114,7 @@ def end_now(code: int | str | None) -> NoReturn:
     if local_ray_processes():
         with contextlib.suppress(OSError):
             devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)  # Ray's driver-side log monitor prints its "(raylet) Raylet is terminated ..." to stdout
             os.dup2(devnull, 2)
         import ray
 
