@@ -27,6 +27,9 @@ def _load(name: str):
 
 
 def main(out_dir: str) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one shard per tiny model: its "Writing model shards" bar is noise
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     esm_path = _load("tiny_esm2").make_esm2(out / "esm2_tiny.pt")
