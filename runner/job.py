@@ -491,8 +491,9 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
     batches, once per --out), RUNNER_TEST_CRASH_IDS=a,b (the actor os._exit()s on every batch holding these ids),
     RUNNER_TEST_BATCH_DELAY=seconds (sleep per batch), RUNNER_TEST_CRASH_AFTER_STAGING=N (--part-writer actors:
     one actor os._exit()s once it staged N parts, before its batch returns). The driver's own hook is
-    RUNNER_TEST_KILL_BEFORE_COMMIT=N (it SIGKILLs itself before its Nth group commit of staged parts). Never set
-    them in production.
+    RUNNER_TEST_KILL_BEFORE_COMMIT=N (it SIGKILLs itself before its Nth group commit of staged parts).
+    RUNNER_BENCH_NO_TOKEN_CRC=1 writes per-token files without their CRC-32 (the checksum's A/B benchmark; such a
+    job cannot be resumed). Never set them in production.
     """
     env = os.environ
     hooks: dict[str, Any] = {}
@@ -511,6 +512,8 @@ def test_hooks_from_env(out_dir: Path) -> dict[str, Any]:
             hooks["test_crash_ids"] = tuple(i for i in env["RUNNER_TEST_CRASH_IDS"].split(",") if i)
         if env.get("RUNNER_TEST_BATCH_DELAY"):
             hooks["test_batch_delay"] = float(env["RUNNER_TEST_BATCH_DELAY"])
+        if env.get("RUNNER_BENCH_NO_TOKEN_CRC") == "1":
+            hooks["bench_no_token_crc"] = True
     except ValueError as e:
         raise RunnerError(
             f"bad RUNNER_TEST_* value ({e}): these test-only variables take numbers; unset them"

@@ -98,11 +98,16 @@ def checkpoint_path(work: Path, model: str) -> Path:
 OUTPUT_VARIANTS = {
     "per_token_fp16": lambda layers: ("--per-token", "--per-token-dtype", "float16"),
     "per_token": lambda layers: ("--per-token",),
+    # issue 19: per_token_fp16 with the per-token CRC-32 switched off (VARIANT_ENV): the checksum's end-to-end cost
+    "per_token_fp16_nocrc": lambda layers: ("--per-token", "--per-token-dtype", "float16"),
     # 650M: --layers 0,17,33 (embeddings, middle, last) x three poolings, pooled only
     "layers3": lambda layers: ("--layers", f"0,{(layers + 1) // 2},{layers}", "--pooling", "mean,cls,max"),
     # issue 18: the embedding actors write the pooled parts, the driver only commits them (default from 8 GPUs on)
     "actor_parts": lambda layers: ("--part-writer", "actors"),
 }
+
+# Environment a variant's `runner embed` runs with besides child_env() (benchmark-only switches).
+VARIANT_ENV = {"per_token_fp16_nocrc": {"RUNNER_BENCH_NO_TOKEN_CRC": "1"}}
 
 
 def parse_per_model(spec: str | None, defaults: dict[str, int]) -> dict[str, int]:
@@ -213,7 +218,7 @@ def pick_steady(candidates: dict[str, float | None]) -> tuple[float | None, str]
 
 
 def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float, args, work: Path,
-               extra: tuple[str, ...] = ()) -> dict:
+               extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, "-m", "runner", "embed", str(fasta), "--model", str(ckpt), "--out", str(out_dir),
            "--gpus", str(gpus), "--shadow-rate", str(shadow), "--no-progress",
            "--rows-per-part", str(args.rows_per_part)]
@@ -223,7 +228,7 @@ def run_runner(fasta: Path, ckpt: Path, out_dir: Path, gpus: int, shadow: float,
     cmd += list(extra)
     log(f"runner: {' '.join(cmd)}")
     log_path = work / f"runner-{out_dir.name}.log"
-    rc, secs, mem = run_logged(cmd, log_path, args.timeout, env=child_env(), monitor=True)
+    rc, secs, mem = run_logged(cmd, log_path, args.timeout, env={**child_env(), **(env or {})}, monitor=True)
     result: dict = {"gpus": gpus, "shadow_rate": shadow, "exit_code": rc, "process_seconds": round(secs, 1),
                     "command": " ".join(cmd), **mem}
     manifest_path = out_dir / "manifest.json"
@@ -351,7 +356,8 @@ def cmd_gpu(args) -> int:
                         name = run_name(g, r, k, "-") + (f"-{variant}" if variant else "")
                         print(f"  {sys.executable} -m runner embed {work}/{m}-{seqs[m] * g}.fasta --model "
                               f"{checkpoint_path(work, m)} --out {work}/out-{m}-{name} --gpus {g} "
-                              f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part} {' '.join(extra)}")
+                              f"--shadow-rate {r:g} --no-progress --rows-per-part {args.rows_per_part} {' '.join(extra)}"
+                              + "".join(f"  ({k}={v})" for k, v in (VARIANT_ENV.get(variant) or {}).items()))
             if not ref:
                 print("  (no --reference: reference figures skipped)")
             if name == "cpu":
@@ -426,7 +432,7 @@ def cmd_gpu(args) -> int:
                     name = run_name(g, r, k) + (f"_{variant}" if variant else "")
                     out = work / (f"out-{m}-{run_name(g, r, k, '-')}" + (f"-{variant}" if variant else ""))
                     shutil.rmtree(out, ignore_errors=True)
-                    runs[name] = run_runner(fasta, ckpt, out, g, r, args, work, extra)
+                    runs[name] = run_runner(fasta, ckpt, out, g, r, args, work, extra, VARIANT_ENV.get(variant))
                     if variant:
                         runs[name]["variant"] = variant
                     if not args.keep:

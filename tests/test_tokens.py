@@ -177,6 +177,21 @@ def test_a_token_files_checksum_is_computed_as_it_is_written(tmp_path: Path) -> 
     assert [p.name for p in shard.iterdir()] == [written.name]  # no temporary left
 
 
+
+def test_the_benchmarks_unsummed_write_stores_the_same_file_without_a_crc(tmp_path: Path) -> None:
+    # RUNNER_BENCH_NO_TOKEN_CRC (the checksum's A/B benchmark) must change only the CRC, not the bytes written.
+    table = token_table(["a", "b"], np.array([0, 1]), [np.arange(15, dtype=np.float32).reshape(5, 3)],
+                        np.array([2, 3], np.int32), token_schema((2,), 3, "float32"))
+    summed, unsummed = tmp_path / "summed", tmp_path / "unsummed"
+    summed.mkdir()
+    unsummed.mkdir()
+    with_crc = write_token_file(summed, table)
+    without = write_token_file(unsummed, table, summed=False)
+    assert without.crc32 == "00000000" != with_crc.crc32
+    assert (unsummed / without.name).read_bytes() == (summed / with_crc.name).read_bytes()
+    assert without.bytes == with_crc.bytes
+
+
 def flip_vector_bytes(path: Path, values: np.ndarray) -> None:
     """Complement 8 bytes inside the stored `values` (float32) of file `path`: same size, structure and footer."""
     data = bytearray(path.read_bytes())

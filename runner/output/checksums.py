@@ -47,15 +47,18 @@ class ChecksummedFile:
     single-thread time to the write instead of all of it.
     """
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor | None = None) -> None:
+    def __init__(self, path: Path, pool: ThreadPoolExecutor | None = None, summed: bool = True) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), which the writer calls
         self._pool = pool
+        self._summed = summed  # False only for the checksum's A/B benchmark: crc stays 0
         self.crc = 0
         self.size = 0
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")  # flat bytes: pieces are slices
-        if self._pool is None or view.nbytes < PARALLEL_BYTES:
+        if not self._summed:
+            written = self._file.write(view)
+        elif self._pool is None or view.nbytes < PARALLEL_BYTES:
             self.crc = zlib.crc32(view, self.crc)
             written = self._file.write(view)
         else:
@@ -100,11 +103,12 @@ class ChecksummedFile:
 
 
 
-def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None,
+                      summed: bool = True) -> tuple[int, str]:
     """Write `table` as an Arrow IPC file at `path`, fsynced and closed; its CRC-32 computed as the bytes go out.
     Returns (bytes, CRC-32 hex). Where the file becomes visible is the caller's (publish_checksummed, or a journal
     record first and then the rename)."""
-    sink = ChecksummedFile(path, pool)
+    sink = ChecksummedFile(path, pool, summed)
     try:
         with sink.open_arrow_file(table.schema) as writer:
             writer.write_table(table)
@@ -115,12 +119,12 @@ def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | No
 
 
 def publish_checksummed(directory: Path, name: str, table: pa.Table,
-                        pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+                        pool: ThreadPoolExecutor | None = None, summed: bool = True) -> tuple[int, str]:
     """write_checksummed to the hidden temp name `.NAME.tmp`, then rename it to `directory/name`: the file is
     visible only whole. A failure removes the temp file and re-raises. Returns (bytes, CRC-32 hex)."""
     tmp = directory / f".{name}.tmp"
     try:
-        written = write_checksummed(tmp, table, pool)
+        written = write_checksummed(tmp, table, pool, summed)
         os.replace(tmp, directory / name)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -101,6 +101,10 @@ class StageSettings:
     # the first actor to claim test_crash_marker + "-staged" os._exit()s after staging its Nth part, before the
     # batch returns (--part-writer actors: a staged part the driver never hears of; Ray retries the batch)
     test_crash_after_staging: int = 0
+    # Benchmark only (RUNNER_BENCH_NO_TOKEN_CRC): per-token files are written without their CRC-32, to measure
+    # the checksum's end-to-end cost (scripts/bench.py --outputs per_token_fp16_nocrc); resume then finds them
+    # corrupt, so a job run this way cannot be resumed.
+    bench_no_token_crc: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.layers, int):
@@ -118,7 +122,8 @@ class StageSettings:
     def without_test_hooks(self) -> StageSettings:
         """The same settings with every fault injection off (for the shadow actors)."""
         return replace(self, test_fail_ids=(), test_oom_above_tokens=0, test_crash_after_batches=0,
-                       test_crash_marker="", test_batch_delay=0.0, test_crash_ids=(), test_crash_after_staging=0)
+                       test_crash_marker="", test_batch_delay=0.0, test_crash_ids=(), test_crash_after_staging=0,
+                       bench_no_token_crc=False)
 
 
 # Errors a forward may raise that are worth isolating to one window: torch reports almost everything
@@ -938,7 +943,7 @@ class EmbedStage:
             joined = [np.concatenate(a) for a in arrays]
         table = token_table(ids, np.array(ordinals, np.int64), joined, np.array(lengths, np.int32), self.token_schema)
         try:
-            written = write_token_file(self.tokens_dir, table, self.crc_pool)
+            written = write_token_file(self.tokens_dir, table, self.crc_pool, summed=not self.settings.bench_no_token_crc)
         except OSError as e:
             raise RunnerError(
                 f"embedding actor {self.worker} cannot write per-token file in {self.tokens_dir} "
