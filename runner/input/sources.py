@@ -1,7 +1,9 @@
 """Finding and reading inputs: FASTA (plain or gzip), Parquet and CSV/TSV, streamed record by record.
 
-Nothing here holds a whole file: FASTA is parsed from large binary chunks (only one record at a time is
-ever assembled, so a single huge record is the most held), tables are read batch by batch through pyarrow.
+Nothing here holds a whole file: FASTA is parsed a large binary chunk at a time (a single huge record is the
+most held), straight into Arrow columns by a few numpy passes over the bytes (`_fasta_columns`), and tables are
+read batch by batch through pyarrow. The read task works on these runs of columns (`read_runs`); `read_records`
+hands the same records out one by one.
 `sniff_input` checks a file from its first bytes (or its metadata / header line) so that the CLI can fail
 on a bad input before it starts Ray.
 """
@@ -15,9 +17,11 @@ import io
 import os
 import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -288,24 +292,83 @@ def sniff_input(path: Path | str, id_column: str = "id", seq_column: str = "sequ
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _parse_fasta_text(text: bytes, source: str, ordinal: int) -> Iterator[InputRecord]:
-    """Records of a buffer holding whole records; `text` starts right after a record's '>'."""
-    for part in text.split(b"\n>"):
-        nl = part.find(b"\n")
-        if nl < 0:
-            header, seq = part, b""
-        else:
-            # only line ends are removed here (replace is ~2x faster than translate); other whitespace is
-            # the codec's job (`clean`), which removes it anyway
-            header, seq = part[:nl], part[nl + 1 :].replace(b"\n", b"")
-            if b"\r" in seq:
-                seq = seq.replace(b"\r", b"")
-        fields = header.split(None, 1)
-        rid = fields[0].decode("utf-8", errors="replace") if fields else ""
-        yield InputRecord(
-            id=rid, sequence=seq.decode("utf-8", errors="replace"), source=source, ordinal=ordinal
-        )
-        ordinal += 1
+@dataclass(frozen=True)
+class RecordRun:
+    """Consecutive records of one input file as Arrow columns: what the read task works on (one Arrow
+    operation per column instead of one Python object per record)."""
+
+    ids: pa.StringArray  # each record's id ('' when it has none)
+    sequences: pa.StringArray  # each record's raw sequence text, as read
+    source: str  # the input file
+    first_ordinal: int  # ordinal of the first record; the others follow one by one
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def records(self) -> Iterator[InputRecord]:
+        """The same records one by one."""
+        for i, (rid, seq) in enumerate(zip(self.ids.to_pylist(), self.sequences.to_pylist(), strict=True)):
+            yield InputRecord(id=rid, sequence=seq, source=self.source, ordinal=self.first_ordinal + i)
+
+
+def _string_array(data: np.ndarray, lengths: np.ndarray) -> pa.StringArray:
+    """Arrow strings from their concatenated bytes; text that is not UTF-8 is decoded as Python's
+    errors="replace" does (U+FFFD), one string at a time (that path only)."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    binary = pa.Array.from_buffers(pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    try:
+        return binary.cast(pa.string())
+    except pa.ArrowInvalid:
+        return pa.array([b.decode("utf-8", errors="replace") for b in binary.to_pylist()], pa.string())
+
+
+def _fasta_columns(text: bytes) -> tuple[pa.StringArray, pa.StringArray]:
+    """(ids, sequences) of a buffer holding whole records; `text` starts right after a record's '>'.
+
+    The buffer is split where a line starts with '>' (as `text.split(b"\n>")` does); a record's id is its
+    header up to the first whitespace (leading whitespace skipped), its sequence the following lines with line
+    ends (LF, CR) removed; any other whitespace is left for `SequenceCodec.clean`, which removes it anyway.
+    The work is a few numpy passes over the bytes, not Python per record. `text` must hold no control bytes
+    (`_binary_line` is checked first): every byte <= 0x20 is then ASCII whitespace, as bytes.split() has it.
+    """
+    n = len(text)
+    buf = np.frombuffer(text, dtype=np.uint8)
+    space = np.flatnonzero(buf <= 32)  # whitespace, line ends included
+    newline = space[buf[space] == 10]
+    after = newline[newline + 1 < n] + 1
+    gt = after[buf[after] == 62]  # each '>' that starts a line starts a record
+    starts = np.concatenate(([0], gt + 1))  # first header byte of each record
+    ends = np.concatenate((gt - 1, [n]))  # the 'newline' before the next '>', or the end of the buffer
+    # header end: the first line end at or after the start (within the record), else the record's end
+    at = np.searchsorted(newline, starts)
+    header_end = np.minimum(np.append(newline, n)[at], ends)
+    seq_start = np.minimum(header_end + 1, ends)
+    # ids: from the first non-blank header byte to the next whitespace
+    id_start = starts.copy()
+    blank = np.flatnonzero((starts == header_end) | (buf[np.minimum(starts, n - 1)] <= 32) if n else starts == 0)
+    for r in blank.tolist():  # empty headers or ones with leading whitespace: rare, done one by one
+        header = text[starts[r] : header_end[r]]
+        id_start[r] = header_end[r] - len(header.lstrip())
+    space_end = np.append(space, n)
+    id_end = np.minimum(space_end[np.searchsorted(space, id_start)], header_end)
+    id_len = id_end - id_start
+    take = np.repeat(id_start - np.concatenate(([0], np.cumsum(id_len)[:-1])), id_len) + np.arange(id_len.sum())
+    ids = _string_array(buf[take], id_len)
+    # sequences: every byte after the header line, line ends removed
+    region = np.zeros(n + 1, dtype=np.int8)
+    region[seq_start] = 1
+    region[ends] -= 1
+    keep = np.cumsum(region[:n], dtype=np.int8).view(bool)
+    keep &= buf != 10
+    line_end_positions = newline
+    if b"\r" in text:
+        keep &= buf != 13
+        line_end_positions = np.sort(np.concatenate((newline, np.flatnonzero(buf == 13))))
+    seq_len = (ends - seq_start) - (np.searchsorted(line_end_positions, ends) -
+                                    np.searchsorted(line_end_positions, seq_start))
+    sequences = _string_array(buf[keep], seq_len)
+    return ids, sequences
 
 
 def read_fasta(path: Path, start_ordinal: int = 0) -> Iterator[InputRecord]:
@@ -316,6 +379,12 @@ def read_fasta(path: Path, start_ordinal: int = 0) -> Iterator[InputRecord]:
     turns out not to be FASTA, turns binary (naming the line), or its gzip data ends early or is corrupt
     (naming the last line read).
     """
+    for run in read_fasta_runs(path, start_ordinal):
+        yield from run.records()
+
+
+def read_fasta_runs(path: Path, start_ordinal: int = 0) -> Iterator[RecordRun]:
+    """`read_fasta`'s records as runs of Arrow columns, one run per chunk of about CHUNK_BYTES."""
     path = Path(path)
     source = str(path)
     ordinal = start_ordinal
@@ -325,6 +394,15 @@ def read_fasta(path: Path, start_ordinal: int = 0) -> Iterator[InputRecord]:
     started = False
     lines = 0  # lines of the (decompressed) file before the current chunk, for error messages
     last_id: str | None = None  # the last record yielded whole, for error messages
+
+    def run_of(text: bytes) -> RecordRun:
+        nonlocal ordinal, last_id
+        ids, sequences = _fasta_columns(text)
+        run = RecordRun(ids, sequences, source, ordinal)
+        ordinal += len(run)
+        last_id = ids[-1].as_py()
+        return run
+
     try:
         with _open_binary(path) as f:
             while True:
@@ -353,11 +431,7 @@ def read_fasta(path: Path, start_ordinal: int = 0) -> Iterator[InputRecord]:
                 if cut < 0:
                     if chunk.startswith(b">") and pending and pending[-1].endswith(b"\n"):
                         # a record boundary falls exactly between two chunks
-                        text = b"".join(pending)
-                        for rec in _parse_fasta_text(text, source, ordinal):
-                            ordinal += 1
-                            last_id = rec.id
-                            yield rec
+                        yield run_of(b"".join(pending))
                         pending = [chunk[1:]]
                     else:
                         pending.append(chunk)
@@ -365,60 +439,55 @@ def read_fasta(path: Path, start_ordinal: int = 0) -> Iterator[InputRecord]:
                 pending.append(chunk[:cut])
                 text = b"".join(pending)
                 pending = [chunk[cut + 2 :]]
-                for rec in _parse_fasta_text(text, source, ordinal):
-                    ordinal += 1
-                    last_id = rec.id
-                    yield rec
+                yield run_of(text)
                 del text
             if started:
-                yield from _parse_fasta_text(b"".join(pending), source, ordinal)
+                yield run_of(b"".join(pending))
     except (OSError, EOFError, zlib.error) as e:
         raise _read_failure(path, e, lines, last_id) from None
 
 
-def _column_strings(col: pa.ChunkedArray | pa.Array) -> list[str]:
-    """A column as Python strings (numbers become their text, nulls become '')."""
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+def _column_text(col: pa.Array) -> pa.StringArray:
+    """A column as Arrow strings (numbers become their text, nulls become '')."""
+    if not pa.types.is_string(col.type):
         try:
             col = col.cast(pa.string())
         except pa.ArrowException as e:
             raise RunnerError(f"column of type {col.type} cannot be read as text ({e})") from None
-    return ["" if v is None else v for v in col.to_pylist()]
+    return col.fill_null("") if col.null_count else col
 
 
-def _batches_to_records(
+def _batches_to_runs(
     batches: Iterator[pa.RecordBatch], path: Path, id_column: str, seq_column: str, ordinal: int
-) -> Iterator[InputRecord]:
+) -> Iterator[RecordRun]:
     source = str(path)
     for batch in batches:
-        ids = _column_strings(batch.column(id_column))
-        seqs = _column_strings(batch.column(seq_column))
-        for rid, seq in zip(ids, seqs, strict=True):
-            yield InputRecord(id=rid, sequence=seq, source=source, ordinal=ordinal)
-            ordinal += 1
+        run = RecordRun(_column_text(batch.column(id_column)), _column_text(batch.column(seq_column)), source, ordinal)
+        ordinal += len(run)
+        yield run
 
 
-def read_parquet(
+def read_parquet_runs(
     path: Path, id_column: str = "id", seq_column: str = "sequence", start_ordinal: int = 0
-) -> Iterator[InputRecord]:
+) -> Iterator[RecordRun]:
     """Stream the rows of a Parquet file batch by batch, reading only the two columns."""
     path = Path(path)
     _check_columns(path, _table_columns(path, "parquet"), id_column, seq_column)
     try:
         pf = pq.ParquetFile(path)
         batches = pf.iter_batches(batch_size=TABLE_BATCH_ROWS, columns=[id_column, seq_column])
-        yield from _batches_to_records(batches, path, id_column, seq_column, start_ordinal)
+        yield from _batches_to_runs(batches, path, id_column, seq_column, start_ordinal)
     except (pa.ArrowException, OSError) as e:
         raise RunnerError(f"{path} could not be read as Parquet ({e}): check the file is complete") from None
 
 
-def read_csv(
+def read_csv_runs(
     path: Path,
     id_column: str = "id",
     seq_column: str = "sequence",
     start_ordinal: int = 0,
     delimiter: str = ",",
-) -> Iterator[InputRecord]:
+) -> Iterator[RecordRun]:
     """Stream the rows of a CSV/TSV file (gzip by magic bytes) through pyarrow's streaming reader."""
     path = Path(path)
     _check_columns(path, _table_columns(path, "tsv" if delimiter == "\t" else "csv"), id_column, seq_column)
@@ -437,7 +506,7 @@ def read_csv(
             ),
         )
         with stream:
-            yield from _batches_to_records(iter(reader), path, id_column, seq_column, start_ordinal)
+            yield from _batches_to_runs(iter(reader), path, id_column, seq_column, start_ordinal)
     except (pa.ArrowException, OSError) as e:
         raise _table_failure(path, delimiter, e) from None
 
@@ -498,25 +567,34 @@ def _scan_table_lines(path: Path, delimiter: str) -> tuple[int, str | None, Base
     return line, None, None
 
 
-def read_file(
+def read_file_runs(
     path: Path | str, id_column: str = "id", seq_column: str = "sequence", start_ordinal: int = 0
-) -> Iterator[InputRecord]:
-    """Stream the records of one input file, whatever its format."""
+) -> Iterator[RecordRun]:
+    """Stream the records of one input file, whatever its format, as runs of Arrow columns."""
     path = Path(path)
     fmt = detect_format(path)
     if fmt == "parquet":
-        return read_parquet(path, id_column, seq_column, start_ordinal)
+        return read_parquet_runs(path, id_column, seq_column, start_ordinal)
     if fmt in ("csv", "tsv"):
-        return read_csv(path, id_column, seq_column, start_ordinal, "\t" if fmt == "tsv" else ",")
-    return read_fasta(path, start_ordinal)
+        return read_csv_runs(path, id_column, seq_column, start_ordinal, "\t" if fmt == "tsv" else ",")
+    return read_fasta_runs(path, start_ordinal)
+
+
+def read_runs(
+    paths: Iterable[Path | str], id_column: str = "id", seq_column: str = "sequence", start_ordinal: int = 0
+) -> Iterator[RecordRun]:
+    """Every record of every file, in order, with a global 0-based ordinal (unless `start_ordinal`), as runs of
+    Arrow columns (each within one file): what the read task parses, without a Python object per record."""
+    ordinal = start_ordinal
+    for path in paths:
+        for run in read_file_runs(path, id_column, seq_column, ordinal):
+            ordinal = run.first_ordinal + len(run)
+            yield run
 
 
 def read_records(
     paths: Iterable[Path | str], id_column: str = "id", seq_column: str = "sequence", start_ordinal: int = 0
 ) -> Iterator[InputRecord]:
-    """Every record of every file, in order, with a global 0-based ordinal (unless `start_ordinal`)."""
-    ordinal = start_ordinal
-    for path in paths:
-        for rec in read_file(path, id_column, seq_column, ordinal):
-            ordinal = rec.ordinal + 1
-            yield rec
+    """`read_runs`, one record at a time."""
+    for run in read_runs(paths, id_column, seq_column, start_ordinal):
+        yield from run.records()
