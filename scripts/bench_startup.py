@@ -42,6 +42,15 @@ ARCH = {"tiny": (2, 64, 4), "8M": (6, 320, 20), "35M": (12, 480, 20), "150M": (3
 TARGETS = {"gpu_first_output_warm_s": 20, "gpu_first_output_cold_s": 35, "gpu_1515_wall_s": 25, "cpu_quickstart_wall_s": 8}
 
 
+def first_actor_load(startup: dict) -> dict | None:
+    ready = [a for a in (startup.get("actors") or {}).values() if a.get("ready_at")]
+    if not ready:
+        return None
+    actor = min(ready, key=lambda a: a["ready_at"])
+    keys = ("load_seconds", "checkpoint_seconds", "cuda_seconds", "to_device_seconds", "compile_seconds")
+    return {k: actor.get(k) for k in keys}
+
+
 def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
     """One `runner embed` run: wall seconds from here, its manifest's startup section, its exit code."""
     load = os.getloadavg()[0]
@@ -60,6 +69,8 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
         "wall_seconds": round(wall, 3),
         "to_first_output_seconds": startup.get("to_first_output_seconds"),
         "phases": startup.get("phases"),
+        # the first embedding actor's own split of its load (checkpoint read, CUDA context beside it, weights moved)
+        "actor_load": first_actor_load(startup),
         "compile_cache": startup.get("compile_cache"),
         "job_wall_seconds": (manifest.get("throughput") or {}).get("wall_seconds"),
         "ending": ending.get("phases"),

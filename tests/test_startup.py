@@ -166,3 +166,41 @@ def test_gpu_shadow_loads_beside_the_embedder(tmp_path: Path, tiny_esm2_path: Pa
     (shadow_actor,) = shadow["actor_startup"]
     assert shadow_actor["init_at"] < first_output, (shadow_actor, startup)
     assert manifest["ending"]["phases"]["shadow_drain"] is not None
+
+
+def test_move_weights_on_cpu_is_module_to(tiny_esm2_path: Path) -> None:
+    import torch
+
+    from runner.models.registry import load_model
+    from runner.stages.embed_stage import move_weights
+
+    expected = load_model(str(tiny_esm2_path)).to("cpu", torch.bfloat16).state_dict()
+    moved = move_weights(load_model(str(tiny_esm2_path)), torch.device("cpu"), torch.bfloat16).state_dict()
+    assert moved.keys() == expected.keys()
+    assert all(torch.equal(moved[k], expected[k]) and moved[k].dtype == expected[k].dtype for k in expected)
+
+
+@pytest.mark.gpu
+def test_gpu_weights_cross_in_their_stored_dtype_and_are_cast_there(tiny_esm2_path: Path) -> None:
+    """move_weights (copy, then cast on the GPU) stores exactly what Module.to(cuda, half) stores, keeps the LM head
+    tied to the embedding and integer buffers integer; the actor reports the CUDA start it overlapped with the read."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from runner.models.registry import load_model
+    from runner.stages.embed_stage import EmbedStage, StageSettings, move_weights
+
+    cuda = torch.device("cuda", 0)
+    expected = load_model(str(tiny_esm2_path)).to(cuda, torch.float16)
+    moved = move_weights(load_model(str(tiny_esm2_path)), cuda, torch.float16)
+    want, got = expected.state_dict(), moved.state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].device.type == "cuda" and got[name].dtype == want[name].dtype, name
+        assert torch.equal(got[name], want[name]), name
+    assert moved.esm.lm_head.weight is moved.esm.embed_tokens.weight
+    stage = EmbedStage(StageSettings(str(tiny_esm2_path), "fp16", -1, "mean", "cuda"))
+    report = stage.startup_report()
+    assert report["cuda_seconds"] > 0 and report["to_device_seconds"] > 0
+    assert report["checkpoint_seconds"] + report["to_device_seconds"] <= report["load_seconds"] + 1e-3
