@@ -58,10 +58,10 @@ def cpu_stage_run(fasta: Path, out_dir: Path, block: int = 2048, budget: int = 6
             super().__init__(*a, **k)
             TimedFilter.made.append(self)
 
-        def check(self, ids, sources=None):
+        def register(self, ids, sources=None):
             t = pt()
             try:
-                return super().check(ids, sources)
+                return super().register(ids, sources)
             finally:
                 TimedFilter.cpu += pt() - t
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -207,6 +208,31 @@ def test_id_hashes_stable_and_nonzero() -> None:
     h = id_hashes(["a", "b", "a", ""])
     assert h.dtype == np.uint64 and h[0] == h[2] and h[0] != h[1] and (h != 0).all()
     assert id_hashes(["a"])[0] == h[0]  # same across calls (and processes: no Python hash seed)
+
+
+def test_id_hashes_of_arrow_slices_and_long_ids_and_near_identical_ids() -> None:
+    """Lists and (sliced) Arrow arrays hash alike; ids past the tabulated 128 bytes (BLAKE2b) too; ids that differ
+    in one byte, by two swapped bytes or only in length never share a hash (200k of them, all distinct)."""
+    ids = ["a", "", "é" * 70, "x" * 129, "x" * 128, "x" * 300, "y" + "x" * 299, "ab", "ba", "a\t"]
+    h = id_hashes(ids)
+    assert len(set(h.tolist())) == len(ids) and (h != 0).all()
+    sliced = pa.array(["pad"] + ids + ["pad"]).slice(1, len(ids))
+    assert id_hashes(sliced).tolist() == h.tolist()
+    assert id_hashes(["x" * 300]).tolist() == [h[5]]
+    near = [f"read{i:06d}" for i in range(100_000)]
+    near += [s[:4] + s[5] + s[4] + s[6:] for s in near]  # two bytes swapped: equal under a plain XOR of bytes
+    near += ["A" * n for n in range(1, 200)]  # only the length differs
+    assert len(set(near)) == len(set(id_hashes(near).tolist()))
+
+
+def test_duplicate_filter_reasons_name_the_first_file() -> None:
+    d = DuplicateFilter()
+    first = d.register(pa.array(["a", "b", "a"]), "f1.fa")
+    assert first.tolist() == [-1, -1, 0]
+    again = d.register(["b", "c", "c"], ["f2.fa", "f2.fa", "f2.fa"])
+    assert d.reasons(again).to_pylist() == ["duplicate id (first seen in f1.fa)", None,
+                                            "duplicate id (first seen in f2.fa)"]
+    assert d.reasons(np.array([-1, -1], dtype=np.int32)).to_pylist() == [None, None]
 
 
 def test_prepare_block_orders_and_dedups() -> None:

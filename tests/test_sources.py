@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from fasta_reference import TRICKY_FASTA, reference_fasta
 
 from runner.errors import RunnerError
 from runner.input import sources
@@ -276,44 +277,14 @@ def test_gz_name_without_gzip_data_says_so(tmp_path: Path) -> None:
     assert "not a FASTA" not in str(info.value)
 
 
-def _reference_fasta(data: bytes) -> list[tuple[str, str]]:
-    """A plain line-by-line FASTA reader: what the chunked, vectorised parser must give, record for record."""
-    text = data.removeprefix(b"\xef\xbb\xbf").lstrip(b" \t\r\n\v\f")
-    records: list[tuple[bytes, list[bytes]]] = []
-    for line in text.split(b"\n"):
-        if line.startswith(b">"):
-            fields = line[1:].split(None, 1)
-            records.append((fields[0] if fields else b"", []))
-        else:
-            assert records or not line, "text before the first header"
-            if records:
-                records[-1][1].append(line.replace(b"\r", b""))
-    return [(rid.decode("utf-8", errors="replace"), b"".join(seq).decode("utf-8", errors="replace"))
-            for rid, seq in records]
-
-
-_TRICKY = [
-    b">a desc\r\nMK\r\nTL\r\n\r\n>b\r\nAAA",  # CRLF, blank line, no final newline
-    b"\n\n  \n>x\n\n\nMK\n\n>y\nA\n\n",  # blank lines everywhere
-    b">\nMK\n>\n>\nAC\n>  \t lead  spaces\nGG\n>only\n",  # '>' only headers, blank headers, no sequence
-    b">p\r\n>q\r\nMK\r\r\nA\rB\n",  # CR inside lines, header right after header
-    b">x a>b\nMK>T\n>y\n>z\n",  # '>' inside a header and inside a sequence line
-    b">\xc3\xa9t\xc3\xa9 \xff\nM\xc3\xa9K\xffL\n>ok\nAC\n",  # UTF-8 ids, bytes that are not UTF-8
-    b">long\n" + b"ACDEFGHIKL" * 5000 + b"\n>w\n" + b"MK" * 3000 + b"\n" + b"QQ\n" * 700,  # long lines, many lines
-    b">v\x0bx\x0cy\nA C\tD\x0bE\n",  # other whitespace: ends the id, stays in the sequence (for clean)
-    b">last\nMKT",  # no final newline
-    b">",  # a lone '>'
-]
-
-
-@pytest.mark.parametrize("data", _TRICKY)
+@pytest.mark.parametrize("data", TRICKY_FASTA)
 @pytest.mark.parametrize("chunk", [1, 2, 3, 7, 64, 4 << 20])
 def test_fasta_parser_matches_a_line_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data: bytes,
                                             chunk: int) -> None:
     """Every tricky layout, at every chunk size (record boundaries falling anywhere), plain and gzipped, gives
     the line reader's records with consecutive ordinals."""
     monkeypatch.setattr(sources, "CHUNK_BYTES", chunk)
-    expected = _reference_fasta(data)
+    expected = reference_fasta(data)
     plain, packed = tmp_path / "t.fa", tmp_path / "t.fa.gz"
     plain.write_bytes(data)
     packed.write_bytes(gzip.compress(data))
@@ -336,5 +307,5 @@ def test_fasta_parser_matches_a_line_reader_on_random_text(tmp_path: Path, monke
         p = tmp_path / f"r{trial}.fa"
         p.write_bytes(data)
         recs = list(read_fasta(p))
-        assert _pairs(recs) == _reference_fasta(data), data
+        assert _pairs(recs) == reference_fasta(data), data
         assert [r.ordinal for r in recs] == list(range(len(recs)))

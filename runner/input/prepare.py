@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from runner.errors import RunnerError
 from runner.input.batch import InputRecord, Reject, TokenizedRecord
@@ -111,12 +112,39 @@ class Preparer:
         return [self._window(record, seq[s : s + m], False, i, len(starts), n) for i, s in enumerate(starts)]
 
 
-def id_hashes(ids: Sequence[str]) -> np.ndarray:
-    """64-bit BLAKE2b hashes of ids as uint64; 0 is reserved for 'empty slot' and mapped to 1."""
-    b2 = hashlib.blake2b
-    # one joined bytes object and one frombuffer: ~4x faster than int.from_bytes per id
-    digests = b"".join([b2(i.encode("utf-8", "surrogatepass"), digest_size=8).digest() for i in ids])
-    h = np.frombuffer(digests, dtype="<u8").astype(np.uint64)  # a writable native-order copy
+# Ids up to this many UTF-8 bytes are hashed by simple tabulation (below); longer ones by BLAKE2b, one by one.
+TABULATED_ID_BYTES = 128
+# Simple tabulation hashing: one random 64-bit word per (byte position, byte value), XORed over an id's bytes,
+# XORed with a random word for its length. For two different ids the hashes are equal with probability 2^-64
+# (simple tabulation is 3-independent), the same odds as any 64-bit hash; the words come from a fixed PCG64
+# stream (its raw output is stable across numpy versions), so every process and every run hashes alike.
+_RAW = np.random.PCG64(0x18_2026_1130).random_raw((TABULATED_ID_BYTES + 1) * 256)
+_BYTE_WORDS = _RAW[: TABULATED_ID_BYTES * 256]  # [position * 256 + byte]
+_LENGTH_WORDS = _RAW[TABULATED_ID_BYTES * 256 :]  # [length], lengths 0..TABULATED_ID_BYTES
+
+
+def id_hashes(ids: Sequence[str] | pa.StringArray) -> np.ndarray:
+    """64-bit hashes of ids as uint64 (a list of str or an Arrow string array without nulls); 0 is reserved for
+    'empty slot' and mapped to 1. Vectorised over the ids' bytes: no Python per id."""
+    if not isinstance(ids, pa.Array):
+        ids = pa.array(ids, pa.string())
+    n = len(ids)
+    if n == 0:
+        return np.zeros(0, dtype=np.uint64)
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=n + 1, offset=ids.offset * 4).astype(np.int64)
+    data = ids.buffers()[2]
+    raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    payload = raw[offsets[0] : offsets[-1]]
+    position = np.arange(len(payload), dtype=np.int64) - np.repeat(starts, lengths)
+    words = _BYTE_WORDS[np.minimum(position, TABULATED_ID_BYTES - 1) * 256 + payload]  # long ids: redone below
+    h = _LENGTH_WORDS[np.minimum(lengths, TABULATED_ID_BYTES)].copy()
+    filled = lengths > 0  # reduceat needs non-empty segments
+    if filled.any():
+        h[filled] ^= np.bitwise_xor.reduceat(words, starts[filled])
+    for i in np.flatnonzero(lengths > TABULATED_ID_BYTES).tolist():
+        digest = hashlib.blake2b(payload[starts[i] : starts[i] + lengths[i]].tobytes(), digest_size=8).digest()
+        h[i] = np.frombuffer(digest, dtype="<u8")[0]
     h[h == 0] = 1
     return h
 
@@ -124,7 +152,7 @@ def id_hashes(ids: Sequence[str]) -> np.ndarray:
 class DuplicateFilter:
     """Which ids were seen before, in bounded memory: an open-addressing table of 64-bit id hashes.
 
-    Ids are hashed with 64-bit BLAKE2b and only the hash is kept (8 bytes per slot, plus 2 bytes for the
+    Ids are hashed to 64 bits (`id_hashes`) and only the hash is kept (8 bytes per slot, plus 2 bytes for the
     index of the source file the id was first seen in). The table stays at most 70 % full and doubles when
     needed: 10 bytes a slot, 14-28 bytes an id; 100 M ids fit 2^28 slots = 2.7 GB (4 GB for a moment
     while doubling: old and new tables side by side, re-inserted in 1M-slot slices), against ~10 GB for a Python set of the strings.
@@ -145,6 +173,7 @@ class DuplicateFilter:
         self._count = 0
         self._sources: list[str] = []
         self._source_index: dict[str, int] = {}
+        self._reason_texts = pa.array([], pa.string())  # `reasons`' texts, one per source (rebuilt as they grow)
 
     def __len__(self) -> int:
         return self._count
@@ -221,15 +250,16 @@ class DuplicateFilter:
         self._count += int((~found).sum())
         return found, slots
 
-    def check(self, ids: Sequence[str], sources: Sequence[str] | str | None = None) -> list[str | None]:
-        """Register a block of ids; for each, None if it is new, else the reject reason.
+    def register(self, ids: Sequence[str] | pa.StringArray, sources: Sequence[str] | str | None = None) -> np.ndarray:
+        """Register a block of ids (a list, or an Arrow string array without nulls); int32 [n]: -1 where the id is
+        new, else the index of the source it was first seen in (`reasons` turns these into reject reasons).
 
         The first occurrence wins, both across blocks and inside this block. `sources` (one per id, or one
         for all) lets the reason name the file the id was first seen in.
         """
         n = len(ids)
         if n == 0:
-            return []
+            return np.zeros(0, dtype=np.int32)
         if sources is None or isinstance(sources, str):
             one = self._source_id(sources) if isinstance(sources, str) else self._NO_SOURCE
             src_ids = np.full(n, one, dtype=np.uint16)
@@ -241,18 +271,23 @@ class DuplicateFilter:
         found, slots = self._probe_insert(uniq)
         new = ~found
         self._src[slots[new]] = src_ids[first[new]]
-        dup_within = np.ones(n, dtype=bool)
-        dup_within[first[new]] = False  # the first record of each new id is the one kept
-        src_of = self._src[slots][inverse.ravel()]  # where each record's id was first seen
-        reasons: list[str | None] = [None] * n
-        for i in np.flatnonzero(dup_within):
-            s = int(src_of[i])
-            reasons[i] = (
-                f"duplicate id (first seen in {self._sources[s]})"
-                if s < len(self._sources)
-                else "duplicate id"
-            )
-        return reasons
+        seen_in = self._src[slots][inverse.ravel()].astype(np.int32)  # where each record's id was first seen
+        seen_in[first[new]] = -1  # the first record of each new id is the one kept
+        return seen_in
+
+    def reasons(self, seen_in: np.ndarray) -> pa.StringArray:
+        """`register`'s result as reject reasons: null for new ids, else 'duplicate id (first seen in FILE)'."""
+        dup = seen_in >= 0
+        if not dup.any():
+            return pa.nulls(len(seen_in), pa.string())
+        if len(self._reason_texts) != len(self._sources) + 1:  # one text per source, then the one with none
+            self._reason_texts = pa.array([f"duplicate id (first seen in {s})" for s in self._sources] + ["duplicate id"])
+        which = np.where(seen_in < len(self._sources), seen_in, len(self._sources))
+        return self._reason_texts.take(pa.array(which, mask=~dup))
+
+    def check(self, ids: Sequence[str], sources: Sequence[str] | str | None = None) -> list[str | None]:
+        """Register a block of ids; for each, None if it is new, else the reject reason (see `register`)."""
+        return self.reasons(self.register(ids, sources)).to_pylist()
 
     def seen_before(self, ids: Sequence[str], sources: Sequence[str] | str | None = None) -> np.ndarray:
         """Register a block of ids; bool [n], True where the id was seen earlier (this block included)."""

@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from runner.input.batch import InputRecord
 from runner.input.dedup import SequenceTable, sequence_hashes
 from runner.input.packing import pack_block
 from runner.input.prepare import DuplicateFilter, Preparer
-from runner.input.sources import read_records
+from runner.input.sources import RecordRun, read_runs
 from runner.models.base import SequenceCodec
 from runner.output.resume import bitmap_contains
 
@@ -64,49 +65,108 @@ class ReadSettings:
 
 
 def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
-    """Records of every input, in order, as Arrow blocks; later copies of an id carry a duplicate reason."""
+    """Records of every input, in order, as Arrow blocks; later copies of an id carry a duplicate reason.
+
+    The inputs arrive as runs of Arrow columns (`read_runs`: a FASTA chunk or a table batch each); the
+    duplicate-id check, the resume bitmap and the block cuts work on whole runs with numpy, and a block is
+    the runs' columns sliced and joined: no Python object per record (except with --dedup, whose cleaning is
+    per record). A block closes once it holds `records_per_block` records still to embed, or
+    `records_per_block * DONE_ROWS_FACTOR` rows in all (resume).
+    """
     dedup = DuplicateFilter()
     sequences = SequenceTable() if settings.dedup is not None else None
-    pending: list[InputRecord] = []
-    to_embed = 0  # records of `pending` not done yet
-    max_rows = settings.records_per_block * DONE_ROWS_FACTOR
+    pieces: list[_Piece] = []
+    rows = to_embed = 0  # in `pieces`: rows in all, and those not done yet
+    per_block, max_rows = settings.records_per_block, settings.records_per_block * DONE_ROWS_FACTOR
     resuming = len(settings.done_bits) > 0
-    records = read_records([Path(p) for p in settings.paths], settings.id_column, settings.seq_column)
-    for record in records:
-        pending.append(record)
-        to_embed += 1
-        if resuming and len(pending) % 256 == 0:  # vectorised bitmap look-ups, not one per record
-            to_embed -= int(bitmap_contains(settings.done_bits, np.array([r.ordinal for r in pending[-256:]])).sum())
-        if to_embed >= settings.records_per_block or len(pending) >= max_rows:
-            yield _record_block(pending, dedup, settings.done_bits, sequences, settings.dedup)
-            pending, to_embed = [], 0
-    if pending:
-        yield _record_block(pending, dedup, settings.done_bits, sequences, settings.dedup)
+    for run in read_runs([Path(p) for p in settings.paths], settings.id_column, settings.seq_column):
+        n = len(run)
+        ordinals = np.arange(run.first_ordinal, run.first_ordinal + n, dtype=np.int64)
+        done = bitmap_contains(settings.done_bits, ordinals) if resuming else np.zeros(n, dtype=bool)
+        duplicate = _duplicates(dedup, run)
+        embed_through = np.cumsum(~done)  # records to embed in run[: i + 1]
+        lo = 0
+        while lo < n:
+            # cut where the block fills: the record that brings it to `per_block` to embed, or `max_rows` rows
+            before = int(embed_through[lo - 1]) if lo else 0
+            hi = min(int(np.searchsorted(embed_through, before + per_block - to_embed)) + 1, lo + max_rows - rows, n)
+            pieces.append(_Piece(run, lo, hi, ordinals[lo:hi], done[lo:hi], duplicate.slice(lo, hi - lo)))
+            rows += hi - lo
+            to_embed += int(embed_through[hi - 1]) - before
+            lo = hi
+            if to_embed >= per_block or rows >= max_rows:
+                yield _record_block(pieces, dedup, sequences, settings.dedup)
+                pieces, rows, to_embed = [], 0, 0
+    if pieces:
+        yield _record_block(pieces, dedup, sequences, settings.dedup)
 
 
-def _record_block(records: list[InputRecord], dedup: DuplicateFilter, done_bits: np.ndarray,
-                  sequences: SequenceTable | None = None, preparer: Preparer | None = None) -> pa.Table:
-    # Empty ids are left out of the duplicate check: the preparer rejects them as "missing id".
-    named = [r for r in records if r.id]
-    reasons = iter(dedup.check([r.id for r in named], [r.source for r in named]))
-    duplicate = [next(reasons) if r.id else None for r in records]
-    done = bitmap_contains(done_bits, np.array([r.ordinal for r in records], dtype=np.int64))
-    copy_of: list[int | None] = [None] * len(records)
-    counts: list[list[int] | None] = [None] * len(records)
+@dataclass(frozen=True)
+class _Piece:
+    """Records lo..hi of a run, with what the read task worked out for them."""
+
+    run: RecordRun
+    lo: int
+    hi: int
+    ordinals: np.ndarray  # int64 [hi - lo]
+    done: np.ndarray  # bool [hi - lo]: written by an earlier run
+    duplicate: pa.StringArray  # reject reason where an earlier record has the same id, else null
+
+
+def _duplicates(dedup: DuplicateFilter, run: RecordRun) -> pa.StringArray:
+    """The duplicate-id reasons of a run, registering its ids. Empty ids are left out of the check: the
+    preparer rejects them as "missing id"."""
+    named = pc.binary_length(run.ids).to_numpy(zero_copy_only=False) > 0
+    if named.all():
+        return dedup.reasons(dedup.register(run.ids, run.source))
+    seen_in = np.full(len(run), -1, dtype=np.int32)
+    seen_in[named] = dedup.register(run.ids.filter(pa.array(named)), run.source)
+    return dedup.reasons(seen_in)
+
+
+def _repeated(text: str, n: int) -> pa.StringArray:
+    """`text` n times as an Arrow string array (the source column), built from its buffers."""
+    data = text.encode("utf-8")
+    offsets = np.arange(n + 1, dtype=np.int32) * len(data)
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
+
+
+def _record_block(pieces: list[_Piece], dedup: DuplicateFilter, sequences: SequenceTable | None = None,
+                  preparer: Preparer | None = None) -> pa.Table:
+    """One RECORD_SCHEMA block from consecutive pieces of runs (the columns are copied, so a block never
+    keeps a whole run's buffers alive)."""
+    ids = pa.concat_arrays([p.run.ids.slice(p.lo, p.hi - p.lo) for p in pieces])
+    seqs = pa.concat_arrays([p.run.sequences.slice(p.lo, p.hi - p.lo) for p in pieces])
+    source = pa.concat_arrays([_repeated(p.run.source, p.hi - p.lo) for p in pieces])
+    duplicate = pa.concat_arrays([p.duplicate for p in pieces])
+    ordinal = np.concatenate([p.ordinals for p in pieces])
+    done = np.concatenate([p.done for p in pieces])
+    n = len(ordinal)
+    copy_of = pa.nulls(n, pa.int64())
+    counts = pa.nulls(n, pa.list_(pa.int64()))
     if sequences is not None and preparer is not None:
-        copy_of, counts[0] = _find_repeats(records, duplicate, sequences, preparer)
-    # Done records travel without their text: they are only counted downstream; repeats (--dedup) need none.
+        records = [InputRecord(i, s, f, o) for i, s, f, o in
+                   zip(ids.to_pylist(), seqs.to_pylist(), source.to_pylist(), ordinal.tolist(), strict=True)]
+        reps, block_counts = _find_repeats(records, duplicate.to_pylist(), sequences, preparer)
+        copy_of = pa.array(reps, pa.int64())
+        counts = pa.array([block_counts] + [None] * (n - 1), pa.list_(pa.int64()))
+        # repeats (--dedup) travel without their text: the driver copies their first record's row
+        seqs = pc.if_else(copy_of.is_null(), seqs, pa.scalar(None, pa.string()))
+    if done.any():
+        # done records travel without their text: they are only counted downstream
+        keep = pa.array(~done)
+        ids, seqs, source, duplicate = (pc.if_else(keep, col, pa.scalar(None, pa.string()))
+                                        for col in (ids, seqs, source, duplicate))
     return pa.table(
         {
-            "id": [None if d else r.id for r, d in zip(records, done, strict=True)],
-            "sequence": [None if d or c is not None else r.sequence
-                         for r, d, c in zip(records, done, copy_of, strict=True)],
-            "source": [None if d else r.source for r, d in zip(records, done, strict=True)],
-            "ordinal": pa.array([r.ordinal for r in records], pa.int64()),
-            "duplicate": pa.array([None if d else x for x, d in zip(duplicate, done, strict=True)], pa.string()),
+            "id": ids,
+            "sequence": seqs,
+            "source": source,
+            "ordinal": pa.array(ordinal, pa.int64()),
+            "duplicate": duplicate,
             "done": pa.array(done, pa.bool_()),
-            "copy_of": pa.array(copy_of, pa.int64()),
-            "dedup_counts": pa.array(counts, pa.list_(pa.int64())),
+            "copy_of": copy_of,
+            "dedup_counts": counts,
         },
         schema=RECORD_SCHEMA,
     )
