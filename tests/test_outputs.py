@@ -66,16 +66,16 @@ def test_forward_layers_equal_fair_esm_representations(
 
 
 def test_forward_layers_runs_no_deeper_than_asked(embedder: ESM2Embedder, monkeypatch: pytest.MonkeyPatch) -> None:
-    from runner.models import esm2 as esm2_module
+    from runner.models import layer_loop
 
     ran: list[int] = []
-    real = esm2_module.run_layers
+    real = layer_loop.run_layers
 
     def counting(x, layers, *args, **kwargs):
         ran.append(len(layers))
         return real(x, layers, *args, **kwargs)
 
-    monkeypatch.setattr(esm2_module, "run_layers", counting)
+    monkeypatch.setattr(layer_loop, "run_layers", counting)
     tokens, positions, cu, max_len = pack(embedder.codec, ["MKTAYIAKQR"])
     embedder.forward_layers(tokens, positions, cu, max_len, [0])
     embedder.forward_layers(tokens, positions, cu, max_len, [1, 0])

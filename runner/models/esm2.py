@@ -14,18 +14,16 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from runner.driver.cache import cached_sha256
 from runner.errors import CheckpointError, RunnerError
-from runner.kernels.attention import plan_attention, select_backend
-from runner.kernels.fp16x3 import SplitLinear
-from runner.models.base import EmbeddingModel, ModelInfo, ResidueCodec, resolve_layers, uninitialised_weights
+from runner.kernels.fp16x3 import SplitWeight
+from runner.models.base import ModelInfo, ResidueCodec, uninitialised_weights
 from runner.models.checkpoints import (
     download_esm2,
     hub_checkpoint_dir,
@@ -34,8 +32,8 @@ from runner.models.checkpoints import (
     regression_path,
 )
 from runner.models.esm2_layers import EAGER_PARTS, LayerMath, LayerWeights, layer_norm
-from runner.models.layer_loop import LayerParts, compile_over_tokens, run_compiled_or_eager, run_layers
-from runner.models.rotary import default_inv_freq, rotary_tables
+from runner.models.layer_loop import LayerLoopEmbedder
+from runner.models.rotary import default_inv_freq
 
 logger = logging.getLogger("runner")
 
@@ -88,23 +86,19 @@ class Esm2Codec(ResidueCodec):
         super().__init__(ESM2_RESIDUES, alphabet.get_idx, self.cls_idx, self.eos_idx)
 
 
-class ESM2Embedder(EmbeddingModel):
-    """fair-esm ESM-2 weights plus a packed forward over concatenated sequences."""
+class ESM2Embedder(LayerLoopEmbedder):
+    """fair-esm ESM-2 weights plus a packed forward over concatenated sequences (runner.models.layer_loop runs it
+    over esm2_layers' parts). Layer L is fair-esm's `representations[L]`: the last layer after the final
+    LayerNorm, the others before it."""
 
-    fp32_layernorm: bool = False  # run every LayerNorm in float32 (then cast back) for fp16 robustness
+    eager_parts = EAGER_PARTS
+    layers_name = "the ESM-2 layers"
 
     def __init__(self, esm_model: torch.nn.Module, info: ModelInfo) -> None:
         super().__init__()
         self.esm = esm_model  # esm.model.esm2.ESM2 holding the weights
         self.info = info
         self.codec = Esm2Codec()
-        self.attention_backend = "exact"
-        self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
-        self.compiled: LayerParts | None = None  # torch.compile'd layer parts, or None (eager)
-        # Per layer, the weights the forward reads (q/k/v fused, split under the shadow's maths), built on first
-        # use and again after the weights moved (device or dtype): see `layer_weights`.
-        self._layer_weights: list[LayerWeights] | None = None
-        self._weights_anchor = 0  # data_ptr of layer 0's q weight when _layer_weights was built
         self.num_layers = int(esm_model.num_layers)
         self.num_heads = int(esm_model.attention_heads)
         self.head_dim = int(esm_model.embed_dim) // self.num_heads
@@ -114,70 +108,28 @@ class ESM2Embedder(EmbeddingModel):
         self.rotary_inv_freq = _stored_inv_freq(esm_model, self.head_dim)  # float32 [hd/2]
         self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
 
-    def select_attention(self, device: torch.device) -> str:
-        """Fastest non-ALiBi kernel for `device` and the current weight dtype (call after moving the model)."""
-        dtype = self.esm.embed_tokens.weight.dtype
-        self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype, head_dim=self.head_dim)
-        return self.attention_backend
-
     @property
-    def compiling(self) -> bool:
-        return self.compiled is not None
+    def embedding_weight(self) -> torch.Tensor:
+        return self.esm.embed_tokens.weight
 
     @property
     def fused_gelu_in_use(self) -> bool:
         """fc1 and GELU as one cuBLASLt GEMM with a tanh-approximate GELU epilogue: saves a pass over the [T, 4D]
         activations (650M: 6 % of a forward on an H200), not fair-esm's erf GELU (|difference| <= 4.7e-4)."""
-        weight = self.esm.embed_tokens.weight
+        weight = self.embedding_weight
         return self.fused_gelu and weight.is_cuda and weight.dtype in (torch.float16, torch.bfloat16)
 
-    def emulate_fp32(self, math: str) -> None:
-        """As EmbeddingModel.emulate_fp32; for the split maths the projection weights are split once (on the
-        next forward), so the (compiled) layers receive plain tensors instead of looking splits up per call."""
-        super().emulate_fp32(math)
-        self._layer_weights = None
+    def build_layer_weights(self, split: Callable[[torch.Tensor], SplitWeight] | None) -> list[LayerWeights]:
+        """Per layer, q/k/v fused into one projection (the module's q/k/v become views of it)."""
+        return [LayerWeights.of(layer, split) for layer in self.esm.layers]
 
-    def layer_weights(self) -> list[LayerWeights]:
-        """Per layer, the tensors the forward reads: q/k/v fused into one projection (the module's q/k/v become
-        views of it), every projection split under the shadow's split maths. Rebuilt when the weights moved."""
-        if self._layer_weights is None or self._anchor() != self._weights_anchor:
-            # SplitLinear.split, not its cached `prepare`: the fused q/k/v weight is a new tensor.
-            split = self.linear.split if isinstance(self.linear, SplitLinear) else None
-            self._layer_weights = [LayerWeights.of(layer, split) for layer in self.esm.layers]
-            self._weights_anchor = self._anchor()  # after the fusion: layer 0's q weight is now a view of it
-        return self._layer_weights
-
-    def _anchor(self) -> int:
-        """Where layer 0's q weight lives: it changes when the weights move (device or dtype)."""
+    def weights_location(self) -> int:
+        """Where layer 0's q weight lives (after the fusion, a view of the fused q/k/v weight)."""
         return self.esm.layers[0].self_attn.q_proj.weight.data_ptr() if self.num_layers else 0
 
-    def use_compile(self, on: bool, backend: str | Callable[..., Any] = "inductor") -> bool:
-        """Run the layer parts between attention kernels through `torch.compile`: LayerNorm, rotary, GELU and
-        the residual adds become fused kernels around the matmuls (one compile for all layers and all batch
-        shapes, see `compile_over_tokens`). Falls back to eager, with a warning, if compiling fails.
-        `backend`: torch.compile's backend (tests pass one that records the graphs)."""
-        if on:
-            self.compiled = tuple(compile_over_tokens(part, backend) for part in EAGER_PARTS)  # type: ignore[assignment]
-        else:
-            self.compiled = None
-        return on
-
-    @torch.no_grad()
-    def forward_layers(
-        self,
-        tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
-        positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
-        cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
-        max_seqlen: int,  # longest sequence in the batch, in tokens
-        layers: Sequence[int],  # representation layers: 0 = embeddings, num_layers or -1 = last
-    ) -> list[torch.Tensor]:
-        """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
-        (fair-esm's `representations[layer]`: the last layer after the final LayerNorm, the others before it)."""
-        targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
-        deepest = max(targets)
+    def token_embeddings(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """fair-esm's scaled token embedding with its token-dropout rescaling: [T, D]."""
         esm_model = self.esm
-        tokens = tokens.long()
-
         x = esm_model.embed_scale * esm_model.embed_tokens(tokens)  # [T, D]
         if esm_model.token_dropout:
             # fair-esm zeroes <mask> embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio of the
@@ -193,30 +145,21 @@ class ESM2Embedder(EmbeddingModel):
             masked.index_add_(0, seq_of_token, is_mask.to(x.dtype))
             observed = masked / lengths.to(x.dtype)  # [B]
             x = x * (1 - _MASK_RATIO_TRAIN) / (1 - observed)[seq_of_token][:, None]  # [T, D]
-        hidden = {0: x}  # layer -> [T, D]
-        if deepest > 0:
-            cos, sin = rotary_tables(positions.to(tokens.device), self.inv_freq_on(tokens.device))  # [T, 1, hd] each
-            cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
-            plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all layers
-            weights = self.layer_weights()[:deepest]
-            math = LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
-            keep = frozenset(t for t in targets if 0 < t < deepest)
-            args = (x, weights, cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-            x, kept = run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM-2 layers")  # [T, D]
-            if deepest == self.num_layers:
-                # fair-esm reports the last layer after the final LayerNorm.
-                norm = esm_model.emb_layer_norm_after
-                x = layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
-            hidden.update(kept)
-            hidden[deepest] = x
-        return [hidden[t] for t in targets]
+        return x
 
-    def inv_freq_on(self, device: torch.device) -> torch.Tensor:
+    def rotary_frequencies(self, device: torch.device) -> torch.Tensor:
         """`rotary_inv_freq` on `device` (float32 [hd/2]), copied there once."""
         inv_freq = self._inv_freq_on.get(device)
         if inv_freq is None:
             inv_freq = self._inv_freq_on[device] = self.rotary_inv_freq.to(device)
         return inv_freq
+
+    def layer_math(self) -> LayerMath:
+        return LayerMath(self.num_heads, self.fp32_layernorm, self.linear, self.fused_gelu_in_use)
+
+    def last_layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.esm.emb_layer_norm_after
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, self.fp32_layernorm)  # [T, D]
 
 
 def _stored_inv_freq(esm_model: torch.nn.Module, head_dim: int) -> torch.Tensor:

@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runner.kernels.attention import plan_attention, select_backend
-from runner.kernels.fp16x3 import SplitLinear, SplitWeight
-from runner.models.base import EmbeddingModel, ModelInfo, ResidueCodec, resolve_layers
-from runner.models.layer_loop import LayerParts, compile_over_tokens, run_compiled_or_eager, run_layers
-from runner.models.rotary import default_inv_freq, rotary_tables, rotate
+from runner.kernels.fp16x3 import SplitWeight
+from runner.models.base import ModelInfo, ResidueCodec
+from runner.models.layer_loop import LayerLoopEmbedder, LayerParts
+from runner.models.rotary import default_inv_freq, rotate
 
 logger = logging.getLogger("runner")
 
@@ -233,10 +232,12 @@ def next_layer_inputs(
 EAGER_PARTS: LayerParts = (attention_inputs, next_layer_inputs, attention_output_and_mlp)
 
 
-class EsmcEmbedder(EmbeddingModel):
-    """ESM C weights plus a packed forward over concatenated sequences."""
+class EsmcEmbedder(LayerLoopEmbedder):
+    """ESM C weights plus a packed forward over concatenated sequences (runner.models.layer_loop runs it over this
+    module's parts). Layer L is transformers' `hidden_states[L]`."""
 
-    fp32_layernorm: bool = False  # run every LayerNorm in float32 (then cast back) for fp16 robustness
+    eager_parts = EAGER_PARTS
+    layers_name = "the ESM C blocks"
 
     def __init__(self, arch: EsmcArchitecture, info: ModelInfo) -> None:
         super().__init__()
@@ -249,75 +250,29 @@ class EsmcEmbedder(EmbeddingModel):
         self.num_layers = arch.layers
         self.num_heads = arch.heads
         self.head_dim = arch.head_dim
-        self.attention_backend = "exact"
-        self.linear = F.linear  # every projection goes through this (see EmbeddingModel.emulate_fp32)
-        self.compiled: LayerParts | None = None  # torch.compile'd parts, or None (eager)
-        # Per block, the weights the forward reads (split under the shadow's maths), built on first use and again
-        # after the weights moved (device or dtype): see `layer_weights`.
-        self._layer_weights: list[LayerWeights] | None = None
-        self._weights_anchor = 0  # data_ptr of block 0's qkv weight when _layer_weights was built
-
-    def select_attention(self, device: torch.device) -> str:
-        """Fastest kernel for `device` and the current weight dtype (call after moving the model)."""
-        dtype = self.embed.weight.dtype
-        self.attention_backend = select_backend(torch.device(device), alibi=False, dtype=dtype, head_dim=self.head_dim)
-        return self.attention_backend
 
     @property
-    def compiling(self) -> bool:
-        return self.compiled is not None
+    def embedding_weight(self) -> torch.Tensor:
+        return self.embed.weight
 
-    def emulate_fp32(self, math: str) -> None:
-        """As EmbeddingModel.emulate_fp32; for the split maths the projection weights are split once (on the
-        next forward), so the (compiled) blocks receive plain tensors instead of looking splits up per call."""
-        super().emulate_fp32(math)
-        self._layer_weights = None
+    def build_layer_weights(self, split: Callable[[torch.Tensor], SplitWeight] | None) -> list[LayerWeights]:
+        return [LayerWeights.of(block, self.head_dim, split) for block in self.layers]
 
-    def layer_weights(self) -> list[LayerWeights]:
-        """Per block, the tensors the forward reads, every projection split under the shadow's split maths.
-        Rebuilt when the weights moved."""
-        anchor = self.layers[0].qkv.weight.data_ptr() if self.num_layers else 0
-        if self._layer_weights is None or anchor != self._weights_anchor:
-            split = self.linear.split if isinstance(self.linear, SplitLinear) else None
-            self._layer_weights = [LayerWeights.of(block, self.head_dim, split) for block in self.layers]
-            self._weights_anchor = anchor
-        return self._layer_weights
+    def weights_location(self) -> int:
+        """Where block 0's qkv weight lives."""
+        return self.layers[0].qkv.weight.data_ptr() if self.num_layers else 0
 
-    def use_compile(self, on: bool, backend: str | Callable[..., Any] = "inductor") -> bool:
-        """Run the block parts between attention kernels through `torch.compile` (LayerNorms, rotary, SwiGLU and
-        the scaled residual adds become fused kernels around the matmuls; one compile for every batch shape, see
-        `compile_over_tokens`). Falls back to eager, with a warning, if compiling fails."""
-        self.compiled = tuple(compile_over_tokens(part, backend) for part in EAGER_PARTS) if on else None
-        return on
+    def token_embeddings(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """The token embedding alone (no position embedding, no token dropout): [T, D]."""
+        return self.embed(tokens)  # [T, D]
 
-    @torch.no_grad()
-    def forward_layers(
-        self,
-        tokens: torch.Tensor,  # int64 [T] token ids of all sequences, concatenated
-        positions: torch.Tensor,  # int64 [T] position of each token inside its own sequence
-        cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
-        max_seqlen: int,  # longest sequence in the batch, in tokens
-        layers: Sequence[int],  # representation layers: 0 = embeddings, num_layers or -1 = last (after the final norm)
-    ) -> list[torch.Tensor]:
-        """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
-        that runs no deeper than the deepest layer asked for (transformers' `hidden_states[layer]`)."""
-        # As ESM-2 and DNABERT: one RunnerError for a layer out of range or asked for twice.
-        targets = resolve_layers(layers, self.num_layers, self.info.name or self.info.family)
-        deepest = max(targets)
-        x = self.embed(tokens.long())  # [T, D]
-        hidden = {0: x}
-        if deepest > 0:
-            positions = positions.to(tokens.device)  # [T]
-            inv_freq = default_inv_freq(self.head_dim, self.arch.rope_theta, positions.device)  # [hd/2]
-            cos, sin = rotary_tables(positions, inv_freq)  # [T, 1, hd] each
-            cu = cu_seqlens.to(device=tokens.device, dtype=torch.int32)  # [B+1]
-            plan = plan_attention(cu, x.shape[0], self.attention_backend, x.device)  # once for all blocks
-            math = LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
-            keep = frozenset(t for t in targets if 0 < t < deepest)
-            args = (x, self.layer_weights()[:deepest], cos, sin, cu, max_seqlen, self.attention_backend, plan, math)
-            x, kept = run_compiled_or_eager(self, run_layers, args, EAGER_PARTS, keep, "the ESM C blocks")  # [T, D]
-            if deepest == self.num_layers:
-                x = layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]: last_hidden_state
-            hidden.update(kept)
-            hidden[deepest] = x
-        return [hidden[t] for t in targets]
+    def rotary_frequencies(self, device: torch.device) -> torch.Tensor:
+        """fair-esm's formula at the model's rotary base: float32 [hd/2]."""
+        return default_inv_freq(self.head_dim, self.arch.rope_theta, device)  # [hd/2]
+
+    def layer_math(self) -> LayerMath:
+        return LayerMath(self.num_heads, self.arch.residual_scale, self.fp32_layernorm, self.linear)
+
+    def last_layer_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """transformers' `last_hidden_state`: the final LayerNorm, without bias."""
+        return layer_norm(x, self.final_norm.weight, None, self.fp32_layernorm)  # [T, D]
