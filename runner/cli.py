@@ -184,6 +184,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--compile-cache/--no-compile-cache", default=None,
               help="Reuse torch.compile's caches across runs (~/.cache/runner/torch-compile; default on).")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")
+@click.option("--no-dashboard", "dashboard", flag_value=False, default=None,
+              help="Start the local Ray without its dashboard: 2-3 s sooner (docs/running.md); a cluster keeps its own.")
 @click.option("--overwrite", is_flag=True, default=None, help="Delete --out's previous outputs instead of resuming them.")
 @click.option("--dedup", is_flag=True, default=None,
               help="Embed each distinct sequence once; its repeats get a copy of its row (same vector).")
@@ -361,13 +363,13 @@ def verify(directory: str) -> None:
 
 def main() -> None:
     """The `runner` command. Once a command that started a local Ray has finished (its outputs closed, the
-    manifest final), the process ends at once instead of waiting on Ray's graceful stop (runner.driver.cluster.end_now)."""
+    manifest final), the process ends at once instead of waiting on Ray's graceful stop (runner.driver.ray_session.end_now)."""
     try:
         cli(prog_name="runner")
     except SystemExit as e:
-        from runner.driver.cluster import end_now, local_ray_processes
+        from runner.driver.ray_session import end_now, local_ray_processes, ray_started_here
 
-        if local_ray_processes():
+        if local_ray_processes() or ray_started_here():  # also a local Ray still starting (a signal during start-up)
             end_now(e.code)
         raise
 

@@ -70,6 +70,9 @@ class EmbedConfig:
     cpu_actors: int = 1  # embedding actors when running on CPU (gpus == 0)
     pack_cpus: float = 0.5  # CPUs reserved by each tokenize/pack task (<1 lets them share a core)
     progress: bool = True  # a live progress display on stderr (a plain line every few seconds if not a terminal)
+    # Start a local Ray with its dashboard (users watch jobs there); False saves its start, 2-3 s (docs/running.md).
+    # A cluster joined with --address keeps whatever dashboard it runs.
+    dashboard: bool = True
     verbose: int = 0  # 1: Ray's and Ray Data's logs on the terminal too (always in DIR/runner.log); 2: debug
     fp32_layernorm: bool = False  # keep LayerNorm in fp32 inside an fp16/bf16 model (drift fix, some cost)
     # fair-esm's erf GELU as its own pass in an fp16/bf16 GPU model; False: ESM-2's fc1 and a tanh-approximate

@@ -22,7 +22,6 @@ from runner.config import EmbedConfig, resolve_precision
 from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
-    connect_ray,
     pick_token_budget,
     resolve_gpus,
     resolve_shadow_share,
@@ -41,6 +40,7 @@ from runner.driver.nodes import (
     cluster_section,
 )
 from runner.driver.progress import Progress
+from runner.driver.ray_session import RayStart, connect_ray
 from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
 from runner.driver.startup import StartupClock
 from runner.errors import NothingEmbedded, RunnerError, first_line
@@ -164,19 +164,17 @@ def _run_locked(
 
     import ray  # imported late: `runner --help` and input errors stay fast
 
-    # Hashing the checkpoint and fingerprinting the inputs read files while Ray's start waits on processes:
-    # side by side, the start-up pays for the longer of them only.
+    # Ray's start (its processes: seconds, mostly waiting on them) runs in a thread of its own (RayStart), and beside
+    # it the driver's start-up work that needs no Ray: importing Ray Data, hashing the checkpoint and
+    # fingerprinting the inputs. The start-up pays for the longest of them only. A signal stops the wait at once.
     clock.mark("ray_start_begin")
+    ray_start = RayStart(lambda: connect_ray(config.address, config.verbose, config.dashboard))
     with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
         info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
         inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
-        try:
-            context = connect_ray(config.address, config.verbose)
-        except SystemExit as e:  # ray.init's own SIGTERM handler (sys.exit) fired while Ray was starting
-            if e.code == signal.SIGTERM:
-                raise _StopNow(signal.SIGTERM, hard=True) from None
-            raise
-        signals.install()  # ray.init replaced our SIGTERM handler with its own: take it back
+        with clock.phase("driver_imports"):
+            job_log.import_ray_data()
+        context = ray_start.wait()
         clock.mark("ray_ready")
         info = info_future.result()
         input_prints = inputs_future.result()
@@ -185,28 +183,31 @@ def _run_locked(
     precision = resolve_precision(config.precision, on_gpu)
     # Before any GPU work: every other node that may run an actor must read the same weights (and write --out
     # when the actors write there); one line naming the node otherwise.
-    nodes_at_start = cluster_nodes(ray)
-    others = actor_nodes(ray, on_gpu)
-    checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
-    # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
-    actor_parts = resolve_part_writer(config.part_writer, gpus if on_gpu else config.cpu_actors)
-    if actor_parts and config.part_writer == "auto" and not actors_write_out(config):
-        try:  # auto: the actors write the parts only where every node shares --out; else the driver does
+    with clock.phase("node_checks"):
+        nodes_at_start = cluster_nodes(ray)
+        others = actor_nodes(ray, on_gpu)
+        checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
+        # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
+        actor_parts = resolve_part_writer(config.part_writer, gpus if on_gpu else config.cpu_actors)
+        if actor_parts and config.part_writer == "auto" and not actors_write_out(config):
+            try:  # auto: the actors write the parts only where every node shares --out; else the driver does
+                checked["out"] = check_out_on_nodes(ray, out_dir, others)
+            except RunnerError as e:
+                log.warning("--part-writer auto: the driver writes the pooled parts (%s)", first_line(e))
+                actor_parts = False
+        elif actors_write_out(config) or actor_parts:
             checked["out"] = check_out_on_nodes(ray, out_dir, others)
-        except RunnerError as e:
-            log.warning("--part-writer auto: the driver writes the pooled parts (%s)", first_line(e))
-            actor_parts = False
-    elif actors_write_out(config) or actor_parts:
-        checked["out"] = check_out_on_nodes(ray, out_dir, others)
-    budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
+    with clock.phase("token_budget"):
+        budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
     spec = output_spec(config, info, codec)  # its layers were checked before Ray already
     fingerprint = job_fingerprint(
         paths, info, config, precision, spec, config.max_residues or codec.max_residues, inputs=input_prints
     )
-    resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite, spec.schema(),
-                            per_token=spec.per_token is not None)
+    with clock.phase("resume_scan"):
+        resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite, spec.schema(),
+                                per_token=spec.per_token is not None)
     dashboard = getattr(context, "dashboard_url", None) if context is not None else None
     actors = gpus if on_gpu else config.cpu_actors
     log.info(
@@ -222,7 +223,8 @@ def _run_locked(
         budget,
         f", FP32 shadow {config.shadow_rate * 100:g}%" if config.shadow_rate > 0 else "",
     )
-    log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else "not running")
+    log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else
+             "not running" if config.dashboard else "off (--no-dashboard)")
     log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
@@ -247,9 +249,10 @@ def _run_locked(
         **test_hooks_from_env(out_dir),
     )
     # The read task gets its own copy of the bitmap: the driver keeps adding to `resume.done` as it writes.
-    dataset = build_dataset(
-        ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy()
-    )
+    with clock.phase("build_stream"):
+        dataset = build_dataset(
+            ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy()
+        )
 
     manifest = Manifest(out_dir, config, info, precision, spec, budget, [str(p) for p in paths], fingerprint)
     manifest.dashboard_url = f"http://{dashboard}" if dashboard else None
@@ -269,7 +272,8 @@ def _run_locked(
     started = time.monotonic()
     manifest.write(report)
     try:
-        shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
+        with clock.phase("shadow_start"):
+            shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part,
                             part_seconds=config.part_seconds, columns=spec.columns,
                             per_token=spec.per_token is not None,

@@ -18,6 +18,7 @@ from conftest import DATA, REPO, pythonpath_with, read_fasta
 
 from runner.driver.console import JobLog
 from runner.driver.progress import Progress, count_inputs
+from runner.driver.startup import BESIDE_RAY, STREAM_SETUP_STEPS
 
 # --- the progress display -------------------------------------------------------------------------------
 
@@ -129,6 +130,30 @@ def test_job_log_routes_ray_to_the_file(tmp_path: Path, capfd: pytest.CaptureFix
     assert not logging.getLogger("ray.data").propagate
 
 
+def test_job_log_routes_ray_data_imported_after_it_opened(tmp_path: Path) -> None:
+    """The job imports Ray Data beside Ray's start, after the log opened (JobLog.import_ray_data): Ray Data's
+    records still go to the file only, and its logger is put back as Ray Data set it up when the job ends."""
+    probe = f"""
+import logging, sys
+from pathlib import Path
+from runner.driver.console import JobLog
+with JobLog(Path({str(tmp_path)!r}), verbose=0) as job_log:
+    assert "ray.data" not in sys.modules
+    job_log.import_ray_data()
+    logging.getLogger("ray.data._internal.execution").info("Execution plan of Dataset z")
+    logging.getLogger("ray.data").error("a Ray Data error")
+logger = logging.getLogger("ray.data")
+print(logger.propagate, len(logger.handlers) > 0, file=sys.stderr)
+"""
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Execution plan" not in done.stderr and "a Ray Data error" not in done.stderr, done.stderr
+    text = (tmp_path / "runner.log").read_text()
+    assert "Execution plan of Dataset z" in text and "a Ray Data error" in text
+    assert done.stderr.strip().splitlines()[-1] == "False True"  # Ray Data's own handler and propagate=False back
+
+
 def test_job_log_verbose_shows_ray(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     import ray.data  # noqa: F401
 
@@ -176,8 +201,10 @@ def test_quickstart_is_quiet_and_verbose_brings_ray_back(tmp_path: Path) -> None
     startup = json.loads((tmp_path / "emb" / "manifest.json").read_text())["startup"]
     phases = startup["phases"]
     assert all(value is not None and value >= 0 for value in phases.values()), phases
-    consecutive = sum(v for k, v in phases.items() if k not in ("checkpoint_read_and_hash", "input_fingerprint"))
+    consecutive = sum(v for k, v in phases.items() if k not in BESIDE_RAY)
     assert consecutive == pytest.approx(startup["to_first_output_seconds"], abs=0.05)
+    assert phases["driver_imports"] > 0  # Ray Data imported beside Ray's start, not before it
+    assert set(startup["stream_setup_detail"]) == set(STREAM_SETUP_STEPS)
     assert len(startup["actors"]) == 1 and startup["compile_cache"] is None  # CPU: eager, nothing compiled
 
     verbose = subprocess.run([*command[:3], "-v", *command[3:], "--overwrite"], cwd=REPO, env=env,
@@ -223,7 +250,8 @@ def test_startup_section_and_line() -> None:
     from runner.driver.startup import StartupClock
 
     clock = StartupClock(command_at=100.0, job_at=101.0)
-    clock.seconds.update(checkpoint_read_and_hash=1.5, input_fingerprint=0.2)
+    clock.seconds.update(checkpoint_read_and_hash=1.5, input_fingerprint=0.2, driver_imports=0.9, build_stream=0.3,
+                         resume_scan=0.05)
     clock.marks.update(ray_start_begin=101.1, ray_ready=103.1, stream_started=103.5, first_output=108.0)
     clock.actors = {
         "h:cpu:2": {"init_at": 106.0, "load_seconds": 0.5, "compile_seconds": 0.0, "ready_at": 106.6,
@@ -235,15 +263,20 @@ def test_startup_section_and_line() -> None:
     assert section["to_first_output_seconds"] == 8.0
     assert section["phases"] == {
         "python_and_imports": 1.0, "inputs_and_checks": 0.1, "ray_start": 2.0, "checkpoint_read_and_hash": 1.5,
-        "input_fingerprint": 0.2, "stream_setup": 0.4, "actor_start": 1.5, "weights_to_device": 0.5,
-        "compile": 1.0, "first_batch": 1.0, "delivery": 0.5,
+        "input_fingerprint": 0.2, "driver_imports": 0.9, "stream_setup": 0.4, "actor_start": 1.5,
+        "weights_to_device": 0.5, "compile": 1.0, "first_batch": 1.0, "delivery": 0.5,
     }
-    consecutive = [v for k, v in section["phases"].items() if k not in ("checkpoint_read_and_hash", "input_fingerprint")]
+    consecutive = [v for k, v in section["phases"].items() if k not in BESIDE_RAY]
     assert sum(consecutive) == pytest.approx(section["to_first_output_seconds"])
+    # the steps of stream_setup timed (the others did not run here), within it
+    assert section["stream_setup_detail"] == {"resume_scan": 0.05, "build_stream": 0.3}
+    assert sum(section["stream_setup_detail"].values()) <= section["phases"]["stream_setup"]
     assert section["compile_cache"] == "/c"
     line = clock.line()
     assert line.startswith("start-up 8.0 s to the first embedding: python 1.0 s, inputs 0.1 s, Ray 2.0 s, ")
-    assert line.endswith("(checkpoint 1.5 s and input scan 0.2 s beside Ray's start)")
+    assert line.endswith("(checkpoint 1.5 s, input scan 0.2 s and imports 0.9 s beside Ray's start)")
+    clock.seconds.pop("driver_imports")
+    assert clock.line().endswith("(checkpoint 1.5 s and input scan 0.2 s beside Ray's start)")
 
 
 def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
@@ -350,7 +383,7 @@ def test_compile_cache_makes_the_second_start_faster(tmp_path: Path, tiny_esm2_p
 def test_a_local_ray_that_does_not_start_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import ray
 
-    from runner.driver.cluster import connect_ray
+    from runner.driver.ray_session import connect_ray
     from runner.errors import RunnerError
 
     def too_slow(**kwargs):

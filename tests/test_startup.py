@@ -1,4 +1,4 @@
-"""Start-up: the compile cache an actor really uses, and the fast end of a local Ray."""
+"""Start-up: the compile cache an actor really uses, Ray's start beside the driver's, and the fast end of a local Ray."""
 
 from __future__ import annotations
 
@@ -204,3 +204,115 @@ def test_gpu_weights_cross_in_their_stored_dtype_and_are_cast_there(tiny_esm2_pa
     report = stage.startup_report()
     assert report["cuda_seconds"] > 0 and report["to_device_seconds"] > 0
     assert report["checkpoint_seconds"] + report["to_device_seconds"] <= report["load_seconds"] + 1e-3
+
+
+# --- Ray's start in a thread of its own, beside the driver's other start-up work ----------------------------
+
+
+def test_help_imports_neither_torch_nor_ray(tmp_path: Path) -> None:
+    """`runner --help` answers without importing torch, Ray or numpy (the CLI's exit used to import torch: 6 s)."""
+    probe = ("import sys\nfrom runner.cli import main\nsys.argv = ['runner', '--help']\ntry:\n    main()\n"
+             "except SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'ray', 'numpy', 'pyarrow') if m in sys.modules),"
+             " file=sys.stderr)\n")
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "runner embed" in done.stdout  # the help itself
+    assert done.stderr.strip().splitlines()[-1] == "[]", done.stderr
+
+
+def test_ray_start_hands_back_result_or_error_and_keeps_a_local_rays_thread(monkeypatch) -> None:
+    """RayStart runs the connect in its own thread; its result or exception comes back from wait(). The thread
+    outlives a connect that started a local Ray (Ray's processes get SIGKILL when the thread that started them
+    ends), and ends after one that did not (a cluster joined, or a Ray this process already had)."""
+    import threading
+
+    from runner.driver import ray_session
+    from runner.driver.ray_session import RAY_START_THREAD, RayStart, ray_started_here
+    from runner.errors import RunnerError
+
+    def threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == RAY_START_THREAD]
+
+    assert not threads()
+    joined = RayStart(lambda: threading.current_thread().name)
+    assert joined.wait() == RAY_START_THREAD  # the connect ran in the start thread, not here
+    joined._thread.join(5)
+    assert not threads() and not ray_started_here()
+
+    def failing() -> None:
+        raise RunnerError("could not start a local Ray (...)")
+
+    with pytest.raises(RunnerError, match="could not start a local Ray"):
+        RayStart(failing).wait()
+
+    processes = iter([0, 5])  # none before the connect, Ray's five after it
+    monkeypatch.setattr(ray_session, "local_ray_processes", lambda: next(processes))
+    started = RayStart(lambda: "context")
+    assert started.wait() == "context"
+    started._thread.join(0.5)
+    assert started._thread.is_alive() and ray_started_here()
+
+
+def test_a_signal_interrupts_the_wait_for_ray(monkeypatch) -> None:
+    """While Ray starts in its thread, a signal's handler (runner.driver.signals raises in the main thread) stops the
+    wait at once: the start-up ends without waiting for Ray to come up."""
+    import signal
+    import threading
+    import time
+
+    from runner.driver.ray_session import RayStart
+    from runner.driver.signals import StopSignals, _StopNow
+
+    release = threading.Event()
+    starting = RayStart(lambda: release.wait(30))  # a Ray that takes 30 s to start
+    signals = StopSignals(waiting=True)
+    signals.install()
+    try:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        began = time.monotonic()
+        with pytest.raises(_StopNow) as stop:
+            starting.wait()
+        assert time.monotonic() - began < 5
+        assert stop.value.signum == signal.SIGTERM
+    finally:
+        signals.restore()
+        release.set()
+
+
+def test_no_dashboard_starts_a_local_ray_without_it(monkeypatch) -> None:
+    """--no-dashboard: a local Ray starts with include_dashboard=False; by default Ray's own choice (it runs when its
+    packages are installed); a cluster joined by address gets no such option."""
+    import ray
+
+    from runner.cli import build_config
+    from runner.driver.ray_session import connect_ray
+
+    calls: list[dict] = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    connect_ray(None)
+    connect_ray(None, dashboard=False)
+    connect_ray("ray://head:10001", dashboard=False)
+    assert "include_dashboard" not in calls[0]
+    assert calls[1]["include_dashboard"] is False and calls[1]["address"] == "local"
+    assert "include_dashboard" not in calls[2]
+    assert build_config(None, dashboard=False).dashboard is False and build_config(None).dashboard is True
+
+
+@pytest.mark.slow
+def test_embed_with_no_dashboard(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """`runner embed --no-dashboard` runs the job on a local Ray without a dashboard, and says so."""
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "RUNNER_CACHE_DIR": str(tmp_path / "c")}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "emb"
+    done = subprocess.run([sys.executable, "-m", "runner", "embed", "tests/data/some_proteins.fasta", "--model",
+                           str(tiny_esm2_path), "--out", str(out), "--gpus", "0", "--no-progress", "--no-dashboard"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "Ray dashboard: off (--no-dashboard)" in done.stderr.splitlines(), done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 15
+    assert manifest["dashboard_url"] is None and manifest["settings"]["dashboard"] is False

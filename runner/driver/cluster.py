@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import logging
 import os
-import sys
 import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +24,7 @@ from runner.driver.budget import (
     probe_free_gpu_memory,
 )
 from runner.driver.metrics import DriverMetrics
-from runner.errors import RunnerError, first_line
+from runner.errors import RunnerError
 from runner.input.prepare import Preparer
 from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
 from runner.kernels.fp16x3 import half_gemm_available
@@ -50,87 +48,6 @@ def read_cpus(ray) -> float:
     node_id = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["NodeID"] == node_id), 0.0)
     return READ_CPUS if cpus >= READ_CPUS else 0
-
-
-def connect_ray(address: str | None, verbose: int = 0):
-    """Join `address` / RAY_ADDRESS when given, else start a local Ray (or reuse this process's).
-
-    The actors' own output reaches the driver only with `verbose` (it stays in Ray's session logs).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return ray.get_runtime_context() and _existing_context()
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target is None:
-        # "local" starts a new Ray: with no address Ray would join any cluster started on this machine
-        # (`ray start`, another user's job) through /tmp/ray/ray_current_cluster.
-        target = "local"
-    try:
-        return ray.init(
-            address=target, log_to_driver=bool(verbose), logging_level=logging.INFO, configure_logging=False
-        )
-    except ConnectionError as e:
-        raise RunnerError(
-            f"cannot reach the Ray cluster at {target} ({e}): check --address / RAY_ADDRESS"
-        ) from None
-    except Exception as e:  # Ray raises a bare Exception when its processes do not come up in time
-        if target != "local":
-            raise
-        raise RunnerError(
-            f"could not start a local Ray ({first_line(e)}): Ray gives its processes 30 s, so a machine short of "
-            f"CPU or memory can miss it; retry when it is less busy, or start one with `ray start --head` and "
-            f"pass --address"
-        ) from None
-
-
-def local_ray_processes() -> int:
-    """How many Ray processes (GCS, raylet, dashboard, ...) this process started and still holds: 0 when Ray is
-    not imported, not running, or joined as a client of a cluster (--address), whose processes are not ours."""
-    import sys
-
-    worker = getattr(sys.modules.get("ray"), "_private", None)
-    node = getattr(getattr(worker, "worker", None), "_global_node", None)
-    return len(getattr(node, "all_processes", None) or {})
-
-
-def end_now(code: int | str | None) -> NoReturn:
-    """End the `runner` process at once with exit status `code` (as sys.exit takes it), SIGKILLing the local Ray
-    this process started; for the very end of a command, once every output is closed and the manifest final.
-
-    Ray's own end (ray.shutdown at exit) stops its processes one by one, giving each up to a second, and the
-    interpreter then garbage-collects torch's, Ray's and Arrow's objects: 2 s and 11 s on a loaded 2-core
-    machine, after the job's last line. The raylet takes its workers (the actors) with it; stdout and stderr
-    are closed first, so that Ray's C++ code noticing its processes gone prints nothing on a finished job. Without a
-    local Ray (--address) only the interpreter's teardown is skipped.
-    """
-    if isinstance(code, str):  # sys.exit("message"): the message, status 1
-        print(code, file=sys.stderr)
-        code = 1
-    logging.shutdown()  # flushes every handler, runner.log included
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    if local_ray_processes():
-        with contextlib.suppress(OSError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)  # Ray's driver-side log monitor prints its "(raylet) Raylet is terminated ..." to stdout
-            os.dup2(devnull, 2)
-        import ray
-
-        with contextlib.suppress(Exception):  # private API: without it, Ray's processes die with us anyway
-            ray._private.worker._global_node.kill_all_processes(check_alive=False, allow_graceful=False, wait=False)
-    os._exit(code or 0)
-
-
-def _existing_context():
-    """Context-like object for a Ray that this process started earlier (tests, notebooks)."""
-    import ray
-
-    class _Ctx:
-        dashboard_url = ray.worker.get_dashboard_url() if hasattr(ray, "worker") else None
-
-    return _Ctx()
 
 
 def resolve_gpus(requested: int | None, ray) -> int:

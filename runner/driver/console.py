@@ -96,9 +96,12 @@ class JobLog:
         self._saved_fd: int | None = None
         self._saved_stderr: TextIO | None = None
         self._terminal: TextIO | None = None
+        self._routed: set[str] = set()  # RAY_LOGGERS already sent to the file
 
     def __enter__(self) -> JobLog:
-        import ray.data  # noqa: F401  (Ray and Ray Data set up their loggers when imported: route them after that)
+        # Ray sets up its logger when imported: route it after that. Ray Data (a second's import) does the same for
+        # "ray.data" when it is imported; import_ray_data() imports it and routes that one, beside Ray's start.
+        import ray  # noqa: F401
 
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         self._file.write(f"\n==== runner {__version__}, pid {os.getpid()}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
@@ -116,18 +119,31 @@ class JobLog:
         self._set(root, min(root.level or logging.WARNING, level), root.propagate)
         self._add(root, to_file)
         self._add(root, to_terminal)
+        self._route_ray_loggers()
+        if not self.verbose:
+            self._capture_native_stderr()
+        return self
+
+    def import_ray_data(self) -> None:
+        """Import Ray Data and send its logger to the file like Ray's (Ray Data configures it when imported)."""
+        import ray.data  # noqa: F401
+
+        self._route_ray_loggers()
+
+    def _route_ray_loggers(self) -> None:
+        """Ray's and Ray Data's loggers (those imported) lose their console handlers and pass their records on."""
         # Ray (at import) and Ray Data (likewise) give their loggers console handlers and propagate=False; and
         # ray.init(configure_logging=False) clears the "ray" logger's handlers, so nothing is attached there.
         for name in RAY_LOGGERS:
+            if name in self._routed or name not in sys.modules:  # a module's logger is configured by its import
+                continue
+            self._routed.add(name)
             logger = logging.getLogger(name)
             self._set(logger, logger.level, True)
             for handler in list(logger.handlers):
                 if _is_console(handler):
                     logger.removeHandler(handler)
                     self._removed.append((logger, handler))
-        if not self.verbose:
-            self._capture_native_stderr()
-        return self
 
     def _for_terminal(self, record: logging.LogRecord, runner_has_console: bool) -> bool:
         """Which records the root logger shows: Ray's from ERROR (all with -v; Ray Data's only with -v), other

@@ -2,12 +2,13 @@
 
 Driver-side phases are timed where they run (`StartupClock.phase`); actor-side phases come from the first
 output of each embedding actor (`EmbedStage.startup_report`, the `startup` column), on the actors' own
-wall clocks. Phases that run side by side (the checkpoint hash and the input scan beside Ray's start) are
-recorded with their own durations; the line and `to_first_output_seconds` follow the critical path.
+wall clocks. Phases that run side by side (BESIDE_RAY: Ray starts in a thread of its own while the driver imports
+Ray Data, hashes the checkpoint and fingerprints the inputs) are recorded with their own durations; the line and
+`to_first_output_seconds` follow the critical path. `stream_setup_detail` splits `stream_setup` by step.
 
 The job's end is timed the same way (`StartupClock.ending`, the manifest's `ending` section): the last batch done
 on an actor -> the stream ended on the driver -> the FP32 shadow drained -> the outputs closed and the manifest
-final. After that the process only exits (runner.driver.cluster.end_now).
+final. After that the process only exits (runner.driver.ray_session.end_now).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def process_started_at() -> float | None:
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None
+
+
+# Phases that run beside `ray_start` (runner.job): not on the critical path unless longer than Ray's start.
+BESIDE_RAY = ("checkpoint_read_and_hash", "input_fingerprint", "driver_imports")
+# The steps of `stream_setup` timed on their own (runner.job), each a clock phase of that name.
+STREAM_SETUP_STEPS = ("node_checks", "token_budget", "resume_scan", "build_stream", "shadow_start")
 
 
 @dataclass
@@ -70,13 +77,17 @@ class StartupClock:
         # Consecutive phases (they add up to to_first_output_seconds on one host), and two beside ray_start.
         phases: dict[str, float | None] = {
             "python_and_imports": self.job_at - origin if self.command_at else None,
-            # checks, the output dir and its lock, the log, the model's codec (and --strict's full read)
+            # checks, the model's config and codec, the output dir and its lock, the log and Ray's import (and
+            # --strict's full read)
             "inputs_and_checks": ray_begin - self.job_at if ray_begin else None,
+            # Ray's start begun (a thread of its own) -> connected; beside it, in the driver's other threads:
             "ray_start": ray_ready - ray_begin if ray_begin and ray_ready else None,
             "checkpoint_read_and_hash": self.seconds.get("checkpoint_read_and_hash"),  # beside ray_start
             "input_fingerprint": self.seconds.get("input_fingerprint"),  # beside ray_start
-            # Ray up -> the stream starts: the rest of the hash if longer than Ray's start, a GPU memory probe
-            # (auto token budget), resume checks, building the stream.
+            "driver_imports": self.seconds.get("driver_imports"),  # beside ray_start: Ray Data's import
+            # Ray up -> the stream starts: the rest of the hash and the input scan if longer than Ray's start,
+            # then STREAM_SETUP_STEPS (stream_setup_detail): nodes checked, the token budget (a GPU memory
+            # probe), resume checks, building the stream, starting the shadow.
             "stream_setup": stream_at - ray_ready if stream_at and ray_ready else None,
             "actor_start": None,  # scheduling the actor, its worker process, imports
             "weights_to_device": None,  # the actor's __init__ but compiling: checkpoint read, weights to device
@@ -96,6 +107,7 @@ class StartupClock:
             "command_started": origin,
             "to_first_output_seconds": round(first_output - origin, 3) if first_output else None,
             "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
+            "stream_setup_detail": {k: round(self.seconds[k], 3) for k in STREAM_SETUP_STEPS if k in self.seconds},
             "compile_cache": (actor or {}).get("compile_cache"),  # the first actor's TorchInductor cache dir
             "actors": self.actors,
         }
@@ -112,10 +124,12 @@ class StartupClock:
         ]
         parts = [f"{label} {p[key]:.1f} s" for key, label in names if p.get(key) is not None]
         beside = [f"{label} {p[key]:.1f} s" for key, label in (("checkpoint_read_and_hash", "checkpoint"),
-                                                                ("input_fingerprint", "input scan"))
+                                                                ("input_fingerprint", "input scan"),
+                                                                ("driver_imports", "imports"))
                   if p.get(key) is not None]
         head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"
-        tail = f" ({' and '.join(beside)} beside Ray's start)" if beside else ""
+        listed = ", ".join(beside[:-1]) + " and " + beside[-1] if len(beside) > 1 else "".join(beside)
+        tail = f" ({listed} beside Ray's start)" if beside else ""
         return f"{head}: {', '.join(parts)}{tail}"
 
     def ending(self, last_batch_done: float | None) -> dict[str, Any]:
