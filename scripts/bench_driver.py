@@ -26,6 +26,12 @@ driver. A local Ray streams N small tables (the size of one batch's output with 
 row and a shadow row) from actors through `iter_batches`, as `runner.driver.collect.drain` pulls them, and the
 driver process's CPU seconds per table (its executor threads included) are reported.
 
+`--stages read` measures the read task alone (seconds, not minutes): `read` as above, and `read_parse` (the FASTA
+parse into Arrow columns, `runner.input.sources.read_runs`, a part of `read`), on the plain input, the same input
+gzipped (`gz`), with Illumina-style read names as headers (`named`: ~50-byte headers, ~40-byte ids; the synthetic
+ids are 2-7 bytes) and, with --dedup, the 40 %-repeated input; µs per record and the H200s one read task keeps
+up with, for each model width in --dims (the rate of the GPUs differs, the read cost does not).
+
 From the per-row and per-token costs it reports the rows/s and tokens/s one core sustains per stage and the
 cores each stage needs at 8, 64 and 256 H200s' rate (650M: ~330k tok/s per GPU on short reads, 324k on
 protein-length; 3B: ~91k), and whether the one driver (one core, one process) keeps up.
@@ -169,6 +175,66 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     return result
 
 
+def measure_read(fasta: Path, block: int, dedup: bool) -> dict:
+    """The read task alone: CPU seconds of `read_runs` (parse) and of `read_blocks` (parse, duplicate ids, blocks)."""
+    import pyarrow.compute as pc
+
+    from runner.input.prepare import Preparer
+    from runner.input.sources import read_runs
+    from runner.input.stream import ReadSettings, read_blocks
+    from runner.models.esm2 import Esm2Codec
+
+    pt = time.process_time
+    t = pt()
+    records = sum(len(run) for run in read_runs([fasta]))
+    cpu_parse = pt() - t
+    settings = ReadSettings((str(fasta),), "id", "sequence", block, dedup=Preparer(Esm2Codec()) if dedup else None)
+    t = pt()
+    blocks = list(read_blocks(settings))
+    cpu_read = pt() - t
+    # tokens the GPUs embed: every record with a sequence to embed (repeats travel without one), +2 specials each
+    sent = [b.column("sequence").drop_null() for b in blocks]
+    tokens = sum(int(pc.sum(pc.utf8_length(s)).as_py() or 0) + 2 * len(s) for s in sent)
+    rows = sum(b.num_rows for b in blocks)
+    assert rows == records, (rows, records)
+    return {"records": records, "rows": rows, "tokens_embedded": tokens, "tokens_per_row": round(tokens / rows, 1),
+            "cpu_seconds": {"read": round(cpu_read, 4), "read_parse": round(cpu_parse, 4)},
+            "input_bytes": fasta.stat().st_size}
+
+
+def write_named_reads(src: Path, dst: Path) -> None:
+    """`src` with each header replaced by an Illumina-style read name and description (as reads converted to FASTA
+    carry): the read task's cost per record grows with the header bytes it scans and the id bytes it hashes."""
+    import re
+
+    counter = iter(range(1 << 62))
+
+    def name(_: re.Match) -> bytes:
+        i = next(counter)
+        return b">A00123:8:H5KJHDSXX:%d:%d:%d:%d 1:N:0:ATCACGTT" % (1 + i % 4, 1101 + i // 200_000 % 90,
+                                                                    1000 + i * 7 % 30_000, 1000 + i % 37_000)
+
+    dst.write_bytes(re.sub(rb"^>[^\n]*", name, src.read_bytes(), flags=re.MULTILINE))
+
+
+def read_inputs(work: Path, fasta: Path, median: int, records: int, dedup: bool) -> list[tuple[str, Path, bool]]:
+    """The read task's inputs for one median: plain, gzipped, Illumina-named and (with dedup) 40 % repeated."""
+    import gzip
+
+    from bench_dedup import write_repeated_fasta
+
+    gz = work / f"m{median}.fasta.gz"
+    gz.write_bytes(gzip.compress(fasta.read_bytes(), compresslevel=6))
+    named = work / f"m{median}-named.fasta"
+    write_named_reads(fasta, named)
+    variants = [("plain", fasta, False), ("gz", gz, False), ("named", named, False)]
+    if dedup:
+        repeated = work / f"m{median}-repeated.fasta"
+        write_repeated_fasta(repeated, records, 0.4, median=median, lo=10)
+        variants.append(("dedup40", repeated, True))
+    return variants
+
+
 class _OneBatchOutput:
     """A Ray Data actor returning, per input row, a table shaped like one batch's output with staged parts: one
     record row with `rows` ordinals and one row with a D-wide vector (a shadow sample)."""
@@ -263,15 +329,34 @@ def derive(res: dict, dim: int, median: int) -> dict:
             "tokens_per_s": tok_s,
             "rows_per_s": round(row_s),
             "cores": {k: round(v / max(tokens, 1) * tok_s, 2) for k, v in cpu.items()},
-            "disk_write_mb_per_s": round(row_s * res["part_bytes_per_row"] / 1e6, 1),
+            "disk_write_mb_per_s": round(row_s * res.get("part_bytes_per_row", 0) / 1e6, 1),
         }
-    driver_rows = one_core["driver"]["rows_per_s"] or 0
+    driver_rows = (one_core.get("driver") or {}).get("rows_per_s") or 0
     read_rows = one_core["read"]["rows_per_s"] or 0
     return {"per_row_us": per_row_us, "cpu_s_per_mtok": per_mtok_s, "one_core": one_core, "gpu_rate_per_h200": gpu_rate,
             "at": need,
             # The driver and the read task are one process each: a stage needing more than one core is the ceiling.
-            "one_driver_keeps_up_with_h200s": round(driver_rows * res["tokens_per_row"] / gpu_rate, 1),
+            "one_driver_keeps_up_with_h200s": round(driver_rows * res["tokens_per_row"] / gpu_rate, 1) if driver_rows
+            else None,
             "one_read_task_keeps_up_with_h200s": round(read_rows * res["tokens_per_row"] / gpu_rate, 1)}
+
+
+def measure_read_variants(doc: dict, args: argparse.Namespace, work: Path, fasta: Path, info: dict,
+                          median: int) -> None:
+    """--stages read: each input variant `args.repeats` times (medians of the samples), derived for each width."""
+    for name, path, dedup in read_inputs(work, fasta, median, args.records, args.dedup):
+        samples = [measure_read(path, args.block, dedup) for _ in range(args.repeats)]
+        res = samples[0]
+        res["cpu_seconds"] = {k: sorted(r["cpu_seconds"][k] for r in samples)[len(samples) // 2]
+                              for k in res["cpu_seconds"]}
+        res["cpu_seconds_samples"] = {k: [r["cpu_seconds"][k] for r in samples] for k in res["cpu_seconds"]}
+        res["input"] = info if name == "plain" else {"variant": name, "bytes": path.stat().st_size}
+        for dim in map(int, args.dims.split(",")):
+            key = f"median{median}_d{dim}_{name}_read"
+            doc["runs"][key] = {**res, **derive(res, dim, median)}
+            print(f"{key}: {res['records']} records, {res['tokens_per_row']} tok/row, read us/record "
+                  f"{doc['runs'][key]['per_row_us']}, one read task keeps up with "
+                  f"{doc['runs'][key]['one_read_task_keeps_up_with_h200s']} H200s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure Ray Data's delivery of N one-batch tables to the driver (needs Ray)")
     ap.add_argument("--delivery-rows", type=int, default=680,
                     help="rows per batch assumed for --ray-delivery (650M, 64k tokens, short reads: ~680)")
+    ap.add_argument("--stages", choices=("all", "read"), default="all",
+                    help="all: every stage (minutes); read: the read task alone, on more input variants (seconds)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per input; each stage's median is reported")
     ap.add_argument("--workdir", help="where inputs and parts go (default: a temporary directory)")
     ap.add_argument("--out", required=True, help="result JSON file")
@@ -306,11 +393,16 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(work_s)
         warm = work / "warm-up.fasta"  # first calls pay for imports and caches: not part of any figure
         write_repeated_fasta(warm, 3000, 0.4, median=60, lo=10)
-        for writer in args.part_writers.split(","):
+        if args.stages == "read":
+            measure_read(warm, args.block, True)
+        for writer in args.part_writers.split(",") if args.stages == "all" else ():
             measure(warm, work / "out", 64, args.block, args.budget, args.rows_per_part, True, writer)
         for median in map(int, args.medians.split(",")):
             fasta = work / f"m{median}.fasta"
             info = write_short_fasta(fasta, args.records, median=median, lo=10)
+            if args.stages == "read":
+                measure_read_variants(doc, args, work, fasta, info, median)
+                continue
             variants = [("plain", fasta, False)]
             if args.dedup:
                 repeated = work / f"m{median}-repeated.fasta"

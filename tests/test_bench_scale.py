@@ -64,6 +64,26 @@ def test_measure_accounts_every_record_and_derives_cores(tmp_path: Path) -> None
     assert at64["cores"]["driver"] > at8["cores"]["driver"] > 0
 
 
+def test_read_stage_bench_counts_every_record_of_each_input_variant(tmp_path: Path) -> None:
+    """--stages read: plain, gzipped, Illumina-named and repeated inputs hold the same records count; the named
+    headers give the same sequences; the tokens embedded drop by the repeats; keeps-up figures are derived."""
+    from bench_data import write_short_fasta
+
+    fasta = tmp_path / "m60.fasta"
+    info = write_short_fasta(fasta, 500, median=60, lo=10)
+    variants = bench_driver.read_inputs(tmp_path, fasta, 60, 500, dedup=True)
+    assert [v[0] for v in variants] == ["plain", "gz", "named", "dedup40"]
+    named = read_fasta(tmp_path / "m60-named.fasta")
+    assert [s for _, s in named] == [s for _, s in read_fasta(fasta)]
+    assert named[0][0].startswith("A00123:8:H5KJHDSXX:") and len({i for i, _ in named}) == 500
+    results = {name: bench_driver.measure_read(path, 128, dedup) for name, path, dedup in variants}
+    assert {r["records"] for r in results.values()} == {500}
+    assert results["plain"]["tokens_embedded"] == results["gz"]["tokens_embedded"] == info["tokens"]
+    assert results["dedup40"]["tokens_embedded"] < 0.7 * info["tokens"]
+    derived = bench_driver.derive(results["plain"], 1280, 60)
+    assert derived["one_driver_keeps_up_with_h200s"] is None and derived["one_read_task_keeps_up_with_h200s"] > 0
+
+
 def test_dedup_bench_compares_repeats_and_the_plain_run(tmp_path: Path) -> None:
     """bench.py dedup's checks on two hand-made outputs: repeats equal to their first record, ids, cosines."""
     import numpy as np
