@@ -119,13 +119,14 @@ TABULATED_ID_BYTES = 128
 # (simple tabulation is 3-independent), the same odds as any 64-bit hash; the words come from a fixed PCG64
 # stream (its raw output is stable across numpy versions), so every process and every run hashes alike.
 _RAW = np.random.PCG64(0x18_2026_1130).random_raw((TABULATED_ID_BYTES + 1) * 256)
-_BYTE_WORDS = _RAW[: TABULATED_ID_BYTES * 256]  # [position * 256 + byte]
+_BYTE_WORDS = _RAW[: TABULATED_ID_BYTES * 256].reshape(TABULATED_ID_BYTES, 256)  # [position, byte]
 _LENGTH_WORDS = _RAW[TABULATED_ID_BYTES * 256 :]  # [length], lengths 0..TABULATED_ID_BYTES
 
 
 def id_hashes(ids: Sequence[str] | pa.StringArray) -> np.ndarray:
     """64-bit hashes of ids as uint64 (a list of str or an Arrow string array without nulls); 0 is reserved for
-    'empty slot' and mapped to 1. Vectorised over the ids' bytes: no Python per id."""
+    'empty slot' and mapped to 1. Vectorised: one numpy pass per byte position over all the ids still that
+    long (about 0.25 us an Illumina read name), no Python per id."""
     if not isinstance(ids, pa.Array):
         ids = pa.array(ids, pa.string())
     n = len(ids)
@@ -134,16 +135,24 @@ def id_hashes(ids: Sequence[str] | pa.StringArray) -> np.ndarray:
     offsets = np.frombuffer(ids.buffers()[1], dtype=np.int32, count=n + 1, offset=ids.offset * 4).astype(np.int64)
     data = ids.buffers()[2]
     raw = np.frombuffer(data, dtype=np.uint8) if data is not None else np.zeros(0, dtype=np.uint8)
-    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
-    payload = raw[offsets[0] : offsets[-1]]
-    position = np.arange(len(payload), dtype=np.int64) - np.repeat(starts, lengths)
-    words = _BYTE_WORDS[np.minimum(position, TABULATED_ID_BYTES - 1) * 256 + payload]  # long ids: redone below
+    lengths = np.diff(offsets)
     h = _LENGTH_WORDS[np.minimum(lengths, TABULATED_ID_BYTES)].copy()
-    filled = lengths > 0  # reduceat needs non-empty segments
-    if filled.any():
-        h[filled] ^= np.bitwise_xor.reduceat(words, starts[filled])
-    for i in np.flatnonzero(lengths > TABULATED_ID_BYTES).tolist():
-        digest = hashlib.blake2b(payload[starts[i] : starts[i] + lengths[i]].tobytes(), digest_size=8).digest()
+    rows = np.flatnonzero(lengths > 0)  # the ids at least `position + 1` bytes long
+    at = offsets[:-1][rows]  # where their byte at `position` is
+    for position in range(TABULATED_ID_BYTES):
+        if not len(rows):
+            break
+        word = _BYTE_WORDS[position][raw[at]]
+        if len(rows) == n:
+            h ^= word
+        else:
+            h[rows] ^= word
+        longer = lengths[rows] > position + 1
+        if not longer.all():
+            rows, at = rows[longer], at[longer]
+        at = at + 1
+    for i in np.flatnonzero(lengths > TABULATED_ID_BYTES).tolist():  # the rest of the id is not tabulated
+        digest = hashlib.blake2b(raw[offsets[i] : offsets[i + 1]].tobytes(), digest_size=8).digest()
         h[i] = np.frombuffer(digest, dtype="<u8")[0]
     h[h == 0] = 1
     return h
