@@ -339,6 +339,7 @@ def _run_locked(
             manifest.extra["cluster"] = cluster_section(ray, nodes_at_start, checked, since=clock.job_at)
             record_startup(manifest, report, clock)
             if copies is not None:
+                copies.close(commit=not hard_stop)  # copy parts being written: committed with the writer's close
                 manifest.extra["dedup"] = copies.counts.section(report.records_read)
                 report.duplicates_dropped += copies.duplicates_dropped
             finish_outputs(

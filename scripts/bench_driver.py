@@ -91,15 +91,17 @@ def instant_stage(dim: int, work: Path, staged_dir: str = "", part_rows: int = 1
 
 
 def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_per_part: int, dedup: bool,
-            part_writer: str = "driver") -> dict:
+            part_writer: str = "driver", copy_threads: int | None = None) -> dict:
     """Every stage of one FASTA through the real code; CPU seconds per stage. `part_writer`: "driver" (the driver
-    writes every part) or "actors" (the stand-in actors write staged parts, the driver commits them)."""
+    writes every part) or "actors" (the stand-in actors write staged parts, the driver commits them). With
+    `dedup`, `copy_threads` threads write the copy parts (runner.input.dedup.COPY_THREADS when None; 0: the
+    driver's own thread): their CPU seconds are `copy_threads`, apart from the driver's."""
     import numpy as np
 
     from runner.config import EmbedConfig
     from runner.driver.collect import handle_table
     from runner.driver.metrics import DriverMetrics
-    from runner.input.dedup import CopyWriter
+    from runner.input.dedup import COPY_THREADS, CopyWriter
     from runner.input.prepare import Preparer
     from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
     from runner.models.esm2 import Esm2Codec
@@ -134,7 +136,8 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     rejects = RejectWriter(out_dir)
     report = JobReport(out_dir=out_dir)
     written = OrdinalSet()
-    copies = CopyWriter(writer, written, []) if dedup else None
+    threads = COPY_THREADS if copy_threads is None else copy_threads
+    copies = CopyWriter(writer, written, [], threads=threads) if dedup else None
     config = EmbedConfig(model="instant")
     metrics = DriverMetrics("instant", "fp16")
     merger = ChunkMerger()
@@ -149,7 +152,8 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
         report.records_done += copies.finish()
     writer.close()
     rejects.close()
-    cpu_driver = pt() - t
+    cpu_copies = copies.thread_seconds if copies is not None else 0.0
+    cpu_driver = pt() - t - cpu_copies  # the process's CPU (the part clock's thread too), less the copy threads'
     wall_driver = time.perf_counter() - wall
     left_staged = remove_staged(out_dir)  # nothing is left uncommitted in a clean run
     assert left_staged == 0, left_staged
@@ -163,7 +167,8 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
         "tokens_embedded": tokens,
         "tokens_per_row": round(tokens / max(rows, 1), 1),
         "cpu_seconds": {"read": round(cpu_read, 3), "pack": round(cpu_pack, 3), "actor_host": round(cpu_actor, 3),
-                        "driver": round(cpu_driver, 3)},
+                        "driver": round(cpu_driver, 3),
+                        **({"copy_threads": round(cpu_copies, 3)} if copies is not None else {})},
         "driver_wall_seconds": round(wall_driver, 3),
         "part_bytes_per_row": round(part_bytes / max(rows, 1), 1),
         "part_writer": part_writer,
@@ -172,6 +177,7 @@ def measure(fasta: Path, out_dir: Path, dim: int, block: int, budget: int, rows_
     }
     if copies is not None:
         result["dedup"] = copies.counts.section(report.records_read)
+        result["copy_threads"] = threads
     return result
 
 
@@ -359,6 +365,17 @@ def measure_read_variants(doc: dict, args: argparse.Namespace, work: Path, fasta
                   f"{doc['runs'][key]['one_read_task_keeps_up_with_h200s']} H200s", flush=True)
 
 
+def per_repeat(res: dict, plain: dict) -> dict:
+    """--dedup: what a repeat costs. The driver's: its CPU beyond the embedded rows' cost (the plain run's driver
+    us/row, same writer and D) over the repeats; the copy threads': their CPU over the repeats."""
+    repeats = res["dedup"]["repeats"]
+    embedded = res["rows"] - repeats
+    cpu = res["cpu_seconds"]
+    extra = cpu["driver"] - plain["per_row_us"]["driver"] * 1e-6 * embedded
+    return {"driver_us_per_repeat": round(extra / max(repeats, 1) * 1e6, 2),
+            "copy_threads_us_per_repeat": round(cpu.get("copy_threads", 0.0) / max(repeats, 1) * 1e6, 2)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--records", type=int, default=100_000, help="records per input (each median)")
@@ -368,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget", type=int, default=65536, help="token budget per packed batch (H200 650M: ~64k)")
     ap.add_argument("--rows-per-part", type=int, default=16384)
     ap.add_argument("--dedup", action="store_true", help="also measure read and driver with --dedup")
+    ap.add_argument("--repeat-fraction", type=float, default=0.4,
+                    help="with --dedup: the share of records that repeat an earlier record's sequence")
+    ap.add_argument("--copy-threads", type=int, default=None,
+                    help="with --dedup: threads writing the copy parts (default: runner's; 0: the driver's thread)")
     ap.add_argument("--part-writers", default="driver",
                     help="who writes the pooled parts, comma-separated: driver, actors (runner embed --part-writer)")
     ap.add_argument("--ray-delivery", type=int, default=0, metavar="N",
@@ -406,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = [("plain", fasta, False)]
             if args.dedup:
                 repeated = work / f"m{median}-repeated.fasta"
-                write_repeated_fasta(repeated, args.records, 0.4, median=median, lo=10)
-                variants.append(("dedup40", repeated, True))
+                write_repeated_fasta(repeated, args.records, args.repeat_fraction, median=median, lo=10)
+                variants.append((f"dedup{round(args.repeat_fraction * 100)}", repeated, True))
             runs = [(w, *v) for w in args.part_writers.split(",") for v in variants]
             for dim in map(int, args.dims.split(",")):
                 for writer, name, path, dedup in runs:
@@ -415,14 +436,17 @@ def main(argv: list[str] | None = None) -> int:
                     key = f"median{median}_d{dim}_{name}" + ("" if writer == "driver" else f"_{writer}")
                     t = time.perf_counter()
                     samples = [measure(path, work / "out", dim, args.block, args.budget, args.rows_per_part, dedup,
-                                       writer) for _ in range(args.repeats)]
+                                       writer, args.copy_threads) for _ in range(args.repeats)]
                     res = samples[0]
                     # each stage's median over the repeats: other load on the machine moves single runs
                     res["cpu_seconds"] = {k: sorted(r["cpu_seconds"][k] for r in samples)[len(samples) // 2]
                                           for k in res["cpu_seconds"]}
                     res["cpu_seconds_samples"] = {k: [r["cpu_seconds"][k] for r in samples] for k in res["cpu_seconds"]}
-                    res["input"] = info if name == "plain" else {"repeat_fraction": 0.4}
+                    res["input"] = info if name == "plain" else {"repeat_fraction": args.repeat_fraction}
                     res.update(derive(res, dim, median))
+                    plain = doc["runs"].get(key.replace(f"_{name}", "_plain"))
+                    if dedup and plain is not None:
+                        res.update(per_repeat(res, plain))
                     doc["runs"][key] = res
                     print(f"{key}: {res['rows']} rows, {res['tokens_per_row']} tok/row, us/row {res['per_row_us']}, "
                           f"one driver keeps up with {res['one_driver_keeps_up_with_h200s']} H200s, one read task "

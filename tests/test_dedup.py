@@ -126,7 +126,7 @@ def test_copy_writer_copies_rows_in_any_order_once_the_original_is_in_a_complete
     """Repeats arriving before and after their original, retried twice, originals in earlier and open parts."""
     writer = PartWriter(tmp_path, 4, rows_per_part=3)
     written = OrdinalSet()
-    copies = CopyWriter(writer, written, [])
+    copies = CopyWriter(writer, written, [], threads=0, max_wait=0)  # in this thread, every flush writes
 
     def write(ordinals: list[int]) -> None:
         written.add(np.array(ordinals))
@@ -167,7 +167,7 @@ def test_copy_writer_after_restart_reads_originals_from_earlier_parts(tmp_path: 
     done = OrdinalSet()
     done.add(np.array([0, 1, 2, 3, 7]))
     rerun = PartWriter(tmp_path, 4, rows_per_part=2, first_part=writer.next_part)
-    copies = CopyWriter(rerun, done, writer.parts)
+    copies = CopyWriter(rerun, done, writer.parts, threads=0, max_wait=0)
     copies.request(["s8", "s9", "s7"], np.array([8, 9, 7]), ["f"] * 3, np.array([3, 0, 1]))
     assert copies.flush() == 2  # s7 was written by the earlier run (as a copy of s1): not again
     copies.finish()
@@ -177,9 +177,122 @@ def test_copy_writer_after_restart_reads_originals_from_earlier_parts(tmp_path: 
     assert (got["s8"], got["s9"]) == (3.0, 0.0)
 
 
+def part_rows_of(rows_table: pa.Table) -> dict[int, dict]:
+    return {r["ordinal"]: r for r in rows_table.to_pylist()}
+
+
+@pytest.mark.parametrize("threads", [0, 3])
+def test_copy_writer_bulk_copies_across_parts_equal_their_originals(tmp_path: Path, threads: int) -> None:
+    """Hundreds of repeats of originals spread over the driver's own parts (several record batches each) and parts
+    the actors staged, requested in random order, some before their original's part is committed (one only after
+    a staged part waited in the group commit), some twice: every copy is its original's row bit for bit (two vector
+    columns, per-token pointer, windows, length, truncated) with its own id and ordinal, each ordinal once, every
+    part journaled with its checksum; several copy parts (part_rows) written by `threads` threads."""
+    from runner.output.checksums import check_file, read_records
+    from runner.output.sink import embedding_schema
+    from runner.output.staged import StagedPart, staged_dir, write_staged_part
+
+    rng = np.random.default_rng(5)
+    columns = ("layer1_mean", "layer1_max")
+    writer = PartWriter(tmp_path, 8, rows_per_part=50, columns=columns, per_token=True, commit_seconds=3600)
+    written = OrdinalSet()
+    copies = CopyWriter(writer, written, [], threads=threads, part_rows=64, max_wait=0)
+    originals = np.arange(400)
+    repeat_ordinals = np.arange(400, 1000)
+    rep_of = rng.choice(originals, size=len(repeat_ordinals))
+
+    def original_rows(ordinals: np.ndarray) -> EmbeddedRows:
+        n = len(ordinals)
+        return EmbeddedRows([f"s{o}" for o in ordinals], rng.integers(1, 99, n).astype(np.int32), rng.random(n) < 0.3,
+                            rng.standard_normal((n, 16)).astype(np.float32), ordinals.astype(np.int64),
+                            windows=rng.integers(1, 4, n).astype(np.int32),
+                            tokens_file=[f"a/tok-{o % 7}.arrow" for o in ordinals],
+                            tokens_row=(ordinals % 13).astype(np.int32))
+
+    def request(index: np.ndarray) -> None:
+        assert not copies.request([f"s{o}" for o in repeat_ordinals[index]], repeat_ordinals[index],
+                                  ["in.fasta"] * len(index), rep_of[index])
+
+    order = rng.permutation(len(repeat_ordinals))
+    request(order[:150])  # before any original is written
+    copies.flush()
+    shard = staged_dir(tmp_path) / "actor-1"
+    shard.mkdir(parents=True)
+    schema = embedding_schema(8, columns, per_token=True)
+    from runner.output.sink import part_record_batch
+
+    for start in range(0, 400, 40):
+        block = originals[start : start + 40]
+        written.add(block)
+        if start % 80:  # the driver writes this block: a part of several record batches
+            for piece in np.array_split(block, 3):
+                writer.write(original_rows(piece))
+        else:  # an actor staged it; the group commit waits (commit_seconds) until close or a full group
+            batch = part_record_batch(original_rows(block), 0, len(block), schema, 2, 8, True)
+            path, size, crc = write_staged_part(shard, pa.Table.from_batches([batch]))
+            writer.commit([StagedPart(path, len(block), size, crc, block.astype(np.int64), 0)])
+        request(order[150 + start : 150 + start + 40])
+        copies.flush()
+        if start == 0:  # the first originals are in a staged part queued for its group commit: no copy yet
+            assert copies.waiting == 190 and not writer.parts
+    request(order[550:])
+    request(order[550:560])  # a retried block: delivered twice
+    copies.finish()
+    assert copies.duplicates_dropped == 10
+    assert copies.counts.copies_written == len(repeat_ordinals)
+
+    table = read_parts(tmp_path)
+    ordinals = table.column("ordinal").to_pylist()
+    assert sorted(ordinals) == list(range(1000))  # every ordinal exactly once
+    by_ordinal = part_rows_of(table)
+    for copy, original in zip(repeat_ordinals.tolist(), rep_of.tolist(), strict=True):
+        row, orig = dict(by_ordinal[copy]), dict(by_ordinal[original])
+        assert (row.pop("id"), row.pop("ordinal")) == (f"s{copy}", copy)
+        orig.pop("id"), orig.pop("ordinal")
+        assert row == orig  # vectors bit for bit (Python floats of the float32s), per-token pointer and the rest
+    parts = sorted((tmp_path / "embeddings").glob("part-*.arrow"))
+    records = read_records(tmp_path)
+    copy_parts = [p for p in parts if pa.ipc.open_file(p).read_all().column("ordinal").to_numpy().min() >= 400]
+    assert len(copy_parts) >= len(repeat_ordinals) // 64
+    for p in parts:
+        assert check_file(p, records.get(f"embeddings/{p.name}")) is None, p.name
+    assert not list(staged_dir(tmp_path).rglob("*.arrow")), "every staged part was committed"
+
+
+def test_copy_writer_close_commits_copy_parts_in_flight_and_a_rerun_finishes(tmp_path: Path) -> None:
+    """A stop with copy parts being written: close() hands them to the writer's final commit; the copies not yet
+    written are left to the next run, which writes each remaining one once."""
+    writer = PartWriter(tmp_path, 4, rows_per_part=10)
+    written = OrdinalSet()
+    copies = CopyWriter(writer, written, [], threads=2, part_rows=5, max_wait=3600)
+    written.add(np.arange(20))
+    writer.write(rows(list(range(20))))
+    copies.request([f"s{o}" for o in range(20, 30)], np.arange(20, 30), ["f"] * 10, np.arange(10))
+    copies.flush()  # 10 ready: two copy parts handed to the threads
+    copies.request(["s30", "s31"], np.array([30, 31]), ["f"] * 2, np.array([10, 11]))
+    copies.flush()  # 2 ready: they wait for a part's worth (or max_wait)
+    copies.close(commit=True)
+    writer.close()
+    done = sorted(read_parts(tmp_path).column("ordinal").to_pylist())
+    assert done == list(range(20)) + list(range(20, 30))
+
+    resumed = OrdinalSet()
+    resumed.add(np.array(done))
+    rerun = PartWriter(tmp_path, 4, rows_per_part=10, first_part=writer.next_part)
+    again = CopyWriter(rerun, resumed, writer.parts, threads=2)
+    again.request([f"s{o}" for o in range(20, 32)], np.arange(20, 32), ["f"] * 12, np.arange(12))  # all requested again
+    again.finish()
+    rerun.close()
+    table = read_parts(tmp_path)
+    assert sorted(table.column("ordinal").to_pylist()) == list(range(32))
+    got = part_rows_of(table)
+    assert [got[o]["embedding"][0] for o in range(20, 32)] == [float(o - 20) for o in range(20, 32)]
+    assert again.counts.copies_written == 2 and again.duplicates_dropped == 10
+
+
 def test_copy_writer_rejects_repeats_of_a_sequence_that_failed(tmp_path: Path) -> None:
     writer = PartWriter(tmp_path, 4, rows_per_part=4)
-    copies = CopyWriter(writer, OrdinalSet(), [])
+    copies = CopyWriter(writer, OrdinalSet(), [], threads=0)
     copies.request(["s5"], np.array([5]), ["f"], np.array([2]))
     failed = copies.rejected([Reject("s2", "f", "embedding failed: RuntimeError: boom", 2)])
     assert [(r.id, r.ordinal) for r in failed] == [("s5", 5)]
@@ -192,7 +305,7 @@ def test_copy_writer_rejects_repeats_of_a_sequence_that_failed(tmp_path: Path) -
 def test_copy_writer_finish_refuses_repeats_whose_original_never_came(tmp_path: Path) -> None:
     from runner.errors import RunnerError
 
-    copies = CopyWriter(PartWriter(tmp_path, 4, rows_per_part=4), OrdinalSet(), [])
+    copies = CopyWriter(PartWriter(tmp_path, 4, rows_per_part=4), OrdinalSet(), [], threads=0)
     copies.request(["s5"], np.array([5]), ["f"], np.array([2]))
     with pytest.raises(RunnerError, match="internal error: 1 repeated"):
         copies.finish()

@@ -417,9 +417,10 @@ def take_copies(table: pa.Table, is_copy: np.ndarray, copies: CopyWriter, reject
         copies.counts.add(counts)
     if not is_copy.any():
         return
-    sub = table.filter(pa.array(is_copy))
-    failed = copies.request(sub.column("id").to_pylist(), sub.column("ordinal").to_numpy(),
-                            sub.column("source").to_pylist(), sub.column("copy_of").to_numpy())
+    # only the four columns a copy needs: filtering the whole table copies its vector columns too (~9 ms a table)
+    sub = table.select(["id", "ordinal", "source", "copy_of"]).filter(pa.array(is_copy))
+    failed = copies.request(sub.column("id").combine_chunks(), sub.column("ordinal").to_numpy(),
+                            sub.column("source").combine_chunks(), sub.column("copy_of").to_numpy())
     if failed:
         rejects.write(failed)
         report.failed_records += len(failed)

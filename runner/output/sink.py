@@ -189,6 +189,11 @@ class PartWriter:
         self.committed = 0  # staged parts committed (renamed into place)
         self._commit_groups = 0
         self._test_kill_before_commit = test_kill_before_commit  # test-only: SIGKILL this process before group N
+        # --dedup (runner.input.dedup.CopyWriter): each completed part's name and ordinals, until taken; the copies
+        # find their first record's part here instead of opening every new part to read its ordinals
+        self.track_ordinals = False
+        self._open_ordinals: list[np.ndarray] = []  # ordinals written into the open part, in file order
+        self._completed: list[tuple[str, np.ndarray]] = []
         self._lock = threading.RLock()  # re-entrant: a failed write discards the part under the same lock
         self._clock_error: OutputWriteError | None = None  # a failed timed close, raised by the next call
         self._stop_clock = threading.Event()
@@ -227,12 +232,19 @@ class PartWriter:
 
     def write(self, rows: EmbeddedRows) -> None:
         """Append rows; raise OutputWriteError (the open part deleted) when the disk refuses them."""
-        self._append(len(rows), lambda start, end: self._record_batch(rows, start, end))
+        self._append(len(rows), lambda start, end: self._record_batch(rows, start, end), rows.ordinals)
 
     def write_table(self, table: pa.Table) -> None:
-        """Append rows that already have the parts' schema (--dedup: copies of rows read back from parts)."""
+        """Append rows that already have the parts' schema (a staged part's rows not written yet)."""
         table = table.combine_chunks()
-        self._append(table.num_rows, lambda start, end: table.slice(start, end - start).to_batches()[0])
+        self._append(table.num_rows, lambda start, end: table.slice(start, end - start).to_batches()[0],
+                     table.column("ordinal").to_numpy())
+
+    def take_completed(self) -> list[tuple[str, np.ndarray]]:
+        """With `track_ordinals`: (name, ordinals) of each part completed since the last call, in completion order."""
+        with self._lock:
+            completed, self._completed = self._completed, []
+            return completed
 
     def commit(self, parts: Sequence[StagedPart]) -> None:
         """Queue staged parts (each complete on disk, its rows not written anywhere else) for the next group commit;
@@ -275,6 +287,8 @@ class PartWriter:
         for name, p in zip(names, staged, strict=True):
             os.replace(p.path, self.dir / name)
             self.parts.append(name)
+            if self.track_ordinals:
+                self._completed.append((name, p.ordinals))
             self.rows_written += p.rows
             self.committed += 1
 
@@ -283,14 +297,14 @@ class PartWriter:
         """Rows in staged parts received and not committed yet (close() commits them)."""
         return self._staged_rows
 
-    def _append(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
+    def _append(self, count: int, batch: Callable[[int, int], pa.RecordBatch], ordinals: np.ndarray) -> None:
         """Write rows [0, count) as `batch(start, end)` record batches, starting a new part when one is full."""
         with self._lock:  # the part clock closes parts from its own thread
             if self._clock_error is not None:
                 raise self._clock_error
-            self._append_locked(count, batch)
+            self._append_locked(count, batch, ordinals)
 
-    def _append_locked(self, count: int, batch: Callable[[int, int], pa.RecordBatch]) -> None:
+    def _append_locked(self, count: int, batch: Callable[[int, int], pa.RecordBatch], ordinals: np.ndarray) -> None:
         try:
             start = 0
             while start < count:
@@ -299,6 +313,8 @@ class PartWriter:
                 room = self.rows_per_part - self._rows_in_open_part
                 end = min(count, start + room)
                 self._writer.write_batch(batch(start, end))  # type: ignore[union-attr]
+                if self.track_ordinals:
+                    self._open_ordinals.append(np.asarray(ordinals[start:end], dtype=np.int64))
                 self._rows_in_open_part += end - start
                 start = end
                 if self._rows_in_open_part >= self.rows_per_part:
@@ -346,6 +362,7 @@ class PartWriter:
                 if self._open_number == self.next_part - 1:
                     self.next_part -= 1  # the number is free again: no gap in the numbering
             self._writer, self._tmp, self._rows_in_open_part = None, None, 0
+            self._open_ordinals = []
 
     def _open(self) -> None:
         self._open_number = self.next_part  # taken now: staged parts may commit while this one is open
@@ -371,6 +388,9 @@ class PartWriter:
         self._token_checksums.clear()
         os.replace(self._tmp, final)
         self.parts.append(final.name)
+        if self.track_ordinals:
+            self._completed.append((final.name, np.concatenate(self._open_ordinals or [np.zeros(0, np.int64)])))
+        self._open_ordinals = []
         self.rows_written += self._rows_in_open_part
         self._writer, self._tmp, self._rows_in_open_part = None, None, 0
 
