@@ -28,7 +28,7 @@ driver process's CPU seconds per table (its executor threads included) are repor
 
 `--stages read` measures the read task alone (seconds, not minutes): `read` as above, and `read_parse` (the FASTA
 parse into Arrow columns, `runner.input.sources.read_runs`, a part of `read`), on the plain input, the same input
-gzipped (`gz`), with Illumina-style read names as headers (`named`: ~50-byte headers, ~40-byte ids; the synthetic
+gzipped (`gz`), with Illumina-style read names as headers (`named`: ~52-byte headers, ~36-byte ids; the synthetic
 ids are 2-7 bytes) and, with --dedup, the 40 %-repeated input; µs per record and the H200s one read task keeps
 up with, for each model width in --dims (the rate of the GPUs differs, the read cost does not).
 
