@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner.config import EmbedConfig, resolve_precision
+from runner.driver.budget import nvidia_smi_free_bytes
 from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
@@ -40,7 +41,7 @@ from runner.driver.nodes import (
     cluster_section,
 )
 from runner.driver.progress import Progress
-from runner.driver.ray_session import RayStart, connect_ray
+from runner.driver.ray_session import RayStart, connect_ray, worker_preload
 from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
 from runner.driver.startup import StartupClock
 from runner.errors import NothingEmbedded, RunnerError, first_line
@@ -168,7 +169,9 @@ def _run_locked(
     # it the driver's start-up work that needs no Ray: importing Ray Data, hashing the checkpoint and
     # fingerprinting the inputs. The start-up pays for the longest of them only. A signal stops the wait at once.
     clock.mark("ray_start_begin")
-    ray_start = RayStart(lambda: connect_ray(config.address, config.verbose, config.dashboard))
+    preload = worker_preload(config.gpus, config.address, lambda: nvidia_smi_free_bytes() is not None)
+    clock.worker_preload = list(preload)
+    ray_start = RayStart(lambda: connect_ray(config.address, config.verbose, config.dashboard, preload))
     with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
         info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
         inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])

@@ -69,6 +69,8 @@ def run_once(cmd: list[str], env: dict, out_dir: Path, timeout: float) -> dict:
         "wall_seconds": round(wall, 3),
         "to_first_output_seconds": startup.get("to_first_output_seconds"),
         "phases": startup.get("phases"),
+        "stream_setup_detail": startup.get("stream_setup_detail"),
+        "worker_preload": startup.get("worker_preload"),
         # the first embedding actor's own split of its load (checkpoint read, CUDA context beside it, weights moved)
         "actor_load": first_actor_load(startup),
         "compile_cache": startup.get("compile_cache"),
@@ -104,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, default=1)
     ap.add_argument("--warm-runs", type=int, default=2, help="runs after the cold one, caches kept")
     ap.add_argument("--runner-arg", action="append", default=[], help="extra argument for runner embed")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="environment variable for the runs (e.g. RUNNER_WORKER_PRELOAD=0 for an A/B)")
     ap.add_argument("--workdir", help="keep inputs, checkpoint, caches and outputs here")
     ap.add_argument("--out", help="result JSON (default benchmarks/results/<date>-startup-<gpu>.json)")
     ap.add_argument("--timeout", type=float, default=900)
@@ -138,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("RAY_ADDRESS", None)
     env.update(RUNNER_CACHE_DIR=str(cache), TRITON_CACHE_DIR=str(cache / "triton"))
+    for item in args.env:
+        name, _, value = item.partition("=")
+        env[name] = value
     runs = []
     for i in range(1 + args.warm_runs):
         out_dir = work / f"out-{i}"
@@ -163,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": args.arch or args.checkpoint,
         "input": {"path": str(fasta), **data},
         "gpus": args.gpus,
+        "env": args.env,
         "targets": TARGETS,
         "runs": runs,
     }

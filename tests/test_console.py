@@ -205,6 +205,7 @@ def test_quickstart_is_quiet_and_verbose_brings_ray_back(tmp_path: Path) -> None
     assert consecutive == pytest.approx(startup["to_first_output_seconds"], abs=0.05)
     assert phases["driver_imports"] > 0  # Ray Data imported beside Ray's start, not before it
     assert set(startup["stream_setup_detail"]) == set(STREAM_SETUP_STEPS)
+    assert startup["worker_preload"] == []  # a CPU job: Ray's workers import nothing ahead (ray_session.worker_preload)
     assert len(startup["actors"]) == 1 and startup["compile_cache"] is None  # CPU: eager, nothing compiled
 
     verbose = subprocess.run([*command[:3], "-v", *command[3:], "--overwrite"], cwd=REPO, env=env,

@@ -316,3 +316,56 @@ def test_embed_with_no_dashboard(tmp_path: Path, tiny_esm2_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["rows"] == 15
     assert manifest["dashboard_url"] is None and manifest["settings"]["dashboard"] is False
+
+
+def test_worker_preload_only_for_a_local_ray_on_this_machines_gpus(monkeypatch) -> None:
+    """torch is preloaded into a local Ray's workers for a GPU job (many cores); not for CPU jobs, where the Ray Data
+    helper actors' useless imports cost more than the embedding actor gains, nor for a cluster's workers."""
+    from runner.driver.ray_session import worker_preload
+
+    monkeypatch.delenv("RUNNER_WORKER_PRELOAD", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    no_gpus, gpus = (lambda: False), (lambda: True)
+    assert worker_preload(None, None, gpus) == ("torch",) and worker_preload(2, None, no_gpus) == ("torch",)
+    assert worker_preload(None, None, no_gpus) == () and worker_preload(0, None, gpus) == ()
+    assert worker_preload(2, "ray://head:10001", gpus) == ()
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert worker_preload(2, None, gpus) == ()
+    monkeypatch.setenv("RUNNER_WORKER_PRELOAD", "1")
+    assert worker_preload(0, None, no_gpus) == ("torch",)
+    monkeypatch.setenv("RUNNER_WORKER_PRELOAD", "0")
+    monkeypatch.delenv("RAY_ADDRESS")
+    assert worker_preload(2, None, gpus) == ()
+
+
+PRELOAD_PROBE = """
+import os, sys
+from runner.driver.ray_session import RayStart, connect_ray
+import ray
+RayStart(lambda: connect_ray(None, dashboard=False, preload=("colorsys",))).wait()
+@ray.remote(num_cpus=0)
+def seen():
+    return "colorsys" in sys.modules  # a module nothing in Ray or runner imports
+print("preloaded" if ray.get(seen.remote()) else "not preloaded", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.slow
+def test_a_local_rays_workers_import_the_preloaded_modules(tmp_path: Path) -> None:
+    """connect_ray's `preload` reaches a local Ray's workers: a module is imported before any task runs there."""
+    import tempfile
+
+    ray_tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO), "RAY_TMPDIR": ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    try:
+        done = subprocess.run([sys.executable, "-c", PRELOAD_PROBE], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-1] == "preloaded", done.stdout + done.stderr
+        without = subprocess.run([sys.executable, "-c", PRELOAD_PROBE.replace('preload=("colorsys",)', "")],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert without.stdout.strip().splitlines()[-1] == "not preloaded", without.stdout + without.stderr
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -25,12 +25,13 @@ from runner.errors import RunnerError, first_line
 RAY_START_THREAD = "runner-ray-start"  # the thread's name: the CLI's exit looks for it (ray_started_here)
 
 
-def connect_ray(address: str | None, verbose: int = 0, dashboard: bool = True):
+def connect_ray(address: str | None, verbose: int = 0, dashboard: bool = True, preload: tuple[str, ...] = ()):
     """Join `address` / RAY_ADDRESS when given, else start a local Ray (or reuse this process's).
 
     The actors' own output reaches the driver only with `verbose` (it stays in Ray's session logs). `dashboard`
     False starts a local Ray without its dashboard's modules (2-3 s sooner; docs/running.md); a cluster keeps
-    whatever dashboard it runs.
+    whatever dashboard it runs. `preload`: modules every worker of a local Ray imports when it starts, before it
+    takes work (Ray's preload_python_modules; worker_preload says when).
     """
     import ray
 
@@ -44,6 +45,8 @@ def connect_ray(address: str | None, verbose: int = 0, dashboard: bool = True):
     options: dict[str, Any] = {}
     if target == "local" and not dashboard:
         options["include_dashboard"] = False
+    if target == "local" and preload:
+        options["_system_config"] = {"preload_python_modules": list(preload)}
     try:
         return ray.init(
             address=target, log_to_driver=bool(verbose), logging_level=logging.INFO, configure_logging=False,
@@ -61,6 +64,24 @@ def connect_ray(address: str | None, verbose: int = 0, dashboard: bool = True):
             f"CPU or memory can miss it; retry when it is less busy, or start one with `ray start --head` and "
             f"pass --address"
         ) from None
+
+
+def worker_preload(gpus: int | None, address: str | None, gpus_here: Callable[[], bool]) -> tuple[str, ...]:
+    """Modules a local Ray's workers import as they start: ("torch",) for a job on this machine's GPUs, else none.
+
+    Ray starts one worker per CPU as the driver connects, and the first embedding actor lands on one of them; its
+    own start then imports torch (2.5-3 s) before its __init__ runs (`actor_start`). Preloaded, that import runs
+    while the driver sets up the stream. Every worker pays it, the Ray Data helper actors' too: cheap beside the
+    many cores of a GPU host, a loss on a small CPU machine (docs/running.md), so CPU jobs do not preload. Only
+    torch itself: importing it does not initialise CUDA, so Ray's CUDA_VISIBLE_DEVICES, set when an actor is
+    placed, still decides its GPU. RUNNER_WORKER_PRELOAD=0/1 forces it off/on (benchmarks).
+    """
+    forced = os.environ.get("RUNNER_WORKER_PRELOAD", "")
+    if forced in ("0", "1"):
+        return ("torch",) if forced == "1" else ()
+    if address or os.environ.get("RAY_ADDRESS") or gpus == 0:
+        return ()  # a cluster's workers are started by its nodes; a CPU job
+    return ("torch",) if gpus or gpus_here() else ()
 
 
 class RayStart:

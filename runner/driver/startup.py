@@ -48,6 +48,7 @@ class StartupClock:
     seconds: dict[str, float] = field(default_factory=dict)  # driver phases: name -> seconds
     marks: dict[str, float] = field(default_factory=dict)  # driver events: name -> time.time()
     actors: dict[str, dict[str, Any]] = field(default_factory=dict)  # worker -> its startup_report
+    worker_preload: list[str] = field(default_factory=list)  # modules a local Ray's workers imported as they started
 
     @contextmanager
     def phase(self, name: str):
@@ -108,6 +109,7 @@ class StartupClock:
             "to_first_output_seconds": round(first_output - origin, 3) if first_output else None,
             "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
             "stream_setup_detail": {k: round(self.seconds[k], 3) for k in STREAM_SETUP_STEPS if k in self.seconds},
+            "worker_preload": self.worker_preload,  # runner.driver.ray_session.worker_preload
             "compile_cache": (actor or {}).get("compile_cache"),  # the first actor's TorchInductor cache dir
             "actors": self.actors,
         }
