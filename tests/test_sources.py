@@ -309,3 +309,15 @@ def test_fasta_parser_matches_a_line_reader_on_random_text(tmp_path: Path, monke
         recs = list(read_fasta(p))
         assert _pairs(recs) == reference_fasta(data), data
         assert [r.ordinal for r in recs] == list(range(len(recs)))
+
+
+def test_record_too_large_for_arrow_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A record past what one Arrow string holds (2 GiB; made small here) is one line naming it, not corrupt data."""
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(sources, "MAX_PARSE_BYTES", 100)
+    p = tmp_path / "big.fa"
+    p.write_text(">ok\nMK\n>huge chr\n" + "ACGT\n" * 30 + ">after\nMK\n")
+    records = read_fasta(p)
+    assert next(records).id == "ok"
+    with pytest.raises(RunnerError, match=r"big\.fa: record 'huge' is too large to read \(1\d\d bytes"):
+        next(records)

@@ -48,6 +48,8 @@ PARQUET_MAGIC = b"PAR1"
 UTF8_BOM = b"\xef\xbb\xbf"
 # Large reads amortise Python overhead; a few MiB keeps memory flat even with many parallel readers.
 CHUNK_BYTES = 4 << 20
+# The most text one parse may hold: Arrow strings (int32 offsets) hold at most 2 GiB, and a parse holds whole records.
+MAX_PARSE_BYTES = (1 << 31) - 1
 # Rows per Arrow batch for tables: big enough to amortise, small enough to stay streaming.
 TABLE_BATCH_ROWS = 65536
 # ASCII whitespace: what may precede the first '>' of a FASTA file.
@@ -397,6 +399,13 @@ def read_fasta_runs(path: Path, start_ordinal: int = 0) -> Iterator[RecordRun]:
 
     def run_of(text: bytes) -> RecordRun:
         nonlocal ordinal, last_id
+        if len(text) > MAX_PARSE_BYTES:  # only a record larger than all the chunks around it gets here
+            header = text[: text.find(b"\n")].split(None, 1)
+            rid = header[0].decode("utf-8", errors="replace") if header else ""
+            raise RunnerError(
+                f"{path}: record {rid!r} is too large to read ({len(text):,} bytes from its header on; at most "
+                f"{MAX_PARSE_BYTES:,}): split it into smaller records, then rerun"
+            )
         ids, sequences = _fasta_columns(text)
         run = RecordRun(ids, sequences, source, ordinal)
         ordinal += len(run)
