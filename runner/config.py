@@ -245,24 +245,17 @@ def parse_setting(key: str, value: Any, kind: Any, where: str) -> Any:
         if text in TRUE_STRINGS or text in FALSE_STRINGS:
             return text in TRUE_STRINGS
         raise RunnerError(f"{where}: {key}: {value!r} is not a boolean: use true or false (like --{name})")
-    if kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+    if kind is int or kind is float:
+        numbers = (int,) if kind is int else (int, float)  # a float where a whole number belongs is refused
+        if isinstance(value, numbers) and not isinstance(value, bool):
+            return kind(value)
         if isinstance(value, str):
             try:
-                return int(value.strip())
+                return kind(value.strip())
             except ValueError:
                 pass
-        raise RunnerError(f"{where}: {key}: {value!r} is not a whole number (like --{name})")
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise RunnerError(f"{where}: {key}: {value!r} is not a number (like --{name})")
+        what = "a whole number" if kind is int else "a number"
+        raise RunnerError(f"{where}: {key}: {value!r} is not {what} (like --{name})")
     if kind is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
