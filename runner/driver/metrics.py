@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from typing import Any
 
 import numpy as np
 
@@ -34,31 +35,47 @@ def _ray_ready() -> bool:
         return False
 
 
-class ActorMetrics:
+class _Recorder:
+    """Ray metrics that all carry one set of tags; inert (`enabled` False) outside Ray."""
+
+    def __init__(self, tags: dict[str, str]) -> None:
+        self.enabled = _ray_ready()
+        self.tags = tags
+
+    def _counter(self, name: str, description: str) -> Any:
+        from ray.util.metrics import Counter
+
+        return Counter(name, description, tag_keys=tuple(self.tags))
+
+    def _gauge(self, name: str, description: str) -> Any:
+        from ray.util.metrics import Gauge
+
+        return Gauge(name, description, tag_keys=tuple(self.tags))
+
+    def _histogram(self, name: str, description: str, boundaries: list[float]) -> Any:
+        from ray.util.metrics import Histogram
+
+        return Histogram(name, description, boundaries=boundaries, tag_keys=tuple(self.tags))
+
+
+class ActorMetrics(_Recorder):
     """What one embedding actor reports per batch."""
 
     def __init__(self, model: str, precision: str, worker: str) -> None:
-        self.enabled = _ray_ready()
-        self.tags = {"model": model, "precision": precision, "worker": worker}
+        super().__init__({"model": model, "precision": precision, "worker": worker})
         self._window: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) of recent batches
         if not self.enabled:
             return
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        keys = tuple(self.tags)
-        self.sequences = Counter("runner_sequences", "Windows embedded", tag_keys=keys)
-        self.tokens = Counter("runner_tokens", "Tokens embedded", tag_keys=keys)
-        self.batches = Counter("runner_batches", "Packed batches embedded", tag_keys=keys)
-        self.nonfinite = Counter("runner_nonfinite", "Windows with a NaN/Inf embedding", tag_keys=keys)
-        self.latency = Histogram("runner_batch_latency_seconds", "Time to embed one packed batch",
-                                 boundaries=LATENCY_BOUNDARIES, tag_keys=keys)
-        self.tokens_per_second = Gauge("runner_tokens_per_second", "Recent tokens/s of this actor (GPU)",
-                                       tag_keys=keys)
-        self.packing = Gauge("runner_packing_efficiency", "Real tokens / token budget of recent batches",
-                             tag_keys=keys)
+        self.sequences = self._counter("runner_sequences", "Windows embedded")
+        self.tokens = self._counter("runner_tokens", "Tokens embedded")
+        self.batches = self._counter("runner_batches", "Packed batches embedded")
+        self.nonfinite = self._counter("runner_nonfinite", "Windows with a NaN/Inf embedding")
+        self.latency = self._histogram("runner_batch_latency_seconds", "Time to embed one packed batch",
+                                       LATENCY_BOUNDARIES)
+        self.tokens_per_second = self._gauge("runner_tokens_per_second", "Recent tokens/s of this actor (GPU)")
+        self.packing = self._gauge("runner_packing_efficiency", "Real tokens / token budget of recent batches")
         # Its rate is the actor's busy fraction: well below 1, the actor waits for input (not the GPU's limit).
-        self.busy = Counter("runner_busy_seconds", "Seconds in forwards (calls in flight together counted once)",
-                            tag_keys=keys)
+        self.busy = self._counter("runner_busy_seconds", "Seconds in forwards (calls in flight together counted once)")
 
     def batch(self, windows: int, tokens: int, budget: int, seconds: float, nonfinite: int,
               busy_seconds: float = 0.0) -> None:
@@ -82,27 +99,22 @@ class ActorMetrics:
             self.tokens_per_second.set(sum(t for _, t in list(self._window)[1:]) / span, tags=self.tags)
 
 
-class DriverMetrics:
+class DriverMetrics(_Recorder):
     """What the driver reports: rejects, shadow queue, drift."""
 
     def __init__(self, model: str, precision: str) -> None:
-        self.enabled = _ray_ready()
-        self.tags = {"model": model, "precision": precision}
+        super().__init__({"model": model, "precision": precision})
         self._recent_cosines: deque[float] = deque(maxlen=1000)
         if not self.enabled:
             return
-        from ray.util.metrics import Counter, Gauge, Histogram
-
-        keys = tuple(self.tags)
-        self.rejects = Counter("runner_rejects", "Records rejected", tag_keys=keys)
-        self.queue_depth = Gauge("runner_shadow_queue_depth", "Shadow batches queued or running", tag_keys=keys)
-        self.cosine = Histogram("runner_shadow_cosine", "Cosine of main vs FP32 shadow embedding",
-                                boundaries=COSINE_BOUNDARIES, tag_keys=keys)
-        self.cosine_min = Gauge("runner_shadow_cosine_rolling_min", "Lowest cosine of the last 1000 samples",
-                                tag_keys=keys)
-        self.violations = Counter("runner_drift_violations", "Samples below --drift-min-cosine", tag_keys=keys)
-        self.shed = Counter("runner_shadow_shed", "Samples shed because the shadow fell behind", tag_keys=keys)
-        self.rows = Counter("runner_rows_written", "Embeddings written", tag_keys=keys)
+        self.rejects = self._counter("runner_rejects", "Records rejected")
+        self.queue_depth = self._gauge("runner_shadow_queue_depth", "Shadow batches queued or running")
+        self.cosine = self._histogram("runner_shadow_cosine", "Cosine of main vs FP32 shadow embedding",
+                                      COSINE_BOUNDARIES)
+        self.cosine_min = self._gauge("runner_shadow_cosine_rolling_min", "Lowest cosine of the last 1000 samples")
+        self.violations = self._counter("runner_drift_violations", "Samples below --drift-min-cosine")
+        self.shed = self._counter("runner_shadow_shed", "Samples shed because the shadow fell behind")
+        self.rows = self._counter("runner_rows_written", "Embeddings written")
 
     def rejected(self, count: int) -> None:
         if self.enabled and count:
