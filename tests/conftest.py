@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -56,6 +59,56 @@ def some_proteins() -> list[tuple[str, str]]:
     return read_fasta(DATA / "some_proteins.fasta")
 
 
+# --- commands and their outputs ----------------------------------------------------------------------
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """`runner ARGS` in this process (click's CliRunner, exceptions raised as they are): (exit code, output)."""
+    from click.testing import CliRunner
+
+    from runner.cli import cli
+
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def read_parts(out: Path) -> Any:
+    """The pooled parts of a `runner embed` output folder, concatenated in part order: one pyarrow Table."""
+    import pyarrow as pa
+
+    return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*.arrow")))
+
+
+def vectors(table: Any, name: str = "embedding") -> Any:
+    """A pooled part's vector column `name` as a numpy array [N, D]."""
+    dim = table.schema.field(name).type.list_size
+    return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+
+
+def embeddings_by_id(out: Path) -> dict[str, Any]:
+    """id -> its stored `embedding` vector [D], of a `runner embed` output folder."""
+    table = read_parts(out)
+    return dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
+
+
+# --- packed batches ----------------------------------------------------------------------------------
+
+Packed = tuple[Any, Any, Any, int]  # tokens int64 [T], positions int64 [T], cu_seqlens int32 [B+1], max_seqlen
+
+
+def pack(codec: Any, seqs: list[str]) -> Packed:
+    """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back, as `codec` cleans
+    and encodes them."""
+    import torch
+
+    encoded = [torch.from_numpy(codec.encode(codec.clean(s))).long() for s in seqs]
+    lengths = torch.tensor([len(t) for t in encoded])
+    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
+    return torch.cat(encoded), positions, cu, int(lengths.max())
+
+
 # --- ESM-2 -------------------------------------------------------------------------------------------
 
 
@@ -71,6 +124,23 @@ def tiny_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script: M
     return tiny_esm2_script.make_esm2(tmp_path_factory.mktemp("esm2") / "esm2_tiny.pt")
 
 
+def load_fair_esm(checkpoint: Path) -> tuple[Any, Any]:
+    """fair-esm's own loader on a checkpoint file (torch.load made safe the way runner's is): (model, alphabet)."""
+    import argparse
+
+    import esm
+    import torch
+
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return esm.pretrained.load_model_and_alphabet_local(str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def fair_esm_model(tiny_esm2_path: Path) -> Any:
+    """tiny_esm2_path through fair-esm's own loader, in eval mode (one per test module)."""
+    return load_fair_esm(tiny_esm2_path)[0].eval()
+
+
 @pytest.fixture(scope="session")
 def overflow_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script: ModuleType) -> Path:
     """Like tiny_esm2_path, but any sequence containing 'W' embeds to non-finite values in fp32."""
@@ -79,17 +149,20 @@ def overflow_esm2_path(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_scrip
     )
 
 
+@pytest.fixture(scope="session")
+def esm2_150m(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script: ModuleType) -> Path:
+    """Random weights in the esm2_t30_150M_UR50D shape (30 layers, 640 wide, 20 heads), for the GPU tests."""
+    return tiny_esm2_script.make_esm2(tmp_path_factory.mktemp("esm150") / "esm2_150m.pt", layers=30, dim=640,
+                                      heads=20, seed=0)
+
+
 def fair_esm_extract(checkpoint: Path, fasta: Path, repr_layers: list[int]) -> dict[str, dict]:
     """What fair-esm's scripts/extract.py computes for each sequence with `--include mean per_tok bos`:
     its loader, batch converter (truncation 1022) and padded FP32 forward, sliced as extract.py slices.
     By label: {"label", "representations" {layer: [L, D]}, "mean_representations", "bos_representations"}."""
-    import argparse
-
-    import esm
     import torch
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(checkpoint))
+    model, alphabet = load_fair_esm(checkpoint)
     model.eval()
     labels, strs, toks = alphabet.get_batch_converter(1022)(read_fasta(fasta))
     with torch.no_grad():
@@ -126,6 +199,34 @@ def fake_hub_cache(cache: Path, repo: str, files_from: Path) -> Path:
     (root / "refs" / "main").write_text(revision)
     shutil.copytree(files_from, root / "snapshots" / revision)
     return root / "snapshots" / revision
+
+
+@contextmanager
+def ray_with_hub_cache(cache: Path, repo: str, files_from: Path, **env: str) -> Iterator[None]:
+    """A local Ray (4 CPUs) started with a Hugging Face cache at `cache` that holds `files_from` as hub model `repo`,
+    and HF_HUB_OFFLINE=1 (no network here): the driver and the actors resolve the hub name as from a user's warm
+    cache. `env`: more environment variables for this process and the actors."""
+    import ray
+    from huggingface_hub import constants
+
+    fake_hub_cache(cache, repo, files_from)
+    patch = pytest.MonkeyPatch()
+    patch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes (they inherit Ray's environment)
+    patch.setenv("HF_HUB_OFFLINE", "1")
+    for name, value in env.items():
+        patch.setenv(name, value)
+    patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
+    patch.setattr(constants, "HF_HUB_OFFLINE", True)
+    try:
+        start_local_ray(num_cpus=4)  # address="local": a Ray of its own, even when others run on this machine
+    except Exception:
+        patch.undo()
+        raise
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        patch.undo()
 
 
 @pytest.fixture(scope="session")
@@ -167,7 +268,32 @@ def overflow_esmc_dir(tmp_path_factory: pytest.TempPathFactory, tiny_esmc_script
     return tiny_esmc_script.make_esmc(tmp_path_factory.mktemp("esmc_overflow"), overflow_residue="W")[0]
 
 
+# --- GPU ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_ray() -> Iterator[None]:
+    """A local Ray with every GPU of this machine, for a module of gpu tests (pytest.mark.usefixtures("gpu_ray"))."""
+    import ray
+    import torch
+
+    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
 def pythonpath_with(repo: Path) -> str:
     """PYTHONPATH for a `python -m runner` subprocess: this checkout first, then the test run's own PYTHONPATH
     (a GPU machine's bundle of packages lives there; replacing it hides fair-esm and Ray from the child)."""
     return os.pathsep.join(p for p in (str(repo), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def run_bench(*args: str, script: str = "bench.py", timeout: float = 120) -> Any:
+    """`python scripts/<script> ARGS` as the wrapper runs it, with the repository on PYTHONPATH: the completed
+    process (text stdout and stderr)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
+    return subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -36,7 +35,7 @@ from bench_report import (  # noqa: E402
     output_pairs_lines,
     summarize,
 )
-from conftest import pythonpath_with  # noqa: E402
+from conftest import pack, run_bench  # noqa: E402
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
@@ -48,13 +47,6 @@ def read_fasta(path: Path) -> list[tuple[str, str]]:
         elif line:
             records[-1] = (records[-1][0], records[-1][1] + line)
     return records
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    """`python scripts/bench.py ARGS` as the wrapper runs it, with the repository on PYTHONPATH."""
-    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
-    return subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
 
 
 def runner_commands(stdout: str) -> list[list[str]]:
@@ -565,12 +557,8 @@ def test_random_esm2_checkpoint_loads_in_runner(tmp_path: Path, dtype: str) -> N
     assert loaded.dtype == torch.float32 and torch.equal(loaded, embed.float())  # upcast on load, same values
     assert not loaded[model.esm.padding_idx].any()
 
-    seqs = [s for _, s in synth(3, seed=0)]
-    encoded = [torch.from_numpy(model.codec.encode(s)).long() for s in seqs]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([len(t) for t in encoded]).cumsum(0)
-    positions = torch.cat([torch.arange(len(t)) for t in encoded])
-    hidden = model.forward_packed(torch.cat(encoded), positions, cu, max(len(t) for t in encoded), -1)
+    tokens, positions, cu, max_len = pack(model.codec, [s for _, s in synth(3, seed=0)])
+    hidden = model.forward_packed(tokens, positions, cu, max_len, -1)
     assert hidden.shape == (int(cu[-1]), 32) and torch.isfinite(hidden).all()
 
     other = torch.load(write_random_esm2(tmp_path / "again.pt", 2, 32, 4, seed=7, dtype=dtype),
@@ -629,10 +617,8 @@ def test_bench_pooling_runs_both_settings_on_a_tiny_model(tmp_path: Path) -> Non
     """scripts/bench_pooling.py's CPU smoke test: every figure for both settings, and the three-layer setting stores
     the one-layer setting's vector in its last-layer mean column."""
     out = tmp_path / "pooling.json"
-    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
-    res = subprocess.run([sys.executable, str(SCRIPTS / "bench_pooling.py"), "--cpu", "--arch", "tiny", "--tokens",
-                          "1024", "--reps", "2", "--warmup", "1", "--workdir", str(tmp_path / "work"), "--out", str(out)],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    res = run_bench("--cpu", "--arch", "tiny", "--tokens", "1024", "--reps", "2", "--warmup", "1", "--workdir",
+                    str(tmp_path / "work"), "--out", str(out), script="bench_pooling.py", timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     doc = json.loads(out.read_text())
     figures = {"forward", "pool", "pool_legacy", "embed", "call"}

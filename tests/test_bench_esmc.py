@@ -3,8 +3,6 @@ random .pth runner loads, and the ratios against transformers' EsmcModel and the
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,13 +18,7 @@ for _path in (str(REPO), str(SCRIPTS)):  # as `python scripts/bench.py` sees the
 import bench  # noqa: E402
 from bench_data import synth, write_random_esmc  # noqa: E402
 from bench_report import compute_ratios, markdown_table, summarize  # noqa: E402
-from conftest import pythonpath_with  # noqa: E402
-
-
-def run_bench(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=pythonpath_with(REPO))
-    return subprocess.run([sys.executable, str(SCRIPTS / "bench.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+from conftest import pack, run_bench  # noqa: E402
 
 
 def test_dry_run_plans_esmc_with_its_checkpoint_and_reference_modes(tmp_path: Path) -> None:
@@ -54,12 +46,8 @@ def test_random_esmc_checkpoint_loads_in_runner(tmp_path: Path) -> None:
     assert saved["embed.weight"].dtype == torch.float16
     model = load_esmc(str(path))
     assert (model.num_layers, model.info.embed_dim, model.num_heads) == (2, 128, 2)
-    seqs = [s for _, s in synth(3, seed=0)]
-    encoded = [torch.from_numpy(model.codec.encode(s)).long() for s in seqs]
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor([len(t) for t in encoded]).cumsum(0)
-    positions = torch.cat([torch.arange(len(t)) for t in encoded])
-    hidden = model.forward_packed(torch.cat(encoded), positions, cu, max(len(t) for t in encoded), -1)
+    tokens, positions, cu, max_len = pack(model.codec, [s for _, s in synth(3, seed=0)])
+    hidden = model.forward_packed(tokens, positions, cu, max_len, -1)
     assert hidden.shape == (int(cu[-1]), 128) and torch.isfinite(hidden).all()
     with pytest.raises(ValueError, match="64 wide"):
         write_random_esmc(tmp_path / "bad.pth", layers=1, dim=100, heads=2)

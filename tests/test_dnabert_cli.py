@@ -9,9 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke, read_parts, vectors
 
-from runner.cli import cli
 from runner.models.dnabert import load_dnabert
 from runner.stages.pooling import pool_packed
 
@@ -39,26 +38,10 @@ def test_dnabert_embed_end_to_end(tmp_path: Path, tiny_dnabert_dir: Path) -> Non
     body += ">rna\nACGUACGUNNACGU\n>bad\nACGTXYZ\n"
     fasta.write_text(body)
     out = tmp_path / "dna"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "embed",
-            str(fasta),
-            "--model",
-            str(tiny_dnabert_dir),
-            "--out",
-            str(out),
-            "--gpus",
-            "0",
-            "--shadow-rate",
-            "0",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
-    table = pa.concat_tables(
-        pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*"))
-    )
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_dnabert_dir), "--out", str(out), "--gpus", "0",
+                          "--shadow-rate", "0")
+    assert code == 0, output
+    table = read_parts(out)
     ids = table.column("id").to_pylist()
     assert sorted(ids) == sorted([f"r{i}" for i in range(40)] + ["rna"])
     rejects = pa.ipc.open_file(out / "rejects.arrow").read_all().to_pydict()
@@ -71,12 +54,7 @@ def test_dnabert_embed_end_to_end(tmp_path: Path, tiny_dnabert_dir: Path) -> Non
 
     # Each stored vector equals a one-sequence forward of the same weights (U->T, uppercase applied).
     model = load_dnabert(str(tiny_dnabert_dir))
-    dim = table.schema.field("embedding").type.list_size
-    got = dict(
-        zip(
-            ids, table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim), strict=True
-        )
-    )
+    got = dict(zip(ids, vectors(table), strict=True))
     for sid, seq in [("r0", reads[0]), ("r1", reads[1]), ("rna", "ACGTACGTNNACGT")]:
         tokens = torch.from_numpy(model.codec.encode(seq)).long()
         cu = torch.tensor([0, len(tokens)], dtype=torch.int32)
@@ -92,23 +70,9 @@ def test_two_models_one_job(tmp_path: Path, tiny_dnabert_dir: Path, tiny_esm2_pa
     fasta = tmp_path / "reads.fa"
     fasta.write_text("".join(f">r{i}\n{s}\n" for i, s in enumerate(random_dna(12, seed=2))))
     out = tmp_path / "both"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "embed",
-            str(fasta),
-            "--model",
-            str(tiny_dnabert_dir),
-            "--model",
-            str(tiny_esm2_path),
-            "--out",
-            str(out),
-            "--gpus",
-            "0",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_dnabert_dir), "--model", str(tiny_esm2_path),
+                          "--out", str(out), "--gpus", "0")
+    assert code == 0, output
     for folder, family in (("dnabert_tiny", "dnabert"), ("esm2_tiny", "esm2")):
         manifest = json.loads((out / folder / "manifest.json").read_text())
         assert manifest["model"]["family"] == family and manifest["counts"]["rows"] == 12

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import fractions
 import hashlib
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_fair_esm, pack
 
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.fp16x3 import SplitWeight
@@ -24,18 +24,6 @@ from runner.models.esm2 import ESM2_MODELS, Esm2Codec, ESM2Embedder, esm2_codec,
 from runner.models.esm2_layers import linear_tanh_gelu
 from runner.models.registry import load_codec, load_model, model_family
 from runner.stages.pooling import pool_packed
-
-Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-
-
-def pack(codec: Esm2Codec, seqs: list[str]) -> Packed:
-    """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back."""
-    encoded = [torch.from_numpy(codec.encode(codec.clean(s))).long() for s in seqs]
-    lengths = torch.tensor([len(t) for t in encoded])
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-    return torch.cat(encoded), positions, cu, int(lengths.max())
 
 
 def fair_esm_padded(model: torch.nn.Module, seqs: list[str], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,16 +43,6 @@ def unpack_reference(reps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def embedder(tiny_esm2_path: Path) -> ESM2Embedder:
     return load_esm2(str(tiny_esm2_path))
-
-
-@pytest.fixture(scope="module")
-def fair_esm_model(tiny_esm2_path: Path) -> torch.nn.Module:
-    """The same checkpoint loaded by fair-esm's own loader (torch.load made safe the same way)."""
-    import esm
-
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model, _ = esm.pretrained.load_model_and_alphabet_local(str(tiny_esm2_path))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -360,16 +338,13 @@ def _rewrite_inv_freq(src: Path, dst: Path, scale_of_layer: dict[int, float]) ->
 def test_rotary_frequencies_come_from_the_checkpoint(
     tmp_path: Path, tiny_esm2_path: Path, embedder: ESM2Embedder, proteins: list[str]
 ) -> None:
-    import esm
-
     # Frequencies unlike fair-esm's formula (as released files may hold them rounded): the packed forward must
     # use the stored ones, as fair-esm's own module does.
     # (The esm2_ prefix: fair-esm's loader picks its checkpoint version by the file name.)
     path = _rewrite_inv_freq(tiny_esm2_path, tmp_path / "esm2_freq.pt", {0: 1.5, 1: 1.5})
     model = load_esm2(str(path))
     torch.testing.assert_close(model.rotary_inv_freq, embedder.rotary_inv_freq * 1.5)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        reference, _ = esm.pretrained.load_model_and_alphabet_local(str(path))
+    reference, _ = load_fair_esm(path)
     tokens, positions, cu, max_len = pack(model.codec, proteins[:4])
     hidden = model.forward_packed(tokens, positions, cu, max_len, -1)  # [T, D]
     ref = unpack_reference(*fair_esm_padded(reference.eval(), proteins[:4], model.num_layers))

@@ -12,22 +12,13 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import fake_hub_cache
+from conftest import fake_hub_cache, pack
 from safetensors.torch import load_file, save_file
 
 from runner.errors import CheckpointError, RunnerError
 from runner.models.esm2 import ESM2Embedder, load_esm2
 from runner.models.registry import load_codec, load_model, model_family, model_info
 from runner.stages.pooling import pool_packed
-
-
-def pack(model: ESM2Embedder, seqs: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back (runner's codec)."""
-    encoded = [torch.from_numpy(model.codec.encode(model.codec.clean(s))).long() for s in seqs]
-    lengths = torch.tensor([len(t) for t in encoded])
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    return torch.cat(encoded), torch.cat([torch.arange(n) for n in lengths.tolist()]), cu, int(lengths.max())
 
 
 def transformers_hidden_states(directory: Path, seqs: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -70,7 +61,7 @@ def test_every_layer_matches_transformers(
     model = load_model(str(directory))
     assert isinstance(model, ESM2Embedder)  # the same packed ESM-2 as fair-esm checkpoints run
     reference, ids = transformers_hidden_states(directory, proteins)
-    tokens, positions, cu, max_len = pack(model, proteins)
+    tokens, positions, cu, max_len = pack(model.codec, proteins)
     assert torch.equal(tokens, ids)  # runner's codec tokenizes as transformers' EsmTokenizer
     assert len(reference) == model.num_layers + 1
     for layer, ref in enumerate(reference):  # hidden_states[i] = layer i here, 0 = embeddings
@@ -90,7 +81,7 @@ def test_fair_esm_conversion_gives_the_same_vectors(
     pt = tiny_hf_esm2_script.to_fair_esm(tiny_hf_esm2_dir, tmp_path / "esm2_converted.pt")
     hf_model, pt_model = load_model(str(tiny_hf_esm2_dir)), load_esm2(str(pt))
     torch.testing.assert_close(pt_model.rotary_inv_freq, hf_model.rotary_inv_freq, rtol=0, atol=0)
-    tokens, positions, cu, max_len = pack(hf_model, proteins)
+    tokens, positions, cu, max_len = pack(hf_model.codec, proteins)
     via_hf = hf_model.forward_packed(tokens, positions, cu, max_len, -1)  # [T, D]
     via_pt = pt_model.forward_packed(tokens, positions, cu, max_len, -1)  # [T, D]
     assert torch.equal(via_hf, via_pt)  # the same weights give the same vectors, bit for bit
@@ -130,7 +121,7 @@ def test_vocab_in_another_order_is_mapped(tmp_path: Path, tiny_hf_esm2_dir: Path
     weights["esm.embeddings.word_embeddings.weight"] = rows[order].contiguous()
     save_file(weights, shuffled / "model.safetensors", metadata={"format": "pt"})
     original, remapped = load_model(str(tiny_hf_esm2_dir)), load_model(str(shuffled))
-    tokens, positions, cu, max_len = pack(original, proteins[:3])
+    tokens, positions, cu, max_len = pack(original.codec, proteins[:3])
     assert torch.equal(original.forward_packed(tokens, positions, cu, max_len, -1),
                        remapped.forward_packed(tokens, positions, cu, max_len, -1))
 
@@ -155,7 +146,7 @@ def test_sharded_weights_with_an_index(
         weight_map.update(dict.fromkeys(part, shard))
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     single, split = load_model(str(tiny_hf_esm2_dir)), load_model(str(sharded))
-    tokens, positions, cu, max_len = pack(single, proteins[:3])
+    tokens, positions, cu, max_len = pack(single.codec, proteins[:3])
     assert torch.equal(single.forward_packed(tokens, positions, cu, max_len, -1),
                        split.forward_packed(tokens, positions, cu, max_len, -1))
     assert len(model_info(str(sharded), compute_sha256=True).checkpoint_sha256) == 64
@@ -186,7 +177,7 @@ def test_hub_name_loads_from_the_hugging_face_cache(
     model = load_model(name)
     assert model.info.name == name and model.info.checkpoint == str(snapshot.resolve())
     local = load_model(str(tiny_hf_esm2_dir))
-    tokens, positions, cu, max_len = pack(model, proteins[:3])
+    tokens, positions, cu, max_len = pack(model.codec, proteins[:3])
     assert torch.equal(model.forward_packed(tokens, positions, cu, max_len, -1),
                        local.forward_packed(tokens, positions, cu, max_len, -1))
     info = model_info(name, compute_sha256=True)
@@ -287,7 +278,7 @@ def _cuda(*tensors: torch.Tensor) -> list[torch.Tensor]:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_fp16_packed_vs_transformers_fp32(tiny_hf_esm2_dir: Path, proteins: list[str]) -> None:
     model = _on_gpu(load_model(str(tiny_hf_esm2_dir)))
-    tokens, positions, cu, max_len = pack(model, proteins)
+    tokens, positions, cu, max_len = pack(model.codec, proteins)
     hidden = model.forward_packed(*_cuda(tokens, positions, cu), max_len, -1)  # [T, D] fp16
     pooled = pool_packed(hidden.float(), cu.cuda(), "mean", 1, 1).cpu()  # [B, D]
     reference, _ = transformers_hidden_states(tiny_hf_esm2_dir, proteins)
@@ -316,7 +307,7 @@ def test_gpu_650m_from_transformers_runs_the_fair_esm_model_code(
     pt = tiny_hf_esm2_script.to_fair_esm(hf_dir, tmp_path / "esm2_650M.pt")
     seqs = (proteins * 8)[:96]  # 96 real proteins, ~45k tokens: one packed batch
     models = {"transformers dir": _on_gpu(load_model(str(hf_dir))), "fair-esm .pt": _on_gpu(load_esm2(str(pt)))}
-    tokens, positions, cu, max_len = pack(models["fair-esm .pt"], seqs)
+    tokens, positions, cu, max_len = pack(models["fair-esm .pt"].codec, seqs)
     tokens, positions, cu = _cuda(tokens, positions, cu)
     outputs, speed = {}, {}
     for name, model in models.items():
@@ -337,7 +328,7 @@ def test_gpu_650m_from_transformers_runs_the_fair_esm_model_code(
 
     reference = EsmModel.from_pretrained(hf_dir, add_pooling_layer=False).cuda().eval()
     sample = proteins[:8]
-    tokens, positions, cu, max_len = pack(hf, sample)
+    tokens, positions, cu, max_len = pack(hf.codec, sample)
     tokens, positions, cu = _cuda(tokens, positions, cu)
     with torch.no_grad():  # one sequence at a time: no padding in the reference
         ref_hidden = [reference(tokens[a:b][None]).last_hidden_state[0] for a, b in zip(cu[:-1], cu[1:], strict=True)]

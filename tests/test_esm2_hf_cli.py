@@ -7,13 +7,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import fake_hub_cache, read_fasta, start_local_ray
-
-from runner.cli import cli
+from conftest import embeddings_by_id, invoke, ray_with_hub_cache, read_fasta, read_parts
 
 DATA = Path(__file__).parent / "data"
 
@@ -26,31 +22,9 @@ def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_hf_esm2_dir: Path):
     """One local Ray for the module. It starts with a Hugging Face cache that holds the tiny transformers ESM-2
     under HUB_NAME and with HF_HUB_OFFLINE=1 (no network here), so the driver and the actors resolve the hub
     name as they would from a user's warm cache."""
-    import ray
-    from huggingface_hub import constants
-
-    cache = tmp_path_factory.mktemp("hf_hub")
-    fake_hub_cache(cache, HUB_NAME, tiny_hf_esm2_dir)
-    patch = pytest.MonkeyPatch()
-    patch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes (they inherit Ray's environment)
-    patch.setenv("HF_HUB_OFFLINE", "1")
-    patch.setenv("RUNNER_CACHE_DIR", str(tmp_path_factory.mktemp("runner_cache")))
-    patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
-    patch.setattr(constants, "HF_HUB_OFFLINE", True)
-    # address="local": a Ray of this module's own, even when another `ray start` on the machine is the latest.
-    try:
-        start_local_ray(num_cpus=4)
-    except Exception:
-        patch.undo()
-        raise
-    yield
-    ray.shutdown()
-    patch.undo()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    with ray_with_hub_cache(tmp_path_factory.mktemp("hf_hub"), HUB_NAME, tiny_hf_esm2_dir,
+                            RUNNER_CACHE_DIR=str(tmp_path_factory.mktemp("runner_cache"))):
+        yield
 
 
 def transformers_means(directory: Path, records: list[tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -78,9 +52,7 @@ def test_embed_and_validate_a_transformers_directory(
     code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_hf_esm2_dir),
                           "--out", str(out), "--gpus", "0", "--shadow-rate", "1")
     assert code == 0, output
-    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
-    got = {sid: np.asarray(vec, dtype=np.float32)
-           for sid, vec in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True)}
+    got = embeddings_by_id(out)
     reference = transformers_means(tiny_hf_esm2_dir, some_proteins)
     assert sorted(got) == sorted(reference)
     for sid, ref in reference.items():
@@ -113,10 +85,8 @@ def test_embed_a_hub_name_from_the_hugging_face_cache(tmp_path: Path, tiny_hf_es
     code, output = invoke("embed", str(DATA / "few_proteins.fasta"), "--model", HUB_NAME, "--out", str(out),
                           "--gpus", "0", "--shadow-rate", "0")
     assert code == 0, output
-    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
     reference = transformers_means(tiny_hf_esm2_dir, read_fasta(DATA / "few_proteins.fasta"))
-    for sid, vec in zip(table.column("id").to_pylist(), table.column("embedding").to_pylist(), strict=True):
-        got = np.asarray(vec, dtype=np.float32)
+    for sid, got in embeddings_by_id(out).items():
         assert float(got @ reference[sid] / (np.linalg.norm(got) * np.linalg.norm(reference[sid]))) >= 0.9999
     model = json.loads((out / "manifest.json").read_text())["model"]
     assert model["name"] == HUB_NAME and "models--facebook--esm2_t6_8M_UR50D" in model["checkpoint"]
@@ -140,7 +110,7 @@ def test_layers_and_per_token_vectors_follow_transformers_hidden_states(tmp_path
     tokenizer = AutoTokenizer.from_pretrained(tiny_hf_esm2_dir)
     model = EsmModel.from_pretrained(tiny_hf_esm2_dir, add_pooling_layer=False).eval()
     results = runner.open(out)
-    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
+    table = read_parts(out)
     rows = {sid: i for i, sid in enumerate(table.column("id").to_pylist())}
     worst = 0.0
     for sid, seq in read_fasta(DATA / "few_proteins.fasta"):

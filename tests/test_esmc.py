@@ -11,6 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pack
 
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.fp16x3 import SplitWeight
@@ -19,18 +20,6 @@ from runner.models.esmc import ESMC_ARCHITECTURES, EsmcCodec, EsmcEmbedder
 from runner.models.esmc_checkpoints import esmc_info, load_esmc
 from runner.models.registry import load_codec, model_family
 from runner.stages.pooling import pool_packed
-
-Packed = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
-
-
-def pack(codec: EsmcCodec, seqs: list[str]) -> Packed:
-    """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back."""
-    encoded = [torch.from_numpy(codec.encode(codec.clean(s))).long() for s in seqs]
-    lengths = torch.tensor([len(t) for t in encoded])
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-    return torch.cat(encoded), positions, cu, int(lengths.max())
 
 
 def transformers_hidden(directory: Path, seqs: list[str]) -> tuple[list[torch.Tensor], torch.Tensor]:

@@ -10,9 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
-
-from runner.cli import cli
+from conftest import embeddings_by_id, invoke, ray_with_hub_cache
 
 DATA = Path(__file__).parent / "data"
 
@@ -24,39 +22,8 @@ HUB_NAME = "biohub/ESMC-300M"
 def local_ray(tmp_path_factory: pytest.TempPathFactory, tiny_esmc: tuple[Path, Path]):
     """One local Ray for the module, started with a Hugging Face cache that holds the tiny ESM C under HUB_NAME and
     HF_HUB_OFFLINE=1 (no network here): the driver and the actors resolve the hub name as from a user's warm cache."""
-    import ray
-    from conftest import fake_hub_cache, start_local_ray
-    from huggingface_hub import constants
-
-    cache = tmp_path_factory.mktemp("hf_hub")
-    fake_hub_cache(cache, HUB_NAME, tiny_esmc[0])
-    patch = pytest.MonkeyPatch()
-    patch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes (they inherit Ray's environment)
-    patch.setenv("HF_HUB_OFFLINE", "1")
-    patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
-    patch.setattr(constants, "HF_HUB_OFFLINE", True)
-    # address="local": a Ray of our own, even while other test runs on this machine have theirs. Ray gives its
-    # raylet a fixed 30 s to register, which a heavily loaded 2-core machine can miss: retried then.
-    try:
-        start_local_ray(num_cpus=4)
-    except Exception:
-        patch.undo()
-        raise
-    yield
-    ray.shutdown()
-    patch.undo()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def read_out(out: Path) -> dict[str, np.ndarray]:
-    table = pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*.arrow")))
-    dim = table.schema.field("embedding").type.list_size
-    flat = table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
-    return dict(zip(table.column("id").to_pylist(), flat, strict=True))
+    with ray_with_hub_cache(tmp_path_factory.mktemp("hf_hub"), HUB_NAME, tiny_esmc[0]):
+        yield
 
 
 def transformers_mean(directory: Path, seqs: list[tuple[str, str]]) -> dict[str, np.ndarray]:
@@ -95,7 +62,7 @@ def test_embed_equals_transformers_with_the_shadow_on_every_sequence(tmp_path: P
     code, output = invoke("embed", str(fasta), "--model", str(directory), "--out", str(out), "--gpus", "0",
                           "--shadow-rate", "1", "--rows-per-part", "6")
     assert code == 0, output
-    got = read_out(out)
+    got = embeddings_by_id(out)
     expected = transformers_mean(directory, seqs)
     assert sorted(got) == sorted(expected)
     worst = min(cosine(got[sid], expected[sid]) for sid in expected)
@@ -115,7 +82,7 @@ def test_embed_equals_transformers_with_the_shadow_on_every_sequence(tmp_path: P
     code, output = invoke("embed", str(fasta), "--model", str(pth), "--out", str(from_pth), "--gpus", "0",
                           "--shadow-rate", "0")
     assert code == 0, output
-    again = read_out(from_pth)
+    again = embeddings_by_id(from_pth)
     assert max(float(np.abs(again[s] - got[s]).max()) for s in got) < 1e-6
 
 
@@ -131,7 +98,7 @@ def test_resume_and_chunked_long_sequences(tmp_path: Path, tiny_esmc: tuple[Path
             "--max-residues", "200", "--long", "chunk", "--chunk-overlap", "50", "--rows-per-part", "3")
     code, output = invoke(*args)
     assert code == 0, output
-    first = read_out(out)
+    first = embeddings_by_id(out)
     long_id, long_seq = next((sid, s) for sid, s in seqs if len(s) > 400)
     starts = list(range(0, len(long_seq) - 200, 150)) + [len(long_seq) - 200]
     windows = [(f"w{i}", long_seq[s : s + 200]) for i, s in enumerate(starts)]
@@ -144,7 +111,7 @@ def test_resume_and_chunked_long_sequences(tmp_path: Path, tiny_esmc: tuple[Path
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"]["resumed_rows"] == len(seqs) - 3 and manifest["counts"]["rows"] == len(seqs)
-    second = read_out(out)
+    second = embeddings_by_id(out)
     assert sorted(second) == sorted(first)
     assert max(float(np.abs(second[s] - first[s]).max()) for s in first) < 1e-6
 
@@ -158,7 +125,7 @@ def test_nonfinite_aborts_and_names_sequence(tmp_path: Path, overflow_esmc_dir: 
     assert code == 3, output
     assert "boom" in output and "Traceback" not in output
     assert json.loads((out / "manifest.json").read_text())["status"] == "aborted"
-    stored = read_out(out) if list((out / "embeddings").glob("part-*.arrow")) else {}
+    stored = embeddings_by_id(out) if list((out / "embeddings").glob("part-*.arrow")) else {}
     assert "boom" not in stored and all(np.isfinite(v).all() for v in stored.values())
 
 
@@ -186,7 +153,7 @@ def test_hub_name_from_an_offline_cache_records_the_licence(tmp_path: Path, tiny
     code, output = invoke("embed", str(fasta), "--model", HUB_NAME, "--out", str(out), "--gpus", "0",
                           "--shadow-rate", "0")
     assert code == 0, output
-    got = read_out(out)
+    got = embeddings_by_id(out)
     expected = transformers_mean(tiny_esmc[0], seqs)
     assert min(cosine(got[sid], expected[sid]) for sid in expected) >= 0.9999
     model = json.loads((out / "manifest.json").read_text())["model"]

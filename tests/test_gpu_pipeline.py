@@ -10,46 +10,16 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
-
-from runner.cli import cli
+from conftest import embeddings_by_id, invoke, read_parts
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+    pytest.mark.usefixtures("gpu_ray"),
 ]
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def esm2_150m(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script) -> Path:
-    """Random weights in the esm2_t30_150M_UR50D shape (30 layers, 640 wide, 20 heads)."""
-    return tiny_esm2_script.make_esm2(
-        tmp_path_factory.mktemp("esm150") / "esm2_150m.pt", layers=30, dim=640, heads=20, seed=0
-    )
-
-
-def read_parts(out: Path) -> pa.Table:
-    return pa.concat_tables(
-        pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*"))
-    )
-
-
-def vectors(table: pa.Table) -> np.ndarray:
-    dim = table.schema.field("embedding").type.list_size
-    return table.column("embedding").combine_chunks().flatten().to_numpy().reshape(-1, dim)
 
 
 def test_fp16_pipeline_matches_fair_esm_fp32(tmp_path: Path, esm2_150m: Path, some_proteins) -> None:
@@ -58,31 +28,16 @@ def test_fp16_pipeline_matches_fair_esm_fp32(tmp_path: Path, esm2_150m: Path, so
     from runner.models.esm2 import load_esm2
 
     out = tmp_path / "emb"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "embed",
-            str(DATA / "some_proteins.fasta"),
-            "--model",
-            str(esm2_150m),
-            "--out",
-            str(out),
-            "--gpus",
-            "1",
-            "--shadow-rate",
-            "1",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
+    code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(esm2_150m), "--out", str(out),
+                          "--gpus", "1", "--shadow-rate", "1")
+    assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "fp16"
     kernel, *options = manifest["attention_backend"][0].split("+")
     assert kernel in ("flash_attn", "torch_varlen") and "compile" in options  # GPUs compile by default
     assert "fused_gelu" in options  # ESM-2 in FP16 on a GPU: fc1 + tanh GELU as one GEMM by default
     assert manifest["shadow"]["fp32_math"] == "fp16x3"
-    table = read_parts(out)
-    got = dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
+    got = embeddings_by_id(out)
 
     model = load_esm2(str(esm2_150m)).esm.cuda().float().eval()
     batch = esm.data.Alphabet.from_architecture("ESM-1b").get_batch_converter()
@@ -116,23 +71,9 @@ def test_every_gpu_embeds_and_every_id_once(tmp_path: Path, tiny_esm2_path: Path
                 f">s{i}\n{''.join(rng.choice(list('ACDEFGHIKLMNPQRSTVWY'), int(rng.integers(30, 600))))}\n"
             )
     out = tmp_path / "emb"
-    result = CliRunner().invoke(
-        cli,
-        [
-            "embed",
-            str(fasta),
-            "--model",
-            str(tiny_esm2_path),
-            "--out",
-            str(out),
-            "--gpus",
-            str(gpus),
-            "--token-budget",
-            "4096",
-        ],
-        catch_exceptions=False,
-    )
-    assert result.exit_code == 0, result.output
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", str(gpus),
+                          "--token-budget", "4096")
+    assert code == 0, output
     ids = read_parts(out).column("id").to_pylist()
     assert len(ids) == len(set(ids)) == 20000
     workers = json.loads((out / "manifest.json").read_text())["throughput"]["windows_per_worker"]
@@ -151,20 +92,16 @@ def test_actor_written_parts_on_gpus_equal_driver_written_ones(tmp_path: Path, t
     runs = {}
     for writer in ("driver", "actors"):
         out = tmp_path / writer
-        result = CliRunner().invoke(
-            cli,
-            ["embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus",
-             str(torch.cuda.device_count()), "--token-budget", "8192", "--shadow-rate", "0.01", "--part-writer", writer],
-            catch_exceptions=False,
-        )
-        assert result.exit_code == 0, result.output
+        code, output = invoke("embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus",
+                              str(torch.cuda.device_count()), "--token-budget", "8192", "--shadow-rate", "0.01",
+                              "--part-writer", writer)
+        assert code == 0, output
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["part_writer"] == writer and manifest["shadow"]["compared"] > 0
-        verify = CliRunner().invoke(cli, ["verify", str(out)])
-        assert verify.exit_code == 0, verify.output
+        code, output = invoke("verify", str(out))
+        assert code == 0, output
         assert not list((out / "embeddings").glob(".staged/*/*"))
-        table = read_parts(out)
-        runs[writer] = dict(zip(table.column("id").to_pylist(), vectors(table), strict=True))
+        runs[writer] = embeddings_by_id(out)
         print(f"\n--part-writer {writer}: {len(manifest['parts'])} parts, "
               f"{manifest['throughput']['tokens_per_second']} tok/s")
     assert len(runs["actors"]) == len(runs["driver"]) == 20000

@@ -6,12 +6,12 @@ forward) are in tests/test_outputs_cli.py.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import pack
 
 from runner.config import EmbedConfig
 from runner.errors import RunnerError
@@ -22,29 +22,9 @@ from runner.stages.pooling import pool_layers
 from runner.stages.shadow import compare_columns
 
 
-def pack(codec, seqs: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back."""
-    encoded = [torch.from_numpy(codec.encode(codec.clean(s))).long() for s in seqs]
-    lengths = torch.tensor([len(t) for t in encoded])
-    cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
-    cu[1:] = lengths.cumsum(0)
-    positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-    return torch.cat(encoded), positions, cu, int(lengths.max())
-
-
 @pytest.fixture(scope="module")
 def embedder(tiny_esm2_path: Path) -> ESM2Embedder:
     return load_esm2(str(tiny_esm2_path))
-
-
-@pytest.fixture(scope="module")
-def fair_esm_model(tiny_esm2_path: Path) -> torch.nn.Module:
-    """The same checkpoint through fair-esm's own loader."""
-    import esm
-
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model, _ = esm.pretrained.load_model_and_alphabet_local(str(tiny_esm2_path))
-    return model.eval()
 
 
 def test_forward_layers_equal_fair_esm_representations(

@@ -7,43 +7,17 @@ per-token array (cosine per sequence), and the multi-layer job's last-layer mean
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke, load_fair_esm, read_parts, vectors
 
-from runner.cli import cli
-
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+              pytest.mark.usefixtures("gpu_ray")]
 DATA = Path(__file__).parent / "data"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    import ray
-
-    ray.init(num_gpus=torch.cuda.device_count(), include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def esm2_150m(tmp_path_factory: pytest.TempPathFactory, tiny_esm2_script) -> Path:
-    return tiny_esm2_script.make_esm2(tmp_path_factory.mktemp("esm150") / "esm2_150m.pt", layers=30, dim=640,
-                                      heads=20, seed=0)
-
-
-def read_parts(out: Path) -> pa.Table:
-    return pa.concat_tables(pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*")))
-
-
-def column(table: pa.Table, name: str) -> np.ndarray:
-    dim = table.schema.field(name).type.list_size
-    return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, dim)
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -52,20 +26,17 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_fp16_layers_poolings_and_per_token_match_fair_esm_fp32(tmp_path: Path, esm2_150m: Path, some_proteins) -> None:
-    import esm
-
     out, plain = tmp_path / "emb", tmp_path / "plain"
     args = ["embed", str(DATA / "some_proteins.fasta"), "--model", str(esm2_150m), "--gpus", "1", "--shadow-rate", "1"]
-    result = CliRunner().invoke(cli, [*args, "--out", str(out), "--layers", "0,15,-1", "--pooling", "mean,cls,max",
-                                      "--per-token", "--per-token-dtype", "float16"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(cli, [*args, "--out", str(plain)], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    code, output = invoke(*args, "--out", str(out), "--layers", "0,15,-1", "--pooling", "mean,cls,max", "--per-token",
+                          "--per-token-dtype", "float16")
+    assert code == 0, output
+    code, output = invoke(*args, "--out", str(plain))
+    assert code == 0, output
     pooled, single = read_parts(out), read_parts(plain)
     ids = pooled.column("id").to_pylist()
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(esm2_150m))
+    model, alphabet = load_fair_esm(esm2_150m)
     model = model.cuda().float().eval()
     convert = alphabet.get_batch_converter()
     seqs = dict(some_proteins)
@@ -82,7 +53,7 @@ def test_fp16_layers_poolings_and_per_token_match_fair_esm_fp32(tmp_path: Path, 
             want = {"mean": rep[1:-1].mean(0), "cls": rep[0], "max": rep[1:-1].max(0)}
             for pooling, vector in want.items():
                 key = f"layer{layer}_{pooling}"
-                worst[key] = min(worst.get(key, 1.0), cosine(column(pooled, key)[row], vector))
+                worst[key] = min(worst.get(key, 1.0), cosine(vectors(pooled, key)[row], vector))
             cell = tables[name][f"layer{layer}"][token_row].values.flatten().to_numpy(zero_copy_only=False)
             got = cell.astype(np.float32).reshape(len(seqs[sid]), -1)
             worst[f"per-token layer{layer}"] = min(worst.get(f"per-token layer{layer}", 1.0), cosine(got, rep[1:-1]))
@@ -90,9 +61,9 @@ def test_fp16_layers_poolings_and_per_token_match_fair_esm_fp32(tmp_path: Path, 
           + ", ".join(f"{k} {v:.6f}" for k, v in worst.items()))
     assert min(worst.values()) >= 0.99
     # The last layer's mean of the multi-layer job is the one-layer job's embedding (same kernels, same packing).
-    plain_vectors = dict(zip(single.column("id").to_pylist(), column(single, "embedding"), strict=True))
-    np.testing.assert_allclose(column(pooled, "layer30_mean"), np.stack([plain_vectors[i] for i in ids]), rtol=0, atol=2e-3)
+    plain_vectors = dict(zip(single.column("id").to_pylist(), vectors(single, "embedding"), strict=True))
+    np.testing.assert_allclose(vectors(pooled, "layer30_mean"), np.stack([plain_vectors[i] for i in ids]), rtol=0, atol=2e-3)
     # The token files' checksums, summed by a GPU actor with two calls in flight, match the bytes on disk; and the
     # per-token rows are there exactly once (runner verify reads everything again).
-    verified = CliRunner().invoke(cli, ["verify", str(out)])
-    assert verified.exit_code == 0 and f"per-token files ({len(ids)} rows)" in verified.output, verified.output
+    code, output = invoke("verify", str(out))
+    assert code == 0 and f"per-token files ({len(ids)} rows)" in output, output
