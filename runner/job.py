@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from runner.config import EmbedConfig, resolve_precision
-from runner.driver.budget import nvidia_smi_free_bytes
+from runner.driver.budget import nvidia_gpus_here, nvidia_smi_free_bytes
 from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
@@ -169,12 +169,15 @@ def _run_locked(
     # it the driver's start-up work that needs no Ray: importing Ray Data, hashing the checkpoint and
     # fingerprinting the inputs. The start-up pays for the longest of them only. A signal stops the wait at once.
     clock.mark("ray_start_begin")
-    preload = worker_preload(config.gpus, config.address, lambda: nvidia_smi_free_bytes() is not None)
+    preload = worker_preload(config.gpus, config.address, nvidia_gpus_here)
     clock.worker_preload = list(preload)
     ray_start = RayStart(lambda: connect_ray(config.address, config.verbose, config.dashboard, preload))
-    with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
+    with ThreadPoolExecutor(3, thread_name_prefix="runner-startup") as pool:
         info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
         inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
+        # the automatic token budget's reading of this machine's free GPU memory (nvidia-smi: 0.1 s to seconds)
+        free_future = (pool.submit(timed, clock, "gpu_memory_read", nvidia_smi_free_bytes)
+                       if config.token_budget is None and config.gpus != 0 and nvidia_gpus_here() else None)
         with clock.phase("driver_imports"):
             job_log.import_ray_data()
         context = ray_start.wait()
@@ -201,7 +204,7 @@ def _run_locked(
         elif actors_write_out(config) or actor_parts:
             checked["out"] = check_out_on_nodes(ray, out_dir, others)
     with clock.phase("token_budget"):
-        budget = config.token_budget or pick_token_budget(on_gpu, info, ray)
+        budget = config.token_budget or pick_token_budget(on_gpu, info, ray, free_future and free_future.result)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
     spec = output_spec(config, info, codec)  # its layers were checked before Ray already

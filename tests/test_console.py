@@ -278,6 +278,11 @@ def test_startup_section_and_line() -> None:
     assert line.endswith("(checkpoint 1.5 s, input scan 0.2 s and imports 0.9 s beside Ray's start)")
     clock.seconds.pop("driver_imports")
     assert clock.line().endswith("(checkpoint 1.5 s and input scan 0.2 s beside Ray's start)")
+    assert "gpu_memory_read" not in clock.section()["phases"]  # a CPU job, or a token budget given
+    clock.seconds["gpu_memory_read"] = 0.7
+    assert clock.section()["phases"]["gpu_memory_read"] == 0.7
+    assert clock.line().endswith("(checkpoint 1.5 s, input scan 0.2 s and GPU memory 0.7 s beside Ray's start)")
+    assert clock.section()["to_first_output_seconds"] == 8.0  # beside Ray's start: not on the critical path
 
 
 def test_embed_stage_reports_its_startup_once(tiny_esm2_path: Path) -> None:
@@ -352,6 +357,31 @@ def test_token_budget_probe_only_when_gpus_are_elsewhere(monkeypatch: pytest.Mon
     remote = FakeRay(["here", "other"])
     assert runner.driver.cluster.pick_token_budget(True, info, remote) == auto_token_budget(10 << 30, info.parameters * 2, 1280)
     assert remote.probed == 1
+    # the reading taken beside Ray's start (runner.job) is used where every GPU is here, and only there
+    read_before = lambda: 40 << 30  # noqa: E731
+    assert runner.driver.cluster.pick_token_budget(True, info, local, read_before) == auto_token_budget(
+        40 << 30, info.parameters * 2, 1280)
+    assert runner.driver.cluster.pick_token_budget(True, info, remote, read_before) == auto_token_budget(
+        10 << 30, info.parameters * 2, 1280)
+
+
+def test_nvidia_gpus_here_reads_the_driver_files_and_cuda_visible_devices(monkeypatch) -> None:
+    import glob
+
+    from runner.driver.budget import nvidia_gpus_here
+
+    monkeypatch.setattr(glob, "glob", lambda pattern: ["/proc/driver/nvidia/gpus/0000:17:00.0"]
+                        if pattern.startswith("/proc/driver/nvidia") else [])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert nvidia_gpus_here()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert nvidia_gpus_here()
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert not nvidia_gpus_here()
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr(glob, "glob", lambda pattern: [])
+    assert not nvidia_gpus_here()
 
 
 @pytest.mark.gpu

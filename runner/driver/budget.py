@@ -7,6 +7,7 @@ each retry and each copy larger, hence the cap.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import subprocess
@@ -64,3 +65,13 @@ def nvidia_smi_free_bytes() -> int | None:
     if done.returncode != 0:
         return None
     return parse_nvidia_smi_free(done.stdout, os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+
+def nvidia_gpus_here() -> bool:
+    """Whether this machine has an NVIDIA GPU this process may use, without running anything: the driver's
+    /proc/driver/nvidia/gpus entries or /dev/nvidiaN devices, and a CUDA_VISIBLE_DEVICES that hides none of them
+    ("" or "-1" hide all). For decisions taken before Ray starts (nvidia-smi can take seconds to start)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/proc/driver/nvidia/gpus/*") or glob.glob("/dev/nvidia[0-9]*"))

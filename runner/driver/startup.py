@@ -34,7 +34,7 @@ def process_started_at() -> float | None:
 
 
 # Phases that run beside `ray_start` (runner.job): not on the critical path unless longer than Ray's start.
-BESIDE_RAY = ("checkpoint_read_and_hash", "input_fingerprint", "driver_imports")
+BESIDE_RAY = ("checkpoint_read_and_hash", "input_fingerprint", "driver_imports", "gpu_memory_read")
 # The steps of `stream_setup` timed on their own (runner.job), each a clock phase of that name.
 STREAM_SETUP_STEPS = ("node_checks", "token_budget", "resume_scan", "build_stream", "shadow_start")
 
@@ -75,7 +75,7 @@ class StartupClock:
         stream_at = self.marks.get("stream_started")
         first_output = self.marks.get("first_output")
         ray_begin, ray_ready = self.marks.get("ray_start_begin"), self.marks.get("ray_ready")
-        # Consecutive phases (they add up to to_first_output_seconds on one host), and two beside ray_start.
+        # Consecutive phases (they add up to to_first_output_seconds on one host), and those BESIDE_RAY.
         phases: dict[str, float | None] = {
             "python_and_imports": self.job_at - origin if self.command_at else None,
             # checks, the model's config and codec, the output dir and its lock, the log and Ray's import (and
@@ -90,12 +90,14 @@ class StartupClock:
             # then STREAM_SETUP_STEPS (stream_setup_detail): nodes checked, the token budget (a GPU memory
             # probe), resume checks, building the stream, starting the shadow.
             "stream_setup": stream_at - ray_ready if stream_at and ray_ready else None,
-            "actor_start": None,  # scheduling the actor, its worker process, imports
+            "actor_start": None,  # scheduling the actor, its worker process, imports (torch: not if worker_preload)
             "weights_to_device": None,  # the actor's __init__ but compiling: checkpoint read, weights to device
             "compile": None,
             "first_batch": None,  # the actor ready -> its first batch done (reading, packing, the forward)
             "delivery": None,  # that batch -> the driver has its rows
         }
+        if "gpu_memory_read" in self.seconds:  # beside ray_start, GPU jobs with the automatic token budget only:
+            phases["gpu_memory_read"] = self.seconds["gpu_memory_read"]  # nvidia-smi's reading of the free memory
         if actor is not None and stream_at is not None:
             phases["actor_start"] = actor["init_at"] - stream_at
             phases["weights_to_device"] = actor["ready_at"] - actor["init_at"] - actor["compile_seconds"]
@@ -127,7 +129,8 @@ class StartupClock:
         parts = [f"{label} {p[key]:.1f} s" for key, label in names if p.get(key) is not None]
         beside = [f"{label} {p[key]:.1f} s" for key, label in (("checkpoint_read_and_hash", "checkpoint"),
                                                                 ("input_fingerprint", "input scan"),
-                                                                ("driver_imports", "imports"))
+                                                                ("driver_imports", "imports"),
+                                                                ("gpu_memory_read", "GPU memory"))
                   if p.get(key) is not None]
         head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"
         listed = ", ".join(beside[:-1]) + " and " + beside[-1] if len(beside) > 1 else "".join(beside)
