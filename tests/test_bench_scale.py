@@ -81,7 +81,8 @@ def test_read_stage_bench_counts_every_record_of_each_input_variant(tmp_path: Pa
     assert results["plain"]["tokens_embedded"] == results["gz"]["tokens_embedded"] == info["tokens"]
     assert results["dedup40"]["tokens_embedded"] < 0.7 * info["tokens"]
     derived = bench_driver.derive(results["plain"], 1280, 60)
-    assert derived["one_driver_keeps_up_with_h200s"] is None and derived["one_read_task_keeps_up_with_h200s"] > 0
+    assert derived["one_driver_keeps_up_with_h200s"] is None
+    assert 0 < derived["one_read_task_with_handoff_keeps_up_with_h200s"] <= derived["one_read_task_keeps_up_with_h200s"]
 
 
 def test_dedup_bench_compares_repeats_and_the_plain_run(tmp_path: Path) -> None:
