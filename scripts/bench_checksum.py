@@ -32,7 +32,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 import zlib
@@ -44,6 +43,8 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_token_write import gil_held  # noqa: E402
 
 from runner.output import sink  # noqa: E402
 from runner.output.checksums import PIECES as CRC_PIECES  # noqa: E402
@@ -108,30 +109,6 @@ def summed_token_file(directory: Path, table: pa.Table, pool: ThreadPoolExecutor
     return directory / write_token_file(directory, table, pool).name
 
 
-def gil_held(write: Callable[[], Path]) -> tuple[float, Path]:
-    """(fraction of the write's duration another Python thread could not run, the file written)."""
-    alone, end = 0, time.perf_counter() + 0.3
-    while time.perf_counter() < end:
-        alone += 1
-    alone_rate = alone / 0.3
-    count, stop = [0], threading.Event()
-
-    def spin() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-        count[0] = n
-
-    thread = threading.Thread(target=spin)
-    thread.start()
-    started = time.perf_counter()
-    path = write()
-    elapsed = time.perf_counter() - started
-    stop.set()
-    thread.join()
-    return max(0.0, 1.0 - count[0] / (alone_rate * elapsed)), path
-
-
 def per_token_main(args: argparse.Namespace) -> dict:
     lengths = np.full(args.tokens // 340, 340, dtype=np.int32)  # ~340-residue sequences, as UniRef50's median
     lengths[-1] += args.tokens - int(lengths.sum())
@@ -157,7 +134,7 @@ def per_token_main(args: argparse.Namespace) -> dict:
                 times.append(time.perf_counter() - started)
                 size = path.stat().st_size
                 path.unlink()
-        gil = [statistics.median(gil_held(write)[0] for _ in range(3)) for write, _ in writes]
+        gil = [statistics.median(gil_held(write, baseline=0.3)[0] for _ in range(3)) for write, _ in writes]
         for path in directory.glob("tok-*.arrow"):
             path.unlink()
     data = b"".join(a.tobytes() for a in arrays)

@@ -17,11 +17,15 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from runner.output.tokens import token_schema, token_table, write_token_file
+
+T = TypeVar("T")
 
 
 def make_batch(tokens: int, dim: int, dtype: str, per_seq: int = 340):
@@ -49,9 +53,10 @@ def counter_rate(seconds: float, stop: threading.Event | None = None) -> float:
     return n / seconds
 
 
-def gil_share(directory: Path, batch, schema) -> float:
-    """Fraction of the write's duration during which another Python thread could not run."""
-    alone = counter_rate(0.5)
+def gil_held(write: Callable[[], T], baseline: float = 0.5) -> tuple[float, T]:
+    """(fraction of `write()`'s duration during which another Python thread could not run, what it returned).
+    `baseline`: seconds the counter first runs alone, for its rate with the GIL to itself."""
+    alone = counter_rate(baseline)
     count = [0]
     stop = threading.Event()
 
@@ -64,12 +69,17 @@ def gil_share(directory: Path, batch, schema) -> float:
     thread = threading.Thread(target=spin)
     thread.start()
     started = time.perf_counter()
-    write_once(directory, batch, schema)
+    result = write()
     elapsed = time.perf_counter() - started
     stop.set()
     thread.join()
     # With the GIL free the spinner gets it most of the time; held, it gets none. (Switch interval noise aside.)
-    return max(0.0, 1.0 - count[0] / (alone * elapsed))
+    return max(0.0, 1.0 - count[0] / (alone * elapsed)), result
+
+
+def gil_share(directory: Path, batch, schema) -> float:
+    """Fraction of the write's duration during which another Python thread could not run."""
+    return gil_held(lambda: write_once(directory, batch, schema))[0]
 
 
 def simulated_actor(directory: Path, batch, schema, forward: float, batches: int, concurrent: bool) -> float:
