@@ -161,33 +161,12 @@ def make_dnabert(
     tok = train_tokenizer(vocab_size, seed)
     vocab = tok.get_vocab_size(with_added_tokens=True)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "PreTrainedTokenizerFast",
-                "model_max_length": 512,
-                "padding_side": "right",
-                "unk_token": "[UNK]",
-                "cls_token": "[CLS]",
-                "sep_token": "[SEP]",
-                "pad_token": "[PAD]",
-                "mask_token": "[MASK]",
-            },
-            indent=2,
-        )
-    )
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(
-            {
-                "unk_token": "[UNK]",
-                "cls_token": "[CLS]",
-                "sep_token": "[SEP]",
-                "pad_token": "[PAD]",
-                "mask_token": "[MASK]",
-            },
-            indent=2,
-        )
-    )
+    # The roles of the release's special tokens, as both tokenizer files name them.
+    roles = {"unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]", "pad_token": "[PAD]",
+             "mask_token": "[MASK]"}
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512, "padding_side": "right"}
+    (out / "tokenizer_config.json").write_text(json.dumps({**tokenizer_config, **roles}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(roles, indent=2))
     config = release_config(vocab, layers, dim, heads, inner, layout)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     gen = torch.Generator().manual_seed(seed)
