@@ -96,9 +96,9 @@ def embeddings_by_id(out: Path) -> dict[str, Any]:
 Packed = tuple[Any, Any, Any, int]  # tokens int64 [T], positions int64 [T], cu_seqlens int32 [B+1], max_seqlen
 
 
-def pack(codec: Any, seqs: list[str]) -> Packed:
+def pack(codec: Any, seqs: list[str], device: Any = None) -> Packed:
     """tokens [T], positions [T], cu_seqlens [B+1], max_seqlen of the sequences back to back, as `codec` cleans
-    and encodes them."""
+    and encodes them; the tensors on `device` when given (CPU otherwise)."""
     import torch
 
     encoded = [torch.from_numpy(codec.encode(codec.clean(s))).long() for s in seqs]
@@ -106,7 +106,28 @@ def pack(codec: Any, seqs: list[str]) -> Packed:
     cu = torch.zeros(len(seqs) + 1, dtype=torch.int32)
     cu[1:] = lengths.cumsum(0)
     positions = torch.cat([torch.arange(n) for n in lengths.tolist()])
-    return torch.cat(encoded), positions, cu, int(lengths.max())
+    tokens = torch.cat(encoded)
+    if device is not None:
+        tokens, positions, cu = tokens.to(device), positions.to(device), cu.to(device)
+    return tokens, positions, cu, int(lengths.max())
+
+
+def shadow_math_models(model: Any, math: str, compiled: bool, device: Any) -> tuple[Any, Any, Any]:
+    """Three copies of `model` on `device`, each with its attention kernel chosen there: IEEE FP32, FP32 emulated
+    with the shadow's `math` (compiled when `compiled`), and FP16: what the gpu tests of the shadow's maths compare."""
+    import copy
+
+    import torch
+
+    ieee = copy.deepcopy(model).to(device)
+    ieee.select_attention(device)
+    emulated = copy.deepcopy(model).to(device)
+    emulated.select_attention(device)
+    emulated.emulate_fp32(math)
+    assert emulated.use_compile(compiled) == compiled
+    half = copy.deepcopy(model).to(device, torch.float16)
+    half.select_attention(device)
+    return ieee, emulated, half
 
 
 # --- ESM-2 -------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_fair_esm, pack
+from conftest import load_fair_esm, pack, shadow_math_models
 
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.fp16x3 import SplitWeight
@@ -614,15 +614,8 @@ def test_gpu_shadow_math_matches_ieee_fp32(
     """The shadow's tensor-core FP32 emulations give IEEE-FP32 embeddings (bf16x3: nearly), far closer to
     IEEE than the FP16 path they check."""
     device = torch.device("cuda")
-    ieee = copy.deepcopy(embedder).to(device)
-    ieee.select_attention(device)
-    emulated = copy.deepcopy(embedder).to(device)
-    emulated.select_attention(device)
-    emulated.emulate_fp32(math)
-    assert emulated.use_compile(compiled) == compiled
-    half = copy.deepcopy(embedder).to(device, torch.float16)
-    half.select_attention(device)
-    tokens, positions, cu, max_len = (t.to(device) if torch.is_tensor(t) else t for t in pack(embedder.codec, proteins))
+    ieee, emulated, half = shadow_math_models(embedder, math, compiled, device)
+    tokens, positions, cu, max_len = pack(embedder.codec, proteins, device)
     a = pool_packed(ieee.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
     b = pool_packed(emulated.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)
     c = pool_packed(half.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1)

@@ -11,7 +11,7 @@ from types import ModuleType
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pack
+from conftest import pack, shadow_math_models
 
 from runner.errors import CheckpointError, RunnerError
 from runner.kernels.fp16x3 import SplitWeight
@@ -381,19 +381,12 @@ def test_gpu_shadow_math_matches_ieee_fp32(embedder: EsmcEmbedder, proteins: lis
     """The shadow's FP32 emulations (split projections, and the fp16x3 attention kernel where it applies) give
     IEEE-FP32 ESM C embeddings, far closer to IEEE than the FP16 path they check."""
     device = torch.device("cuda")
-    tokens, positions, cu, max_len = (t.to(device) if torch.is_tensor(t) else t for t in pack(embedder.codec, proteins))
+    tokens, positions, cu, max_len = pack(embedder.codec, proteins, device)
 
     def pooled(model: EsmcEmbedder) -> torch.Tensor:
         return pool_packed(model.forward_packed(tokens, positions, cu, max_len, -1), cu, "mean", 1, 1).double()
 
-    ieee = copy.deepcopy(embedder).to(device)
-    ieee.select_attention(device)
-    emulated = copy.deepcopy(embedder).to(device)
-    emulated.select_attention(device)
-    emulated.emulate_fp32(math)
-    assert emulated.use_compile(compiled) == compiled
-    half = copy.deepcopy(embedder).to(device, torch.float16)
-    half.select_attention(device)
+    ieee, emulated, half = shadow_math_models(embedder, math, compiled, device)
     a, b, c = pooled(ieee), pooled(emulated), pooled(half)
     gap = (1 - F.cosine_similarity(a, b, dim=-1)).max().item()
     fp16_gap = (1 - F.cosine_similarity(a, c, dim=-1)).max().item()
