@@ -42,6 +42,19 @@ def start_local_ray(num_cpus: int) -> None:
                 raise
 
 
+@contextmanager
+def running_ray(num_cpus: int) -> Iterator[None]:
+    """A Ray of this test process's own (start_local_ray) for the block, shut down after it: `runner embed` in the
+    block reuses it."""
+    import ray
+
+    start_local_ray(num_cpus)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 def read_fasta(path: Path) -> list[tuple[str, str]]:
     """(id, sequence) pairs of a small FASTA file."""
     records: list[tuple[str, str]] = []
@@ -227,7 +240,6 @@ def ray_with_hub_cache(cache: Path, repo: str, files_from: Path, **env: str) -> 
     """A local Ray (4 CPUs) started with a Hugging Face cache at `cache` that holds `files_from` as hub model `repo`,
     and HF_HUB_OFFLINE=1 (no network here): the driver and the actors resolve the hub name as from a user's warm
     cache. `env`: more environment variables for this process and the actors."""
-    import ray
     from huggingface_hub import constants
 
     fake_hub_cache(cache, repo, files_from)
@@ -239,14 +251,9 @@ def ray_with_hub_cache(cache: Path, repo: str, files_from: Path, **env: str) -> 
     patch.setattr(constants, "HF_HUB_CACHE", str(cache))  # this process imported huggingface_hub already
     patch.setattr(constants, "HF_HUB_OFFLINE", True)
     try:
-        start_local_ray(num_cpus=4)  # address="local": a Ray of its own, even when others run on this machine
-    except Exception:
-        patch.undo()
-        raise
-    try:
-        yield
+        with running_ray(num_cpus=4):  # address="local": a Ray of its own, even when others run on this machine
+            yield
     finally:
-        ray.shutdown()
         patch.undo()
 
 

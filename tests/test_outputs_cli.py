@@ -8,7 +8,6 @@ on this tiny checkpoint: about 1e-6; the figure is printed with -s).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,10 +15,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import start_local_ray
+from conftest import invoke, load_fair_esm, read_parts, running_ray, vectors
 
-from runner.cli import cli
 from runner.input.prepare import chunk_starts
 
 DATA = Path(__file__).parent / "data"
@@ -28,25 +25,8 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray for the module: `runner embed` reuses a Ray this process already started."""
-    import ray
-
-    start_local_ray(num_cpus=4)
-    yield
-    ray.shutdown()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
-
-
-def read_parts(out: Path) -> pa.Table:
-    return pa.concat_tables([pa.ipc.open_file(p).read_all() for p in sorted((out / "embeddings").glob("part-*.arrow"))])
-
-
-def column(table: pa.Table, name: str) -> np.ndarray:
-    dim = table.schema.field(name).type.list_size
-    return table.column(name).combine_chunks().flatten().to_numpy().reshape(-1, dim)
+    with running_ray(num_cpus=4):
+        yield
 
 
 def per_token_rows(out: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -76,10 +56,8 @@ def per_token_rows(out: Path) -> dict[str, dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def fair_esm(tiny_esm2_path: Path):
-    import esm
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        model, alphabet = esm.pretrained.load_model_and_alphabet_local(str(tiny_esm2_path))
+    model, alphabet = load_fair_esm(tiny_esm2_path)
     return model.eval(), alphabet
 
 
@@ -117,7 +95,7 @@ def test_layers_poolings_and_per_token_equal_fair_esm(tiny_esm2_path: Path, fair
     worst_cos, worst_diff = 1.0, 0.0
     for name in columns:
         layer, pooling = int(name[5:].split("_")[0]), name.split("_", 1)[1]
-        stored = column(pooled, name)
+        stored = vectors(pooled, name)
         for sid, vector in zip(ids, stored, strict=True):
             rep = reference[sid][layer]  # [L+2, D]
             want = {"mean": rep[1:-1].mean(0), "cls": rep[0], "max": rep[1:-1].max(0)}[pooling]
@@ -183,9 +161,9 @@ def test_chunked_per_token_is_stitched_by_the_midpoint_rule(tiny_esm2_path: Path
             np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)  # stored as float16
             assert cosine(got, want) >= 0.9999
             # pooled: max over every window's residues; mean weighted by the windows' residues
-            np.testing.assert_allclose(column(pooled, f"layer{layer}_max")[row], np.max([r.max(0) for r in residues], 0),
+            np.testing.assert_allclose(vectors(pooled, f"layer{layer}_max")[row], np.max([r.max(0) for r in residues], 0),
                                        rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(column(pooled, f"layer{layer}_mean")[row], np.mean([r.mean(0) for r in residues], 0),
+            np.testing.assert_allclose(vectors(pooled, f"layer{layer}_mean")[row], np.mean([r.mean(0) for r in residues], 0),
                                        rtol=1e-5, atol=1e-5)
     table = pa.ipc.open_file(next((out / "tokens").glob("*/tok-*.arrow"))).read_all()
     assert table.schema.field("layer1").type.value_type.value_type == pa.float16()
@@ -217,9 +195,9 @@ def test_dnabert_per_token_and_layers(tiny_dnabert_dir: Path, tmp_path: Path) ->
             got = tokens[sid][f"layer{layer}"]
             assert got.shape == (len(ids) - 2, h.shape[1])  # one row per BPE token, [CLS]/[SEP] excluded
             np.testing.assert_allclose(got, h[1:-1], rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(column(pooled, f"layer{layer}_mean_all")[row], h.mean(0), rtol=1e-5, atol=1e-5)
-            np.testing.assert_allclose(column(pooled, f"layer{layer}_cls")[row], h[0], rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(column(pooled, f"layer{layer}_max")[row], h[1:-1].max(0), rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(vectors(pooled, f"layer{layer}_mean_all")[row], h.mean(0), rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(vectors(pooled, f"layer{layer}_cls")[row], h[0], rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(vectors(pooled, f"layer{layer}_max")[row], h[1:-1].max(0), rtol=1e-6, atol=1e-6)
     code, output = invoke("embed", str(fasta), "--model", str(tiny_dnabert_dir), "--out", str(tmp_path / "o2"),
                           "--gpus", "0", "--per-token", "--long", "chunk", "--max-residues", "40", "--chunk-overlap", "10")
     assert code != 0 and "--per-token with --long chunk needs one token per residue" in output

@@ -12,11 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import DATA, fair_esm_extract, read_fasta, start_local_ray
+from conftest import DATA, fair_esm_extract, invoke, read_fasta, running_ray
 
 import runner
-from runner.cli import EXPORT_FORMATS, cli
+from runner.cli import EXPORT_FORMATS
 from runner.config import EmbedConfig
 from runner.errors import RunnerError
 from runner.output.export import FORMATS
@@ -26,16 +25,8 @@ from runner.output.results import IncompleteResultsWarning
 @pytest.fixture(scope="module", autouse=True)
 def local_ray():
     """One local Ray for the module: `runner embed` reuses a Ray this process already started."""
-    import ray
-
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
+    with running_ray(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")
