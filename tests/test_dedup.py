@@ -404,17 +404,50 @@ def test_dedup_embeds_each_sequence_once_and_matches_a_plain_run(ray_address: st
     assert m["counts"]["chunked"] < manifest(job["base"] / "plain")["counts"]["chunked"]
 
 
+def check_copies_share_token_rows(out: Path, job: dict) -> None:
+    """--per-token: every repeat's pooled row points at its first record's per-token row."""
+    by_id = {r["id"]: r for r in read_parts(out).select(["id", "tokens_file", "tokens_row"]).to_pylist()}
+    first: dict[str, str] = {}
+    for sid, seq in job["sequence_of"].items():
+        rep = first.setdefault(seq, sid)
+        assert (by_id[sid]["tokens_file"], by_id[sid]["tokens_row"]) == (by_id[rep]["tokens_file"],
+                                                                         by_id[rep]["tokens_row"]), sid
+
+
+ACTOR_PARTS = ("--part-writer", "actors", "--per-token")  # the actors stage the parts; copies point at token rows
+
+
 @pytest.mark.slow
-def test_dedup_sigkill_mid_job_then_rerun(ray_address: str, job: dict, plain: dict[str, np.ndarray]) -> None:
+def test_dedup_with_actor_parts_and_per_token(ray_address: str, job: dict, plain: dict[str, np.ndarray]) -> None:
+    """Embedded rows staged by the actors, repeats written as copy parts: the same rows as a plain run, every
+    repeat pointing at its first record's per-token row, every file journaled (runner verify)."""
+    out = job["base"] / "dedup-actors"
+    result = CliRunner().invoke(cli, embed_args(job, out, "--dedup", *ACTOR_PARTS), catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    m = check_dedup_output(out, job, plain)
+    assert m["part_writer"] == "actors" and m["dedup"]["copies_written"] == m["dedup"]["repeats"]
+    check_copies_share_token_rows(out, job)
+    assert not list((out / "embeddings" / ".staged").rglob("*.arrow"))
+    verified = CliRunner().invoke(cli, ["verify", str(out)], catch_exceptions=False)
+    assert verified.exit_code == 0, verified.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [(), ACTOR_PARTS], ids=["driver-parts", "actor-parts"])
+def test_dedup_sigkill_mid_job_then_rerun(ray_address: str, job: dict, plain: dict[str, np.ndarray],
+                                          extra: tuple[str, ...]) -> None:
     """A driver SIGKILLed after some parts are complete; the rerun finishes: every id once, copies intact."""
-    out = job["base"] / "killed"
+    out = job["base"] / f"killed{len(extra)}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
-    proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, "--dedup", "--address",
+    proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, "--dedup", *extra, "--address",
                                                                          ray_address)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first: dict[str, str] = {}
+    repeats = {sid for sid, seq in job["sequence_of"].items() if first.setdefault(seq, sid) != sid}
     deadline = time.monotonic() + 600  # generous: a busy 2-core machine starts the driver slowly
-    while len(list(out.glob("embeddings/part-*.arrow"))) < 3:
+    while not (len(parts := sorted(out.glob("embeddings/part-*.arrow"))) >= 3  # some copies written too
+               and repeats & {i for p in parts for i in pa.ipc.open_file(p).read_all().column("id").to_pylist()}):
         if proc.poll() is not None:
             pytest.fail(f"driver exited ({proc.returncode}) early:\n{proc.stdout.read()}")
         if time.monotonic() > deadline:
@@ -425,8 +458,10 @@ def test_dedup_sigkill_mid_job_then_rerun(ray_address: str, job: dict, plain: di
     proc.communicate(timeout=60)
     done = len(vectors_by_id(out))
     assert 0 < done < 400, "the run finished before SIGKILL: nothing was tested"
-    result = CliRunner().invoke(cli, embed_args(job, out, "--dedup"), catch_exceptions=False)
+    result = CliRunner().invoke(cli, embed_args(job, out, "--dedup", *extra), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     m = check_dedup_output(out, job, plain)
+    if extra:
+        check_copies_share_token_rows(out, job)
     assert m["counts"]["resumed_rows"] == done
     assert m["dedup"]["copies_written"] < m["dedup"]["repeats"]  # some copies were done by the killed run
