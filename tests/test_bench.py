@@ -35,7 +35,7 @@ from bench_report import (  # noqa: E402
     output_pairs_lines,
     summarize,
 )
-from conftest import pack, run_bench  # noqa: E402
+from conftest import load_script, pack, run_bench  # noqa: E402
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:
@@ -627,3 +627,19 @@ def test_bench_pooling_runs_both_settings_on_a_tiny_model(tmp_path: Path) -> Non
     assert doc["three"] == {"layers": [0, 1, 2], "poolings": ["mean", "cls", "max"]}
     assert 0 < doc["batch_tokens"] <= 1024 and doc["batch_windows"] >= 1
     assert doc["three_last_mean_max_abs_diff_vs_one"] == 0.0
+
+
+def test_startup_cpu_profile_counts_each_process_of_the_command(tmp_path: Path) -> None:
+    """scripts/startup_cpu_profile.py: CPU seconds per process of the command's session, children included."""
+    profile = load_script("startup_cpu_profile")
+    assert profile.role("ray::MapWorker(MapBatches(EmbedStage)) x") == "ray::MapWorker(MapBatches(EmbedStage))"
+    assert profile.role("/venv/bin/python -m runner embed in.fasta") == "runner (driver)"
+    assert profile.role("/venv/lib/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "raylet"
+    busy = "import time\nend = time.process_time() + 0.6\nwhile time.process_time() < end: pass\n"
+    parent = f"import subprocess, sys\nsubprocess.run([sys.executable, '-c', {busy!r}])\nexec({busy!r})\n"
+    out = tmp_path / "p.json"
+    assert profile.main(["--out", str(out), "--", sys.executable, "-c", parent]) == 0
+    result = json.loads(out.read_text())
+    spinning = [p for p in result["processes"] if p["cpu_s"] >= 0.5]
+    assert len(spinning) == 2, result["processes"]  # the command and its child, each ~0.6 CPU-s
+    assert result["cpu_s_total"] >= 1.1 and result["wall_s"] >= 1.1
