@@ -47,7 +47,8 @@ def first_actor_load(startup: dict) -> dict | None:
     if not ready:
         return None
     actor = min(ready, key=lambda a: a["ready_at"])
-    keys = ("load_seconds", "checkpoint_seconds", "cuda_seconds", "to_device_seconds", "compile_seconds")
+    keys = ("cache_setup_seconds", "load_seconds", "checkpoint_seconds", "cuda_seconds", "to_device_seconds",
+            "setup_seconds", "compile_setup_seconds", "compile_seconds")
     return {k: actor.get(k) for k in keys}
 
 

@@ -362,6 +362,7 @@ class EmbedStage:
 
     def __init__(self, settings: StageSettings) -> None:
         init_at = time.time()
+        begun = time.perf_counter()
         self.settings = settings
         compile_cache = use_compile_cache(settings.compile_cache_dir or None) if settings.compile_layers and settings.compile_cache else None
         cuda_ready: CudaStart | None = None
@@ -381,6 +382,7 @@ class EmbedStage:
         self.model = move_weights(model, self.device, DTYPES[settings.precision]).eval()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        moved = time.perf_counter()
         self.model.select_attention(self.device)
         on_cuda = self.device.type == "cuda"
         if on_cuda and settings.precision == "fp32" and settings.fp32_math != "ieee":
@@ -389,12 +391,13 @@ class EmbedStage:
         # Where this actor's start-up went (the FP32 shadow's can outlast a short job): see `startup_report`.
         self.startup: dict[str, float | str | None] = {
             "init_at": init_at,  # time.time() __init__ began (after the worker process started and imported us)
-            "load_seconds": round(time.perf_counter() - started, 3),
+            "load_seconds": round(moved - started, 3),
             # within load_seconds: the checkpoint read into a CPU model, then its weights on the device (after the
             # CUDA context, started beside the read and ready after cuda_seconds of its own)
             "checkpoint_seconds": round(loaded - started, 3),
             "cuda_seconds": round(cuda_seconds, 3),
-            "to_device_seconds": round(time.perf_counter() - loaded, 3),
+            "to_device_seconds": round(moved - loaded, 3),
+            "cache_setup_seconds": round(started - begun, 3),  # before the load: the compile cache's directory
             "compile_seconds": 0.0,
             "compile_cache": str(compile_cache) if compile_cache else None,
         }
@@ -436,7 +439,12 @@ class EmbedStage:
             import torch._inductor.config as inductor_config  # this actor's process only
 
             inductor_config.compile_threads = compile_workers(settings.compile_threads, os.cpu_count() or 1)
-        if self.model.use_compile(settings.compile_layers):
+        compile_setup = time.perf_counter()
+        # the rest of __init__ after the load: attention choice, metrics, output folders (the phase's remainder)
+        self.startup["setup_seconds"] = round(compile_setup - moved, 3)
+        compiling = self.model.use_compile(settings.compile_layers)  # wraps the layers: imports torch's compiler
+        self.startup["compile_setup_seconds"] = round(time.perf_counter() - compile_setup, 3)
+        if compiling:
             self._warm_up()
         self.startup["ready_at"] = time.time()
         if self._unreported_restart:
