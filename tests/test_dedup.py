@@ -439,7 +439,8 @@ def test_dedup_sigkill_mid_job_then_rerun(ray_address: str, job: dict, plain: di
     """A driver SIGKILLed after some parts are complete; the rerun finishes: every id once, copies intact."""
     out = job["base"] / f"killed{len(extra)}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="0.3")
+    # slow batches: the job must still be running once a copy part is on disk (copies wait up to a second)
+    env.update(PYTHONPATH=pythonpath_with(REPO), RUNNER_TEST_BATCH_DELAY="0.5")
     proc = subprocess.Popen([sys.executable, "-m", "runner", *embed_args(job, out, "--dedup", *extra, "--address",
                                                                          ray_address)],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
