@@ -42,6 +42,7 @@ import pyarrow as pa
 
 from runner.errors import RunnerError, first_line
 from runner.input.batch import Reject
+from runner.models.base import row_sums, string_buffers
 from runner.output.resume import OrdinalSet
 from runner.output.sink import write_error
 from runner.output.staged import STAGED_DIR, StagedPart, open_staged_shard, write_staged_part
@@ -49,11 +50,65 @@ from runner.output.staged import STAGED_DIR, StagedPart, open_staged_shard, writ
 log = logging.getLogger("runner")
 
 
-def sequence_hashes(sequences: Sequence[str]) -> np.ndarray:
-    """128-bit BLAKE2b of each cleaned sequence as uint64 [n, 2]."""
+# Cleaned sequences up to this many bytes are hashed by simple tabulation (below), longer ones by BLAKE2b one by one.
+TABULATED_SEQUENCE_BYTES = 1024
+HASHED_BYTES = 1 << 18  # sequence bytes hashed in one numpy pass
+# 128-bit simple tabulation: two random 64-bit words per (byte position, 7-bit byte value), XORed over a sequence's
+# bytes, XORed with two random words for its length. Two different sequences differ in their length or in some
+# (position, byte) pair, whose words are independent and uniform: their hashes are equal with probability 2^-128,
+# the odds of a random 128-bit function. The words come from a fixed PCG64 stream (stable across numpy versions),
+# so every process and every run hashes alike. 2 MiB of words.
+_SEQ_RAW = np.random.PCG64(0x18_2026_1130_DED).random_raw((TABULATED_SEQUENCE_BYTES * 128 + TABULATED_SEQUENCE_BYTES + 1) * 2)
+_SEQ_HI, _SEQ_LO = _SEQ_RAW[: TABULATED_SEQUENCE_BYTES * 128 * 2].reshape(2, -1)  # [position * 128 + byte] each
+_LEN_HI, _LEN_LO = _SEQ_RAW[TABULATED_SEQUENCE_BYTES * 128 * 2 :].reshape(2, -1)  # [length] each
+
+
+def sequence_hashes(sequences: Sequence[str] | pa.StringArray) -> np.ndarray:
+    """128-bit hashes of cleaned sequences (a list of str or an Arrow string array without nulls) as uint64 [n, 2].
+
+    Vectorised: one gather of two table words per byte and one XOR reduction per sequence (numpy, no Python per
+    sequence) for ASCII sequences up to TABULATED_SEQUENCE_BYTES; longer or non-ASCII ones get a 128-bit BLAKE2b.
+    """
+    if not isinstance(sequences, pa.Array):
+        sequences = pa.array(list(sequences), pa.string())
+    n = len(sequences)
+    out = np.zeros((n, 2), dtype=np.uint64)
+    if n == 0:
+        return out
+    offsets, data = string_buffers(sequences)
+    lengths = np.diff(offsets)
+    tabulated = lengths <= TABULATED_SEQUENCE_BYTES
+    body = data[offsets[0] : offsets[-1]]
+    if len(body) and body.max() >= 0x80:
+        tabulated &= row_sums(body >= 0x80, lengths) == 0
+    rows = np.flatnonzero(tabulated)
+    # in slices of about HASHED_BYTES: the per-byte temporaries (20 bytes a byte) stay in the CPU's cache
+    cuts = np.searchsorted(offsets[rows] - offsets[0], np.arange(HASHED_BYTES, len(body), HASHED_BYTES))
+    for part in np.split(rows, cuts):
+        if not len(part):
+            continue
+        tab = sequences if len(part) == n else sequences.take(pa.array(part))
+        t_offsets, t_data = string_buffers(tab)
+        t_lengths = np.diff(t_offsets)
+        body = t_data[t_offsets[0] : t_offsets[-1]]
+        starts = (t_offsets[:-1] - t_offsets[0]).astype(np.int32)
+        # each byte's row of table words: its position inside its sequence, then its value
+        index = (np.arange(len(body), dtype=np.int32) - np.repeat(starts, t_lengths)) << 7
+        index |= body
+        filled = np.flatnonzero(t_lengths > 0)
+        for half, (words, length_words) in enumerate(((_SEQ_HI, _LEN_HI), (_SEQ_LO, _LEN_LO))):
+            h = np.take(length_words, t_lengths)  # [rows]
+            if len(filled):
+                h[filled] ^= np.bitwise_xor.reduceat(np.take(words, index), starts[filled])
+            if len(part) == n:
+                out[:, half] = h
+            else:
+                out[part, half] = h
     b2 = hashlib.blake2b
-    digests = b"".join([b2(s.encode("utf-8", "surrogatepass"), digest_size=16).digest() for s in sequences])
-    return np.frombuffer(digests, dtype="<u8").astype(np.uint64).reshape(-1, 2)  # [n, 2], a writable copy
+    for i in np.flatnonzero(~tabulated).tolist():
+        digest = b2(data[offsets[i] : offsets[i + 1]].tobytes(), digest_size=16).digest()
+        out[i] = np.frombuffer(digest, dtype="<u8")
+    return out
 
 
 class SequenceTable:
@@ -92,11 +147,18 @@ class SequenceTable:
         if n == 0:
             return np.zeros(0, dtype=np.int64)
         ordinals = np.asarray(ordinals, dtype=np.int64)
-        keys = np.ascontiguousarray(hashes, dtype=np.uint64).view([("hi", "<u8"), ("lo", "<u8")]).ravel()
-        uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-        self._grow(self._count + len(uniq))
-        reps = self._probe_insert(uniq["hi"].astype(np.uint64), uniq["lo"].astype(np.uint64), ordinals[first])
-        return reps[inverse.ravel()]
+        hashes = np.asarray(hashes, dtype=np.uint64)
+        hi, lo = hashes[:, 0], hashes[:, 1]
+        # the distinct keys of the block, each with its first record (a stable sort keeps input order in a group)
+        order = np.lexsort((lo, hi))
+        new_key = np.ones(n, dtype=bool)
+        new_key[1:] = (hi[order[1:]] != hi[order[:-1]]) | (lo[order[1:]] != lo[order[:-1]])
+        first = order[new_key]  # [distinct]: input index of each key's first record
+        inverse = np.empty(n, dtype=np.int64)
+        inverse[order] = np.cumsum(new_key) - 1  # [n]: each record's key, an index into `first`
+        self._grow(self._count + len(first))
+        reps = self._probe_insert(hi[first], lo[first], ordinals[first])
+        return reps[inverse]
 
     def _grow(self, needed: int) -> None:
         cap = self.capacity

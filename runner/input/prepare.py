@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from runner.errors import RunnerError
 from runner.input.batch import InputRecord, Reject, TokenizedRecord
-from runner.models.base import SequenceCodec
+from runner.models.base import SequenceCodec, string_buffers
 
 LONG_POLICIES = ("truncate", "chunk", "skip")
 
@@ -90,6 +90,29 @@ class Preparer:
         if len(seq) > self.max_residues and self.long == "skip":
             return self._reject(record, f"longer than {self.max_residues} residues ({len(seq)}); use --long truncate or chunk")
         return seq
+
+    def check_column(self, ids: pa.StringArray, sequences: pa.StringArray) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+        """`check` over columns (Arrow strings, no nulls) in numpy: the cleaned sequences, their lengths (int64 [n],
+        characters where embeddable) and bool [n]: where `check` returns a sequence rather than a reject."""
+        cleaned = self.codec.clean_column(sequences)
+        lengths = np.diff(string_buffers(cleaned)[0])  # bytes; characters wherever the sequence is valid (ASCII)
+        ok = (np.diff(string_buffers(ids)[0]) > 0) & (lengths > 0)
+        if self.long == "skip":
+            ok &= lengths <= self.max_residues
+        ok &= self.codec.valid_column(cleaned)
+        return cleaned, lengths, ok
+
+    def window_totals(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`window_residues` of many lengths at once: (windows, residues in all), int64 [n] each."""
+        m = self.max_residues
+        lengths = np.asarray(lengths, dtype=np.int64)
+        windows = np.ones(len(lengths), dtype=np.int64)
+        if self.long == "chunk":
+            stride = m - self.chunk_overlap
+            over = lengths > m
+            windows[over] = -(-(lengths[over] - m) // stride) + 1  # as chunk_starts
+        residues = np.where(windows > 1, windows * m, np.minimum(lengths, m))
+        return windows, residues
 
     def window_residues(self, length: int) -> list[int]:
         """Residues of each window a cleaned sequence of `length` residues is embedded as (`prepare`'s windows)."""

@@ -84,21 +84,25 @@ def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
         ordinals = np.arange(run.first_ordinal, run.first_ordinal + n, dtype=np.int64)
         done = bitmap_contains(settings.done_bits, ordinals) if resuming else np.zeros(n, dtype=bool)
         duplicate = _duplicates(dedup, run)
+        # --dedup: each record's representative (-1: none) and its share of the counts, for the whole run at once
+        copy_of, counts = (_find_repeats(run.ids, run.sequences, ordinals, duplicate, sequences, settings.dedup)
+                           if sequences is not None and settings.dedup is not None else (None, None))
         embed_through = np.cumsum(~done)  # records to embed in run[: i + 1]
         lo = 0
         while lo < n:
             # cut where the block fills: the record that brings it to `per_block` to embed, or `max_rows` rows
             before = int(embed_through[lo - 1]) if lo else 0
             hi = min(int(np.searchsorted(embed_through, before + per_block - to_embed)) + 1, lo + max_rows - rows, n)
-            pieces.append(_Piece(run, lo, hi, ordinals[lo:hi], done[lo:hi], duplicate.slice(lo, hi - lo)))
+            pieces.append(_Piece(run, lo, hi, ordinals[lo:hi], done[lo:hi], duplicate.slice(lo, hi - lo),
+                                 None if copy_of is None else copy_of[lo:hi], None if counts is None else counts[lo:hi]))
             rows += hi - lo
             to_embed += int(embed_through[hi - 1]) - before
             lo = hi
             if to_embed >= per_block or rows >= max_rows:
-                yield _record_block(pieces, dedup, sequences, settings.dedup)
+                yield _record_block(pieces)
                 pieces, rows, to_embed = [], 0, 0
     if pieces:
-        yield _record_block(pieces, dedup, sequences, settings.dedup)
+        yield _record_block(pieces)
 
 
 @dataclass(frozen=True)
@@ -111,6 +115,8 @@ class _Piece:
     ordinals: np.ndarray  # int64 [hi - lo]
     done: np.ndarray  # bool [hi - lo]: written by an earlier run
     duplicate: pa.StringArray  # reject reason where an earlier record has the same id, else null
+    copy_of: np.ndarray | None = None  # --dedup: int64 [hi - lo], the representative's ordinal of a repeat, else -1
+    counts: np.ndarray | None = None  # --dedup: int64 [hi - lo, 4], each record's share of DedupCounts (see _find_repeats)
 
 
 def _duplicates(dedup: DuplicateFilter, run: RecordRun) -> pa.StringArray:
@@ -131,8 +137,7 @@ def _repeated(text: str, n: int) -> pa.StringArray:
     return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(data * n)])
 
 
-def _record_block(pieces: list[_Piece], dedup: DuplicateFilter, sequences: SequenceTable | None = None,
-                  preparer: Preparer | None = None) -> pa.Table:
+def _record_block(pieces: list[_Piece]) -> pa.Table:
     """One RECORD_SCHEMA block from consecutive pieces of runs (the columns are copied, so a block never
     keeps a whole run's buffers alive)."""
     ids = pa.concat_arrays([p.run.ids.slice(p.lo, p.hi - p.lo) for p in pieces])
@@ -144,11 +149,10 @@ def _record_block(pieces: list[_Piece], dedup: DuplicateFilter, sequences: Seque
     n = len(ordinal)
     copy_of = pa.nulls(n, pa.int64())
     counts = pa.nulls(n, pa.list_(pa.int64()))
-    if sequences is not None and preparer is not None:
-        records = [InputRecord(i, s, f, o) for i, s, f, o in
-                   zip(ids.to_pylist(), seqs.to_pylist(), source.to_pylist(), ordinal.tolist(), strict=True)]
-        reps, block_counts = _find_repeats(records, duplicate.to_pylist(), sequences, preparer)
-        copy_of = pa.array(reps, pa.int64())
+    if pieces[0].copy_of is not None:
+        reps = np.concatenate([p.copy_of for p in pieces])
+        copy_of = pa.array(reps, pa.int64(), mask=reps < 0)
+        block_counts = np.concatenate([p.counts for p in pieces]).sum(axis=0).tolist()
         counts = pa.array([block_counts] + [None] * (n - 1), pa.list_(pa.int64()))
         # repeats (--dedup) travel without their text: the driver copies their first record's row
         seqs = pc.if_else(copy_of.is_null(), seqs, pa.scalar(None, pa.string()))
@@ -172,36 +176,34 @@ def _record_block(pieces: list[_Piece], dedup: DuplicateFilter, sequences: Seque
     )
 
 
-def _find_repeats(records: list[InputRecord], duplicate: list[str | None], sequences: SequenceTable,
-                  preparer: Preparer) -> tuple[list[int | None], list[int]]:
-    """--dedup: each record's representative ordinal when an earlier record has its cleaned sequence, and the
-    block's counts. Finished records (resume) are registered too, so the table is the same on every run;
-    records that will be rejected (duplicate id, empty, invalid, too long to keep) are not registered."""
-    idx: list[int] = []
-    cleaned: list[str] = []
-    for i, (r, dup) in enumerate(zip(records, duplicate, strict=True)):
-        if dup or not r.id:
-            continue
-        seq = preparer.check(r)
-        if isinstance(seq, str):
-            idx.append(i)
-            cleaned.append(seq)
-    copy_of: list[int | None] = [None] * len(records)
-    counts = [0, 0, 0, 0]
-    if not idx:
+def _find_repeats(ids: pa.StringArray, seqs: pa.StringArray, ordinals: np.ndarray, duplicate: pa.StringArray,
+                  sequences: SequenceTable, preparer: Preparer) -> tuple[np.ndarray, np.ndarray]:
+    """--dedup over a run of records: int64 [n], each record's representative ordinal where an earlier record has
+    its cleaned sequence (else -1), and int64 [n, 4], each record's share of the block counts (DedupCounts.add:
+    1 for a representative; for a repeat 1, its windows' residues and tokens).
+
+    Columnar: the run is cleaned, checked and hashed as whole columns (no Python per record). Finished records
+    (resume) are registered too, so the table is the same on every run; records that will be rejected
+    (duplicate id, missing id, empty, invalid, too long to keep) are not registered."""
+    n = len(ordinals)
+    copy_of = np.full(n, -1, dtype=np.int64)
+    counts = np.zeros((n, 4), dtype=np.int64)
+    cleaned, lengths, ok = preparer.check_column(ids, seqs)
+    if duplicate.null_count < n:
+        ok &= duplicate.is_null().to_numpy(zero_copy_only=False)
+    idx = np.flatnonzero(ok)
+    if not len(idx):
         return copy_of, counts
-    ordinals = np.array([records[i].ordinal for i in idx], dtype=np.int64)
-    reps = sequences.assign(sequence_hashes(cleaned), ordinals)
-    specials = preparer.codec.special_start + preparer.codec.special_end
-    for i, seq, o, r in zip(idx, cleaned, ordinals.tolist(), reps.tolist(), strict=True):
-        if r == o:
-            counts[0] += 1
-            continue
-        copy_of[i] = r
-        windows = preparer.window_residues(len(seq))
-        counts[1] += 1
-        counts[2] += sum(windows)
-        counts[3] += sum(windows) + specials * len(windows)
+    kept = cleaned if len(idx) == n else cleaned.take(pa.array(idx))
+    reps = sequences.assign(sequence_hashes(kept), ordinals[idx])
+    repeat = reps != ordinals[idx]
+    at = idx[repeat]
+    windows, residues = preparer.window_totals(lengths[at])
+    copy_of[at] = reps[repeat]
+    counts[idx[~repeat], 0] = 1
+    counts[at, 1] = 1
+    counts[at, 2] = residues
+    counts[at, 3] = residues + (preparer.codec.special_start + preparer.codec.special_end) * windows
     return copy_of, counts
 
 

@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from runner.errors import RunnerError
@@ -87,6 +89,88 @@ def resolve_layers(layers: Sequence[int], num_layers: int, model: str) -> list[i
     return resolved
 
 
+# ASCII bytes Python's str.split() treats as whitespace (str.isspace): \t \n \v \f \r, \x1c-\x1f and the space.
+_ASCII_SPACE = np.zeros(256, dtype=bool)
+_ASCII_SPACE[[c for c in range(128) if chr(c).isspace()]] = True
+ASCII_UPPER = np.arange(256, dtype=np.uint8)  # byte -> byte: a-z -> A-Z, what str.upper() does to ASCII
+ASCII_UPPER[ord("a") : ord("z") + 1] -= 32
+
+
+def string_buffers(strings: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """The offsets (int64 [n + 1], into the data) and the UTF-8 bytes (uint8) of an Arrow string array, zero copy
+    for the bytes. Nulls read as empty strings."""
+    n = len(strings)
+    width = np.int64 if pa.types.is_large_string(strings.type) else np.int32
+    bufs = strings.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=width, count=n + 1, offset=strings.offset * np.dtype(width).itemsize)
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(0, dtype=np.uint8)
+    return offsets.astype(np.int64), data
+
+
+def clean_ascii_column(raw: pa.StringArray, clean: Callable[[str], str], translate: np.ndarray,
+                       drop_last: int | None) -> pa.StringArray:
+    """`clean` of each string of `raw` (an Arrow string array without nulls) as a few numpy operations over the
+    bytes, for a `clean` that removes whitespace (str.split), upper-cases, maps bytes through `translate` and drops
+    one trailing `drop_last` byte. Strings holding any non-ASCII byte (where str.split and str.upper follow
+    Unicode: U+00A0 is whitespace, 'ſ'.upper() is 'S') go through `clean` itself, one by one."""
+    n = len(raw)
+    offsets, data = string_buffers(raw)
+    text = data[offsets[0] : offsets[-1]]
+    lengths = np.diff(offsets)
+    body = text
+    space = np.take(_ASCII_SPACE, body)
+    if space.any():  # FASTA line ends are gone already: whitespace inside a sequence is rare
+        lengths = lengths - row_sums(space, lengths)
+        body = body[~space]
+    out = np.take(translate, body)  # uint8: the kept bytes, upper-cased and translated
+    new = np.zeros(n + 1, dtype=np.int64)  # offsets into `out`
+    np.cumsum(lengths, out=new[1:])
+    if drop_last is not None and len(out):
+        ends = new[1:][lengths > 0] - 1  # each non-empty string's last byte
+        dropped = ends[out[ends] == drop_last]
+        if len(dropped):
+            mask = np.ones(len(out), dtype=bool)
+            mask[dropped] = False
+            out = out[mask]
+            gone = np.zeros(len(mask) + 1, dtype=np.int64)
+            np.cumsum(~mask, out=gone[1:])
+            new = new - gone[new]
+    cleaned = pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(new.astype(np.int32)), pa.py_buffer(out)])
+    if len(text) and text.max() >= 0x80:
+        unicode_rows = np.flatnonzero(row_sums(text >= 0x80, np.diff(offsets)) > 0)
+        texts = raw.take(pa.array(unicode_rows)).to_pylist()
+        mask = np.zeros(n, dtype=bool)
+        mask[unicode_rows] = True
+        cleaned = pc.replace_with_mask(cleaned, pa.array(mask), pa.array([clean(t) for t in texts], pa.string()))
+    return cleaned
+
+
+def row_sums(flags: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """int64 [n]: how many of each row's `flags` are set; the rows' flags lie one after another (`lengths`)."""
+    sums = np.zeros(len(lengths), dtype=np.int64)
+    filled = np.flatnonzero(lengths > 0)
+    if len(filled):
+        starts = np.zeros(len(lengths), dtype=np.int64)
+        np.cumsum(lengths[:-1], out=starts[1:])
+        sums[filled] = np.add.reduceat(flags, starts[filled], dtype=np.int64)
+    return sums
+
+
+def valid_column(cleaned: pa.StringArray, valid: frozenset[str], invalid_characters: Callable[[str], str]) -> np.ndarray:
+    """bool [n]: whether each cleaned string holds only characters of `valid` (`invalid_characters` returns '').
+    One byte lookup over all the bytes when `valid` is ASCII (a non-ASCII byte is then invalid, as its character
+    is); else `invalid_characters` one by one."""
+    if any(ord(c) >= 0x80 for c in valid):
+        return np.array([not invalid_characters(s) for s in cleaned.to_pylist()], dtype=bool)
+    invalid = np.ones(256, dtype=bool)
+    invalid[[ord(c) for c in valid]] = False
+    offsets, data = string_buffers(cleaned)
+    bad = np.take(invalid, data[offsets[0] : offsets[-1]])
+    if not bad.any():
+        return np.ones(len(cleaned), dtype=bool)
+    return row_sums(bad, np.diff(offsets)) == 0
+
+
 class SequenceCodec(ABC):
     """Text side of a model: cleaning, alphabet check and tokenization. Cheap to build and to pickle."""
 
@@ -111,6 +195,15 @@ class SequenceCodec(ABC):
     def encode(self, seq: str) -> np.ndarray:
         """Token ids of a cleaned, valid sequence, special tokens included. int32 [special_start + n + special_end]
         for per-residue alphabets; BPE codecs return however many tokens the residues make."""
+
+    def clean_column(self, raw: pa.StringArray) -> pa.StringArray:
+        """`clean` of each string of an Arrow string array (no nulls): the --dedup read task cleans whole runs.
+        Codecs override it with a vectorised version that gives the same strings; this one calls `clean`."""
+        return pa.array([self.clean(s) for s in raw.to_pylist()], pa.string())
+
+    def valid_column(self, cleaned: pa.StringArray) -> np.ndarray:
+        """bool [n]: `invalid_characters(s) == ''` for each cleaned string (overridden with a vectorised version)."""
+        return np.array([not self.invalid_characters(s) for s in cleaned.to_pylist()], dtype=bool)
 
 
 class ResidueCodec(SequenceCodec):
@@ -141,6 +234,17 @@ class ResidueCodec(SequenceCodec):
     def invalid_characters(self, seq: str) -> str:
         """Sorted distinct characters outside `residues` ('' when the sequence is embeddable)."""
         return "".join(sorted(set(seq) - self._valid))
+
+    def clean_column(self, raw: pa.StringArray) -> pa.StringArray:
+        """`clean` over a column in numpy (the same strings; a subclass with its own `clean` keeps it per string)."""
+        if type(self).clean is not ResidueCodec.clean:
+            return super().clean_column(raw)
+        return clean_ascii_column(raw, self.clean, ASCII_UPPER, drop_last=ord("*"))
+
+    def valid_column(self, cleaned: pa.StringArray) -> np.ndarray:
+        if type(self).invalid_characters is not ResidueCodec.invalid_characters:
+            return super().valid_column(cleaned)
+        return valid_column(cleaned, self._valid, self.invalid_characters)
 
     def encode(self, seq: str) -> np.ndarray:
         """int32 [n + 2]: the start token, one token per residue, the end token."""

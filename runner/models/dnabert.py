@@ -24,12 +24,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from runner.errors import CheckpointError, first_line
-from runner.models.base import EmbeddingModel, ModelInfo, SequenceCodec, resolve_layers
+from runner.models.base import (
+    ASCII_UPPER,
+    EmbeddingModel,
+    ModelInfo,
+    SequenceCodec,
+    clean_ascii_column,
+    resolve_layers,
+    valid_column,
+)
 from runner.models.checkpoints import refusal_reason
 
 DNABERT_MODELS: tuple[str, ...] = ("zhihan1996/DNABERT-S", "zhihan1996/DNABERT-2-117M")
@@ -72,6 +81,8 @@ _IGNORED_PREFIXES = ("cls.", "pooler.")
 _IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
 
 _DNA_ALPHABET = frozenset("ACGTN")
+_DNA_UPPER = ASCII_UPPER.copy()  # byte -> byte of `clean`: upper-cased, then U read as T
+_DNA_UPPER[[ord("u"), ord("U")]] = ord("T")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,6 +165,13 @@ class DnabertCodec(SequenceCodec):
     def invalid_characters(self, seq: str) -> str:
         """Characters outside ACGTN, sorted and distinct."""
         return "".join(sorted(set(seq) - _DNA_ALPHABET))
+
+    def clean_column(self, raw: pa.StringArray) -> pa.StringArray:
+        """`clean` over a column in numpy: the same strings (U and u become T after upper-casing)."""
+        return clean_ascii_column(raw, self.clean, _DNA_UPPER, drop_last=None)
+
+    def valid_column(self, cleaned: pa.StringArray) -> np.ndarray:
+        return valid_column(cleaned, _DNA_ALPHABET, self.invalid_characters)
 
     def encode(self, seq: str) -> np.ndarray:
         """int32 ids [CLS] + BPE(seq) + [SEP], at most `max_tokens` long (tail BPE tokens dropped)."""
