@@ -2,8 +2,9 @@
 
 Two halves, one on each end of the stream:
 
-- `SequenceTable` (in the single read task, which sees every record in input order): a 128-bit BLAKE2b hash of
-  each embeddable cleaned sequence -> the ordinal of its first record (the *representative*). A later record
+- `SequenceTable` (in the single read task, which sees every record in input order): a 128-bit hash
+  (`sequence_hashes`: simple tabulation in numpy, BLAKE2b past 1 KiB) of each embeddable cleaned sequence -> the
+  ordinal of its first record (the *representative*). A later record
   of the same sequence becomes a *copy request* ("ordinal i is a copy of ordinal r"): it is never tokenized,
   packed or embedded, and travels to the driver on its block's summary row, like a reject.
 - `CopyWriter` (on the driver): writes each copy as the representative's row with the copy's id and ordinal
@@ -21,8 +22,9 @@ so a copy points at the same representative, which may already be in a part of a
 Memory of the table: 24 bytes a slot (16-byte hash + 8-byte ordinal), at most 70 % full and doubled when
 needed: 34-69 bytes per distinct sequence; 100 M distinct sequences use 2^28 slots = 6 GiB in the read task
 (9 GiB for a moment while doubling). Collisions: two different sequences with the same 128-bit hash would
-give the second the first one's vector; with n distinct sequences the chance of any collision is about
-n^2 / 2^129: 1.5e-23 at 100 M, 1.5e-15 at 10^12. Nothing else is stored per sequence.
+give the second the first one's vector; each pair collides with probability 2^-128 (see `sequence_hashes`), so
+with n distinct sequences the chance of any collision is about n^2 / 2^129: 1.5e-23 at 100 M, 1.5e-15 at 10^12.
+Nothing else is stored per sequence.
 """
 
 from __future__ import annotations

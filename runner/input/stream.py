@@ -9,7 +9,7 @@ the duplicate check (so "first seen" stays the same) and are still counted, but 
 `done` rows that the pack tasks skip.
 
 With --dedup the read task also cleans and checks each record and looks its sequence up in a
-`runner.input.dedup.SequenceTable`: a repeat travels as a `copy_of` row (no text) that the pack tasks hand on
+`runner.input.dedup.SequenceTable` (a run of records at a time, as columns): a repeat travels as a `copy_of` row (no text) that the pack tasks hand on
 to the driver, which writes it as a copy of its first record's row (see `runner.input.dedup`).
 """
 
@@ -69,8 +69,8 @@ def read_blocks(settings: ReadSettings) -> Iterator[pa.Table]:
 
     The inputs arrive as runs of Arrow columns (`read_runs`: a FASTA chunk or a table batch each); the
     duplicate-id check, the resume bitmap and the block cuts work on whole runs with numpy, and a block is
-    the runs' columns sliced and joined: no Python object per record (except with --dedup, whose cleaning is
-    per record). A block closes once it holds `records_per_block` records still to embed, or
+    the runs' columns sliced and joined: no Python object per record (with --dedup too: a run is cleaned,
+    checked, hashed and looked up as columns, `_find_repeats`). A block closes once it holds `records_per_block` records still to embed, or
     `records_per_block * DONE_ROWS_FACTOR` rows in all (resume).
     """
     dedup = DuplicateFilter()
