@@ -189,7 +189,7 @@ class SequenceTable:
         n = len(ordinals)
         out = np.empty(n, dtype=np.int64)
         active = np.arange(n)
-        pos = (lo & np.uint64(mask)).astype(np.int64)  # BLAKE2b bits are uniform: the low bits index well
+        pos = (lo & np.uint64(mask)).astype(np.int64)  # hash bits are uniform: the low bits index well
         inserted = 0
         while len(active):
             p = pos[active]
