@@ -23,6 +23,7 @@ from runner.driver.budget import nvidia_gpus_here, nvidia_smi_free_bytes
 from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
+    compile_by_default,
     pick_token_budget,
     resolve_gpus,
     resolve_shadow_share,
@@ -234,6 +235,10 @@ def _run_locked(
     log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
+    compile_layers = compile_by_default(gpus, paths) if config.compile_layers is None else config.compile_layers
+    if on_gpu and config.compile_layers is None and not compile_layers:
+        log.info("layers run eager: a job this small ends sooner than compiling them takes (10-17 s an actor); "
+                 "--compile compiles them anyway")
     stage = StageSettings(
         model=actor_model_spec(config.model),
         precision=precision,
@@ -243,7 +248,7 @@ def _run_locked(
         cpu_threads=1,
         fp32_layernorm=config.fp32_layernorm,
         fused_gelu=not config.exact_gelu,
-        compile_layers=on_gpu if config.compile_layers is None else config.compile_layers,
+        compile_layers=compile_layers,
         compile_cache=config.compile_cache,
         compile_cache_dir=chosen_compile_cache_dir() or "",
         shadow_rate=config.shadow_rate,

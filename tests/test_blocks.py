@@ -56,3 +56,26 @@ def test_a_large_input_is_not_counted(tmp_path: Path, monkeypatch: pytest.Monkey
 
 def test_an_unreadable_input_keeps_the_configured_size(tmp_path: Path) -> None:
     assert block_records(2048, [tmp_path / "missing.fasta"], 1) == 2048
+
+
+def test_a_small_gpu_job_runs_eager_by_default(tmp_path: Path) -> None:
+    from runner.driver.cluster import EAGER_BELOW_TOKENS_PER_GPU, compile_by_default
+
+    fasta = write_fasta(tmp_path / "in.fasta", 1515)  # 20 residues + 2 special tokens a record: 33,330 tokens
+    assert not compile_by_default(1, [fasta])  # compiling (10-17 s an actor on an H200) would cost more than it saves
+    assert not compile_by_default(0, [fasta])  # CPU jobs never compile by default
+    per_record = 22
+    big = write_fasta(tmp_path / "big.fasta", EAGER_BELOW_TOKENS_PER_GPU // per_record + 1)
+    assert compile_by_default(1, [big])
+    assert not compile_by_default(2, [big])  # the threshold is per GPU
+
+
+def test_a_large_or_table_input_compiles_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.driver.cluster import compile_by_default
+
+    table = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"id": ["q"], "sequence": ["MKT"]}), table)
+    assert compile_by_default(1, [table])  # residues unknown without reading the table: the default stays
+    fasta = write_fasta(tmp_path / "in.fasta", 10)
+    monkeypatch.setattr(cluster, "SMALL_INPUT_BYTES", fasta.stat().st_size - 1)
+    assert compile_by_default(1, [fasta])  # not counted: the default stays
