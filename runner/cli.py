@@ -180,7 +180,8 @@ def cli(ctx: click.Context, verbose: int) -> None:
               help="dtype of the per-token vectors (default float32; float16 halves the bytes).")
 @shadow_options
 @click.option("--compile/--no-compile", "compile_layers", default=None,
-              help="torch.compile the model layers (fused kernels; default on GPUs, eager on CPU).")
+              help="torch.compile the model layers (fused kernels; default on GPUs, except a job known to be small: "
+                   "FASTA up to 64 MiB with under 2M tokens per GPU; eager on CPU).")
 @click.option("--compile-cache/--no-compile-cache", default=None,
               help="Reuse torch.compile's caches across runs (~/.cache/runner/torch-compile; default on).")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")

@@ -78,7 +78,8 @@ class EmbedConfig:
     # fair-esm's erf GELU as its own pass in an fp16/bf16 GPU model; False: ESM-2's fc1 and a tanh-approximate
     # GELU run as one GEMM (faster; |GELU difference| <= 4.7e-4, below FP16 rounding of most activations).
     exact_gelu: bool = False
-    compile_layers: bool | None = None  # torch.compile the layers (fused LayerNorm/rotary/GELU); None = GPUs only
+    # torch.compile the layers (fused LayerNorm/rotary/GELU); None = on GPUs unless the job is known to be small
+    compile_layers: bool | None = None
     # Keep torch.compile's caches in runner's cache dir (~/.cache/runner/torch-compile): later runs load the
     # compiled layers instead of compiling again. False: torch's default (a temporary directory).
     compile_cache: bool = True
