@@ -24,6 +24,7 @@ from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
     compile_by_default,
+    count_small_input,
     pick_token_budget,
     resolve_gpus,
     resolve_shadow_share,
@@ -235,7 +236,8 @@ def _run_locked(
     log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
 
     shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
-    compile_layers = compile_by_default(gpus, paths) if config.compile_layers is None else config.compile_layers
+    input_count = count_small_input(paths)  # a small input counted once: block sizes and the compile default
+    compile_layers = compile_by_default(gpus, input_count) if config.compile_layers is None else config.compile_layers
     if on_gpu and config.compile_layers is None and not compile_layers:
         log.info("layers run eager: a job this small ends sooner than compiling them takes (10-17 s an actor); "
                  "--compile compiles them anyway")
@@ -262,7 +264,7 @@ def _run_locked(
     # The read task gets its own copy of the bitmap: the driver keeps adding to `resume.done` as it writes.
     with clock.phase("build_stream"):
         dataset = build_dataset(
-            ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy()
+            ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy(), input_count
         )
 
     manifest = Manifest(out_dir, config, info, precision, spec, budget, [str(p) for p in paths], fingerprint)

@@ -57,16 +57,15 @@ def read_cpus(ray) -> float:
     return READ_CPUS if cpus >= READ_CPUS else 0
 
 
-def block_records(configured: int, paths: Sequence[Path], actors: int) -> int:
+def block_records(configured: int, count: InputCount | None, actors: int) -> int:
     """Records per stream block: `configured` (records_per_block), lowered for a small input so that every
-    embedding actor gets about four blocks.
+    embedding actor gets about four blocks; `count` is count_small_input's (None: large or unread).
 
     An embedding task covers one block, and Ray Data hands the driver a task's rows only when the whole block is
     embedded: a 1,515-protein job in one 2,048-record block reached the driver only after its last batch (1.6 s
     after the first on an H200), and on 8 GPUs a 5,000-protein job kept 3 of them busy. Inputs up to
     SMALL_INPUT_BYTES are counted first (FASTA at disk speed, Parquet from its metadata); larger ones keep the
     configured size (they make blocks enough for any actor count)."""
-    count = count_small_input(paths)
     if count is None:
         return configured
     wanted = -(-count.records // (4 * max(actors, 1)))
@@ -86,13 +85,12 @@ def count_small_input(paths: Sequence[Path]) -> InputCount | None:
         return None
 
 
-def compile_by_default(gpus: int, paths: Sequence[Path]) -> bool:
+def compile_by_default(gpus: int, count: InputCount | None) -> bool:
     """Whether a job compiles its layers when --compile/--no-compile is not given: on GPUs, unless the input is
     known to be small (FASTA up to SMALL_INPUT_BYTES with fewer than EAGER_BELOW_TOKENS_PER_GPU tokens per GPU,
     a residue and the two special tokens per record), where compiling would take longer than it saves."""
     if gpus <= 0:
         return False
-    count = count_small_input(paths)
     if count is None or count.residues is None:
         return True
     return count.residues + 2 * count.records >= EAGER_BELOW_TOKENS_PER_GPU * gpus
@@ -141,8 +139,11 @@ def build_dataset(
     gpus: int,
     shadow_share: float,
     done_bits: np.ndarray | None = None,
+    input_count: InputCount | None = None,
 ):
     """The Ray Data stream; nothing runs until the driver iterates it.
+
+    `input_count` (count_small_input: a small input's records, counted once per job) sizes its blocks.
 
     `done_bits` (packed bitmap of ordinals already written, on resume) travels with the read task,
     which skips those records.
@@ -155,7 +156,7 @@ def build_dataset(
     DataContext.get_current().enable_progress_bars = False
 
     actors = gpus if gpus > 0 else config.cpu_actors
-    records_per_block = block_records(config.records_per_block, paths, actors)
+    records_per_block = block_records(config.records_per_block, input_count, actors)
     read_settings = ReadSettings(
         tuple(str(p) for p in paths),
         config.id_column,
