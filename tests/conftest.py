@@ -42,6 +42,16 @@ def start_local_ray(num_cpus: int) -> None:
                 raise
 
 
+@pytest.fixture(scope="module")
+def ray_address():
+    """One local Ray per test module (start_local_ray, 4 CPUs); subprocess drivers join it by this address."""
+    import ray
+
+    start_local_ray(num_cpus=4)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
+
+
 @contextmanager
 def running_ray(num_cpus: int) -> Iterator[None]:
     """A Ray of this test process's own (start_local_ray) for the block, shut down after it: `runner embed` in the

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import pythonpath_with, start_local_ray
+from conftest import pythonpath_with
 
 from runner.cli import cli
 from runner.input.batch import InputRecord, Reject
@@ -312,16 +312,6 @@ def test_copy_writer_finish_refuses_repeats_whose_original_never_came(tmp_path: 
 
 
 # --- end to end -------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    """One local Ray for the module; the SIGKILLed subprocess driver joins it by address."""
-    import ray
-
-    start_local_ray(num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import pythonpath_with, start_local_ray
+from conftest import pythonpath_with
 
 from runner.cli import cli
 from runner.config import EmbedConfig
@@ -166,15 +166,6 @@ def test_resume_deletes_staged_parts_no_driver_committed(tmp_path: Path, tiny_es
 
 COUNT = 120
 LAYERS = ("--layers", "1,2", "--pooling", "mean,max")  # several vector columns, per-token arrays of two layers
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    start_local_ray(num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from click.testing import CliRunner
-from conftest import pythonpath_with, start_local_ray
+from conftest import pythonpath_with
 
 from runner.cli import cli
 from runner.output.checksums import file_crc, read_records
@@ -31,15 +31,6 @@ from runner.output.checksums import file_crc, read_records
 REPO = Path(__file__).resolve().parents[1]
 COUNT = 240
 AMINO = list("ACDEFGHIKLMNPQRSTVWY")
-
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    start_local_ray(num_cpus=4)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
