@@ -309,7 +309,7 @@ def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("runner.job.resolve_gpus", lambda requested, ray: 0)
     monkeypatch.setattr(
         "runner.job.build_dataset",
-        lambda ray, paths, codec, config, budget, stage, gpus, share, done: InProcessStream(
+        lambda ray, paths, codec, config, budget, stage, gpus, share, done, input_count=None: InProcessStream(
             paths, codec, config, budget, stage, done),
     )
 
