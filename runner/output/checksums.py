@@ -1,6 +1,6 @@
 """Checksums of the files a job writes, so that corruption on disk is detected (on resume and by `runner verify`).
 
-Each part's CRC-32 (zlib.crc32: ~3.8 GB/s on one H200 node core, benchmarks/results/2026-11-30-checksum-cost-h200host.json) is
+Each part's CRC-32 is
 computed by the writer as the bytes go out (`ChecksummedFile`), so it costs no extra read. It is appended, with
 the part's rows and bytes, to `DIR/checksums.jsonl` (paths relative to DIR) and fsynced BEFORE the part is renamed
 into place: every visible part has its line. The manifest's `checksums` section repeats the journal at the end of
@@ -9,6 +9,10 @@ the run.
 Per-token files (`tokens/<shard>/tok-<uuid>.arrow`) are summed the same way by the embedding actor that writes
 them, but only the driver writes this journal: the record travels back with the batch's rows and is journaled
 in the same fsynced append as the pooled part that commits those rows (runner.output.tokens says why).
+The CRC-32 is zlib's (polynomial 0xEDB88320, the values zlib.crc32 gives), computed by `crc32` below: ISA-L's
+(the `isal` package: carry-less-multiply instructions, ~3x zlib.crc32 on one core here, and it releases the GIL
+as zlib's does) where it imports, else zlib.crc32 itself. Either gives the same value for the same bytes, so
+a file written with one verifies with the other.
 CRC-32 detects every burst error up to 32 bits and any other corruption with probability 1 - 2^-32; it is not
 a defence against deliberate tampering (nothing here is).
 """
@@ -20,7 +24,7 @@ import json
 import logging
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +33,23 @@ from typing import Any
 import pyarrow as pa
 
 log = logging.getLogger("runner")
+
+
+def fastest_crc32() -> tuple[Callable[..., int], str]:
+    """(crc32(data, value=0) -> int, its name): ISA-L's where the `isal` package imports and gives zlib's check
+    value, else zlib.crc32 (the same polynomial and values, ~3x slower on one core). Chosen once, below."""
+    try:
+        from isal.isal_zlib import crc32 as isal_crc32
+    except ImportError:  # a bundle without isal (pyproject.toml lists it): the same values, slower
+        return zlib.crc32, "zlib"
+    if isal_crc32(b"123456789") != 0xCBF43926 or isal_crc32(b"6789", isal_crc32(b"12345")) != 0xCBF43926:
+        log.warning("isal's crc32 does not give zlib's values here: checksums use zlib.crc32")
+        return zlib.crc32, "zlib"
+    return isal_crc32, "isal"
+
+
+# What every writer and verifier here sums with (crc32(data, value)); CRC32_IMPL names it for benchmarks and logs.
+crc32, CRC32_IMPL = fastest_crc32()
 
 JOURNAL_NAME = "checksums.jsonl"
 READ_BYTES = 8 << 20  # a file is re-read in pieces this large to check it (memory stays flat)
@@ -43,7 +64,7 @@ class ChecksummedFile:
 
     With `pool` (an actor's per-token files: ~0.85 GB/s per H200), a large write is summed in PIECES pieces on
     the pool's threads while this thread hands the bytes to the OS, and the pieces' CRCs are combined
-    (crc32_combine): zlib.crc32 and file writes release the GIL, so the checksum adds about a quarter of its
+    (crc32_combine): crc32 and file writes release the GIL, so the checksum adds about a quarter of its
     single-thread time to the write instead of all of it.
     """
 
@@ -59,12 +80,12 @@ class ChecksummedFile:
         if not self._summed:
             written = self._file.write(view)
         elif self._pool is None or view.nbytes < PARALLEL_BYTES:
-            self.crc = zlib.crc32(view, self.crc)
+            self.crc = crc32(view, self.crc)
             written = self._file.write(view)
         else:
             step = -(-view.nbytes // PIECES)
             pieces = [view[i : i + step] for i in range(0, view.nbytes, step)]
-            sums = [self._pool.submit(zlib.crc32, piece) for piece in pieces]
+            sums = [self._pool.submit(crc32, piece) for piece in pieces]
             written = self._file.write(view)  # meanwhile: the buffer stays alive until the sums are in
             for piece, piece_crc in zip(pieces, sums, strict=True):
                 self.crc = crc32_combine(self.crc, piece_crc.result(), piece.nbytes)
@@ -172,7 +193,7 @@ def file_crc(path: Path) -> tuple[str, int]:
     crc, size = 0, 0
     with open(path, "rb") as f:
         while piece := f.read(READ_BYTES):
-            crc = zlib.crc32(piece, crc)
+            crc = crc32(piece, crc)
             size += len(piece)
     return crc_hex(crc), size
 

@@ -173,7 +173,7 @@ def check_token_files(out_dir: Path, names: Sequence[str], records: dict[str, di
     """Check token files `names` (relative to DIR/tokens) against their checksum `records` (checksums.jsonl,
     keyed relative to DIR): size and CRC-32, then the footer, and the rows against the record.
 
-    Every byte is read, several files at a time (file reads and zlib.crc32 release the GIL, so threads overlap
+    Every byte is read, several files at a time (file reads and the CRC-32 release the GIL, so threads overlap
     on a parallel file system); memory stays at a few read buffers.
     """
     def check(name: str) -> TokenFileCheck:
