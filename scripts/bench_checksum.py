@@ -1,7 +1,8 @@
 """What the CRC-32 checksums cost. Two modes:
 
 Parts (default): the real PartWriter writing 650M-width rows (1280 float32) with its checksummed sink against the
-same writer on a plain file sink, interleaved, best of N; and zlib.crc32 alone.
+same writer on a plain file sink, interleaved, best of N; and the CRC-32 alone (runner.output.checksums.crc32,
+ISA-L's where isal imports, and zlib.crc32 for comparison).
 
     python scripts/bench_checksum.py --rows 65536 --dim 1280 --repeats 5 \
         --out benchmarks/results/2026-11-30-checksum-cost.json
@@ -10,10 +11,11 @@ The figure that matters is the driver's write rate with checksums against what a
 job at ~300k tok/s per GPU and ~300 residues per sequence sends the driver ~8,000 rows/s (~41 MB/s of vectors).
 
 --per-token: one packed batch's per-token file as an embedding actor writes it (runner.output.tokens.
-write_token_file: checksummed sink, fsync, rename), with the CRC on the writing thread alone and, as the actor
-does, in pieces on a small pool beside the write, against the same file written by pyarrow itself with nothing
-summed (as before per-token checksums), interleaved, best of N; and how much of each write holds the GIL (the
-actor's other call launches the next forward meanwhile, which needs the GIL).
+write_token_file: checksummed sink, fsync, rename; the CRC on the writing thread), against the same file written
+by pyarrow itself with nothing summed (as before per-token checksums), interleaved, best of N; and how much of
+each write holds the GIL (the actor's other call launches the next forward meanwhile, which needs the GIL).
+scripts/bench_crc_contention.py measures what the CRC takes from such a launching thread, and the pool the
+actor used to sum in pieces.
 
     python scripts/bench_checksum.py --per-token --tokens 32768 --dim 1280 --dtype float16 --repeats 7 \
         --out benchmarks/results/2026-11-30-checksum-cost-per-token.json
@@ -36,7 +38,6 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_token_write import gil_held  # noqa: E402
 
 from runner.output import sink  # noqa: E402
-from runner.output.checksums import PIECES as CRC_PIECES  # noqa: E402
+from runner.output.checksums import CRC32_IMPL, crc32  # noqa: E402
 from runner.output.sink import EmbeddedRows, PartWriter  # noqa: E402
 from runner.output.tokens import token_schema, token_table, write_token_file  # noqa: E402
 
@@ -103,10 +104,19 @@ def plain_token_file(directory: Path, table: pa.Table) -> Path:
     return directory / name
 
 
-def summed_token_file(directory: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None) -> Path:
-    """The actor's write (runner.output.tokens.write_token_file): CRC-32 as the bytes go out, fsync, rename; with
-    `pool` (as the actor does) large writes are summed in pieces beside the write."""
-    return directory / write_token_file(directory, table, pool).name
+def summed_token_file(directory: Path, table: pa.Table) -> Path:
+    """The actor's write (runner.output.tokens.write_token_file): CRC-32 as the bytes go out, fsync, rename."""
+    return directory / write_token_file(directory, table).name
+
+
+def crc_gb_per_s(crc: Callable[[bytes], int], data: bytes, repeats: int) -> float:
+    """One thread's best rate over `repeats` sums of `data`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        crc(data)
+        times.append(time.perf_counter() - start)
+    return len(data) / min(times) / 1e9
 
 
 def per_token_main(args: argparse.Namespace) -> dict:
@@ -119,13 +129,12 @@ def per_token_main(args: argparse.Namespace) -> dict:
     table = token_table([f"UniRef50_{i:09d}" for i in range(len(lengths))], np.arange(len(lengths), dtype=np.int64),
                         arrays, lengths, token_schema(layers, args.dim, args.dtype))
     load_before = round(os.getloadavg()[0], 1)
-    plain, summed, pooled, size = [], [], [], 0
-    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(CRC_PIECES) as pool:
+    plain, summed, size = [], [], 0
+    with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)
         writes: list[tuple[Callable[[], Path], list[float]]] = [
             (lambda: plain_token_file(directory, table), plain),
-            (lambda: summed_token_file(directory, table), summed),  # one thread sums everything
-            (lambda: summed_token_file(directory, table, pool), pooled),  # as the actor writes
+            (lambda: summed_token_file(directory, table), summed),  # as the actor writes
         ]
         for _ in range(args.repeats):  # interleaved: a busy machine slows all alike
             for write, times in writes:
@@ -138,13 +147,8 @@ def per_token_main(args: argparse.Namespace) -> dict:
         for path in directory.glob("tok-*.arrow"):
             path.unlink()
     data = b"".join(a.tobytes() for a in arrays)
-    crc_times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        zlib.crc32(data)
-        crc_times.append(time.perf_counter() - start)
-    best_plain, best_summed, best_pooled = min(plain), min(summed), min(pooled)
-    crc_rate = len(data) / min(crc_times)  # bytes/s of one thread: the CPU work the checksum adds to the actor
+    best_plain, best_summed = min(plain), min(summed)
+    crc_rate = crc_gb_per_s(crc32, data, args.repeats)  # GB/s of one thread: the CPU work the CRC adds to the actor
     return {
         "command": "python scripts/bench_checksum.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
@@ -153,23 +157,22 @@ def per_token_main(args: argparse.Namespace) -> dict:
         "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 1)],
         "tokens": args.tokens, "dim": args.dim, "dtype": args.dtype, "layers": args.layers,
         "sequences": len(lengths), "bytes_per_file": size,
-        "crc32_gb_per_s": round(crc_rate / 1e9, 2),
+        "crc32_in_use": CRC32_IMPL,
+        "crc32_gb_per_s": round(crc_rate, 2),
+        "zlib_crc32_gb_per_s": round(crc_gb_per_s(zlib.crc32, data, args.repeats), 2),
         "write_seconds_plain_best": round(best_plain, 4),
-        "write_seconds_checksummed_one_thread_best": round(best_summed, 4),
-        "write_seconds_checksummed_pool_best": round(best_pooled, 4),  # the actor's write
+        "write_seconds_checksummed_best": round(best_summed, 4),  # the actor's write
         "write_seconds_plain_all": [round(x, 4) for x in plain],
-        "write_seconds_checksummed_one_thread_all": [round(x, 4) for x in summed],
-        "write_seconds_checksummed_pool_all": [round(x, 4) for x in pooled],
+        "write_seconds_checksummed_all": [round(x, 4) for x in summed],
         "gb_per_s_plain": round(size / best_plain / 1e9, 3),
-        "gb_per_s_checksummed_pool": round(size / best_pooled / 1e9, 3),
-        "checksum_overhead_one_thread": round(best_summed / best_plain - 1, 4),
-        "checksum_overhead_pool": round(best_pooled / best_plain - 1, 4),
+        "gb_per_s_checksummed": round(size / best_summed / 1e9, 3),
+        "checksum_overhead": round(best_summed / best_plain - 1, 4),
         # share of the write during which the GIL was held (the actor's other call needs it to launch kernels)
-        "gil_held_plain_one_thread_pool": [round(g, 3) for g in gil],
+        "gil_held_plain_checksummed": [round(g, 3) for g in gil],
         # CPU seconds per second the CRC adds to one actor at one H200's 650M per-token rate (see the docstring),
-        # from crc32's own rate (the wall-clock difference above is mostly fsync noise on a shared disk)
-        "actor_core_fraction_at_0.85_gb_per_s_fp16": round(0.85e9 / crc_rate, 3),
-        "actor_core_fraction_at_1.7_gb_per_s_fp32": round(1.7e9 / crc_rate, 3),
+        # from the CRC's own rate (the wall-clock difference above is mostly fsync noise on a shared disk)
+        "actor_core_fraction_at_0.85_gb_per_s_fp16": round(0.85 / crc_rate, 3),
+        "actor_core_fraction_at_1.7_gb_per_s_fp32": round(1.7 / crc_rate, 3),
     }
 
 
@@ -203,11 +206,6 @@ def main() -> None:
         seconds, size = write_seconds(PartWriter, rows, args.dim, args.rows_per_part)
         summed.append(seconds)
     data = rows.vectors.tobytes()
-    crc_times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        zlib.crc32(data)
-        crc_times.append(time.perf_counter() - start)
     best_plain, best_summed = min(plain), min(summed)
     result = {
         "command": "python scripts/bench_checksum.py " + " ".join(sys.argv[1:]),
@@ -216,7 +214,9 @@ def main() -> None:
         # other jobs on the machine slow both writers alike (interleaved), but the absolute rates with them
         "load_average_1min_before_after": [load_before, round(os.getloadavg()[0], 1)],
         "rows": n, "dim": args.dim, "rows_per_part": args.rows_per_part, "bytes_written": size,
-        "crc32_gb_per_s": round(len(data) / min(crc_times) / 1e9, 2),
+        "crc32_in_use": CRC32_IMPL,
+        "crc32_gb_per_s": round(crc_gb_per_s(crc32, data, args.repeats), 2),
+        "zlib_crc32_gb_per_s": round(crc_gb_per_s(zlib.crc32, data, args.repeats), 2),
         "write_seconds_plain_best": round(best_plain, 3),
         "write_seconds_checksummed_best": round(best_summed, 3),
         "write_seconds_plain_all": [round(x, 3) for x in plain],

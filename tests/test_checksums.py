@@ -13,7 +13,16 @@ import pyarrow as pa
 import pytest
 
 from runner.output import checksums
-from runner.output.checksums import CRC32_IMPL, check_file, crc32, fastest_crc32, file_crc, write_checksummed
+from runner.output.checksums import (
+    CRC32_IMPL,
+    ChecksummedFile,
+    check_file,
+    crc32,
+    crc_hex,
+    fastest_crc32,
+    file_crc,
+    write_checksummed,
+)
 
 SIZES = [0, 1, 3, 255, 4097, 65_537, (3 << 20) + 7, 17 << 20]  # empty, tiny, odd, over zlib's GIL-release size, MiBs
 
@@ -62,3 +71,21 @@ def test_a_file_written_with_one_crc_verifies_with_the_other(
     data[size // 2] ^= 0x10
     path.write_bytes(bytes(data))
     assert check_file(path, record) == f"checksum mismatch (CRC-32 {file_crc(path)[0]}, written as {crc})"
+
+
+def test_a_checksummed_file_sums_every_write_of_any_size_and_buffer_type(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    writes = [rng.bytes(10), rng.standard_normal(3 << 20, dtype=np.float32).astype(np.float16), b"", rng.bytes(1),
+              memoryview(rng.bytes(4 * 12_345)).cast("i"), bytearray(rng.bytes((5 << 20) + 3))]
+    sink = ChecksummedFile(tmp_path / "summed")
+    for data in writes:
+        assert sink.write(data) == memoryview(data).nbytes
+    assert sink.tell() == sink.size
+    sink.fsync()
+    sink.close()
+    assert (crc_hex(sink.crc), sink.size) == file_crc(tmp_path / "summed")
+    unsummed = ChecksummedFile(tmp_path / "unsummed", summed=False)  # RUNNER_BENCH_NO_TOKEN_CRC: bytes only
+    for data in writes:
+        unsummed.write(data)
+    unsummed.close()
+    assert unsummed.crc == 0 and (tmp_path / "unsummed").read_bytes() == (tmp_path / "summed").read_bytes()

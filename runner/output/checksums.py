@@ -25,7 +25,6 @@ import logging
 import os
 import zlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,40 +54,26 @@ JOURNAL_NAME = "checksums.jsonl"
 READ_BYTES = 8 << 20  # a file is re-read in pieces this large to check it (memory stays flat)
 
 
-PARALLEL_BYTES = 16 << 20  # with a pool, a write this large is summed in pieces on its threads
-PIECES = 4  # pieces of such a write: one per pool thread (make the pool this size)
-
-
 class ChecksummedFile:
     """A write-only binary file that keeps the CRC-32 and size of what was written (for pa.PythonFile).
 
-    With `pool` (an actor's per-token files: ~0.85 GB/s per H200), a large write is summed in PIECES pieces on
-    the pool's threads while this thread hands the bytes to the OS, and the pieces' CRCs are combined
-    (crc32_combine): crc32 and file writes release the GIL, so the checksum adds about a quarter of its
-    single-thread time to the write instead of all of it.
+    Each write is summed on the writing thread, then handed to the OS; both release the GIL on large buffers.
+    An actor's per-token files (~0.85 GB/s per H200) were once summed in pieces on a 4-thread pool beside the
+    write: with ISA-L's CRC the pool no longer paid for the threads it woke next to the one launching the next
+    forward (scripts/bench_crc_contention.py, docs/fault-tolerance.md).
     """
 
-    def __init__(self, path: Path, pool: ThreadPoolExecutor | None = None, summed: bool = True) -> None:
+    def __init__(self, path: Path, summed: bool = True) -> None:
         self._file = open(path, "wb")  # noqa: SIM115 - closed by close(), which the writer calls
-        self._pool = pool
         self._summed = summed  # False only for the checksum's A/B benchmark: crc stays 0
         self.crc = 0
         self.size = 0
 
     def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")  # flat bytes: pieces are slices
-        if not self._summed:
-            written = self._file.write(view)
-        elif self._pool is None or view.nbytes < PARALLEL_BYTES:
+        view = memoryview(data).cast("B")  # flat bytes, whatever buffer pyarrow hands over
+        if self._summed:
             self.crc = crc32(view, self.crc)
-            written = self._file.write(view)
-        else:
-            step = -(-view.nbytes // PIECES)
-            pieces = [view[i : i + step] for i in range(0, view.nbytes, step)]
-            sums = [self._pool.submit(crc32, piece) for piece in pieces]
-            written = self._file.write(view)  # meanwhile: the buffer stays alive until the sums are in
-            for piece, piece_crc in zip(pieces, sums, strict=True):
-                self.crc = crc32_combine(self.crc, piece_crc.result(), piece.nbytes)
+        written = self._file.write(view)
         self.size += view.nbytes
         return written
 
@@ -124,12 +109,11 @@ class ChecksummedFile:
 
 
 
-def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None,
-                      summed: bool = True) -> tuple[int, str]:
+def write_checksummed(path: Path, table: pa.Table, summed: bool = True) -> tuple[int, str]:
     """Write `table` as an Arrow IPC file at `path`, fsynced and closed; its CRC-32 computed as the bytes go out.
     Returns (bytes, CRC-32 hex). Where the file becomes visible is the caller's (publish_checksummed, or a journal
     record first and then the rename)."""
-    sink = ChecksummedFile(path, pool, summed)
+    sink = ChecksummedFile(path, summed)
     try:
         with sink.open_arrow_file(table.schema) as writer:
             writer.write_table(table)
@@ -139,50 +123,18 @@ def write_checksummed(path: Path, table: pa.Table, pool: ThreadPoolExecutor | No
     return sink.size, crc_hex(sink.crc)
 
 
-def publish_checksummed(directory: Path, name: str, table: pa.Table,
-                        pool: ThreadPoolExecutor | None = None, summed: bool = True) -> tuple[int, str]:
+def publish_checksummed(directory: Path, name: str, table: pa.Table, summed: bool = True) -> tuple[int, str]:
     """write_checksummed to the hidden temp name `.NAME.tmp`, then rename it to `directory/name`: the file is
     visible only whole. A failure removes the temp file and re-raises. Returns (bytes, CRC-32 hex)."""
     tmp = directory / f".{name}.tmp"
     try:
-        written = write_checksummed(tmp, table, pool, summed)
+        written = write_checksummed(tmp, table, summed)
         os.replace(tmp, directory / name)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
         raise
     return written
-
-def _mult_mod_p(a: int, b: int) -> int:
-    """a * b modulo CRC-32's polynomial (bit-reflected, as zlib's multmodp)."""
-    m, product = 1 << 31, 0
-    while m:
-        if a & m:
-            product ^= b
-            if not a & (m - 1):
-                break
-        m >>= 1
-        b = (b >> 1) ^ 0xEDB88320 if b & 1 else b >> 1
-    return product
-
-
-# x^(2^k) modulo the polynomial, k = 0..31 (zlib's x2n_table): x^(8 * n) is a product of these.
-_X2N = [1 << 30]
-for _ in range(31):
-    _X2N.append(_mult_mod_p(_X2N[-1], _X2N[-1]))
-
-
-def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
-    """The CRC-32 of A + B from crc1 = crc32(A), crc2 = crc32(B) and len(B) in bytes (zlib's crc32_combine, which
-    Python's zlib does not expose): crc1 shifted by len2 zero bytes (x^(8 * len2) mod p) xor crc2."""
-    shift, k, n = 1 << 31, 3, len2  # x^0, and 8 * len2 = len2 * 2^3
-    while n:
-        if n & 1:
-            shift = _mult_mod_p(_X2N[k & 31], shift)
-        n >>= 1
-        k += 1
-    return _mult_mod_p(shift, crc1) ^ crc2
-
 
 def crc_hex(crc: int) -> str:
     return f"{crc & 0xFFFFFFFF:08x}"

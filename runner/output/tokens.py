@@ -140,13 +140,12 @@ def stitch_windows(windows: Sequence[np.ndarray], total: int, window: int, overl
     return np.concatenate(pieces)  # [total, D]
 
 
-def write_token_file(directory: Path, table: pa.Table, pool: ThreadPoolExecutor | None = None,
-                     summed: bool = True) -> TokenFile:
+def write_token_file(directory: Path, table: pa.Table, summed: bool = True) -> TokenFile:
     """Write `table` as `directory/tok-<uuid>.arrow` (hidden temp name, fsync, rename); its CRC-32 is computed
-    as the bytes go out (runner.output.checksums.ChecksummedFile: no second read; large writes summed on
-    `pool`'s threads). `summed=False` (the checksum's A/B benchmark only) records CRC 00000000."""
+    as the bytes go out, on the writing thread (runner.output.checksums.ChecksummedFile: no second read).
+    `summed=False` (the checksum's A/B benchmark only) records CRC 00000000."""
     name = f"tok-{uuid.uuid4().hex}.arrow"
-    size, crc = publish_checksummed(directory, name, table, pool, summed)
+    size, crc = publish_checksummed(directory, name, table, summed)
     return TokenFile(name, table.num_rows, size, crc)
 
 

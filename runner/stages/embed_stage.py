@@ -25,7 +25,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,7 +38,6 @@ from runner.errors import RunnerError
 from runner.input.batch import PackedBatch
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.registry import load_model
-from runner.output.checksums import PIECES as CRC_PIECES
 from runner.output.sink import (
     EmbeddedRows,
     embedding_schema,
@@ -423,7 +421,6 @@ class EmbedStage:
         self._device_lock = threading.Lock()
         self._counters_lock = threading.Lock()  # the counters both calls update (batches, OOMs, startup report)
         self.tokens_dir: Path | None = None
-        self.crc_pool: ThreadPoolExecutor | None = None
         self.staged_dir: Path | None = None
         if settings.staged_dir:
             self.part_columns = vector_columns(self.layers, settings.poolings)
@@ -433,8 +430,6 @@ class EmbedStage:
             self.token_schema = token_schema(self.layers, self.embed_dim, settings.per_token)
             self.token_shard = shard_name(self.worker)
             self.tokens_dir = open_token_shard(Path(settings.tokens_dir) / self.token_shard)
-            # sums the CRC-32 of a token file's large writes in pieces, beside the write (ChecksummedFile)
-            self.crc_pool = ThreadPoolExecutor(CRC_PIECES, thread_name_prefix="token-crc")
         if settings.compile_layers and settings.compile_threads:
             import torch._inductor.config as inductor_config  # this actor's process only
 
@@ -1004,7 +999,7 @@ class EmbedStage:
             joined = [np.concatenate(a) for a in arrays]
         table = token_table(ids, np.array(ordinals, np.int64), joined, np.array(lengths, np.int32), self.token_schema)
         try:
-            written = write_token_file(self.tokens_dir, table, self.crc_pool, summed=not self.settings.bench_no_token_crc)
+            written = write_token_file(self.tokens_dir, table, summed=not self.settings.bench_no_token_crc)
         except OSError as e:
             raise RunnerError(
                 f"embedding actor {self.worker} cannot write per-token file in {self.tokens_dir} "
