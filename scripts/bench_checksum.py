@@ -13,7 +13,8 @@ job at ~300k tok/s per GPU and ~300 residues per sequence sends the driver ~8,00
 --per-token: one packed batch's per-token file as an embedding actor writes it (runner.output.tokens.
 write_token_file: checksummed sink, fsync, rename; the CRC on the writing thread), against the same file written
 by pyarrow itself with nothing summed (as before per-token checksums), interleaved, best of N; and how much of
-each write holds the GIL (the actor's other call launches the next forward meanwhile, which needs the GIL).
+each write holds the GIL (the actor's other call launches the next forward meanwhile, which needs the GIL), and
+how much of one CRC of the file's bytes does (the CRC in use, zlib.crc32, and a plain copy that keeps it).
 scripts/bench_crc_contention.py measures what the CRC takes from such a launching thread, and the pool the
 actor used to sum in pieces.
 
@@ -149,6 +150,10 @@ def per_token_main(args: argparse.Namespace) -> dict:
     data = b"".join(a.tobytes() for a in arrays)
     best_plain, best_summed = min(plain), min(summed)
     crc_rate = crc_gb_per_s(crc32, data, args.repeats)  # GB/s of one thread: the CPU work the CRC adds to the actor
+    # share of one sum of the file's bytes during which a busy Python thread could not run: ~0 where the CRC
+    # releases the GIL; a copy of the same bytes (bytearray(), which keeps the GIL) shows what holding it reads as
+    gil_crc = [statistics.median(gil_held(lambda f=f: f(data), baseline=0.3)[0] for _ in range(5))
+               for f in (crc32, zlib.crc32, bytearray)]
     return {
         "command": "python scripts/bench_checksum.py " + " ".join(sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
@@ -169,6 +174,8 @@ def per_token_main(args: argparse.Namespace) -> dict:
         "checksum_overhead": round(best_summed / best_plain - 1, 4),
         # share of the write during which the GIL was held (the actor's other call needs it to launch kernels)
         "gil_held_plain_checksummed": [round(g, 3) for g in gil],
+        "gil_held_during_crc32_isal_zlib": [round(g, 3) for g in gil_crc[:2]],
+        "gil_held_during_copy_of_the_bytes": round(gil_crc[2], 3),
         # CPU seconds per second the CRC adds to one actor at one H200's 650M per-token rate (see the docstring),
         # from the CRC's own rate (the wall-clock difference above is mostly fsync noise on a shared disk)
         "actor_core_fraction_at_0.85_gb_per_s_fp16": round(0.85 / crc_rate, 3),
