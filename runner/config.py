@@ -31,6 +31,8 @@ PRECISIONS: tuple[str, ...] = ("fp16", "bf16", "fp32")
 LONG_POLICIES: tuple[str, ...] = ("truncate", "chunk", "skip")
 # mean: residues (specials excluded); mean_all: all tokens; cls: the BOS/[CLS] vector; max: per-channel max over residues
 POOLINGS: tuple[str, ...] = ("mean", "mean_all", "cls", "max")
+# Where a job's stream runs (EmbedConfig.engine): on Ray, in the runner process, or chosen by the job's size
+ENGINES: tuple[str, ...] = ("auto", "ray", "in-process")
 
 
 @dataclass
@@ -42,6 +44,9 @@ class EmbedConfig:
     out: str = ""  # output directory: embeddings/, rejects.arrow, manifest.json
     gpus: int | None = None  # embedding actors, one GPU each; None = every GPU Ray sees; 0 = CPU
     address: str | None = None  # Ray cluster to join; None = RAY_ADDRESS or start a local Ray
+    # "ray": the stream runs on Ray (a local one, or --address); "in-process": in the runner process, one device,
+    # no Ray; "auto": in-process for a small job with no cluster to join (runner.driver.in_process).
+    engine: Literal["auto", "ray", "in-process"] = "auto"
     precision: Precision | None = None  # compute dtype; None = fp16 on GPU, fp32 on CPU
     token_budget: int | None = None  # tokens per packed batch; None = sized from free GPU memory
     layer: int = -1  # representation layer; -1 = last (after the final LayerNorm, as fair-esm)
@@ -165,6 +170,10 @@ class EmbedConfig:
             raise RunnerError(f"--on-drift must be warn or abort, not {self.on_drift!r}")
         if not -1 <= self.drift_min_cosine <= 1:
             raise RunnerError("--drift-min-cosine must be a cosine between -1 and 1")
+        if self.engine not in ENGINES:
+            raise RunnerError(f"--engine must be auto, ray or in-process, not {self.engine!r}")
+        if self.engine == "in-process" and self.address:
+            raise RunnerError("--engine in-process runs without Ray, so it cannot join --address: drop one of them")
         if self.part_writer not in ("driver", "actors", "auto"):
             raise RunnerError(f"--part-writer must be driver, actors or auto, not {self.part_writer!r}")
         if not self.part_seconds > 0:

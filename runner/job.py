@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -32,6 +33,7 @@ from runner.driver.cluster import (
 )
 from runner.driver.collect import drain
 from runner.driver.console import JobLog
+from runner.driver.in_process import InProcessStream, choose_engine, in_process_gpus, start_in_process_shadow
 from runner.driver.metrics import DriverMetrics
 from runner.driver.nodes import (
     actor_model_spec,
@@ -158,14 +160,25 @@ def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: Se
         )
 
 
-def _run_locked(
-    config: EmbedConfig, paths: list[Path], out_dir: Path, codec: SequenceCodec, signals: StopSignals,
-    clock: StartupClock, job_log: JobLog,
-) -> JobReport:
-    if config.strict:
-        check_strict(paths, codec, config)
+@dataclass
+class Engine:
+    """What the job's stream runs on, once started: Ray (a local Ray or a cluster) or this process."""
 
-    import ray  # imported late: `runner --help` and input errors stay fast
+    name: str  # "ray" | "in-process" (EmbedConfig.engine, resolved)
+    ray: Any  # the ray module; None in-process
+    gpus: int  # embedding actors on GPUs (in-process: the one GPU used); 0 = CPU
+    info: ModelInfo  # the model's configuration, its checkpoint hashed
+    input_prints: list[Any]  # the inputs' resume fingerprints
+    free_gpu_bytes: Callable[[], int | None] | None = None  # the free GPU memory read beside the start, if read
+    dashboard: str | None = None  # Ray's dashboard address, when it runs
+    nodes_at_start: list[Any] = field(default_factory=list)  # the Ray cluster's nodes (the manifest's `cluster`)
+    checked: dict[str, int] = field(default_factory=dict)  # nodes each pre-flight check covered
+    actor_parts: bool = False  # the embedding actors write the pooled parts (--part-writer)
+
+
+def start_ray(config: EmbedConfig, paths: list[Path], out_dir: Path, clock: StartupClock, job_log: JobLog) -> Engine:
+    """Join or start Ray and check the cluster's nodes; beside Ray's start, the driver's own start-up work."""
+    ray = job_log.import_ray()  # imported late: `runner --help`, input errors and in-process jobs stay fast
 
     # Ray's start (its processes: seconds, mostly waiting on them) runs in a thread of its own (RayStart), and beside
     # it the driver's start-up work that needs no Ray: importing Ray Data, hashing the checkpoint and
@@ -184,42 +197,77 @@ def _run_locked(
             job_log.import_ray_data()
         context = ray_start.wait()
         clock.mark("ray_ready")
-        info = info_future.result()
-        input_prints = inputs_future.result()
-    gpus = resolve_gpus(config.gpus, ray)
-    on_gpu = gpus > 0
-    precision = resolve_precision(config.precision, on_gpu)
+        engine = Engine("ray", ray, resolve_gpus(config.gpus, ray), info_future.result(), inputs_future.result(),
+                        free_future and free_future.result)
+    engine.dashboard = getattr(context, "dashboard_url", None) if context is not None else None
+    on_gpu = engine.gpus > 0
     # Before any GPU work: every other node that may run an actor must read the same weights (and write --out
     # when the actors write there); one line naming the node otherwise.
     with clock.phase("node_checks"):
-        nodes_at_start = cluster_nodes(ray)
+        engine.nodes_at_start = cluster_nodes(ray)
         others = actor_nodes(ray, on_gpu)
-        checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
+        engine.checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
         # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
-        actor_parts = resolve_part_writer(config.part_writer, gpus if on_gpu else config.cpu_actors)
+        actor_parts = resolve_part_writer(config.part_writer, engine.gpus if on_gpu else config.cpu_actors)
         if actor_parts and config.part_writer == "auto" and not actors_write_out(config):
             try:  # auto: the actors write the parts only where every node shares --out; else the driver does
-                checked["out"] = check_out_on_nodes(ray, out_dir, others)
+                engine.checked["out"] = check_out_on_nodes(ray, out_dir, others)
             except RunnerError as e:
                 log.warning("--part-writer auto: the driver writes the pooled parts (%s)", first_line(e))
                 actor_parts = False
         elif actors_write_out(config) or actor_parts:
-            checked["out"] = check_out_on_nodes(ray, out_dir, others)
+            engine.checked["out"] = check_out_on_nodes(ray, out_dir, others)
+        engine.actor_parts = actor_parts
+    return engine
+
+
+def start_in_process(config: EmbedConfig, paths: list[Path], clock: StartupClock) -> Engine:
+    """No Ray: the checkpoint hashed and the inputs fingerprinted here; one GPU when any is visible, else the CPU."""
+    import torch
+
+    clock.mark("in_process_begin")
+    cuda_devices = torch.cuda.device_count()  # no CUDA context: that comes with the model's load
+    if config.gpus and not cuda_devices:
+        raise RunnerError(f"asked for {config.gpus} GPU(s) but torch sees none here: pass --gpus 0 to run on CPU, "
+                          "or --engine ray to use a cluster's GPUs")
+    gpus = in_process_gpus(config.gpus, cuda_devices)
+    with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
+        info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
+        input_prints = timed(clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
+        info = info_future.result()
+    return Engine("in-process", None, gpus, info, input_prints, actor_parts=config.part_writer == "actors")
+
+
+def _run_locked(
+    config: EmbedConfig, paths: list[Path], out_dir: Path, codec: SequenceCodec, signals: StopSignals,
+    clock: StartupClock, job_log: JobLog,
+) -> JobReport:
+    if config.strict:
+        check_strict(paths, codec, config)
+    # A small input is counted once: the engine's choice, the stream's block sizes and the compile default.
+    input_count = count_small_input(paths)
+    if choose_engine(config, input_count) == "in-process":
+        engine = start_in_process(config, paths, clock)
+    else:
+        engine = start_ray(config, paths, out_dir, clock, job_log)
+    ray, gpus, info, actor_parts = engine.ray, engine.gpus, engine.info, engine.actor_parts
+    on_gpu = gpus > 0
+    precision = resolve_precision(config.precision, on_gpu)
     with clock.phase("token_budget"):
-        budget = config.token_budget or pick_token_budget(on_gpu, info, ray, free_future and free_future.result)
+        budget = config.token_budget or pick_token_budget(on_gpu, info, ray, engine.free_gpu_bytes)
     requested_budget = budget
     budget = budget_fits_longest_window(budget, config, codec)
     spec = output_spec(config, info, codec)  # its layers were checked before Ray already
     fingerprint = job_fingerprint(
-        paths, info, config, precision, spec, config.max_residues or codec.max_residues, inputs=input_prints
+        paths, info, config, precision, spec, config.max_residues or codec.max_residues, inputs=engine.input_prints
     )
     with clock.phase("resume_scan"):
         resume = prepare_resume(out_dir, fingerprint, info.embed_dim, config.overwrite, spec.schema(),
                                 per_token=spec.per_token is not None)
-    dashboard = getattr(context, "dashboard_url", None) if context is not None else None
-    actors = gpus if on_gpu else config.cpu_actors
+    dashboard = engine.dashboard
+    actors = gpus if on_gpu else config.cpu_actors if ray is not None else 1  # in-process: one device
     log.info(
-        "embedding %d input file(s) with %s (%s, %d layers, dim %d) in %s on %d %s(s), token budget %d%s",
+        "embedding %d input file(s) with %s (%s, %d layers, dim %d) in %s on %d %s(s)%s, token budget %d%s",
         len(paths),
         config.model,
         info.family,
@@ -227,16 +275,18 @@ def _run_locked(
         info.embed_dim,
         precision,
         actors,
-        "GPU" if on_gpu else "CPU actor",
+        "GPU" if on_gpu else "CPU actor" if ray is not None else "CPU",
+        "" if ray is not None else " in this process (a small job: no Ray; --engine ray uses Ray)",
         budget,
         f", FP32 shadow {config.shadow_rate * 100:g}%" if config.shadow_rate > 0 else "",
     )
-    log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else
-             "not running" if config.dashboard else "off (--no-dashboard)")
-    log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path, "" if config.verbose else "; -v shows them here")
+    if ray is not None:
+        log.info("Ray dashboard: %s", f"http://{dashboard}" if dashboard else
+                 "not running" if config.dashboard else "off (--no-dashboard)")
+        log.info("log: %s (Ray's and Ray Data's logs%s)", job_log.path,
+                 "" if config.verbose else "; -v shows them here")
 
-    shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate)
-    input_count = count_small_input(paths)  # a small input counted once: block sizes and the compile default
+    shadow_share = resolve_shadow_share(config.shadow_gpus, on_gpu, config.shadow_rate) if ray is not None else 0.0
     compile_layers = compile_by_default(gpus, input_count) if config.compile_layers is None else config.compile_layers
     if on_gpu and config.compile_layers is None and not compile_layers:
         log.info("layers run eager: a job this small ends sooner than compiling them takes (10-17 s an actor); "
@@ -247,7 +297,10 @@ def _run_locked(
         layers=spec.layers,
         poolings=spec.poolings,
         device="cuda" if on_gpu else "cpu",
-        cpu_threads=1,
+        # One torch thread per CPU actor on Ray; in-process the one forward gets as many threads as the Ray path
+        # would run actors (default 1): on the 2-core machine 2 threads made the quickstart's forward 6x slower
+        # (2.7 s against 0.45 s, a tiny model's small kernels spinning on a busy core).
+        cpu_threads=1 if ray is not None else config.cpu_actors,
         fp32_layernorm=config.fp32_layernorm,
         fused_gelu=not config.exact_gelu,
         compile_layers=compile_layers,
@@ -263,9 +316,12 @@ def _run_locked(
     )
     # The read task gets its own copy of the bitmap: the driver keeps adding to `resume.done` as it writes.
     with clock.phase("build_stream"):
-        dataset = build_dataset(
-            ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy(), input_count
-        )
+        if ray is None:
+            dataset = InProcessStream(paths, codec, config, budget, stage, resume.done.bits.copy(), signals)
+        else:
+            dataset = build_dataset(
+                ray, paths, codec, config, budget, stage, gpus, shadow_share, resume.done.bits.copy(), input_count
+            )
 
     manifest = Manifest(out_dir, config, info, precision, spec, budget, [str(p) for p in paths], fingerprint)
     manifest.dashboard_url = f"http://{dashboard}" if dashboard else None
@@ -286,7 +342,9 @@ def _run_locked(
     manifest.write(report)
     try:
         with clock.phase("shadow_start"):
-            shadow = start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
+            shadow = (start_shadow(ray, config, stage, gpus, shadow_share, out_dir, precision, metrics, spec.columns)
+                      if ray is not None else
+                      start_in_process_shadow(config, stage, out_dir, precision, metrics, spec.columns))
         writer = PartWriter(out_dir, info.embed_dim, config.rows_per_part, first_part=resume.next_part,
                             part_seconds=config.part_seconds, columns=spec.columns,
                             per_token=spec.per_token is not None,
@@ -296,8 +354,8 @@ def _run_locked(
         progress = Progress(
             paths,
             config.progress,
-            actors=gpus if on_gpu else config.cpu_actors,
-            unit="GPU" if on_gpu else "CPU actor",
+            actors=actors,
+            unit="GPU" if on_gpu else "CPU actor" if ray is not None else "CPU",
             tokens_per_residue=1.0 if info.family == "esm2" else None,
         )
         copies = CopyWriter(writer, resume.done, resume.parts) if config.dedup else None
@@ -349,7 +407,10 @@ def _run_locked(
             report.error = f"{type(e).__name__}: {first_line(e)}"
             raise
         finally:
-            manifest.extra["cluster"] = cluster_section(ray, nodes_at_start, checked, since=clock.job_at)
+            manifest.extra["engine"] = engine.name
+            if ray is not None:
+                manifest.extra["cluster"] = cluster_section(ray, engine.nodes_at_start, engine.checked,
+                                                            since=clock.job_at)
             record_startup(manifest, report, clock)
             if copies is not None:
                 copies.close(commit=not hard_stop)  # copy parts being written: committed with the writer's close

@@ -16,6 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def jobs_run_on_ray() -> Iterator[None]:
+    """The suite's jobs run on Ray (RUNNER_ENGINE, the --engine flag's variable) unless a test asks for another
+    engine: with the default `auto`, every job this small would run in-process (runner.driver.in_process), and
+    the Ray path (actors, retries, the cluster) would go untested. tests/test_in_process.py tests the others."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RUNNER_ENGINE", "ray")
+        yield
+
+
 def load_script(name: str) -> ModuleType:
     """Import scripts/<name>.py as a module (scripts/ is not a package)."""
     spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")

@@ -272,46 +272,14 @@ def test_a_run_that_wrote_no_row_does_not_lock_out(tmp_path: Path) -> None:
         prepare_resume(out, {**old, "settings": {"layer": 2}}, 4, overwrite=False)
 
 
-# --- end to end without Ray: the real stages run in-process -------------------------------------------
-
-
-class InProcessStream:
-    """The job's stream without Ray: the real read, tokenize/pack and EmbedStage code, block by block, in this
-    process (what build_dataset wires into Ray Data). Exercises run_embed end to end in seconds."""
-
-    def __init__(self, paths, codec, config, budget, stage, done_bits) -> None:
-        from runner.input.stream import PackSettings, ReadSettings
-
-        self.read = ReadSettings(tuple(str(p) for p in paths), config.id_column, config.seq_column,
-                                 config.records_per_block, done_bits)
-        self.pack = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget)
-        self.stage = stage
-
-    def iter_batches(self, **_: object):
-        from runner.input.stream import pack_records, read_blocks
-        from runner.stages.embed_stage import EmbedStage
-
-        embed = EmbedStage(self.stage)
-        for block in read_blocks(self.read):
-            packed = pack_records(block, self.pack)
-            for i in range(packed.num_rows):
-                yield embed(packed.slice(i, 1))
+# --- end to end without Ray: the real stages run in-process (--engine in-process) -------------------------
 
 
 @pytest.fixture()
 def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    """run_embed with the stream run in-process (InProcessStream) and no Ray at all (CPU, no shadow)."""
-
-    def no_ray(*_: object, **__: object) -> None:
-        return None
-
-    monkeypatch.setattr("runner.job.connect_ray", no_ray)
-    monkeypatch.setattr("runner.job.resolve_gpus", lambda requested, ray: 0)
-    monkeypatch.setattr(
-        "runner.job.build_dataset",
-        lambda ray, paths, codec, config, budget, stage, gpus, share, done, input_count=None: InProcessStream(
-            paths, codec, config, budget, stage, done),
-    )
+    """Jobs run by runner's in-process engine (runner.driver.in_process): the real stages, no Ray at all."""
+    monkeypatch.setenv("RUNNER_ENGINE", "in-process")
+    monkeypatch.setattr("runner.job.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
 
 
 def proteins_fasta(path: Path, count: int, seed: int = 3, longest: int = 300) -> Path:
@@ -381,7 +349,7 @@ def test_in_process_complete_rerun_answers_without_running(
             "--shadow-rate", "0", "--rows-per-part", "8"]
     assert invoke(*args)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    monkeypatch.setattr("runner.job.build_dataset", lambda *_: (_ for _ in ()).throw(AssertionError("ran again")))
+    monkeypatch.setattr("runner.job.InProcessStream", lambda *_: (_ for _ in ()).throw(AssertionError("ran again")))
     code, output = invoke(*args)
     assert code == 0 and f"already complete: 20 embeddings in {out}" in output, output
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing rewritten

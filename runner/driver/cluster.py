@@ -111,13 +111,14 @@ def resolve_gpus(requested: int | None, ray) -> int:
 
 def pick_token_budget(on_gpu: bool, info: ModelInfo, ray, free_here: Callable[[], int | None] | None = None) -> int:
     """CPU: a small fixed budget. GPU: sized from the free memory of one GPU: read with nvidia-smi when every
-    GPU of the cluster is on this node (`free_here`: that reading, when already taken beside Ray's start), else
-    probed by a Ray task holding a GPU."""
+    GPU of the cluster is on this node or the job runs in-process (`ray` None; `free_here`: that reading, when
+    already taken beside Ray's start), else probed by a Ray task holding a GPU."""
     if not on_gpu:
         return CPU_TOKEN_BUDGET
-    free = (free_here or nvidia_smi_free_bytes)() if gpus_all_here(ray) else None
+    # in-process (`ray` None) the GPU is this process's: nvidia-smi, else torch asked here
+    free = (free_here or nvidia_smi_free_bytes)() if ray is None or gpus_all_here(ray) else None
     if free is None:
-        free = ray.get(ray.remote(num_gpus=1)(probe_free_gpu_memory).remote())
+        free = probe_free_gpu_memory() if ray is None else ray.get(ray.remote(num_gpus=1)(probe_free_gpu_memory).remote())
     return auto_token_budget(free, weight_bytes=info.parameters * 2, embed_dim=info.embed_dim)
 
 

@@ -26,7 +26,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from runner import __version__
 
@@ -63,6 +63,17 @@ class StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
+# Modules that run inside an embedding actor: what they say below WARNING (the model loaded, its kernels) is for
+# the log file. On Ray it is said in the actor's own process; an in-process job (runner.driver.in_process) says it
+# in this one, and the terminal keeps to the job's own lines.
+ACTOR_SIDE_LOGGERS = ("runner.models", "runner.stages", "runner.kernels")
+
+
+def not_actor_detail(record: logging.LogRecord) -> bool:
+    """A console filter: False for an actor-side module's record below WARNING (shown with -v)."""
+    return record.levelno >= logging.WARNING or not record.name.startswith(ACTOR_SIDE_LOGGERS)
+
+
 def configure_console(verbose: int) -> None:
     """The CLI's terminal: runner's INFO lines and up (DEBUG with -vv), and Python's deprecation warnings
     only with -v (Ray's own code raises several on every run, none of which a user can act on)."""
@@ -72,6 +83,8 @@ def configure_console(verbose: int) -> None:
         runner_log.removeHandler(handler)
     handler = StderrHandler()
     handler.setFormatter(ConsoleFormatter())
+    if not verbose:
+        handler.addFilter(not_actor_detail)
     runner_log.addHandler(handler)
     if verbose:
         warnings.simplefilter("default")
@@ -99,10 +112,8 @@ class JobLog:
         self._routed: set[str] = set()  # RAY_LOGGERS already sent to the file
 
     def __enter__(self) -> JobLog:
-        # Ray sets up its logger when imported: route it after that. Ray Data (a second's import) does the same for
-        # "ray.data" when it is imported; import_ray_data() imports it and routes that one, beside Ray's start.
-        import ray  # noqa: F401
-
+        # Ray sets up its logger when imported: import_ray() routes it after that (an in-process job never imports
+        # it). Ray Data (a second's import) does the same for "ray.data"; import_ray_data() imports and routes it.
         self._file = open(self.path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
         self._file.write(f"\n==== runner {__version__}, pid {os.getpid()}, {time.strftime('%Y-%m-%dT%H:%M:%S%z')}: "
                          f"{' '.join(sys.argv)}\n")
@@ -123,6 +134,13 @@ class JobLog:
         if not self.verbose:
             self._capture_native_stderr()
         return self
+
+    def import_ray(self) -> Any:
+        """Import Ray and send its logger to the file; returns the module."""
+        import ray
+
+        self._route_ray_loggers()
+        return ray
 
     def import_ray_data(self) -> None:
         """Import Ray Data and send its logger to the file like Ray's (Ray Data configures it when imported)."""

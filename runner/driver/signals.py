@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,16 @@ class StopSignals:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.signal(sig, self._handle)
             self._previous.setdefault(sig, previous)  # installed again (after ray.init): restore the first one
+
+    @contextmanager
+    def deferred(self):
+        """A block a first signal does not interrupt even while the driver waits on the stream (an in-process
+        stream's forward: runner.driver.in_process); the signal is noted and the stream stops after the block."""
+        waiting, self.waiting = self.waiting, False
+        try:
+            yield
+        finally:
+            self.waiting = waiting
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

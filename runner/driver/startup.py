@@ -75,12 +75,16 @@ class StartupClock:
         stream_at = self.marks.get("stream_started")
         first_output = self.marks.get("first_output")
         ray_begin, ray_ready = self.marks.get("ray_start_begin"), self.marks.get("ray_ready")
+        # An in-process job (runner.driver.in_process) has no Ray: its set-up begins where Ray's start would.
+        setup_begin = self.marks.get("in_process_begin")
+        if setup_begin is not None:
+            ray_begin = ray_ready = None
         # Consecutive phases (they add up to to_first_output_seconds on one host), and those BESIDE_RAY.
         phases: dict[str, float | None] = {
             "python_and_imports": self.job_at - origin if self.command_at else None,
             # checks, the model's config and codec, the output dir and its lock, the log and Ray's import (and
             # --strict's full read)
-            "inputs_and_checks": ray_begin - self.job_at if ray_begin else None,
+            "inputs_and_checks": (ray_begin or setup_begin) - self.job_at if ray_begin or setup_begin else None,
             # Ray's start begun (a thread of its own) -> connected; beside it, in the driver's other threads:
             "ray_start": ray_ready - ray_begin if ray_begin and ray_ready else None,
             "checkpoint_read_and_hash": self.seconds.get("checkpoint_read_and_hash"),  # beside ray_start
@@ -89,7 +93,8 @@ class StartupClock:
             # Ray up -> the stream starts: the rest of the hash and the input scan if longer than Ray's start,
             # then STREAM_SETUP_STEPS (stream_setup_detail): nodes checked, the token budget (a GPU memory
             # probe), resume checks, building the stream, starting the shadow.
-            "stream_setup": stream_at - ray_ready if stream_at and ray_ready else None,
+            # (in-process: from the end of the checks, the hash and the input scan included)
+            "stream_setup": stream_at - (ray_ready or setup_begin) if stream_at and (ray_ready or setup_begin) else None,
             "actor_start": None,  # scheduling the actor, its worker process, imports (torch: not if worker_preload)
             "weights_to_device": None,  # the actor's __init__ but compiling: checkpoint read, weights to device
             "compile": None,
@@ -107,6 +112,7 @@ class StartupClock:
                 if first_output is not None:
                     phases["delivery"] = first_output - actor["first_batch_done_at"]
         return {
+            "engine": "in-process" if setup_begin is not None else "ray",
             "command_started": origin,
             "to_first_output_seconds": round(first_output - origin, 3) if first_output else None,
             "phases": {k: None if v is None else round(max(v, 0.0), 3) for k, v in phases.items()},
@@ -134,7 +140,8 @@ class StartupClock:
                   if p.get(key) is not None]
         head = f"start-up {total:.1f} s to the first embedding" if total is not None else "start-up"
         listed = ", ".join(beside[:-1]) + " and " + beside[-1] if len(beside) > 1 else "".join(beside)
-        tail = f" ({listed} beside Ray's start)" if beside else ""
+        where = "within setup" if section["engine"] == "in-process" else "beside Ray's start"
+        tail = f" ({listed} {where})" if beside else ""
         return f"{head}: {', '.join(parts)}{tail}"
 
     def ending(self, last_batch_done: float | None) -> dict[str, Any]:

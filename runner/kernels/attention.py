@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 BACKENDS: tuple[str, ...] = ("flash_attn", "torch_varlen", "flex", "nested", "fp16x3", "exact")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)

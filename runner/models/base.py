@@ -23,7 +23,7 @@ from runner.errors import RunnerError
 from runner.kernels.attention import FP32_PREFERENCE
 from runner.kernels.emulated import fp32_linear
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 
 @contextmanager

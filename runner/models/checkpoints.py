@@ -25,7 +25,7 @@ import torch
 
 from runner.errors import CheckpointError, first_line
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 # Classes (other than tensors, storages and builtin containers) a fair-esm ESM-2 checkpoint may hold.
 FAIR_ESM_SAFE_GLOBALS: tuple[type, ...] = (argparse.Namespace,)

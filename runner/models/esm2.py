@@ -35,7 +35,7 @@ from runner.models.esm2_layers import EAGER_PARTS, LayerMath, LayerWeights, laye
 from runner.models.layer_loop import LayerLoopEmbedder
 from runner.models.rotary import default_inv_freq
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 # fair-esm's released ESM-2 models: name -> (layers, embedding dim, attention heads).
 ESM2_MODELS: dict[str, tuple[int, int, int]] = {

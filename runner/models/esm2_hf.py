@@ -45,7 +45,7 @@ from runner.models.esm2 import (
 )
 from runner.models.rotary import default_inv_freq
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 # Hub names of the released transformers ESM-2 models -> the fair-esm name of the same weights.
 HF_ESM2_MODELS: dict[str, str] = {f"facebook/{name}": name for name in ESM2_MODELS}

@@ -31,7 +31,7 @@ from runner.models.base import ModelInfo, ResidueCodec
 from runner.models.layer_loop import LayerLoopEmbedder, LayerParts
 from runner.models.rotary import default_inv_freq, rotate
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 # ESM C's sequence vocabulary (EvolutionaryScale's `SEQUENCE_VOCAB`, transformers' EsmcTokenizer): token id =
 # index. The checkpoints' embedding has 64 rows; ids 33-63 are never produced.

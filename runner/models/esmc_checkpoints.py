@@ -38,7 +38,7 @@ from runner.models.esmc import (
     EsmcEmbedder,
 )
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 # One row per weight: runner's name (EsmcEmbedder's state dict), the original `esm` name and the transformers
 # name(s). Block rows are relative to the block prefixes below. Several transformers names are concatenated

@@ -24,7 +24,7 @@ from runner.kernels.fp16x3 import SplitLinear, SplitWeight
 from runner.models.base import EmbeddingModel, resolve_layers
 from runner.models.rotary import rotary_tables
 
-logger = logging.getLogger("runner")
+logger = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 LayerParts = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]  # first, middle, last
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -57,7 +58,7 @@ from runner.output.tokens import (
 from runner.stages.pooling import pool_layers
 from runner.stages.shadow import shadow_sample
 
-log = logging.getLogger("runner")
+log = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -89,6 +90,9 @@ class StageSettings:
     # into a folder of its own there, and the driver commits them (runner.output.staged). "": the driver writes.
     staged_dir: str = ""
     part_rows: int = 16384  # most rows in one staged part (--rows-per-part)
+    # Its load and compile lines at INFO (an actor's log, in Ray's log files); in-process (runner.driver.in_process)
+    # at DEBUG, since the job's first line on the terminal already says what was loaded where.
+    announce: bool = True
     # --- test-only fault injection (set from RUNNER_TEST_* environment variables by runner.job) ---
     test_fail_ids: tuple[str, ...] = ()  # a forward containing a window of these ids raises RuntimeError
     test_oom_above_tokens: int = 0  # a forward of more tokens raises torch.cuda.OutOfMemoryError (0 = off)
@@ -444,7 +448,8 @@ class EmbedStage:
         self.startup["ready_at"] = time.time()
         if self._unreported_restart:
             log.warning("embed actor %s: restarted by Ray; its unfinished batches are retried", self.worker)
-        log.info(
+        log.log(
+            logging.INFO if settings.announce else logging.DEBUG,
             "embed actor %s: %s on %s in %s, attention %s%s (loaded in %.1fs)",
             self.worker,
             settings.model,
@@ -464,7 +469,8 @@ class EmbedStage:
         cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=self.device)  # [B+1]
         self.model.forward_layers(tokens, positions, cu_seqlens, 12, self.layers)
         self.startup["compile_seconds"] = round(time.perf_counter() - started, 3)
-        log.info("embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
+        log.log(logging.INFO if self.settings.announce else logging.DEBUG,
+                "embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
                  "" if self.model.compiling else " (failed: eager)")
 
     def startup_report(self) -> dict[str, float | str]:
@@ -1139,21 +1145,15 @@ def worker_name(device: str, cuda_visible: str) -> str:
 
 
 def _ray_node_id() -> str:
-    """This process's Ray node id (hex), or "" outside a Ray worker."""
-    try:
-        import ray
-    except ImportError:
-        return ""
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    """This process's Ray node id (hex), or "" outside a Ray worker (Ray is not imported for it: in-process)."""
+    ray = sys.modules.get("ray")
+    return ray.get_runtime_context().get_node_id() if ray is not None and ray.is_initialized() else ""
 
 
 def _was_restarted() -> bool:
     """Whether this process is a Ray actor that Ray restarted after its previous process died."""
-    try:
-        import ray
-    except ImportError:
-        return False
-    if not ray.is_initialized():
+    ray = sys.modules.get("ray")  # a Ray worker has imported it; an in-process job never does
+    if ray is None or not ray.is_initialized():
         return False
     context = ray.get_runtime_context()
     if context.get_actor_id() is None:

@@ -22,7 +22,7 @@ import pyarrow as pa
 from runner.errors import RunnerError
 from runner.input.batch import PackedBatch
 
-log = logging.getLogger("runner")
+log = logging.getLogger(__name__)  # a child of "runner": actor-side, see runner.driver.console
 
 DRIFT_SCHEMA = pa.schema(
     [

@@ -1,0 +1,188 @@
+"""The in-process engine (runner.driver.in_process): a small job without Ray, with every guarantee of the Ray path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import DATA, REPO, fair_esm_extract, invoke, pythonpath_with, read_fasta, read_parts, vectors
+from test_console import RAY_LINE
+
+import runner
+from runner.config import EmbedConfig
+from runner.driver.in_process import IN_PROCESS_BELOW_TOKENS, choose_engine, in_process_gpus
+from runner.driver.progress import InputCount
+from runner.driver.startup import BESIDE_RAY
+from runner.output.verify import verify_dir
+
+SMALL = InputCount(records=15, residues=5_000)
+
+
+@pytest.mark.parametrize(
+    "settings, count, environ, expected",
+    [
+        ({}, SMALL, {}, "in-process"),
+        ({}, InputCount(records=1000, residues=IN_PROCESS_BELOW_TOKENS - 2000), {}, "ray"),  # 2 specials a record
+        ({}, InputCount(records=1000, residues=IN_PROCESS_BELOW_TOKENS - 2001), {}, "in-process"),
+        ({}, None, {}, "ray"),  # not counted: over 64 MiB (or unreadable)
+        ({}, InputCount(records=15, residues=None), {}, "ray"),  # a table: its residues are not counted
+        ({"address": "10.0.0.1:6379"}, SMALL, {}, "ray"),  # a cluster to join
+        ({}, SMALL, {"RAY_ADDRESS": "auto"}, "ray"),
+        ({"engine": "ray"}, SMALL, {}, "ray"),
+        ({"engine": "in-process"}, None, {}, "in-process"),
+    ],
+)
+def test_the_engine_follows_the_job_size_and_the_cluster(settings: dict, count: InputCount | None, environ: dict,
+                                                          expected: str) -> None:
+    assert choose_engine(EmbedConfig(**settings), count, environ) == expected
+
+
+@pytest.mark.parametrize("requested, visible, expected", [(None, 0, 0), (0, 4, 0), (None, 4, 1), (1, 4, 1), (8, 4, 1)])
+def test_an_in_process_job_uses_one_gpu_at_most(requested: int | None, visible: int, expected: int) -> None:
+    assert in_process_gpus(requested, visible) == expected
+
+
+def quickstart_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": pythonpath_with(REPO)}
+    for name in ("RAY_ADDRESS", "RUNNER_ENGINE"):  # the README's command as a user types it: --engine auto
+        env.pop(name, None)
+    return env
+
+
+def test_the_quickstart_runs_in_process_quietly_without_importing_ray(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """The README's CPU quickstart (15 proteins): no Ray imported, runner's own lines only, fair-esm's vectors."""
+    out = tmp_path / "emb"
+    # The CLI's own entry point, and then whether anything imported Ray (stdout's last line).
+    program = ("import sys\nfrom runner.cli import cli\ntry:\n    cli(sys.argv[1:], prog_name='runner')\n"
+               "except SystemExit as e:\n    print('ray' in sys.modules, e.code)\n")
+    done = subprocess.run([sys.executable, "-c", program, "embed", "tests/data/some_proteins.fasta", "--model",
+                           str(tiny_esm2_path), "--out", str(out), "--gpus", "0"],
+                          cwd=REPO, env=quickstart_env(), capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["False", "0"], done.stdout + done.stderr
+    lines = done.stderr.splitlines()
+    assert not [line for line in lines if RAY_LINE.search(line) or "Warning" in line or "ERROR" in line], done.stderr
+    assert lines[0].startswith("embedding 1 input file(s) with ") and "on 1 CPU(s) in this process" in lines[0]
+    assert not [line for line in lines if "dashboard" in line or "embed actor" in line], done.stderr
+    assert lines[-1].startswith("15 embeddings, 0 rejects, 0 truncated")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and manifest["engine"] == "in-process" and "cluster" not in manifest
+    startup = manifest["startup"]
+    assert startup["engine"] == "in-process" and startup["phases"]["ray_start"] is None
+    consecutive = sum(v or 0 for k, v in startup["phases"].items() if k not in BESIDE_RAY)
+    assert consecutive == pytest.approx(startup["to_first_output_seconds"], abs=0.05)
+    # the vectors are fair-esm's own (its loader and padded FP32 forward)
+    reference = fair_esm_extract(tiny_esm2_path, DATA / "some_proteins.fasta", [2])
+    results = runner.open(out)
+    for sequence_id, vector in zip(results.ids, results.pooled(), strict=True):
+        expected = reference[sequence_id]["mean_representations"][2].numpy()
+        np.testing.assert_allclose(vector, expected, rtol=1e-4, atol=1e-5)
+    assert sorted(results.ids) == sorted(i for i, _ in read_fasta(DATA / "some_proteins.fasta"))
+
+
+def test_in_process_shadow_compares_the_sample_and_aborts_on_drift(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  tiny_esm2_path: Path) -> None:
+    monkeypatch.setenv("RUNNER_ENGINE", "in-process")
+    fasta = DATA / "some_proteins.fasta"
+    args = ["embed", str(fasta), "--model", str(tiny_esm2_path), "--gpus", "0", "--no-progress", "--shadow-rate", "1"]
+    code, output = invoke(*args, "--out", str(tmp_path / "fp32"))
+    assert code == 0, output
+    shadow = json.loads((tmp_path / "fp32" / "manifest.json").read_text())["shadow"]
+    assert shadow["sampled"] == shadow["compared"] == 15 and shadow["violations"] == 0
+    drift = pa.ipc.open_file(tmp_path / "fp32" / "drift.arrow").read_all()
+    assert drift.num_rows == 15 and min(drift.column("cosine").to_pylist()) > 0.99999  # FP32 against FP32
+    # bf16 against the FP32 shadow drifts measurably: a threshold above it aborts the job (exit 4), naming ids
+    code, output = invoke(*args, "--out", str(tmp_path / "bf16"), "--precision", "bf16", "--drift-min-cosine",
+                          "0.9999999", "--on-drift", "abort")
+    assert code == 4 and "drifted below --drift-min-cosine 0.9999999" in output, output
+    assert "UniRef50_" in output and "Traceback" not in output
+    manifest = json.loads((tmp_path / "bf16" / "manifest.json").read_text())
+    assert manifest["status"] == "aborted" and manifest["shadow"]["violations"] > 0
+
+
+def test_in_process_aborts_on_a_non_finite_embedding(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                     overflow_esm2_path: Path) -> None:
+    monkeypatch.setenv("RUNNER_ENGINE", "in-process")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">fine1\nMKTAYIAKQR\n>boom\nMKTWAYIAK\n>fine2\nMKVLAAGIV\n")
+    out = tmp_path / "emb"
+    code, output = invoke("embed", str(fasta), "--model", str(overflow_esm2_path), "--out", str(out), "--gpus", "0",
+                          "--rows-per-part", "1", "--no-progress")
+    assert code == 3 and "boom" in output and "Traceback" not in output, output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "aborted" and manifest["engine"] == "in-process"
+    for part in (out / "embeddings").glob("part-*.arrow"):
+        table = pa.ipc.open_file(part).read_all()
+        assert np.isfinite(vectors(table)).all() and "boom" not in table.column("id").to_pylist()
+
+
+def test_in_process_per_token_dedup_and_chunks_verify(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                      tiny_esm2_path: Path) -> None:
+    monkeypatch.setenv("RUNNER_ENGINE", "in-process")
+    proteins = read_fasta(DATA / "some_proteins.fasta")
+    fasta = tmp_path / "in.fasta"  # every protein twice, under another id
+    fasta.write_text("".join(f">{i}\n{s}\n>{i}-again\n{s}\n" for i, s in proteins))
+    out = tmp_path / "emb"
+    code, output = invoke("embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out), "--gpus", "0",
+                          "--no-progress", "--per-token", "--dedup", "--long", "chunk", "--max-residues", "300",
+                          "--chunk-overlap", "50", "--rows-per-part", "7")
+    assert code == 0, output
+    report = verify_dir(out)
+    assert report.ok, report.problems
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["dedup"]["distinct_sequences"] == 15 and manifest["counts"]["records_read"] == 30
+    results = runner.open(out)
+    by_id = dict(zip(results.ids, results.pooled(), strict=True))
+    assert len(results.ids) == 30 == len(set(results.ids))
+    for sequence_id, sequence in proteins:
+        np.testing.assert_array_equal(by_id[sequence_id], by_id[f"{sequence_id}-again"])
+        assert results.per_token(f"{sequence_id}-again").shape == (len(sequence), 64)
+    assert max(read_parts(out).column("windows").to_pylist()) > 1  # the longest proteins were chunked
+
+
+def test_a_signal_stops_an_in_process_job_after_its_batch_and_a_rerun_completes_it(tmp_path: Path,
+                                                                                  tiny_esm2_path: Path) -> None:
+    """SIGINT mid-job: exit 130 with the finished parts kept; the same command then writes each id exactly once."""
+    proteins = read_fasta(DATA / "some_proteins.fasta")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{i}-{n}\n{s}\n" for n in range(4) for i, s in proteins))  # 60 records
+    out = tmp_path / "emb"
+    command = [sys.executable, "-m", "runner", "embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out),
+               "--gpus", "0", "--no-progress", "--token-budget", "1100", "--rows-per-part", "4", "--part-seconds", "1"]
+    env = {**quickstart_env(), "RUNNER_TEST_BATCH_DELAY": "0.4"}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list((out / "embeddings").glob("part-*.arrow")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and 0 < manifest["counts"]["rows"] < 60
+    stopped = verify_dir(out)  # the parts written are whole and their checksums right; only the end is missing
+    assert stopped.parts > 0 and [p for p in stopped.problems if "not complete (status interrupted)" not in p] == []
+
+    env.pop("RUNNER_TEST_BATCH_DELAY")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    ids = read_parts(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(f"{i}-{n}" for n in range(4) for i, _ in proteins)  # each once
+    assert verify_dir(out).ok
+
+
+def test_in_process_refuses_what_it_cannot_do(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    args = ["embed", str(DATA / "few_proteins.fasta"), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "o"),
+            "--engine", "in-process"]
+    code, output = invoke(*args, "--address", "10.0.0.1:6379")
+    assert code == 1 and "cannot join --address" in output and len(output.strip().splitlines()) == 1, output
+    if not __import__("torch").cuda.device_count():
+        code, output = invoke(*args, "--gpus", "2")
+        assert code == 1 and "torch sees none here: pass --gpus 0" in output, output
