@@ -186,3 +186,30 @@ def test_in_process_refuses_what_it_cannot_do(tmp_path: Path, tiny_esm2_path: Pa
     if not __import__("torch").cuda.device_count():
         code, output = invoke(*args, "--gpus", "2")
         assert code == 1 and "torch sees none here: pass --gpus 0" in output, output
+
+
+@pytest.mark.gpu
+def test_in_process_on_a_gpu_is_fp16_checked_by_its_fp32_shadow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                               esm2_150m: Path) -> None:
+    """One GPU without Ray: FP16 packed forward, the FP32 shadow on a thread comparing every sequence, vectors as
+    the CPU's FP32 in-process run's."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    monkeypatch.delenv("RUNNER_ENGINE")  # auto: a small job on this machine's GPU runs in-process
+    args = ["embed", str(DATA / "some_proteins.fasta"), "--model", str(esm2_150m), "--no-progress"]
+    code, output = invoke(*args, "--out", str(tmp_path / "gpu"), "--shadow-rate", "1")
+    assert code == 0, output
+    manifest = json.loads((tmp_path / "gpu" / "manifest.json").read_text())
+    assert manifest["engine"] == "in-process" and manifest["precision"] == "fp16"
+    assert manifest["shadow"]["compared"] == 15 and manifest["shadow"]["cosine_min"] > 0.999, manifest["shadow"]
+    code, output = invoke(*args, "--out", str(tmp_path / "cpu"), "--gpus", "0", "--shadow-rate", "0")
+    assert code == 0, output
+    gpu, cpu = runner.open(tmp_path / "gpu"), runner.open(tmp_path / "cpu")
+    assert gpu.ids == cpu.ids
+    a, b = gpu.pooled().astype(np.float64), cpu.pooled().astype(np.float64)
+    cosines = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    print(f"\nin-process FP16 on a GPU vs FP32 on CPU (150M shape): min cosine {cosines.min():.6f}; "
+          f"start-up {manifest['startup']['to_first_output_seconds']} s")
+    assert cosines.min() > 0.999
