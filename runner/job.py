@@ -357,6 +357,7 @@ def _run_locked(
             actors=actors,
             unit="GPU" if on_gpu else "CPU actor" if ray is not None else "CPU",
             tokens_per_residue=1.0 if info.family == "esm2" else None,
+            count=input_count,  # counted once already for a small input; else Progress counts on a thread
         )
         copies = CopyWriter(writer, resume.done, resume.parts) if config.dedup else None
         hard_stop = False

@@ -17,7 +17,7 @@ import pytest
 from conftest import DATA, REPO, pythonpath_with, read_fasta
 
 from runner.driver.console import JobLog
-from runner.driver.progress import Progress, count_inputs
+from runner.driver.progress import InputCount, Progress, count_inputs
 from runner.driver.startup import BESIDE_RAY, STREAM_SETUP_STEPS
 
 # --- the progress display -------------------------------------------------------------------------------
@@ -70,6 +70,17 @@ def test_progress_plain_lines_when_not_a_terminal() -> None:
     assert "ETA 0m00s" in last
     assert re.search(r"\d\.\d/2 GPUs busy", last)
     assert "shadow 3 compared, 1 violations" in last
+
+
+def test_progress_takes_a_count_the_job_made_and_does_not_count_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    counted: list[object] = []
+    monkeypatch.setattr("runner.driver.progress.count_inputs", counted.append)
+    stream = io.StringIO()
+    progress = Progress([DATA / "some_proteins.fasta"], True, actors=1, tokens_per_residue=1.0, stream=stream,
+                        count=InputCount(records=15, residues=5000))
+    progress.update(3, 1000, force=True)
+    time.sleep(0.1)  # a counting thread, had one started, would have counted by now
+    assert counted == [] and "3/15 seqs · 1.0k/~5.0k tokens" in stream.getvalue()
 
 
 def test_progress_busy_and_rate_over_the_window() -> None:

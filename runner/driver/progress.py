@@ -114,6 +114,7 @@ class Progress:
         tokens_per_residue: float | None = None,
         stream: TextIO | None = None,
         interval: float = PLAIN_INTERVAL,
+        count: InputCount | None = None,
     ) -> None:
         self.enabled = enabled
         self.start = time.monotonic()
@@ -121,7 +122,8 @@ class Progress:
         self.unit = unit  # "GPU" or "CPU": what the busy figure counts
         self.tokens_per_residue = tokens_per_residue  # ESM-2: 1 token per residue (+2 per sequence); None: unknown
         self.interval = interval
-        self.count: InputCount | None = None
+        # the inputs' size: given when the job counted them already (a small input), else counted on a thread
+        self.count: InputCount | None = count
         self._history: deque[Snapshot] = deque()
         self._last_plain = float("-inf")  # the first update writes a line
         self._line = ""
@@ -131,7 +133,8 @@ class Progress:
         self._stream = stream
         if not enabled:
             return
-        threading.Thread(target=self._count, args=(paths,), daemon=True).start()
+        if count is None:
+            threading.Thread(target=self._count, args=(paths,), daemon=True).start()
         console = Console(file=stream, stderr=stream is None, highlight=False)
         if console.is_terminal:
             self._rich = RichProgress(
@@ -141,7 +144,7 @@ class Progress:
                 refresh_per_second=2,
                 redirect_stderr=True,  # runner's log lines print above the display
             )
-            self._task = self._rich.add_task("", total=None, line="starting: Ray, actors, model")
+            self._task = self._rich.add_task("", total=None, line="starting")
             self._rich.start()
 
     def _count(self, paths: list[Path]) -> None:
