@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_token_write import gil_held  # noqa: E402
 
-from runner.output.checksums import CRC32_IMPL, ChecksummedFile, crc32, file_crc  # noqa: E402
+from runner.output.checksums import CRC32_IMPL, ChecksummedFile, crc32, file_crc, write_through  # noqa: E402
 from runner.output.tokens import token_schema, token_table  # noqa: E402
 
 OLD_PIECES = 4  # the removed pool's threads and pieces per large write
@@ -121,12 +121,7 @@ def publish(directory: Path, table: pa.Table, sink: Callable[[Path], Checksummed
     name = f"tok-{uuid.uuid4().hex}.arrow"
     tmp = directory / f".{name}.tmp"
     out = sink(tmp)
-    try:
-        with out.open_arrow_file(table.schema) as writer:
-            writer.write_table(table)
-        out.fsync()
-    finally:
-        out.close()
+    write_through(out, table)
     os.replace(tmp, directory / name)
     return directory / name, out.size, out.crc
 

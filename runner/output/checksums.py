@@ -114,13 +114,18 @@ def write_checksummed(path: Path, table: pa.Table, summed: bool = True) -> tuple
     Returns (bytes, CRC-32 hex). Where the file becomes visible is the caller's (publish_checksummed, or a journal
     record first and then the rename)."""
     sink = ChecksummedFile(path, summed)
+    write_through(sink, table)
+    return sink.size, crc_hex(sink.crc)
+
+
+def write_through(sink: ChecksummedFile, table: pa.Table) -> None:
+    """`table` as an Arrow IPC file through `sink` (its CRC-32 summed as the bytes go out), fsynced and closed."""
     try:
         with sink.open_arrow_file(table.schema) as writer:
             writer.write_table(table)
         sink.fsync()
     finally:
         sink.close()
-    return sink.size, crc_hex(sink.crc)
 
 
 def publish_checksummed(directory: Path, name: str, table: pa.Table, summed: bool = True) -> tuple[int, str]:
