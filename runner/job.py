@@ -1,8 +1,8 @@
 """`run_embed`: the library API behind `runner embed`. The CLI is a thin layer over it.
 
-Top to bottom: check the settings and inputs, lock --out, connect to Ray, decide fresh/resume (fingerprint),
-build the stream (read -> tokenize/pack -> embed actors), drain it into Arrow parts on the driver, write
-the manifest. Fault tolerance is described in the README ("Fault tolerance").
+Top to bottom: check the settings and inputs, lock --out, start the engine (connect to Ray, or run in-process:
+runner.driver.engine), decide fresh/resume (fingerprint), build the stream (read -> tokenize/pack -> embed actors),
+drain it into Arrow parts on the driver, write the manifest. Fault tolerance: docs/fault-tolerance.md.
 """
 
 from __future__ import annotations
@@ -13,39 +13,29 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from runner.config import EmbedConfig, resolve_precision
-from runner.driver.budget import nvidia_gpus_here, nvidia_smi_free_bytes
 from runner.driver.cache import chosen_compile_cache_dir
 from runner.driver.cluster import (
     build_dataset,
     compile_by_default,
     count_small_input,
     pick_token_budget,
-    resolve_gpus,
     resolve_shadow_share,
     start_shadow,
 )
 from runner.driver.collect import drain
 from runner.driver.console import JobLog
-from runner.driver.in_process import InProcessStream, choose_engine, in_process_gpus, start_in_process_shadow
+from runner.driver.engine import start_in_process, start_ray
+from runner.driver.in_process import InProcessStream, choose_engine, start_in_process_shadow
 from runner.driver.metrics import DriverMetrics
 from runner.driver.nodes import (
     actor_model_spec,
-    actor_nodes,
-    actors_write_out,
-    check_out_on_nodes,
-    check_weights_on_nodes,
-    cluster_nodes,
     cluster_section,
 )
 from runner.driver.progress import Progress
-from runner.driver.ray_session import RayStart, connect_ray, worker_preload
 from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
 from runner.driver.startup import StartupClock
 from runner.errors import NothingEmbedded, RunnerError, first_line
@@ -53,8 +43,8 @@ from runner.input.dedup import CopyWriter
 from runner.input.prepare import DuplicateFilter, Preparer, prepare_block
 from runner.input.sources import expand_inputs, read_records, sniff_input
 from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
-from runner.models.registry import load_codec, model_info, preflight
-from runner.output.manifest import Manifest, input_fingerprint, job_fingerprint
+from runner.models.registry import load_codec, preflight
+from runner.output.manifest import Manifest, job_fingerprint
 from runner.output.report import JobReport
 from runner.output.rerun import already_complete, output_spec
 from runner.output.resume import OutLock, prepare_resume
@@ -66,15 +56,12 @@ from runner.output.sink import (
     unwritable_reason,
     write_error,
 )
-from runner.output.staged import remove_staged, resolve_part_writer, staged_dir
+from runner.output.staged import remove_staged, staged_dir
 from runner.output.tokens import TOKENS_DIR, ReconcileReport, reconcile
 from runner.stages.embed_stage import StageSettings
 from runner.stages.shadow import ShadowMonitor
 
 log = logging.getLogger("runner")
-
-T = TypeVar("T")
-
 
 def run_embed(config: EmbedConfig) -> JobReport:
     """Embed every input sequence; raise RunnerError (one clear line) on expected failures.
@@ -158,84 +145,6 @@ def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: Se
             f"--chunk-overlap {config.chunk_overlap} must be smaller than {given}, {max_residues} residues: "
             f"lower --chunk-overlap (default 128)"
         )
-
-
-@dataclass
-class Engine:
-    """What the job's stream runs on, once started: Ray (a local Ray or a cluster) or this process."""
-
-    name: str  # "ray" | "in-process" (EmbedConfig.engine, resolved)
-    ray: Any  # the ray module; None in-process
-    gpus: int  # embedding actors on GPUs (in-process: the one GPU used); 0 = CPU
-    info: ModelInfo  # the model's configuration, its checkpoint hashed
-    input_prints: list[Any]  # the inputs' resume fingerprints
-    free_gpu_bytes: Callable[[], int | None] | None = None  # the free GPU memory read beside the start, if read
-    dashboard: str | None = None  # Ray's dashboard address, when it runs
-    nodes_at_start: list[Any] = field(default_factory=list)  # the Ray cluster's nodes (the manifest's `cluster`)
-    checked: dict[str, int] = field(default_factory=dict)  # nodes each pre-flight check covered
-    actor_parts: bool = False  # the embedding actors write the pooled parts (--part-writer)
-
-
-def start_ray(config: EmbedConfig, paths: list[Path], out_dir: Path, clock: StartupClock, job_log: JobLog) -> Engine:
-    """Join or start Ray and check the cluster's nodes; beside Ray's start, the driver's own start-up work."""
-    ray = job_log.import_ray()  # imported late: `runner --help`, input errors and in-process jobs stay fast
-
-    # Ray's start (its processes: seconds, mostly waiting on them) runs in a thread of its own (RayStart), and beside
-    # it the driver's start-up work that needs no Ray: importing Ray Data, hashing the checkpoint and
-    # fingerprinting the inputs. The start-up pays for the longest of them only. A signal stops the wait at once.
-    clock.mark("ray_start_begin")
-    preload = worker_preload(config.gpus, config.address, nvidia_gpus_here)
-    clock.worker_preload = list(preload)
-    ray_start = RayStart(lambda: connect_ray(config.address, config.verbose, config.dashboard, preload))
-    with ThreadPoolExecutor(3, thread_name_prefix="runner-startup") as pool:
-        info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
-        inputs_future = pool.submit(timed, clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
-        # the automatic token budget's reading of this machine's free GPU memory (nvidia-smi: 0.1 s to seconds)
-        free_future = (pool.submit(timed, clock, "gpu_memory_read", nvidia_smi_free_bytes)
-                       if config.token_budget is None and config.gpus != 0 and nvidia_gpus_here() else None)
-        with clock.phase("driver_imports"):
-            job_log.import_ray_data()
-        context = ray_start.wait()
-        clock.mark("ray_ready")
-        engine = Engine("ray", ray, resolve_gpus(config.gpus, ray), info_future.result(), inputs_future.result(),
-                        free_future and free_future.result)
-    engine.dashboard = getattr(context, "dashboard_url", None) if context is not None else None
-    on_gpu = engine.gpus > 0
-    # Before any GPU work: every other node that may run an actor must read the same weights (and write --out
-    # when the actors write there); one line naming the node otherwise.
-    with clock.phase("node_checks"):
-        engine.nodes_at_start = cluster_nodes(ray)
-        others = actor_nodes(ray, on_gpu)
-        engine.checked = {"weights": check_weights_on_nodes(ray, config.model, others)}
-        # --part-writer: the actors write the pooled parts themselves (the driver commits them) from 8 actors on
-        actor_parts = resolve_part_writer(config.part_writer, engine.gpus if on_gpu else config.cpu_actors)
-        if actor_parts and config.part_writer == "auto" and not actors_write_out(config):
-            try:  # auto: the actors write the parts only where every node shares --out; else the driver does
-                engine.checked["out"] = check_out_on_nodes(ray, out_dir, others)
-            except RunnerError as e:
-                log.warning("--part-writer auto: the driver writes the pooled parts (%s)", first_line(e))
-                actor_parts = False
-        elif actors_write_out(config) or actor_parts:
-            engine.checked["out"] = check_out_on_nodes(ray, out_dir, others)
-        engine.actor_parts = actor_parts
-    return engine
-
-
-def start_in_process(config: EmbedConfig, paths: list[Path], clock: StartupClock) -> Engine:
-    """No Ray: the checkpoint hashed and the inputs fingerprinted here; one GPU when any is visible, else the CPU."""
-    import torch
-
-    clock.mark("in_process_begin")
-    cuda_devices = torch.cuda.device_count()  # no CUDA context: that comes with the model's load
-    if config.gpus and not cuda_devices:
-        raise RunnerError(f"asked for {config.gpus} GPU(s) but torch sees none here: pass --gpus 0 to run on CPU, "
-                          "or --engine ray to use a cluster's GPUs")
-    gpus = in_process_gpus(config.gpus, cuda_devices)
-    with ThreadPoolExecutor(2, thread_name_prefix="runner-startup") as pool:
-        info_future = pool.submit(timed, clock, "checkpoint_read_and_hash", model_info, config.model, compute_sha256=True)
-        input_prints = timed(clock, "input_fingerprint", lambda: [input_fingerprint(p) for p in paths])
-        info = info_future.result()
-    return Engine("in-process", None, gpus, info, input_prints, actor_parts=config.part_writer == "actors")
 
 
 def _run_locked(
@@ -521,12 +430,6 @@ def finish_outputs(
         error = error or write_error(manifest.path, e)
     if error is not None:
         raise error
-
-
-def timed(clock: StartupClock, name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """fn(*args, **kwargs), timed as start-up phase `name`."""
-    with clock.phase(name):
-        return fn(*args, **kwargs)
 
 
 def record_startup(manifest: Manifest, report: JobReport, clock: StartupClock) -> None:

@@ -93,7 +93,7 @@ def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("the job connected to Ray: this check should have failed before start-up")
 
-    monkeypatch.setattr("runner.job.connect_ray", refuse)
+    monkeypatch.setattr("runner.driver.engine.connect_ray", refuse)
 
 
 def one_line_error(*args: str) -> str:
@@ -279,7 +279,7 @@ def test_a_run_that_wrote_no_row_does_not_lock_out(tmp_path: Path) -> None:
 def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
     """Jobs run by runner's in-process engine (runner.driver.in_process): the real stages, no Ray at all."""
     monkeypatch.setenv("RUNNER_ENGINE", "in-process")
-    monkeypatch.setattr("runner.job.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
+    monkeypatch.setattr("runner.driver.engine.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
 
 
 def proteins_fasta(path: Path, count: int, seed: int = 3, longest: int = 300) -> Path:
@@ -458,7 +458,7 @@ def test_honest_records_and_a_complete_rerun_without_ray(
     assert "drift.arrow" in before
 
     # the same command again: answered from the manifest, without Ray, and nothing is rewritten
-    monkeypatch.setattr("runner.job.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
+    monkeypatch.setattr("runner.driver.engine.connect_ray", lambda *_: (_ for _ in ()).throw(AssertionError("Ray started")))
     code, output = invoke(*args)
     assert code == 0, output
     assert f"already complete: 40 embeddings in {out}" in output
