@@ -14,9 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from click.testing import CliRunner
-
-from runner.cli import cli
+from conftest import invoke
 
 DATA = Path(__file__).parent / "data"
 
@@ -29,11 +27,6 @@ def local_ray():
     ray.init(num_cpus=4, num_gpus=0, include_dashboard=False, log_to_driver=False, object_store_memory=300 * 2**20)
     yield
     ray.shutdown()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def read_fasta(path: Path) -> list[tuple[str, str]]:

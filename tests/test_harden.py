@@ -16,9 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
-from runner.cli import cli
 from runner.config import EmbedConfig
 from runner.driver.collect import drain, stream_failure
 from runner.driver.metrics import DriverMetrics
@@ -394,11 +393,6 @@ def local_ray():
                 raise
     yield
     ray.shutdown()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def proteins_csv(path: Path, count: int, seed: int = 0, bad_line_after: int | None = None) -> Path:

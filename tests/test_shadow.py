@@ -20,9 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from click.testing import CliRunner
+from conftest import invoke
 
-from runner.cli import cli
 from runner.stages.shadow import (
     DRIFT_SCHEMA,
     DriftViolation,
@@ -63,11 +62,6 @@ def metrics_port() -> int:
              _metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000})
     yield port
     ray.shutdown()
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 def read_parts(out: Path) -> pa.Table:

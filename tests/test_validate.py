@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 
-from runner.cli import cli
 from runner.errors import RunnerError
 from runner.models.registry import load_codec
 from runner.validate import ValidateSettings, reservoir_sample, strata
@@ -18,11 +17,6 @@ from runner.validate import ValidateSettings, reservoir_sample, strata
 DATA = Path(__file__).resolve().parent / "data"
 STATS = ("n", "length_min", "length_max", "cosine_min", "cosine_mean", "cosine_max", "mean_abs_diff",
          "rel_std_diff", "rel_norm_diff", "outlier_count", "outliers")
-
-
-def invoke(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
-    return result.exit_code, result.output
 
 
 @pytest.fixture(scope="module")
