@@ -195,7 +195,7 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--engine", type=click.Choice(ENGINES), envvar="RUNNER_ENGINE",
               help="Where the stream runs: ray (a local Ray, or the cluster of --address), in-process (this process, "
                    "one device, no Ray: 15-25 s sooner to start) or auto (default: in-process for a FASTA input under "
-                   "2M tokens with no cluster to join). Also RUNNER_ENGINE.")
+                   "2M tokens at 650M, fewer for larger models, with no cluster to join). Also RUNNER_ENGINE.")
 @click.option("--no-progress", "progress", flag_value=False, default=None, help="No progress display (neither runner's nor Ray's).")
 @click.option("--no-dashboard", "dashboard", flag_value=False, default=None,
               help="Start the local Ray without its dashboard: 2-3 s sooner (docs/running.md); a cluster keeps its own.")

@@ -89,7 +89,7 @@ def run_embed(config: EmbedConfig) -> JobReport:
         out_dir = prepare_out_dir(Path(config.out))
         # two jobs writing one --out would interleave parts
         with OutLock(out_dir), JobLog(out_dir, config.verbose) as job_log:
-            return _run_locked(config, paths, out_dir, codec, signals, clock, job_log)
+            return _run_locked(config, paths, out_dir, codec, info.parameters, signals, clock, job_log)
     except _StopNow as stop:  # during start-up, before any embedding came back
         raise JobInterrupted.during_startup(stop.signum) from None
     finally:
@@ -148,14 +148,14 @@ def check_settings_against_model(config: EmbedConfig, info: ModelInfo, codec: Se
 
 
 def _run_locked(
-    config: EmbedConfig, paths: list[Path], out_dir: Path, codec: SequenceCodec, signals: StopSignals,
-    clock: StartupClock, job_log: JobLog,
+    config: EmbedConfig, paths: list[Path], out_dir: Path, codec: SequenceCodec, parameters: int,
+    signals: StopSignals, clock: StartupClock, job_log: JobLog,
 ) -> JobReport:
     if config.strict:
         check_strict(paths, codec, config)
     # A small input is counted once: the engine's choice, the stream's block sizes and the compile default.
     input_count = count_small_input(paths)
-    if choose_engine(config, input_count) == "in-process":
+    if choose_engine(config, input_count, parameters) == "in-process":
         engine = start_in_process(config, paths, clock)
     else:
         engine = start_ray(config, paths, out_dir, clock, job_log)

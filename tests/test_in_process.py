@@ -18,31 +18,36 @@ from test_console import RAY_LINE
 
 import runner
 from runner.config import EmbedConfig
-from runner.driver.in_process import IN_PROCESS_BELOW_TOKENS, choose_engine, in_process_gpus
+from runner.driver.in_process import IN_PROCESS_BELOW_WORK, choose_engine, in_process_gpus
 from runner.driver.progress import InputCount
 from runner.driver.startup import BESIDE_RAY
 from runner.output.verify import verify_dir
 
 SMALL = InputCount(records=15, residues=5_000)
+M650 = 650_000_000  # parameters: 2M tokens is the limit for a 650M model
+M15B = 15_000_000_000
 
 
 @pytest.mark.parametrize(
-    "settings, count, environ, expected",
+    "settings, count, parameters, environ, expected",
     [
-        ({}, SMALL, {}, "in-process"),
-        ({}, InputCount(records=1000, residues=IN_PROCESS_BELOW_TOKENS - 2000), {}, "ray"),  # 2 specials a record
-        ({}, InputCount(records=1000, residues=IN_PROCESS_BELOW_TOKENS - 2001), {}, "in-process"),
-        ({}, None, {}, "ray"),  # not counted: over 64 MiB (or unreadable)
-        ({}, InputCount(records=15, residues=None), {}, "ray"),  # a table: its residues are not counted
-        ({"address": "10.0.0.1:6379"}, SMALL, {}, "ray"),  # a cluster to join
-        ({}, SMALL, {"RAY_ADDRESS": "auto"}, "ray"),
-        ({"engine": "ray"}, SMALL, {}, "ray"),
-        ({"engine": "in-process"}, None, {}, "in-process"),
+        ({}, SMALL, M650, {}, "in-process"),
+        ({}, InputCount(records=1000, residues=2_000_000 - 2000), M650, {}, "ray"),  # 2 specials a record
+        ({}, InputCount(records=1000, residues=2_000_000 - 2001), M650, {}, "in-process"),
+        ({}, InputCount(records=1000, residues=100_000), M15B, {}, "ray"),  # 102k tokens: minutes of a 15B model
+        ({}, InputCount(records=100, residues=50_000), M15B, {}, "in-process"),
+        ({}, None, M650, {}, "ray"),  # not counted: over 64 MiB (or unreadable)
+        ({}, InputCount(records=15, residues=None), M650, {}, "ray"),  # a table: its residues are not counted
+        ({"address": "10.0.0.1:6379"}, SMALL, M650, {}, "ray"),  # a cluster to join
+        ({}, SMALL, M650, {"RAY_ADDRESS": "auto"}, "ray"),
+        ({"engine": "ray"}, SMALL, M650, {}, "ray"),
+        ({"engine": "in-process"}, None, M15B, {}, "in-process"),
     ],
 )
-def test_the_engine_follows_the_job_size_and_the_cluster(settings: dict, count: InputCount | None, environ: dict,
-                                                          expected: str) -> None:
-    assert choose_engine(EmbedConfig(**settings), count, environ) == expected
+def test_the_engine_follows_the_work_and_the_cluster(settings: dict, count: InputCount | None, parameters: int,
+                                                     environ: dict, expected: str) -> None:
+    assert IN_PROCESS_BELOW_WORK == 2_000_000 * M650
+    assert choose_engine(EmbedConfig(**settings), count, parameters, environ) == expected
 
 
 @pytest.mark.parametrize("requested, visible, expected", [(None, 0, 0), (0, 4, 0), (None, 4, 1), (1, 4, 1), (8, 4, 1)])

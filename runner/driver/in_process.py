@@ -3,7 +3,8 @@
 Ray's start and an actor's (a worker process that imports torch) cost 15-25 s before the first batch: 10-14 s
 and 9-10 s for the README's CPU quickstart on a 2-core machine, 9.6-13.3 s and 6.3-6.8 s on an H200 host. A job
 that one device embeds in less time than that ends sooner here. `choose_engine` decides (`--engine auto`): no
-cluster to join, and an input counted small (FASTA up to 64 MiB holding under IN_PROCESS_BELOW_TOKENS tokens).
+cluster to join, and an input counted small (FASTA up to 64 MiB) whose tokens times the model's parameters are
+under IN_PROCESS_BELOW_WORK (2M tokens at 650M).
 
 What runs is what `runner.driver.cluster.build_dataset` wires into Ray Data (`read_blocks` -> `pack_records` ->
 `EmbedStage`) and what `start_shadow` runs on FP32 actors (an `EmbedStage` in fp32), so every guarantee holds
@@ -38,16 +39,17 @@ from runner.stages.shadow import ShadowMonitor, ShadowSettings
 
 log = logging.getLogger("runner")
 
-# Below this many tokens (residues plus two specials per record) `--engine auto` runs in-process: ~8 s of one H200's
-# forward at 650M eager, less than Ray's and an actor's start; on CPU, whole minutes of work for a real model, where
-# the process's own threads (all cores in one forward) do as well as Ray's one-thread actors.
-IN_PROCESS_BELOW_TOKENS = 2_000_000
+# `--engine auto` runs a job in-process below this much work, tokens (residues plus two specials a record) times the
+# model's parameters: 2M tokens at 650M, ~8 s of one H200's eager forward, less than Ray's and an actor's start; 87k
+# tokens at 15B. On CPU the in-process forward has as many threads as the Ray path would run actors: no slower.
+IN_PROCESS_BELOW_WORK = 2_000_000 * 650_000_000
 
 
-def choose_engine(config: EmbedConfig, count: InputCount | None, environ: dict[str, str] | None = None) -> str:
+def choose_engine(config: EmbedConfig, count: InputCount | None, parameters: int,
+                  environ: dict[str, str] | None = None) -> str:
     """"ray" or "in-process": `config.engine` when given, else in-process for a small job with no cluster to join
     (no --address, no RAY_ADDRESS) whose inputs were counted (`count`: FASTA up to 64 MiB, runner.driver.cluster.
-    count_small_input) at under IN_PROCESS_BELOW_TOKENS tokens."""
+    count_small_input) at under IN_PROCESS_BELOW_WORK tokens x `parameters` (the model's)."""
     if config.engine != "auto":
         return config.engine
     environ = os.environ if environ is None else environ
@@ -55,7 +57,8 @@ def choose_engine(config: EmbedConfig, count: InputCount | None, environ: dict[s
         return "ray"
     if count is None or count.residues is None:  # large, or a table: its residues are not counted up front
         return "ray"
-    return "in-process" if count.residues + 2 * count.records < IN_PROCESS_BELOW_TOKENS else "ray"
+    tokens = count.residues + 2 * count.records
+    return "in-process" if tokens * max(parameters, 1) < IN_PROCESS_BELOW_WORK else "ray"
 
 
 def in_process_gpus(requested: int | None, cuda_devices: int) -> int:
