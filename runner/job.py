@@ -40,8 +40,9 @@ from runner.driver.signals import JobInterrupted, StopSignals, _StopNow
 from runner.driver.startup import StartupClock
 from runner.errors import NothingEmbedded, RunnerError, first_line
 from runner.input.dedup import CopyWriter
-from runner.input.prepare import DuplicateFilter, Preparer, prepare_block
+from runner.input.prepare import DuplicateFilter, prepare_block
 from runner.input.sources import expand_inputs, read_records, sniff_input
+from runner.input.stream import job_preparer
 from runner.models.base import ModelInfo, SequenceCodec, resolve_layers
 from runner.models.registry import load_codec, preflight
 from runner.output.manifest import Manifest, job_fingerprint
@@ -516,7 +517,7 @@ def prepare_out_dir(out: Path) -> Path:
 
 def check_strict(paths: list[Path], codec: SequenceCodec, config: EmbedConfig) -> None:
     """--strict: read everything once on the driver; any reject fails the job before GPU work."""
-    preparer = Preparer(codec, config.max_residues, config.long, config.chunk_overlap)
+    preparer = job_preparer(codec, config)
     dedup = DuplicateFilter()
     found: list[str] = []
     count = 0

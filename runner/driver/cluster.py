@@ -26,8 +26,7 @@ from runner.driver.budget import (
 from runner.driver.metrics import DriverMetrics
 from runner.driver.progress import InputCount
 from runner.errors import RunnerError
-from runner.input.prepare import Preparer
-from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.input.stream import job_stream_settings, pack_records, read_blocks
 from runner.kernels.fp16x3 import half_gemm_available
 from runner.models.base import ModelInfo, SequenceCodec
 from runner.stages.embed_stage import DeathRetries, EmbedStage, StageSettings
@@ -158,13 +157,9 @@ def build_dataset(
 
     actors = gpus if gpus > 0 else config.cpu_actors
     records_per_block = block_records(config.records_per_block, input_count, actors)
-    read_settings = ReadSettings(
-        tuple(str(p) for p in paths),
-        config.id_column,
-        config.seq_column,
-        records_per_block,
+    read_settings, pack_settings = job_stream_settings(
+        paths, codec, config, budget, records_per_block,
         done_bits if done_bits is not None else np.zeros(0, dtype=np.uint8),
-        Preparer(codec, config.max_residues, config.long, config.chunk_overlap) if config.dedup else None,
     )
 
     class InputRecords(Datasource):
@@ -187,8 +182,6 @@ def build_dataset(
             return [ReadTask(lambda: read_blocks(read_settings), meta)]
 
     DeathRetries.clear_counts()
-    pack_settings = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget,
-                                 keep_chunks_together=config.per_token)
     # The reader is mostly I/O: a quarter CPU leaves room for packing and a CPU actor on a 2-core machine
     # (with a whole CPU each, read + actor took both cores and the pack tasks never ran).
     ds = ray.data.read_datasource(InputRecords(), override_num_blocks=1, num_cpus=read_cpus(ray))

@@ -31,8 +31,7 @@ from runner.config import EmbedConfig
 from runner.driver.progress import InputCount
 from runner.driver.signals import StopSignals
 from runner.input.batch import PackedBatch
-from runner.input.prepare import Preparer
-from runner.input.stream import PackSettings, ReadSettings, pack_records, read_blocks
+from runner.input.stream import job_stream_settings, pack_records, read_blocks
 from runner.models.base import SequenceCodec
 from runner.stages.embed_stage import StageSettings
 from runner.stages.shadow import ShadowMonitor, ShadowSettings
@@ -77,12 +76,7 @@ class InProcessStream:
 
     def __init__(self, paths: list[Path], codec: SequenceCodec, config: EmbedConfig, budget: int,
                  stage: StageSettings, done_bits: np.ndarray, signals: StopSignals) -> None:
-        self.read = ReadSettings(
-            tuple(str(p) for p in paths), config.id_column, config.seq_column, config.records_per_block, done_bits,
-            Preparer(codec, config.max_residues, config.long, config.chunk_overlap) if config.dedup else None,
-        )
-        self.pack = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget,
-                                 keep_chunks_together=config.per_token)
+        self.read, self.pack = job_stream_settings(paths, codec, config, budget, config.records_per_block, done_bits)
         self.stage = dataclasses.replace(stage, announce=False)
         self.signals = signals
 

@@ -15,9 +15,10 @@ to the driver, which writes it as a copy of its first record's row (see `runner.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +31,9 @@ from runner.input.prepare import DuplicateFilter, Preparer
 from runner.input.sources import RecordRun, read_runs
 from runner.models.base import SequenceCodec
 from runner.output.resume import bitmap_contains
+
+if TYPE_CHECKING:
+    from runner.config import EmbedConfig
 
 RECORD_SCHEMA = pa.schema(
     [
@@ -48,6 +52,22 @@ RECORD_SCHEMA = pa.schema(
 # A block of mostly finished records (resume) may hold this many times records_per_block rows: they are
 # empty, and fewer, larger blocks keep the per-task overhead of skipping millions of records low.
 DONE_ROWS_FACTOR = 16
+
+
+def job_preparer(codec: SequenceCodec, config: EmbedConfig) -> Preparer:
+    """The job's cleaning and windowing (--max-residues, --long, --chunk-overlap): --strict's check, --dedup's
+    registration in the read task and the pack tasks all judge a record by it."""
+    return Preparer(codec, config.max_residues, config.long, config.chunk_overlap)
+
+
+def job_stream_settings(paths: Sequence[Path], codec: SequenceCodec, config: EmbedConfig, budget: int,
+                        records_per_block: int, done_bits: np.ndarray) -> tuple[ReadSettings, PackSettings]:
+    """The read and pack stages' settings of one job, on Ray (runner.driver.cluster) or in-process alike."""
+    read = ReadSettings(tuple(str(p) for p in paths), config.id_column, config.seq_column, records_per_block,
+                        done_bits, job_preparer(codec, config) if config.dedup else None)
+    pack = PackSettings(codec, config.max_residues, config.long, config.chunk_overlap, budget,
+                        keep_chunks_together=config.per_token)
+    return read, pack
 
 
 @dataclass(frozen=True)
