@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import os
@@ -280,13 +279,7 @@ def start_shadow(
         log.warning("--shadow-math %s needs torch.mm(..., out_dtype) (PyTorch 2.8 and later); this torch is %s: the shadow "
                     "uses tf32x3 instead (as accurate, slower)", math, torch.__version__)
         math = "tf32x3"
-    fp32 = dataclasses.replace(
-        stage.without_test_hooks(),
-        precision="fp32",
-        shadow_rate=0.0,
-        per_token=None,  # the shadow compares pooled columns; the main actors alone write per-token files
-        fp32_layernorm=False,
-        fused_gelu=False,
+    fp32 = stage.fp32_twin(
         # The split maths are plain tensor ops and compile like the main path; 3xTF32 switches a global
         # matmul setting around each product, which a compiled graph would not see.
         compile_layers=stage.compile_layers and math in ("fp16x3", "bf16x3"),

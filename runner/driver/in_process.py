@@ -101,9 +101,8 @@ def start_in_process_shadow(config: EmbedConfig, stage: StageSettings, out_dir: 
     embeds the sampled windows while the main stream goes on; the ShadowMonitor is the Ray path's."""
     if config.shadow_rate <= 0:
         return None
-    fp32 = dataclasses.replace(
-        stage.without_test_hooks(), precision="fp32", shadow_rate=0.0, per_token=None, staged_dir="", announce=False,
-        fp32_layernorm=False, fused_gelu=False, compile_layers=False,
+    fp32 = stage.fp32_twin(
+        announce=False, compile_layers=False,
         # on a GPU the FP32 maths runs plain IEEE here: the split-precision kernels are for a shadow that keeps
         # pace with a long job on a GPU share of its own; a small job's sample is a few hundred sequences
         fp32_math="ieee",

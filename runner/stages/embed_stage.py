@@ -28,6 +28,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,6 +121,13 @@ class StageSettings:
     def columns(self) -> int:
         """Pooled vectors per window: one per layer x pooling (layer-major, as runner.stages.pooling.pool_layers)."""
         return len(self.layers) * len(self.poolings)
+
+    def fp32_twin(self, **settings: Any) -> StageSettings:
+        """The FP32 shadow's settings for this stage: the same model, layers and poolings in plain fp32, pooled
+        vectors only (the main stage alone writes per-token files and staged parts), no fault injection; `settings`
+        are where a shadow differs by where it runs (its device, FP32 maths, compiling)."""
+        return replace(self.without_test_hooks(), precision="fp32", shadow_rate=0.0, per_token=None, staged_dir="",
+                       fp32_layernorm=False, fused_gelu=False, **settings)
 
     def without_test_hooks(self) -> StageSettings:
         """The same settings with every fault injection off (for the shadow actors)."""
