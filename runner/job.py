@@ -176,6 +176,7 @@ def _run_locked(
                                 per_token=spec.per_token is not None)
     dashboard = engine.dashboard
     actors = gpus if on_gpu else config.cpu_actors if ray is not None else 1  # in-process: one device
+    unit = "GPU" if on_gpu else "CPU actor" if ray is not None else "CPU"  # what `actors` counts
     log.info(
         "embedding %d input file(s) with %s (%s, %d layers, dim %d) in %s on %d %s(s)%s, token budget %d%s",
         len(paths),
@@ -185,7 +186,7 @@ def _run_locked(
         info.embed_dim,
         precision,
         actors,
-        "GPU" if on_gpu else "CPU actor" if ray is not None else "CPU",
+        unit,
         "" if ray is not None else " in this process (a small job: no Ray; --engine ray uses Ray)",
         budget,
         f", FP32 shadow {config.shadow_rate * 100:g}%" if config.shadow_rate > 0 else "",
@@ -265,7 +266,7 @@ def _run_locked(
             paths,
             config.progress,
             actors=actors,
-            unit="GPU" if on_gpu else "CPU actor" if ray is not None else "CPU",
+            unit=unit,
             tokens_per_residue=1.0 if info.family == "esm2" else None,
             count=input_count,  # counted once already for a small input; else Progress counts on a thread
         )

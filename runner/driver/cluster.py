@@ -89,9 +89,8 @@ def compile_by_default(gpus: int, count: InputCount | None) -> bool:
     a residue and the two special tokens per record), where compiling would take longer than it saves."""
     if gpus <= 0:
         return False
-    if count is None or count.residues is None:
-        return True
-    return count.residues + 2 * count.records >= EAGER_BELOW_TOKENS_PER_GPU * gpus
+    tokens = count.tokens() if count is not None else None
+    return tokens is None or tokens >= EAGER_BELOW_TOKENS_PER_GPU * gpus
 
 
 def resolve_gpus(requested: int | None, ray) -> int:

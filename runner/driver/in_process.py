@@ -10,7 +10,7 @@ What runs is what `runner.driver.cluster.build_dataset` wires into Ray Data (`re
 `EmbedStage`) and what `start_shadow` runs on FP32 actors (an `EmbedStage` in fp32), so every guarantee holds
 unchanged: the driver's collect loop writes the parts (exactly once, resume, checksums), aborts on NaN/Inf and
 feeds the FP32 shadow, which compares on a thread of its own. What differs: one device (the first GPU, or the CPU
-with all its cores), no Ray dashboard or Ray metrics (progress, drift.arrow and the manifest are as always), and a
+with one thread per `cpu_actors`), no Ray dashboard or Ray metrics (progress, drift.arrow and the manifest are as always), and a
 stop signal ends the job after the batch being embedded (a second one at once), since no actor runs it elsewhere.
 """
 
@@ -54,9 +54,9 @@ def choose_engine(config: EmbedConfig, count: InputCount | None, parameters: int
     environ = os.environ if environ is None else environ
     if config.address or environ.get("RAY_ADDRESS"):
         return "ray"
-    if count is None or count.residues is None:  # large, or a table: its residues are not counted up front
+    tokens = count.tokens() if count is not None else None
+    if tokens is None:  # large, or a table: its residues are not counted up front
         return "ray"
-    tokens = count.residues + 2 * count.records
     return "in-process" if tokens * max(parameters, 1) < IN_PROCESS_BELOW_WORK else "ray"
 
 

@@ -35,6 +35,13 @@ class InputCount:
     records: int = 0
     residues: int | None = None  # sequence characters, FASTA only (None when any input is a table)
 
+    def tokens(self, tokens_per_residue: float = 1.0) -> int | None:
+        """Tokens the inputs will take: residues (times `tokens_per_residue`) plus two specials a record; None when
+        the residues were not counted."""
+        if self.residues is None:
+            return None
+        return round(self.residues * tokens_per_residue) + 2 * self.records
+
 
 def count_records(paths: list[Path]) -> int:
     """Records in the inputs (FASTA headers, Parquet metadata, CSV lines)."""
@@ -160,9 +167,9 @@ class Progress:
     @property
     def total_tokens(self) -> int | None:
         """Tokens the inputs will take, estimated from their residues (None when unknown)."""
-        if self.count is None or self.count.residues is None or self.tokens_per_residue is None:
+        if self.count is None or self.tokens_per_residue is None:
             return None
-        return round(self.count.residues * self.tokens_per_residue) + 2 * self.count.records
+        return self.count.tokens(self.tokens_per_residue)
 
     def update(self, records: int, tokens: int, busy_seconds: float = 0.0, shadow: tuple[int, int] | None = None,
                force: bool = False, first_batch_start: float | None = None) -> None:

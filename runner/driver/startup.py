@@ -77,8 +77,6 @@ class StartupClock:
         ray_begin, ray_ready = self.marks.get("ray_start_begin"), self.marks.get("ray_ready")
         # An in-process job (runner.driver.in_process) has no Ray: its set-up begins where Ray's start would.
         setup_begin = self.marks.get("in_process_begin")
-        if setup_begin is not None:
-            ray_begin = ray_ready = None
         # Consecutive phases (they add up to to_first_output_seconds on one host), and those BESIDE_RAY.
         phases: dict[str, float | None] = {
             "python_and_imports": self.job_at - origin if self.command_at else None,
