@@ -183,6 +183,38 @@ def test_a_signal_stops_an_in_process_job_after_its_batch_and_a_rerun_completes_
     assert verify_dir(out).ok
 
 
+def test_sigkill_mid_in_process_job_then_rerun_writes_each_id_once(tmp_path: Path, tiny_esm2_path: Path) -> None:
+    """SIGKILL (no handler runs) once parts are on disk: the rerun resumes them and writes every id exactly once,
+    per-token rows included, and `runner verify` finds nothing wrong."""
+    proteins = read_fasta(DATA / "some_proteins.fasta")
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text("".join(f">{i}-{n}\n{s}\n" for n in range(4) for i, s in proteins))  # 60 records
+    out = tmp_path / "emb"
+    command = [sys.executable, "-m", "runner", "embed", str(fasta), "--model", str(tiny_esm2_path), "--out", str(out),
+               "--gpus", "0", "--no-progress", "--token-budget", "1100", "--rows-per-part", "4", "--part-seconds", "1",
+               "--per-token"]
+    env = {**quickstart_env(), "RUNNER_TEST_BATCH_DELAY": "0.4"}
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((out / "embeddings").glob("part-*.arrow"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    killed_rows = sum(pa.ipc.open_file(p).read_all().num_rows for p in (out / "embeddings").glob("part-*.arrow"))
+    assert 0 < killed_rows < 60
+
+    env.pop("RUNNER_TEST_BATCH_DELAY")
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["engine"] == "in-process" and manifest["counts"]["resumed_rows"] == killed_rows
+    results = runner.open(out)
+    assert sorted(results.ids) == sorted(f"{i}-{n}" for n in range(4) for i, _ in proteins)  # each once
+    assert all(results.per_token(f"{i}-{n}").shape[0] == len(s) for i, s in proteins for n in range(4))
+    report = verify_dir(out)
+    assert report.ok, report.problems
+
+
 def test_in_process_refuses_what_it_cannot_do(tmp_path: Path, tiny_esm2_path: Path) -> None:
     args = ["embed", str(DATA / "few_proteins.fasta"), "--model", str(tiny_esm2_path), "--out", str(tmp_path / "o"),
             "--engine", "in-process"]
