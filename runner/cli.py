@@ -190,9 +190,6 @@ def cli(ctx: click.Context, verbose: int) -> None:
 @click.option("--compile/--no-compile", "compile_layers", default=None,
               help="torch.compile the model layers (fused kernels; default on GPUs, except a job known to be small: "
                    "FASTA up to 64 MiB with under 2M tokens per GPU; eager on CPU).")
-@click.option("--compile-wait", is_flag=True, default=None,
-              help="Compile before the first batch, so every batch runs the compiled layers and a rerun repeats bit "
-                   "for bit (default: on GPUs the first batches run eager while the layers compile beside them).")
 @click.option("--compile-cache/--no-compile-cache", default=None,
               help="Reuse torch.compile's caches across runs (~/.cache/runner/torch-compile; default on).")
 @click.option("--engine", type=click.Choice(ENGINES), envvar="RUNNER_ENGINE",

@@ -85,9 +85,6 @@ class EmbedConfig:
     exact_gelu: bool = False
     # torch.compile the layers (fused LayerNorm/rotary/GELU); None = on GPUs unless the job is known to be small
     compile_layers: bool | None = None
-    # Wait for the compile before the first batch: every batch runs the compiled layers, so a rerun repeats bit for
-    # bit. False: on GPUs the layers compile on a thread of each actor while its first batches run eager.
-    compile_wait: bool = False
     # Keep torch.compile's caches in runner's cache dir (~/.cache/runner/torch-compile): later runs load the
     # compiled layers instead of compiling again. False: torch's default (a temporary directory).
     compile_cache: bool = True

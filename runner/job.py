@@ -215,7 +215,6 @@ def _run_locked(
         fp32_layernorm=config.fp32_layernorm,
         fused_gelu=not config.exact_gelu,
         compile_layers=compile_layers,
-        compile_beside=compile_layers and on_gpu and not config.compile_wait,
         compile_cache=config.compile_cache,
         compile_cache_dir=chosen_compile_cache_dir() or "",
         shadow_rate=config.shadow_rate,

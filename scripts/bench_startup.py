@@ -48,7 +48,7 @@ def first_actor_load(startup: dict) -> dict | None:
         return None
     actor = min(ready, key=lambda a: a["ready_at"])
     keys = ("cache_setup_seconds", "load_seconds", "checkpoint_seconds", "cuda_seconds", "to_device_seconds",
-            "setup_seconds", "compile_seconds", "compile_beside_seconds", "batches_before_compiled")
+            "setup_seconds", "compile_setup_seconds", "compile_seconds")
     return {k: actor.get(k) for k in keys}
 
 

@@ -29,9 +29,7 @@ def test_fp16_pipeline_matches_fair_esm_fp32(tmp_path: Path, esm2_150m: Path, so
 
     out = tmp_path / "emb"
     code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(esm2_150m), "--out", str(out),
-                          "--gpus", "1", "--shadow-rate", "1", "--compile", "--compile-wait")
-    # (a job this small runs eager unasked; --compile-wait: every batch compiled, not only those after a compile
-    # beside the first batches, which this job would outrun)
+                          "--gpus", "1", "--shadow-rate", "1", "--compile")  # a job this small runs eager unasked
     assert code == 0, output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["precision"] == "fp16"

@@ -175,7 +175,7 @@ def test_manifest_shadow_section_matches_drift_arrow(warn_run: Path) -> None:
     # How the shadow kept up: one CPU shadow actor, loaded (not compiled on CPU), first result after start-up.
     assert [set(a) for a in shadow["actor_startup"]] == [
         {"load_seconds", "compile_seconds", "kernels", "compile_cache", "init_at", "ready_at", "cache_setup_seconds",
-         "checkpoint_seconds", "cuda_seconds", "to_device_seconds", "setup_seconds"}
+         "checkpoint_seconds", "cuda_seconds", "to_device_seconds", "setup_seconds", "compile_setup_seconds"}
     ]
     assert shadow["actor_startup"][0]["load_seconds"] > 0 and shadow["actor_startup"][0]["compile_seconds"] == 0
     assert shadow["actor_startup"][0]["kernels"] == "exact"  # the FP32 attention that checked the job (CPU)

@@ -21,7 +21,7 @@ import json, os, sys
 import torch._inductor.config  # noqa: F401  (what something in the worker did before the actor's __init__)
 imported_default = os.environ["TORCHINDUCTOR_CACHE_DIR"]
 from runner.models.esm2 import ESM2Embedder
-ESM2Embedder.compile_aside = lambda self, layers, backend="inductor": None
+ESM2Embedder.use_compile = lambda self, on, backend="inductor": False
 from runner.stages.embed_stage import EmbedStage, StageSettings
 stage = EmbedStage(StageSettings(sys.argv[1], "fp32", -1, "mean", "cpu", compile_layers=True,
                                  compile_cache_dir=sys.argv[2]))
@@ -373,13 +373,13 @@ def test_a_local_rays_workers_import_the_preloaded_modules(tmp_path: Path) -> No
 
 
 def test_the_actor_reports_where_its_init_went(tiny_esm2_path: Path) -> None:
-    """The actor's start-up report splits __init__: cache setup, load (read + move), setup, compile;
+    """The actor's start-up report splits __init__: cache setup, load (read + move), setup, compile setup, compile;
     together they cover ready_at - init_at (the manifest's weights_to_device + compile)."""
     from runner.stages.embed_stage import EmbedStage, StageSettings
 
     stage = EmbedStage(StageSettings(str(tiny_esm2_path), "fp32", -1, "mean", "cpu"))
     r = stage.startup_report()
-    parts = ("cache_setup_seconds", "load_seconds", "setup_seconds", "compile_seconds")
+    parts = ("cache_setup_seconds", "load_seconds", "setup_seconds", "compile_setup_seconds", "compile_seconds")
     assert all(r[k] >= 0 for k in parts)
     assert abs(r["checkpoint_seconds"] + r["to_device_seconds"] - r["load_seconds"]) <= 2e-3
     covered = sum(r[k] for k in parts)

@@ -449,13 +449,12 @@ def clock_batches(table: pa.Table, report: JobReport) -> None:
 
 
 def collect_startup(table: pa.Table, report: JobReport) -> None:
-    """Each actor's start-up report, which rides on the first row of its first embedded batch, and again when it
-    changed (its layers compiled beside the first batches): the later report adds to the earlier."""
+    """Each actor's start-up report, which rides on the first row of its first embedded batch."""
     if "startup" not in table.column_names or table.column("startup").null_count == table.num_rows:
         return
     for text in table.column("startup").drop_null().to_pylist():
         entry = json.loads(text)
-        report.actor_startup.setdefault(entry.pop("worker", "?"), {}).update(entry)
+        report.actor_startup.setdefault(entry.pop("worker", "?"), entry)
 
 
 def drop_written(rows: EmbeddedRows, written: OrdinalSet, report: JobReport) -> EmbeddedRows:

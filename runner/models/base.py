@@ -13,7 +13,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -348,12 +347,3 @@ class EmbeddingModel(torch.nn.Module, ABC):
         """Compile the forward's layers with torch.compile when `on`; returns whether compiling is in use.
         Models that do not support it run eager and return False."""
         return False
-
-    def compile_aside(self, layers: Sequence[int]) -> Any | None:
-        """The forward's layers compiled (by a tiny forward through `layers`) but not yet in use, for
-        `install_compiled`; forwards in other threads meanwhile run as before. None: this model runs eager only."""
-        return None
-
-    def install_compiled(self, parts: Any) -> None:
-        """Put `compile_aside`'s compiled layers in use for the forwards that start after this."""
-        raise TypeError(f"{type(self).__name__} runs eager only: it has no compiled layers to install")

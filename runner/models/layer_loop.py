@@ -207,26 +207,6 @@ class LayerLoopEmbedder(EmbeddingModel):
             self.compiled = None
         return on
 
-    def compile_aside(self, layers: Sequence[int], backend: str | Callable[..., Any] = "inductor") -> LayerParts:
-        """The layer parts compiled (as `use_compile`'s) by a forward of a tiny batch through `layers`, and
-        returned, not put in use: forwards that other threads run meanwhile stay on the model's current parts.
-        `install_compiled` puts them in use. Raises what compiling raised (the caller decides to stay eager)."""
-        parts: LayerParts = tuple(compile_over_tokens(part, backend) for part in self.eager_parts)  # type: ignore[assignment]
-        device = self.embedding_weight.device
-        tokens = torch.zeros(24, dtype=torch.int64, device=device)  # [T]: id 0 exists in every vocabulary
-        positions = torch.arange(12, device=device).repeat(2)  # [T]: two sequences of 12
-        cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=device)  # [B+1]
-        with torch.inference_mode():  # as EmbedStage's forwards run: the compiled graphs guard on it
-            self.forward_layers(tokens, positions, cu_seqlens, 12, layers, parts=parts)
-        if device.type == "cuda":
-            torch.cuda.current_stream(device).synchronize()  # compiled and run: a launch error surfaces here
-        return parts
-
-    def install_compiled(self, parts: LayerParts) -> None:
-        """Put `compile_aside`'s parts in use: forwards that start after this run compiled (one assignment, so
-        a forward running in another thread finishes on the parts it started with)."""
-        self.compiled = parts
-
     @torch.no_grad()
     def forward_layers(
         self,
@@ -235,7 +215,6 @@ class LayerLoopEmbedder(EmbeddingModel):
         cu_seqlens: torch.Tensor,  # int32 [B+1] offsets of each sequence in `tokens`
         max_seqlen: int,  # longest sequence in the batch, in tokens
         layers: Sequence[int],  # representation layers: 0 = embeddings, num_layers or -1 = last (after the final norm)
-        parts: LayerParts | None = None,  # run these layer parts (compile_aside's); None = the model's own
     ) -> list[torch.Tensor]:
         """Hidden states of each of `layers` for every token, [T, D] each in the weights' dtype, from one forward
         that runs no deeper than the deepest layer asked for; the last layer comes after the final LayerNorm."""
@@ -252,10 +231,7 @@ class LayerLoopEmbedder(EmbeddingModel):
             weights = self.layer_weights()[:deepest]
             keep = frozenset(t for t in targets if 0 < t < deepest)
             args = (x, weights, cos, sin, cu, max_seqlen, self.attention_backend, plan, self.layer_math())
-            if parts is not None:
-                x, kept = run_layers(*args, parts=parts, keep=keep)  # [T, D]
-            else:
-                x, kept = run_compiled_or_eager(self, run_layers, args, self.eager_parts, keep, self.layers_name)
+            x, kept = run_compiled_or_eager(self, run_layers, args, self.eager_parts, keep, self.layers_name)  # [T, D]
             if deepest == self.num_layers:
                 x = self.last_layer_norm(x)  # [T, D]
             hidden.update(kept)

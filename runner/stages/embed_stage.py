@@ -77,9 +77,6 @@ class StageSettings:
     fp32_layernorm: bool = False  # run LayerNorms in fp32 inside a half-precision model
     fused_gelu: bool = False  # fc1 + tanh GELU as one GEMM in a half-precision GPU model (EmbeddingModel.fused_gelu)
     compile_layers: bool = False  # torch.compile the model's layers (eager fallback on failure)
-    # compile them on a thread of the actor while its first batches run eager (False: before the first batch, so
-    # every batch runs the same kernels and reruns repeat bit for bit)
-    compile_beside: bool = False
     compile_cache: bool = True  # keep TorchInductor's caches in runner's cache dir across runs (runner.driver.cache)
     compile_cache_dir: str = ""  # the user's TORCHINDUCTOR_CACHE_DIR on the driver; "" = runner's dir on each node
     # inductor compile workers: 0 = torch's default (about one per core); -1 = a quarter of this node's cores (1 to 8)
@@ -414,9 +411,7 @@ class EmbedStage:
             "compile_seconds": 0.0,
             "compile_cache": str(compile_cache) if compile_cache else None,
         }
-        # the startup_report last sent to the driver (`startup` column): with the first embedded batch, and again
-        # when it changes (compile_beside's figures)
-        self._startup_reported: dict[str, Any] | None = None
+        self._startup_reported = False  # sent to the driver with the first embedded batch (`startup` column)
         self.codec = self.model.codec
         self.embed_dim = self.model.info.embed_dim
         self.layers = tuple(resolve_layers(settings.layers, self.model.num_layers, settings.model))
@@ -451,17 +446,13 @@ class EmbedStage:
             import torch._inductor.config as inductor_config  # this actor's process only
 
             inductor_config.compile_threads = compile_workers(settings.compile_threads, os.cpu_count() or 1)
+        compile_setup = time.perf_counter()
         # the rest of __init__ after the load: attention choice, metrics, output folders (the phase's remainder)
-        self.startup["setup_seconds"] = round(time.perf_counter() - moved, 3)
-        self.compiler: threading.Thread | None = None  # compile_beside's thread, while it runs
-        if settings.compile_layers and settings.compile_beside:
-            # Compiling takes 10-17 s at 650M (importing torch's compiler ~8 s of it): the device embeds the first
-            # batches eager meanwhile instead of idling, and the first embeddings do not wait for it.
-            self.startup["compile_beside"] = True
-            self.compiler = threading.Thread(target=self._compile, name="runner-compile", daemon=True)
-            self.compiler.start()
-        elif settings.compile_layers:
-            self._compile()
+        self.startup["setup_seconds"] = round(compile_setup - moved, 3)
+        compiling = self.model.use_compile(settings.compile_layers)  # wraps the layers: imports torch's compiler
+        self.startup["compile_setup_seconds"] = round(time.perf_counter() - compile_setup, 3)
+        if compiling:
+            self._warm_up()
         self.startup["ready_at"] = time.time()
         if self._unreported_restart:
             log.warning("embed actor %s: restarted by Ray; its unfinished batches are retried", self.worker)
@@ -477,46 +468,20 @@ class EmbedStage:
             time.perf_counter() - started,
         )
 
-    def _compile(self) -> None:
-        """Compile the model's layers on a tiny batch and put them in use; if compiling fails, warn and stay eager.
-        Runs in __init__ (before the first batch, and before two calls can race to compile) or, with
-        compile_beside, on a thread of its own while the first batches run eager (the switch is one assignment
-        between forwards: a forward in flight ends on the parts it began with)."""
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile on a tiny batch now: before the first real batch, and before two calls can race to it."""
         started = time.perf_counter()
-        failure: Exception | None = None
-        try:
-            parts = self.model.compile_aside(self.layers)  # imports torch's compiler, compiles (or the cache's)
-        except Exception as exc:  # inductor and dynamo raise many types; eager is always there to fall back on
-            parts, failure = None, exc
-        if parts is None and failure is None:
-            return  # a model that runs eager only
-        seconds = round(time.perf_counter() - started, 3)
-        with self._counters_lock:
-            if parts is not None:
-                self.model.install_compiled(parts)
-            if self.settings.compile_beside:
-                self.startup["compile_beside_seconds"] = seconds  # not on the way to the first batch
-                self.startup["compiled_at"] = time.time()
-                self.startup["batches_before_compiled"] = self._batches  # batches begun eager (0: none waited)
-            else:
-                self.startup["compile_seconds"] = seconds
-        if failure is not None:
-            first_line = str(failure).splitlines()[0][:200] if str(failure) else ""
-            log.warning("embed actor %s: torch.compile failed (%s: %s): its layers run eager",
-                        self.worker, type(failure).__name__, first_line)
-        else:
-            log.log(logging.INFO if self.settings.announce else logging.DEBUG,
-                    "embed actor %s: layers compiled in %.1fs%s", self.worker, seconds,
-                    " beside the first batches" if self.settings.compile_beside else "")
+        tokens = torch.zeros(24, dtype=torch.int64, device=self.device)  # [T]: id 0 exists in every vocabulary
+        positions = torch.arange(12, device=self.device).repeat(2)  # [T]
+        cu_seqlens = torch.tensor([0, 12, 24], dtype=torch.int32, device=self.device)  # [B+1]
+        self.model.forward_layers(tokens, positions, cu_seqlens, 12, self.layers)
+        self.startup["compile_seconds"] = round(time.perf_counter() - started, 3)
+        log.log(logging.INFO if self.settings.announce else logging.DEBUG,
+                "embed actor %s: layers compiled in %.1fs%s", self.worker, self.startup["compile_seconds"],
+                 "" if self.model.compiling else " (failed: eager)")
 
-    def wait_for_compile(self, timeout: float | None = None) -> bool:
-        """Wait until compile_beside's thread is done (compiled, or failed and eager); True when it is."""
-        if self.compiler is not None:
-            self.compiler.join(timeout)
-            return not self.compiler.is_alive()
-        return True
-
-    def startup_report(self) -> dict[str, Any]:
+    def startup_report(self) -> dict[str, float | str]:
         """Seconds this actor's start-up took, loading (checkpoint, device, weight splits) and compiling, and the
         kernels it then runs (`kernels`): the shadow's manifest says which FP32 attention checked the job."""
         return {**self.startup, "kernels": self.kernels}
@@ -547,15 +512,12 @@ class EmbedStage:
 
     def _with_startup(self, out: pa.Table) -> pa.Table:
         """`out` plus a `startup` column: this actor's startup_report (JSON) on the first row of its first
-        output holding an embedded batch, and again on the first output after it changed (the layers compiled
-        beside the first batches), null elsewhere (runner.driver.startup puts the latest in the manifest)."""
+        output holding an embedded batch, null elsewhere (runner.driver.startup puts it in the manifest)."""
         report = [None] * out.num_rows
-        with self._counters_lock:  # exactly one output carries each, whichever of two concurrent calls ends first
-            if out.num_rows and self.startup.get("first_batch_done_at"):
-                current = self.startup_report()
-                if current != self._startup_reported:
-                    report[0] = json.dumps({**current, "worker": self.worker})
-                    self._startup_reported = current
+        with self._counters_lock:  # exactly one output carries it, whichever of two concurrent calls ends first
+            if out.num_rows and not self._startup_reported and self.startup.get("first_batch_done_at"):
+                report[0] = json.dumps({**self.startup_report(), "worker": self.worker})
+                self._startup_reported = True
         return out.append_column("startup", pa.array(report, pa.string()))
 
     @torch.inference_mode()
