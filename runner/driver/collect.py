@@ -54,7 +54,11 @@ def drain(
     merger = ChunkMerger(spec.poolings, len(spec.layers)) if spec is not None else ChunkMerger()
     written = written if written is not None else OrdinalSet()
     signals = signals if signals is not None else StopSignals()
-    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4))
+    # No prefetch: with prefetch_batches=N Ray Data hands over a block only once N more have arrived behind it
+    # (its sliding window), so a one-GPU job of four blocks got its first rows with its last, and every block
+    # waited N blocks' work in memory before reaching a part. A block is on the driver's node already or one
+    # fetch away; the driver works on each as it comes.
+    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
     stop_stream = getattr(batches, "close", None)  # ends Ray Data's executor when we stop early
     try:
         while True:
