@@ -81,6 +81,9 @@ def test_the_quickstart_runs_in_process_quietly_without_importing_ray(tmp_path: 
     assert manifest["status"] == "complete" and manifest["engine"] == "in-process" and "cluster" not in manifest
     startup = manifest["startup"]
     assert startup["engine"] == "in-process" and startup["phases"]["ray_start"] is None
+    assert startup["phases"]["actor_start"] is None  # no actor: the start-up line does not name one
+    [startup_line] = [line for line in lines if line.startswith("start-up ")]
+    assert "actor" not in startup_line and "weights " in startup_line and "first batch " in startup_line
     consecutive = sum(v or 0 for k, v in startup["phases"].items() if k not in BESIDE_RAY)
     assert consecutive == pytest.approx(startup["to_first_output_seconds"], abs=0.05)
     # the vectors are fair-esm's own (its loader and padded FP32 forward)
@@ -150,6 +153,33 @@ def test_in_process_per_token_dedup_and_chunks_verify(monkeypatch: pytest.Monkey
         np.testing.assert_array_equal(by_id[sequence_id], by_id[f"{sequence_id}-again"])
         assert results.per_token(f"{sequence_id}-again").shape == (len(sequence), 64)
     assert max(read_parts(out).column("windows").to_pylist()) > 1  # the longest proteins were chunked
+
+
+def test_in_process_with_parts_written_by_the_stage_equals_driver_written_parts(monkeypatch: pytest.MonkeyPatch,
+                                                                                 tmp_path: Path,
+                                                                                 tiny_esm2_path: Path) -> None:
+    """--part-writer actors in-process: the stage stages and the collect loop commits, as on Ray; the parts hold
+    the same rows and vectors as the driver-written job's, and verify finds nothing wrong."""
+    monkeypatch.setenv("RUNNER_ENGINE", "in-process")
+    outs = {}
+    for writer in ("driver", "actors"):
+        out = tmp_path / writer
+        code, output = invoke("embed", str(DATA / "some_proteins.fasta"), "--model", str(tiny_esm2_path), "--out",
+                              str(out), "--gpus", "0", "--no-progress", "--per-token", "--rows-per-part", "4",
+                              "--part-writer", writer)
+        assert code == 0, output
+        report = verify_dir(out)
+        assert report.ok and report.rows == 15, report.problems
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["engine"] == "in-process" and manifest["settings"]["part_writer"] == writer
+        outs[writer] = runner.open(out)
+    assert not list((tmp_path / "actors" / "embeddings").glob(".staged/*/*"))  # every staged file committed
+    driver, actors = outs["driver"], outs["actors"]
+    assert sorted(actors.ids) == sorted(driver.ids) and len(set(actors.ids)) == 15
+    by_id = dict(zip(driver.ids, driver.pooled(), strict=True))
+    for sequence_id, vector in zip(actors.ids, actors.pooled(), strict=True):
+        np.testing.assert_array_equal(vector, by_id[sequence_id])
+        np.testing.assert_array_equal(actors.per_token(sequence_id), driver.per_token(sequence_id))
 
 
 def test_a_signal_stops_an_in_process_job_after_its_batch_and_a_rerun_completes_it(tmp_path: Path,

@@ -102,7 +102,8 @@ class StartupClock:
         if "gpu_memory_read" in self.seconds:  # beside ray_start, GPU jobs with the automatic token budget only:
             phases["gpu_memory_read"] = self.seconds["gpu_memory_read"]  # nvidia-smi's reading of the free memory
         if actor is not None and stream_at is not None:
-            phases["actor_start"] = actor["init_at"] - stream_at
+            # in-process the stage is built in the runner's own process: there is no actor to start
+            phases["actor_start"] = actor["init_at"] - stream_at if setup_begin is None else None
             phases["weights_to_device"] = actor["ready_at"] - actor["init_at"] - actor["compile_seconds"]
             phases["compile"] = actor["compile_seconds"]
             if actor.get("first_batch_done_at"):
