@@ -291,6 +291,8 @@ def ray_delivery(tables: int, dim: int, rows: int) -> dict:
     """Driver CPU seconds per stage-output table that Ray Data delivers (read -> 2 actors -> iter_batches)."""
     import ray
 
+    from runner.driver.collect import PREFETCH_BLOCKS  # as drain pulls them
+
     path = os.pathsep.join([str(REPO), str(REPO / "scripts"), os.environ.get("PYTHONPATH", "")])
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": path}})  # the actors import this script's class
@@ -302,7 +304,7 @@ def ray_delivery(tables: int, dim: int, rows: int) -> dict:
             compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1)
         received = delivered = 0
         wall, t = time.perf_counter(), time.process_time()  # includes the stream's start: an upper bound
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=4):
+        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=PREFETCH_BLOCKS):
             received += table.num_rows
             delivered += 1
         cpu = time.process_time() - t

@@ -30,6 +30,14 @@ from runner.stages.shadow import ShadowMonitor
 log = logging.getLogger("runner")
 
 
+# Blocks Ray Data's iter_batches prefetches for the driver. None: with prefetch_batches=N it hands over a block only
+# once N more have arrived behind it (its sliding window), so a one-GPU job of four blocks got its first rows with its
+# last, and every block waited N blocks' work in memory before reaching a part. Without it the driver fetches each
+# block when its turn comes: on its own node a shared-memory map, from another node one transfer (small with
+# actor-written parts, which carry no vectors).
+PREFETCH_BLOCKS = 0
+
+
 def drain(
     dataset,
     writer: PartWriter,
@@ -54,11 +62,7 @@ def drain(
     merger = ChunkMerger(spec.poolings, len(spec.layers)) if spec is not None else ChunkMerger()
     written = written if written is not None else OrdinalSet()
     signals = signals if signals is not None else StopSignals()
-    # No prefetch: with prefetch_batches=N Ray Data hands over a block only once N more have arrived behind it
-    # (its sliding window), so a one-GPU job of four blocks got its first rows with its last, and every block
-    # waited N blocks' work in memory before reaching a part. A block is on the driver's node already or one
-    # fetch away; the driver works on each as it comes.
-    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0))
+    batches = iter(dataset.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=PREFETCH_BLOCKS))
     stop_stream = getattr(batches, "close", None)  # ends Ray Data's executor when we stop early
     try:
         while True:
