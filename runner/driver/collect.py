@@ -30,7 +30,7 @@ from runner.stages.shadow import ShadowMonitor
 log = logging.getLogger("runner")
 
 
-# Blocks Ray Data's iter_batches prefetches for the driver. None: with prefetch_batches=N it hands over a block only
+# Blocks Ray Data's iter_batches prefetches for the driver: none. With prefetch_batches=N it hands over a block only
 # once N more have arrived behind it (its sliding window), so a one-GPU job of four blocks got its first rows with its
 # last, and every block waited N blocks' work in memory before reaching a part. Without it the driver fetches each
 # block when its turn comes: on its own node a shared-memory map, from another node one transfer (small with
